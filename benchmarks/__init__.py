@@ -1,0 +1,1 @@
+"""lowrank's benchmark suite: ``python -m benchmarks --quick``."""

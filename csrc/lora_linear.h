@@ -1,0 +1,89 @@
+// Shared by every backend of lowrank::lora_linear: argument checks, output shape, and the composite
+// (BLAS-backed) path that the CPU kernel and the large-M CUDA path both use.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace lowrank {
+
+struct LoraLinearShape {
+  int64_t in_features;
+  int64_t out_features;
+  int64_t rank;
+  std::vector<int64_t> out_sizes;  // x.shape[:-1] + (out_features,)
+};
+
+// Validates the arguments of lora_linear and returns the problem sizes. Shape and dtype errors raise
+// ValueError / TypeError in Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) and name the argument.
+// check_devices is false for the Meta kernel (fake tensors carry no real device to compare).
+inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                              const c10::optional<at::Tensor>& bias, bool check_devices) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "lora_linear: x must have shape (..., in_features), got a 0-d tensor");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "lora_linear: weight must be 2-D (out_features, in_features), got ",
+                    weight.dim(), "-D shape ", weight.sizes());
+  TORCH_CHECK_VALUE(lora_A.dim() == 2, "lora_linear: lora_A must be 2-D (r, in_features), got ", lora_A.dim(),
+                    "-D shape ", lora_A.sizes());
+  TORCH_CHECK_VALUE(lora_B.dim() == 2, "lora_linear: lora_B must be 2-D (out_features, r), got ", lora_B.dim(),
+                    "-D shape ", lora_B.sizes());
+  const int64_t in = x.size(-1);
+  const int64_t out = weight.size(0);
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == in, "lora_linear: weight has shape ", weight.sizes(),
+                    " but x has in_features=", in, "; expected weight of shape (out_features, ", in, ")");
+  TORCH_CHECK_VALUE(r >= 1, "lora_linear: lora_A must have rank r >= 1 rows, got shape ", lora_A.sizes());
+  TORCH_CHECK_VALUE(lora_A.size(1) == in, "lora_linear: lora_A has shape ", lora_A.sizes(),
+                    " but x has in_features=", in, "; expected lora_A of shape (r, ", in, ")");
+  TORCH_CHECK_VALUE(lora_B.size(0) == out && lora_B.size(1) == r, "lora_linear: lora_B has shape ",
+                    lora_B.sizes(), " but expected (out_features, r) = (", out, ", ", r, ")");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "lora_linear: x must be a floating-point tensor, got ",
+                   x.scalar_type());
+  const auto check_same_dtype = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "lora_linear: ", name, " has dtype ", t.scalar_type(),
+                     " but x has dtype ", x.scalar_type(), "; all tensors must share one dtype");
+  };
+  check_same_dtype(weight, "weight");
+  check_same_dtype(lora_A, "lora_A");
+  check_same_dtype(lora_B, "lora_B");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "lora_linear: bias must have shape (", out,
+                      ",), got ", bias->sizes());
+    check_same_dtype(*bias, "bias");
+  }
+  if (check_devices) {
+    const auto check_same_device = [&](const at::Tensor& t, const char* name) {
+      TORCH_CHECK_VALUE(t.device() == x.device(), "lora_linear: ", name, " is on ", t.device(), " but x is on ",
+                        x.device(), "; all tensors must be on one device");
+    };
+    check_same_device(weight, "weight");
+    check_same_device(lora_A, "lora_A");
+    check_same_device(lora_B, "lora_B");
+    if (bias.has_value()) check_same_device(*bias, "bias");
+  }
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = out;
+  return {in, out, r, std::move(out_sizes)};
+}
+
+// y = scale * (x A^T) B^T + bias, then y += x W^T in place: the base GEMM accumulates (beta = 1) into the
+// already-written LoRA term, so the (M x out) output is written by the small K=r product and then read and
+// written once by the big GEMM -- the same memory passes as F.linear with a bias, and no extra (M x out)
+// temporary. x2 is the (M, in) view of x.
+inline at::Tensor lora_linear_composite(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
+                                        const at::Tensor& lora_B, double scale,
+                                        const c10::optional<at::Tensor>& bias) {
+  at::Tensor u = at::mm(x2, lora_A.t());  // (M, r): scaling it is cheaper than scaling (M, out)
+  if (scale != 1.0) u.mul_(scale);
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, u, lora_B.t()) : at::mm(u, lora_B.t());
+  y.addmm_(x2, weight.t());
+  return y;
+}
+
+}  // namespace lowrank

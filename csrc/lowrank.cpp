@@ -1,0 +1,48 @@
+// The lowrank operator library: every op schema, declared once. Backends register in csrc/cpu and
+// csrc/cuda; the Meta (fake tensor) kernels live here because they share the argument checks of the
+// real kernels (one source of truth for shapes and error messages).
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/headeronly/version.h>
+#include <torch/library.h>
+
+#include "lora_linear.h"
+
+#define LOWRANK_STR_(x) #x
+#define LOWRANK_STR(x) LOWRANK_STR_(x)
+
+extern "C" {
+// `import lowrank._C` loads this library, which runs the static TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "lowrank compiled operators", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "torch_version",
+                             LOWRANK_STR(TORCH_VERSION_MAJOR) "." LOWRANK_STR(TORCH_VERSION_MINOR) "." LOWRANK_STR(
+                                 TORCH_VERSION_PATCH));
+#ifdef LOWRANK_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  return module;
+}
+}
+
+namespace lowrank {
+
+at::Tensor lora_linear_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias) {
+  const auto shape = check_lora_linear_args(x, weight, lora_A, lora_B, bias, /*check_devices=*/false);
+  return at::empty(shape.out_sizes, x.options());
+}
+
+TORCH_LIBRARY(lowrank, m) {
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowrank, Meta, m) { m.impl("lora_linear", &lora_linear_meta); }
+
+}  // namespace lowrank
