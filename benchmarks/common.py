@@ -54,11 +54,19 @@ class Plot:
 
 @dataclass
 class BenchResult:
+    """What one ``bench_*.py`` module's ``run()`` returns: its tables, raw records, plots and notes."""
+
     name: str
     tables: list[Table] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     plots: list[Plot] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+class SkipBenchmark(Exception):
+    """Raise from ``run()`` when a benchmark cannot run here (e.g. it needs two GPUs); the runner
+    records the message as a skip, not a failure. A missing optional package (``ModuleNotFoundError``
+    for anything other than ``lowrank``/``benchmarks``) is treated the same way."""
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -68,6 +76,7 @@ def synchronize(device: str | torch.device) -> None:
 
 def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -91,8 +100,8 @@ def measure(
 
     Each round runs every candidate once, in an order rotated from round to round, so that drift of the
     machine (clock, other load, cache state) lands on all candidates alike. A candidate that takes less
-    than ``min_time`` seconds is called several times per sample and the time divided (CPU only; CUDA
-    timings use events around one call after synchronisation).
+    than ``min_time`` seconds is called several times per sample and the time divided. CUDA timings use
+    CUDA events recorded around the call(s), after synchronisation.
 
     To keep caches from flattering small cases, pass callables that rotate through several input
     buffers (see ``rotating``).
@@ -104,10 +113,10 @@ def measure(
             candidates[name]()
     synchronize(device)
     inner = dict.fromkeys(names, 1)
-    if min_time > 0 and device.type != "cuda":
+    if min_time > 0:
         for name in names:
             once = _time_once(candidates[name], device)
-            inner[name] = max(1, int(min_time / max(once, 1e-9)))
+            inner[name] = min(100_000, max(1, int(min_time / max(once, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         shift = rep % len(names)
@@ -123,7 +132,8 @@ def measure(
 
                 samples[name].append(_time_once(loop, device) / count)
     return {
-        name: Timing(statistics.median(vals), min(vals), max(vals), len(vals)) for name, vals in samples.items()
+        name: Timing(statistics.median(vals), min(vals), max(vals), len(vals))
+        for name, vals in samples.items()
     }
 
 
@@ -146,3 +156,8 @@ def fmt_time(seconds: float) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
+
+
+def fmt_timing(timing: Timing) -> str:
+    """Median with the spread: ``1.23 ms (1.20 ms-1.31 ms)``."""
+    return f"{fmt_time(timing.median)} ({fmt_time(timing.min)}-{fmt_time(timing.max)})"
