@@ -1,0 +1,194 @@
+"""Smoke tests of the benchmark runner (``python -m benchmarks``) on throwaway bench modules.
+
+The modules below live in a temporary directory (``--modules-dir``), never in ``benchmarks/``: one that
+works (a table, a Timing cell, a plot, records with tensors and NaN), one that raises, one whose optional
+dependency is missing, and one that raises ``SkipBenchmark``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.__main__ import main
+from benchmarks.common import Timing, measure, rotating
+from benchmarks.report import fmt_cell, to_jsonable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+FAKE_OK = """
+import math
+import torch
+from benchmarks.common import BenchResult, Plot, Table, Timing, measure
+
+def run(*, quick: bool, device: str) -> BenchResult:
+    x = torch.full((8,), 3.0)
+    timing = measure({"sum": lambda: x.sum()}, device=device, warmup=1, repeats=3)["sum"]
+    table = Table(
+        title="fake speed table",
+        columns=["case", "time", "value", "speed-up"],
+        rows=[["case_alpha", timing, 0.123456789, 2.5], ["case_beta|pipe", timing, 12345678.0, None]],
+        notes=["a table note"],
+    )
+    plot = Plot(
+        file="fake_plot.png",
+        title="fake time vs n",
+        xlabel="n",
+        ylabel="seconds",
+        series={"lowrank": [(1, 1e-3), (2, 2e-3), (4, 0.0)], "other": [(1, 2e-3), (4, 8e-3)]},
+        logx=True,
+        logy=True,
+    )
+    records = [{"case": "case_alpha", "quick": quick, "device": device, "timing": timing,
+                "tensor": torch.tensor([1.5, 2.5]), "nan": math.nan, "dtype": torch.float32}]
+    return BenchResult(name="fake benchmark", tables=[table], records=records, plots=[plot],
+                       notes=["a module note"])
+"""
+
+FAKE_BROKEN = """
+def run(*, quick, device):
+    raise RuntimeError("deliberate failure 4242")
+"""
+
+FAKE_NEEDS_DEP = """
+import a_package_that_is_not_installed_xyz  # noqa: F401
+
+def run(*, quick, device):
+    raise AssertionError("unreachable")
+"""
+
+FAKE_SKIP = """
+from benchmarks.common import SkipBenchmark
+
+def run(*, quick, device):
+    raise SkipBenchmark("needs two GPUs")
+"""
+
+
+@pytest.fixture()
+def bench_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "benches"
+    directory.mkdir()
+    for name, source in [
+        ("bench_fake.py", FAKE_OK),
+        ("bench_broken.py", FAKE_BROKEN),
+        ("bench_needsdep.py", FAKE_NEEDS_DEP),
+        ("bench_skipme.py", FAKE_SKIP),
+    ]:
+        (directory / name).write_text(textwrap.dedent(source))
+    (directory / "helper_not_a_bench.py").write_text("raise RuntimeError('must not be imported')\n")
+    return directory
+
+
+def test_full_run_reports_ok_failed_and_skipped(bench_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = main(["--modules-dir", str(bench_dir), "--out", str(out), "--device", "cpu", "--no-ceilings"])
+    assert code == 1  # bench_broken failed, so the suite fails at the end; the others still ran
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["mode"] == "quick" and data["device"] == "cpu"
+    assert torch.__version__.startswith(data["machine"]["versions"]["torch"])
+    assert data["machine"]["cpu_count"] >= 1
+    status = {m["key"]: m["status"] for m in data["modules"]}
+    assert status == {"fake": "ok", "broken": "failed", "needsdep": "skipped", "skipme": "skipped"}
+    by_key = {m["key"]: m for m in data["modules"]}
+    assert "deliberate failure 4242" in by_key["broken"]["error"]
+    assert "RuntimeError" in by_key["broken"]["traceback"]
+    assert "a_package_that_is_not_installed_xyz" in by_key["needsdep"]["error"]
+    assert by_key["skipme"]["error"] == "needs two GPUs"
+    assert all(m["elapsed_s"] >= 0 for m in data["modules"])
+
+    fake = by_key["fake"]["result"]
+    assert fake["name"] == "fake benchmark"
+    table = fake["tables"][0]
+    assert table["columns"] == ["case", "time", "value", "speed-up"]
+    timing = table["rows"][0][1]
+    assert set(timing) == {"median", "min", "max", "repeats"} and timing["repeats"] == 3
+    assert timing["min"] <= timing["median"] <= timing["max"]
+    record = fake["records"][0]
+    assert record["tensor"] == [1.5, 2.5] and record["nan"] is None and record["dtype"] == "torch.float32"
+    assert fake["plots"][0]["png"] == "plots/fake_plot.png"
+    assert "1 non-finite" in fake["plots"][0]["note"]  # (4, 0.0) cannot go on a log axis
+
+    png = out / "plots" / "fake_plot.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+    report = (out / "report.md").read_text()
+    assert report.index("## Machine") < report.index("## fake")  # machine info first
+    assert "fake speed table" in report and "case_alpha" in report and "case_beta\\|pipe" in report
+    assert "0.1235" in report and "1.235e+07" in report and "2.5" in report
+    assert "a module note" in report and "a table note" in report
+    assert "![fake time vs n](plots/fake_plot.png)" in report
+    assert "deliberate failure 4242" in report and "needs two GPUs" in report
+    assert "| [fake](#fake) | ok |" in report
+
+
+def test_only_selects_and_succeeds(bench_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "only"
+    code = main(["--modules-dir", str(bench_dir), "--out", str(out), "--only", "fake,bench_skipme", "--full"])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["mode"] == "full"
+    assert [m["key"] for m in data["modules"]] == ["fake", "skipme"]
+    assert data["modules"][0]["result"]["records"][0]["quick"] is False
+    assert data["ceilings"]["memory_GBps"] > 0 and data["ceilings"]["matmul_TFLOPs"]["float32"] > 0
+
+
+def test_bad_arguments_are_clear_errors(bench_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["--modules-dir", str(bench_dir), "--out", str(tmp_path), "--only", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err and "fake" in err  # names the unknown one and lists what exists
+    if not torch.cuda.is_available():
+        assert main(["--modules-dir", str(bench_dir), "--out", str(tmp_path), "--device", "cuda"]) == 2
+        assert "--device cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "tpu"])
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_command_line_entry_point(bench_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--modules-dir", str(bench_dir), "--only", "fake",
+         "--out", str(out), "--no-ceilings"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "fake ok in" in done.stderr  # one progress line per module with its elapsed time
+    assert "case_alpha" in (out / "report.md").read_text()
+
+
+def test_measure_interleaves_and_counts_calls() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def bump(name: str):
+        def call():
+            calls[name] += 1
+
+        return call
+
+    timings = measure({"a": bump("a"), "b": bump("b")}, warmup=2, repeats=5)
+    assert calls == {"a": 7, "b": 7}
+    for t in timings.values():
+        assert t.repeats == 5 and 0 <= t.min <= t.median <= t.max
+
+
+def test_rotating_cycles_inputs() -> None:
+    seen = []
+    call = rotating(seen.append, [1, 2, 3])
+    for _ in range(7):
+        call()
+    assert seen == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_cell_and_json_formatting() -> None:
+    assert fmt_cell(Timing(1.5e-3, 1.2e-3, 2.0e-3, 5)) == "1.50 ms (1.20 ms-2.00 ms)"
+    assert fmt_cell(None) == "-" and fmt_cell(True) == "yes" and fmt_cell(3) == "3"
+    assert fmt_cell(torch.tensor(0.5)) == "0.5" and fmt_cell("a|b\nc") == "a\\|b c"
+    assert to_jsonable({"x": (float("inf"), torch.tensor([[1, 2]]))}) == {"x": [None, [[1, 2]]]}
