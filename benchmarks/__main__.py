@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file path: make ``benchmarks`` importa
 
 import torch
 
-from benchmarks.common import BenchResult, SkipBenchmark
+from benchmarks.common import BenchResult, Plot, SkipBenchmark, Table
 from benchmarks.machine import REPO_ROOT, ceilings, device_label, machine_info
 from benchmarks.report import write_report
 
@@ -90,6 +90,27 @@ def _missing_optional(exc: BaseException) -> str | None:
     return None
 
 
+def check_result(result: Any, where: str) -> None:
+    """TypeError naming the offending part unless ``result`` is a well-formed ``BenchResult``."""
+    if not isinstance(result, BenchResult):
+        raise TypeError(f"{where}: run() returned {type(result).__name__}, not BenchResult")
+    for i, table in enumerate(result.tables):
+        if not isinstance(table, Table):
+            raise TypeError(f"{where}: tables[{i}] is {type(table).__name__}, not Table")
+        for j, row in enumerate(table.rows):
+            if not isinstance(row, (list, tuple)) or len(row) > len(table.columns):
+                raise TypeError(
+                    f"{where}: table {table.title!r} row {j} must be a list of at most "
+                    f"{len(table.columns)} cells (one per column), got {row!r:.200}"
+                )
+    for i, plot in enumerate(result.plots):
+        if not isinstance(plot, Plot):
+            raise TypeError(f"{where}: plots[{i}] is {type(plot).__name__}, not Plot")
+        for label, points in plot.series.items():
+            if any(len(point) != 2 for point in points):
+                raise TypeError(f"{where}: plot {plot.title!r} series {label!r} needs (x, y) points")
+
+
 def run_module(mod: BenchModule, *, quick: bool, device: str) -> dict[str, Any]:
     """Import and run one module; never raises (except KeyboardInterrupt). Returns its run entry."""
     entry: dict[str, Any] = {
@@ -111,8 +132,7 @@ def run_module(mod: BenchModule, *, quick: bool, device: str) -> dict[str, Any]:
         if not callable(run):
             raise TypeError(f"{mod.path.name} defines no run(*, quick, device) function")
         result = run(quick=quick, device=device)
-        if not isinstance(result, BenchResult):
-            raise TypeError(f"{mod.path.name}: run() returned {type(result).__name__}, not BenchResult")
+        check_result(result, mod.path.name)
         entry["result"] = result
     except SkipBenchmark as exc:
         entry.update(status="skipped", error=str(exc) or "skipped by the module")

@@ -221,17 +221,26 @@ def render_markdown(run: dict[str, Any], plot_paths: dict[int, list[tuple[Plot, 
             lines += ["```"]
         if result is None:
             continue
-        if result.notes:
-            lines.append("")
-        lines += [f"- {note}" for note in result.notes]
-        for table in result.tables:
-            lines += ["", markdown_table(table)]
-        for plot, path, note in plot_paths.get(index, []):
-            if path is not None:
-                lines += ["", f"![{fmt_cell(plot.title)}]({path})"]
-            if note:
-                lines += ["", f"*Plot {fmt_cell(plot.title)}: {note}*"]
+        try:
+            lines += _result_lines(result, plot_paths.get(index, []))
+        except Exception as exc:  # one malformed result must not cost the rest of the report
+            lines += ["", f"*Could not render this result: {fmt_cell(f'{type(exc).__name__}: {exc}')}*"]
     return "\n".join(lines) + "\n"
+
+
+def _result_lines(result: BenchResult, plots: list[tuple[Plot, str | None, str]]) -> list[str]:
+    lines: list[str] = []
+    if result.notes:
+        lines.append("")
+    lines += [f"- {fmt_cell(note)}" for note in result.notes]
+    for table in result.tables:
+        lines += ["", markdown_table(table)]
+    for plot, path, note in plots:
+        if path is not None:
+            lines += ["", f"![{fmt_cell(plot.title)}]({path})"]
+        if note:
+            lines += ["", f"*Plot {fmt_cell(plot.title)}: {note}*"]
+    return lines
 
 
 def _anchor(title: str) -> str:

@@ -164,6 +164,22 @@ def test_command_line_entry_point(bench_dir: Path, tmp_path: Path) -> None:
     assert "case_alpha" in (out / "report.md").read_text()
 
 
+def test_malformed_result_is_a_clear_failure(tmp_path: Path) -> None:
+    directory = tmp_path / "malformed"
+    directory.mkdir()
+    (directory / "bench_wrongtype.py").write_text("def run(*, quick, device):\n    return {'tables': []}\n")
+    (directory / "bench_longrow.py").write_text(
+        "from benchmarks.common import BenchResult, Table\n"
+        "def run(*, quick, device):\n"
+        "    return BenchResult('x', tables=[Table('wide', ['a'], [[1, 2]])])\n"
+    )
+    out = tmp_path / "out"
+    assert main(["--modules-dir", str(directory), "--out", str(out), "--no-ceilings"]) == 1
+    errors = {m["key"]: m["error"] for m in json.loads((out / "results.json").read_text())["modules"]}
+    assert "returned dict, not BenchResult" in errors["wrongtype"]
+    assert "table 'wide' row 0" in errors["longrow"]
+
+
 def test_measure_interleaves_and_counts_calls() -> None:
     calls = {"a": 0, "b": 0}
 
