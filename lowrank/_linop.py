@@ -1,0 +1,334 @@
+"""One input adapter for every factorization in lowrank.
+
+``as_linop(A)`` turns a dense torch tensor (optionally batched, ``(..., m, n)``), a ``torch.sparse``
+COO/CSR/CSC matrix, a NumPy array, a ``scipy.sparse`` matrix or a user linear operator (an object with
+``shape``, ``dtype``, ``matmul(X)`` and ``rmatmul(X)``; ``scipy.sparse.linalg.LinearOperator`` works
+through its ``matmat``/``rmatmat``) into a :class:`LinOp`: an object with ``shape``, ``batch_shape``,
+``dtype`` (the *compute* dtype: fp16/bf16 are computed in fp32), ``device``, ``matmul(X) = A @ X`` and
+``rmatmul(Y) = A^T @ Y`` (``A^H`` for complex inputs), plus the few reductions the algorithms need
+(column means, squared Frobenius norm, densification).
+
+Everything that factorizes goes through this module, so that a new input kind works everywhere at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["LinOp", "as_linop", "compute_dtype"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype, name: str = "A") -> torch.dtype:
+    """The dtype the algorithms run in for an input of ``dtype``: fp16/bf16 -> fp32, else itself.
+
+    Raises ``TypeError`` (naming ``name``) for non-floating dtypes.
+    """
+    if dtype in _LOW_PRECISION:
+        return torch.float32
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {dtype}")
+    return dtype
+
+
+def _torch_dtype(dtype: Any, name: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name}.dtype={dtype!r} is not a dtype that torch understands") from error
+
+
+def _adjoint(X: torch.Tensor) -> torch.Tensor:
+    return X.mH if X.is_complex() else X.mT
+
+
+class LinOp:
+    """A matrix seen only through products: ``matmul(X) = A @ X``, ``rmatmul(Y) = A^H @ Y``.
+
+    Attributes
+    ----------
+    shape : tuple[int, int]
+        ``(m, n)`` of the (each, when batched) matrix.
+    batch_shape : torch.Size
+        Leading batch dimensions (empty unless a batched dense tensor was given).
+    dtype : torch.dtype
+        Compute dtype (fp32 for fp16/bf16 inputs).
+    device : torch.device
+    """
+
+    shape: tuple[int, int]
+    batch_shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    #: True when a NaN/Inf check of the entries has been done (or was impossible and is left to results)
+    is_dense: bool = False
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def column_mean(self) -> torch.Tensor:
+        """Column means, shape ``(*batch, n, 1)``: ``A^T 1 / m`` (one product for implicit matrices)."""
+        m = self.shape[0]
+        ones = torch.ones(*self.batch_shape, m, 1, dtype=self.dtype, device=self.device)
+        return self.rmatmul(ones) / m
+
+    def fro_norm_sq(self) -> torch.Tensor:
+        """Squared Frobenius norm, shape ``batch_shape``, in float64 when the dtype is real float32/64.
+
+        Implicit operators are applied to identity blocks (``n`` columns in all): exact but costs one full
+        sweep; give the operator a ``fro_norm_sq()`` method (or attribute) to skip it.
+        """
+        m, n = self.shape
+        total = torch.zeros(self.batch_shape, dtype=torch.float64, device=self.device)
+        block = 256
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            eye = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
+            eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            cols = self.matmul(eye)
+            total = total + cols.abs().double().square().sum(dim=(-2, -1))
+        return total
+
+    def to_dense(self) -> torch.Tensor:
+        """The matrix densified, ``(*batch, m, n)``, compute dtype (``n`` products if implicit)."""
+        n = self.shape[1]
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        return self.matmul(eye)
+
+
+class DenseOp(LinOp):
+    """A dense (possibly batched) tensor."""
+
+    is_dense = True
+
+    def __init__(self, A: torch.Tensor):
+        self.A = A
+        self.shape = (A.shape[-2], A.shape[-1])
+        self.batch_shape = A.shape[:-2]
+        self.dtype = A.dtype
+        self.device = A.device
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.A @ X
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return _adjoint(self.A) @ Y
+
+    def column_mean(self) -> torch.Tensor:
+        return self.A.mean(dim=-2).unsqueeze(-1)
+
+    def fro_norm_sq(self) -> torch.Tensor:
+        A = self.A
+        if A.dtype in (torch.float32, torch.float64):
+            return torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64).square()
+        return torch.linalg.vector_norm(A, dim=(-2, -1)).square()
+
+    def to_dense(self) -> torch.Tensor:
+        return self.A
+
+
+class SparseOp(LinOp):
+    """A 2-D ``torch.sparse`` matrix; the transpose is stored once in CSR for fast ``rmatmul``."""
+
+    def __init__(self, A: torch.Tensor):
+        csr = A.to_sparse_csr() if A.layout != torch.sparse_csr else A
+        self.A = csr
+        coo = A.to_sparse_coo().coalesce()
+        self.At = _adjoint(coo).coalesce().to_sparse_csr()
+        self._values = coo.values()
+        self.shape = (A.shape[0], A.shape[1])
+        self.batch_shape = torch.Size()
+        self.dtype = A.dtype
+        self.device = A.device
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.A @ X
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.At @ Y
+
+    def fro_norm_sq(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self._values.to(torch.float64)).square()
+
+    def to_dense(self) -> torch.Tensor:
+        return self.A.to_dense()
+
+
+class CallbackOp(LinOp):
+    """A user linear operator: ``matmul``/``rmatmul`` (or ``matmat``/``rmatmat``), NumPy or torch results."""
+
+    def __init__(self, A: Any, name: str):
+        shape = tuple(int(s) for s in A.shape)
+        if len(shape) != 2:
+            raise ValueError(f"{name}.shape must be (m, n), got {A.shape!r}")
+        self.obj = A
+        self.name = name
+        self.shape = (shape[0], shape[1])
+        self.batch_shape = torch.Size()
+        self.dtype = compute_dtype(_torch_dtype(A.dtype, name), name)
+        device = getattr(A, "device", None)
+        self.device = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cpu")
+        if hasattr(A, "matmul") and hasattr(A, "rmatmul"):
+            self._fwd, self._adj = A.matmul, A.rmatmul
+        else:
+            self._fwd, self._adj = A.matmat, A.rmatmat
+        self._numpy_in = not (hasattr(A, "matmul") and hasattr(A, "rmatmul"))
+
+    def _call(self, fn, X: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+        arg = X.cpu().numpy() if self._numpy_in else X
+        out = fn(arg)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out))
+        out = out.to(device=self.device, dtype=self.dtype)
+        if out.shape != (rows, X.shape[-1]):
+            raise ValueError(
+                f"{self.name}.{what} returned shape {tuple(out.shape)}, expected {(rows, X.shape[-1])}"
+            )
+        return out
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self._call(self._fwd, X, self.shape[0], "matmul")
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return self._call(self._adj, Y, self.shape[1], "rmatmul")
+
+    def fro_norm_sq(self) -> torch.Tensor:
+        given = getattr(self.obj, "fro_norm_sq", None)
+        if given is not None:
+            value = given() if callable(given) else given
+            return torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        return super().fro_norm_sq()
+
+
+class CenteredOp(LinOp):
+    """``A - 1 mu^T`` (``mu`` the column means) applied implicitly: sparse inputs stay sparse."""
+
+    def __init__(self, base: LinOp):
+        self.base = base
+        self.shape = base.shape
+        self.batch_shape = base.batch_shape
+        self.dtype = base.dtype
+        self.device = base.device
+        self.is_dense = base.is_dense
+        self.mean = base.column_mean()  # (*batch, n, 1)
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        # A X - 1 (mu^T X)
+        return self.base.matmul(X) - _adjoint(self.mean) @ X
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        # A^T Y - mu (1^T Y)
+        return self.base.rmatmul(Y) - self.mean @ Y.sum(dim=-2, keepdim=True)
+
+    def column_mean(self) -> torch.Tensor:
+        return torch.zeros_like(self.mean)
+
+    def fro_norm_sq(self) -> torch.Tensor:
+        m = self.shape[0]
+        mean_sq = self.mean.abs().to(torch.float64).square().sum(dim=(-2, -1))
+        return (self.base.fro_norm_sq().to(torch.float64) - m * mean_sq).clamp_min(0)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.base.to_dense().to(self.dtype) - _adjoint(self.mean)
+
+
+def _check_finite(values: torch.Tensor, name: str) -> None:
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} contains NaN or Inf entries")
+
+
+def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch: bool = True) -> LinOp:
+    """Adapt any supported matrix to a :class:`LinOp` in its compute dtype.
+
+    Parameters
+    ----------
+    A : Tensor, ndarray, scipy.sparse matrix, or linear operator
+        Dense tensors may be batched ``(..., m, n)``; everything else is 2-D.
+    name : str
+        The argument name used in error messages.
+    check_finite : bool
+        Check the entries for NaN/Inf (one read of the data; sparse: of the stored values). Dense
+        inputs are cheaper to check on the results of the first product, so the SVD code passes False
+        and checks there.
+    allow_batch : bool
+        Accept ``(..., m, n)`` dense inputs.
+
+    Raises
+    ------
+    TypeError
+        Unsupported type or non-floating dtype.
+    ValueError
+        Wrong number of dimensions, empty dimensions, NaN/Inf entries.
+    """
+    if isinstance(A, np.ndarray) or type(A).__module__.startswith("scipy.sparse"):
+        A = _from_numpy_or_scipy(A, name)
+    if isinstance(A, torch.Tensor):
+        if A.layout == torch.strided:
+            if A.dim() < 2 or (A.dim() > 2 and not allow_batch):
+                raise ValueError(
+                    f"{name} must be a {'(..., m, n)' if allow_batch else '(m, n)'} matrix, "
+                    f"got shape {tuple(A.shape)}"
+                )
+            _check_nonempty(A.shape[-2:], name)
+            dtype = compute_dtype(A.dtype, name)
+            if check_finite:
+                _check_finite(A, name)
+            return DenseOp(A.to(dtype))
+        if A.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc):
+            if A.dim() != 2:
+                raise ValueError(f"{name}: sparse inputs must be 2-D, got shape {tuple(A.shape)}")
+            _check_nonempty(A.shape, name)
+            dtype = compute_dtype(A.dtype, name)
+            A = A.to(dtype)
+            if check_finite:
+                _check_finite(A.values() if A.layout == torch.sparse_csr else A.coalesce().values(), name)
+            return SparseOp(A)
+        raise TypeError(f"{name}: unsupported tensor layout {A.layout}")
+    if hasattr(A, "shape") and hasattr(A, "dtype"):
+        if (hasattr(A, "matmul") and hasattr(A, "rmatmul")) or (
+            hasattr(A, "matmat") and hasattr(A, "rmatmat")
+        ):
+            op = CallbackOp(A, name)
+            _check_nonempty(op.shape, name)
+            return op
+    raise TypeError(
+        f"{name} must be a torch tensor (dense or sparse), a NumPy array, a scipy.sparse matrix, or a linear "
+        f"operator with shape, dtype, matmul(X) and rmatmul(X); got {type(A).__name__}"
+    )
+
+
+def _check_nonempty(shape, name: str) -> None:
+    if any(int(s) == 0 for s in shape):
+        raise ValueError(f"{name} has an empty dimension (shape {tuple(shape)})")
+
+
+def _from_numpy_or_scipy(A: Any, name: str) -> torch.Tensor:
+    if isinstance(A, np.ndarray):
+        if not (np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.complexfloating)):
+            raise TypeError(f"{name} must have a floating dtype, got NumPy dtype {A.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(A))
+    import scipy.sparse as sp
+
+    if not sp.issparse(A):
+        raise TypeError(f"{name}: unsupported scipy object {type(A).__name__}")
+    if not (np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.complexfloating)):
+        raise TypeError(f"{name} must have a floating dtype, got {A.dtype}")
+    if A.ndim != 2:
+        raise ValueError(f"{name}: sparse inputs must be 2-D")
+    csr = sp.csr_array(A)
+    csr.sort_indices()
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(csr.indptr.astype(np.int64)),
+        torch.from_numpy(csr.indices.astype(np.int64)),
+        torch.from_numpy(csr.data),
+        size=csr.shape,
+    )

@@ -1,0 +1,435 @@
+"""Truncated and randomized SVD: ``svd``, ``rsvd`` (subspace iteration, block Krylov, fixed precision),
+``svd_error``.
+
+Every input goes through :func:`lowrank._linop.as_linop`, so dense (also batched), ``torch.sparse``, NumPy,
+``scipy.sparse`` and implicit linear operators all work, on any device torch supports. Inside the
+iterations there is no host synchronisation (one check for NaN/Inf after the first product; the
+fixed-precision mode synchronises once per block to decide whether to stop).
+
+References
+----------
+N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness: probabilistic algorithms for
+constructing approximate matrix decompositions", SIAM Review 53(2), 2011.
+C. Musco, C. Musco, "Randomized block Krylov methods for stronger and faster approximate singular value
+decomposition", NeurIPS 2015.
+W. Yu, Y. Gu, Y. Li, "Efficient randomized algorithms for the fixed-precision low-rank matrix
+approximation", SIAM J. Matrix Anal. Appl. 39(3), 2018 (randQB_EI).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from lowrank._linop import CenteredOp, LinOp, as_linop
+from lowrank.qr import orthonormalize
+
+__all__ = ["SVDResult", "rsvd", "svd", "svd_error"]
+
+_METHODS = ("auto", "subspace", "krylov")
+
+
+class SVDResult(NamedTuple):
+    """``A ~= U @ diag(S) @ Vh`` (the ``torch.linalg.svd`` convention).
+
+    Attributes
+    ----------
+    U : Tensor, shape (..., m, k)
+        Left singular vectors (orthonormal columns).
+    S : Tensor, shape (..., k)
+        Singular values, descending.
+    Vh : Tensor, shape (..., k, n)
+        Right singular vectors as rows.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _adjoint(X: torch.Tensor) -> torch.Tensor:
+    return X.mH if X.is_complex() else X.mT
+
+
+def _flip_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic signs: the largest-magnitude entry of each left vector is real positive (svd_flip)."""
+    idx = U.abs().argmax(dim=-2, keepdim=True)
+    pivot = torch.gather(U, -2, idx)  # (..., 1, k)
+    if U.is_complex():
+        phase = pivot / pivot.abs().clamp_min(torch.finfo(U.real.dtype).tiny)
+        phase = torch.where(pivot.abs() > 0, phase, torch.ones_like(phase))
+        return U * phase.conj(), Vh * phase.mT
+    sign = torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign, Vh * sign.mT
+
+
+def _check_k(k: Any, kmax: int, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        try:
+            import numpy as np
+
+            if isinstance(k, np.integer):
+                k = int(k)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(k).__name__}") from None
+    if k <= 0:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    if k > kmax:
+        raise ValueError(f"{name}={k} exceeds min(m, n)={kmax}")
+    return k
+
+
+def _check_nonneg_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _generator(seed: Any, device: torch.device) -> torch.Generator:
+    if isinstance(seed, torch.Generator):
+        return seed
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _gaussian(op: LinOp, rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*op.batch_shape, rows, cols, dtype=op.dtype, device=op.device, generator=gen)
+
+
+def _check_product(Y: torch.Tensor) -> None:
+    """One synchronisation per call: NaN/Inf in A shows in its first product with a Gaussian matrix."""
+    if not bool(torch.isfinite(Y).all()):
+        raise ValueError("A contains NaN or Inf entries (or its products overflow)")
+
+
+def _ritz(op: LinOp, Q: torch.Tensor, W: torch.Tensor, k: int) -> SVDResult:
+    """Rayleigh-Ritz: ``A ~= Q Q^H A = Q W^H`` with ``W = A^H Q``; SVD of the small ``W``; top k."""
+    Uw, S, Vwh = torch.linalg.svd(W, full_matrices=False)
+    U = Q @ _adjoint(Vwh[..., :k, :])
+    Vh = _adjoint(Uw[..., :, :k])
+    U, Vh = _flip_signs(U, Vh)
+    return SVDResult(U, S[..., :k], Vh)
+
+
+def _exact(op: LinOp, k: int) -> SVDResult:
+    dense = op.to_dense()
+    if not dense.is_contiguous():
+        dense = dense.contiguous()
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    U, Vh = _flip_signs(U[..., :, :k], Vh[..., :k, :])
+    return SVDResult(U, S[..., :k], Vh)
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def svd(A: Any, k: int | None = None) -> SVDResult:
+    """Exact truncated SVD: the ``k`` largest singular triplets (LAPACK / cuSOLVER through torch).
+
+    Parameters
+    ----------
+    A : Tensor (dense ``(..., m, n)`` or sparse), ndarray, scipy.sparse matrix, or linear operator
+        Sparse and implicit inputs are densified (an implicit one by ``n`` products).
+    k : int, optional
+        Number of triplets, ``1 <= k <= min(m, n)``; all of them by default.
+
+    Returns
+    -------
+    SVDResult
+        ``(U, S, Vh)``, ``U`` (..., m, k), ``S`` (..., k) descending, ``Vh`` (..., k, n), in A's floating
+        dtype (fp16/bf16 computed and returned in fp32), on A's device, with deterministic signs (the
+        largest-magnitude entry of each column of ``U`` is positive).
+
+    Notes
+    -----
+    Costs ``O(m n min(m, n))`` whatever ``k``; for ``k << min(m, n)`` use :func:`rsvd`.
+    """
+    op = as_linop(A, name="A", check_finite=True)
+    kmax = min(op.shape)
+    k = kmax if k is None else _check_k(k, kmax)
+    return _exact(op, k)
+
+
+def _default_params(method: str, k: int, m: int, n: int, device: torch.device) -> tuple[str, int, int]:
+    """``(method, oversample, n_iter)`` for ``method`` (possibly "auto"); see :func:`rsvd` Notes."""
+    if method == "auto":
+        method = "krylov"
+    if method == "krylov":
+        return method, max(2, k // 8), 2
+    return method, max(10, k // 2), 4
+
+
+def rsvd(
+    A: Any,
+    k: int | None = None,
+    *,
+    tol: float | None = None,
+    oversample: int | None = None,
+    n_iter: int | None = None,
+    method: str = "auto",
+    seed: int | torch.Generator | None = None,
+    center: bool = False,
+) -> SVDResult:
+    r"""Randomized truncated SVD: ``A ~= U diag(S) Vh`` of rank ``k`` (or the smallest rank meeting ``tol``).
+
+    Parameters
+    ----------
+    A : Tensor (dense ``(..., m, n)`` or ``torch.sparse``), ndarray, scipy.sparse matrix, or linear operator
+        A linear operator is any object with ``shape``, ``dtype``, ``matmul(X)`` (``A @ X``) and
+        ``rmatmul(Y)`` (``A^T @ Y``); results are torch tensors.
+    k : int, optional
+        Target rank, ``1 <= k <= min(m, n)``. Required unless ``tol`` is given (then it caps the rank).
+        When ``k + oversample`` reaches ``min(m, n)``, the exact SVD is computed instead (it is then both
+        cheaper and exact).
+    tol : float, optional
+        Fixed-precision mode: the smallest rank ``r`` with ``||A - U S Vh||_F <= tol ||A||_F`` (relative
+        Frobenius error, estimated exactly from the computed factorization), grown block by block by
+        randQB_EI (Yu, Gu & Li 2018). In fp32, ``tol`` below about ``1e-3`` is at the mercy of rounding.
+        Only for 2-D inputs.
+    oversample : int, optional
+        Extra random vectors. ``"subspace"``: the sketch has ``k + oversample`` columns (default
+        ``max(10, k // 2)``). ``"krylov"``: the block has ``k + oversample`` columns (default
+        ``max(2, k // 8)``). Fixed precision: block size (default ``min(64, max(8, k_cap // 8))``).
+    n_iter : int, optional
+        Power iterations (``"subspace"``, default 4) or extra Krylov blocks (``"krylov"``, default 2);
+        each costs two passes over A. Fixed precision: power iterations per block (default 1).
+    method : {"auto", "subspace", "krylov"}
+        ``"subspace"``: Halko–Martinsson–Tropp range finder with subspace (power) iterations.
+        ``"krylov"``: randomized block Krylov (Musco & Musco 2015): keeps every block, so it gets more
+        accuracy per pass over A on slowly decaying spectra. ``"auto"``: see Notes.
+    seed : int or torch.Generator, optional
+        Seed of the Gaussian test matrix; ``None`` draws a fresh one.
+    center : bool
+        Factor ``A - 1 mean(A, 0)`` (column means removed, as PCA does) without forming it: sparse
+        inputs stay sparse.
+
+    Returns
+    -------
+    SVDResult
+        ``(U, S, Vh)`` as :func:`svd`: A's floating dtype (fp16/bf16 -> fp32), A's device,
+        deterministic signs.
+
+    Notes
+    -----
+    Passes over A (each ``2 m n b`` flops for a block of ``b`` columns): subspace ``2 n_iter + 2`` with
+    ``b = k + oversample``; Krylov ``2 n_iter + 2`` with ``b = k + oversample`` but a final subspace of
+    ``(n_iter + 1) b`` columns. Other work is ``O((m + n) b^2)`` per pass.
+
+    ``method="auto"`` rule: TODO (measured in benchmarks/bench_svd.py).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be a bool, got {type(center).__name__}")
+    op = as_linop(A, name="A", check_finite=False)
+    m, n = op.shape
+    kmax = min(m, n)
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"tol must be a float, got {type(tol).__name__}")
+        if not (0 < tol < 1):
+            raise ValueError(f"tol must be in (0, 1), got {tol}")
+        cap = kmax if k is None else _check_k(k, kmax)
+    elif k is None:
+        raise ValueError("k is required unless tol is given")
+    else:
+        k = _check_k(k, kmax)
+    if oversample is not None:
+        _check_nonneg_int(oversample, "oversample")
+    if n_iter is not None:
+        _check_nonneg_int(n_iter, "n_iter")
+    gen = _generator(seed, op.device)
+    if center:
+        op = CenteredOp(op)
+    if tol is not None:
+        if len(op.batch_shape):
+            raise ValueError("tol (fixed-precision mode) needs a 2-D A, got a batch of matrices")
+        return _fixed_precision(op, float(tol), cap, oversample, n_iter, gen)
+
+    method, default_over, default_iter = _default_params(method, k, m, n, op.device)
+    over = default_over if oversample is None else oversample
+    q = default_iter if n_iter is None else n_iter
+    if k + over >= kmax:
+        _check_product(op.matmul(torch.zeros(*op.batch_shape, n, 1, dtype=op.dtype, device=op.device)))
+        return _exact(op, k)
+    if method == "krylov":
+        return _block_krylov(op, k, k + over, q, gen)
+    return _subspace(op, k, k + over, q, gen)
+
+
+def _subspace(
+    op: LinOp, k: int, width: int, n_iter: int, gen: torch.Generator, scheme: str = "lu"
+) -> SVDResult:
+    """HMT range finder with ``n_iter`` power iterations, renormalised by ``scheme``; Rayleigh-Ritz."""
+    n = op.shape[1]
+    Y = op.matmul(_gaussian(op, n, width, gen))
+    _check_product(Y)
+    for _ in range(n_iter):
+        Z = op.rmatmul(orthonormalize(Y, scheme, final=False))
+        Y = op.matmul(orthonormalize(Z, scheme, final=False))
+    Q = orthonormalize(Y, "qr")
+    return _ritz(op, Q, op.rmatmul(Q), k)
+
+
+def _block_krylov(op: LinOp, k: int, block: int, n_iter: int, gen: torch.Generator) -> SVDResult:
+    """Randomized block Krylov (Musco & Musco 2015) with blockwise full reorthogonalisation (BCGS2).
+
+    The Krylov basis ``[Q_0, ..., Q_q]`` of ``span{A G, (A A^H) A G, ...}`` is built block by block;
+    ``A^H Q_i``, needed for the next block anyway, is kept, so ``Q^H A`` costs one extra pass only.
+    """
+    n = op.shape[1]
+    Y = op.matmul(_gaussian(op, n, block, gen))
+    _check_product(Y)
+    Q = orthonormalize(Y, "qr")
+    bases = [Q]
+    images = []
+    for _ in range(n_iter):
+        W = op.rmatmul(Q)
+        images.append(W)
+        Y = op.matmul(orthonormalize(W, "lu", final=False))
+        basis = torch.cat(bases, dim=-1)
+        for _ in range(2):
+            Y = Y - basis @ (_adjoint(basis) @ Y)
+            Y = orthonormalize(Y, "qr")
+        Q = Y
+        bases.append(Q)
+    images.append(op.rmatmul(Q))
+    return _ritz(op, torch.cat(bases, dim=-1), torch.cat(images, dim=-1), k)
+
+
+def _deflate_cols(AX, X, Q_all, W_all):
+    """``(A - Q B) X = A X - Q (W^H X)`` with ``W = B^H``."""
+    return AX if Q_all is None else AX - Q_all @ (_adjoint(W_all) @ X)
+
+
+def _deflate_rows(AhY, Y, Q_all, W_all):
+    """``(A - Q B)^H Y = A^H Y - W (Q^H Y)``."""
+    return AhY if Q_all is None else AhY - W_all @ (_adjoint(Q_all) @ Y)
+
+
+def _fixed_precision(
+    op: LinOp, tol: float, cap: int, block: int | None, n_iter: int | None, gen: torch.Generator
+) -> SVDResult:
+    """randQB_EI (Yu, Gu & Li 2018): grow ``Q``, ``B = Q^H A`` until ``||A - Q B||_F <= tol ||A||_F``."""
+    m, n = op.shape
+    b = min(64, max(8, cap // 8)) if block is None else max(1, block)
+    p = 1 if n_iter is None else n_iter
+    total = op.fro_norm_sq().to(torch.float64)
+    threshold = tol * tol * total
+    remaining = total.clone()
+    bases: list[torch.Tensor] = []
+    images: list[torch.Tensor] = []
+    rank = 0
+    first = True
+    while rank < cap:
+        bb = min(b, cap - rank)
+        Q_all = torch.cat(bases, dim=-1) if bases else None
+        W_all = torch.cat(images, dim=-1) if images else None
+
+        omega = _gaussian(op, n, bb, gen)
+        Y = _deflate_cols(op.matmul(omega), omega, Q_all, W_all)
+        if first:
+            _check_product(Y)
+            first = False
+        for _ in range(p):
+            Qi = orthonormalize(Y, "qr")
+            Z = orthonormalize(_deflate_rows(op.rmatmul(Qi), Qi, Q_all, W_all), "qr")
+            Y = _deflate_cols(op.matmul(Z), Z, Q_all, W_all)
+        Qi = orthonormalize(Y, "qr")
+        if Q_all is not None:
+            Qi = orthonormalize(Qi - Q_all @ (_adjoint(Q_all) @ Qi), "qr")
+        Wi = op.rmatmul(Qi)
+        bases.append(Qi)
+        images.append(Wi)
+        rank += bb
+        remaining = remaining - torch.linalg.vector_norm(Wi).to(torch.float64).square()
+        if bool(remaining <= threshold):
+            break
+    Q_all = torch.cat(bases, dim=-1)
+    W_all = torch.cat(images, dim=-1)
+    Uw, S, Vwh = torch.linalg.svd(W_all, full_matrices=False)
+    captured = torch.cumsum(S.to(torch.float64).square(), dim=0)
+    ok = (total - captured) <= threshold
+    r = int(ok.nonzero()[0, 0]) + 1 if bool(ok.any()) else S.shape[0]
+    U = Q_all @ _adjoint(Vwh[:r, :])
+    Vh = _adjoint(Uw[:, :r])
+    U, Vh = _flip_signs(U, Vh)
+    return SVDResult(U, S[:r], Vh)
+
+
+def svd_error(
+    A: Any,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    Vh: torch.Tensor,
+    *,
+    n_iter: int = 20,
+    seed: int | torch.Generator | None = None,
+) -> torch.Tensor:
+    """Estimated spectral norm ``||A - U diag(S) Vh||_2`` by the power method, never forming the residual.
+
+    Parameters
+    ----------
+    A : any input :func:`rsvd` accepts (batched dense too)
+    U, S, Vh : Tensors
+        A factorization as returned by :func:`rsvd` (``(..., m, k)``, ``(..., k)``, ``(..., k, n)``).
+    n_iter : int, default 20
+        Power iterations (each one product with A and one with A^H). The estimate is a lower bound that
+        converges to the norm at a rate set by the residual's top two singular values.
+    seed : int or torch.Generator, optional
+
+    Returns
+    -------
+    Tensor, shape (...,)
+        The estimate in the compute dtype, on A's device.
+
+    Notes
+    -----
+    The approach of fbpca's ``diffsnorm`` (Tygert et al.): ``x <- R^H R x / ||R^H R x||``,
+    ``R x = A x - U (S * (Vh x))``. Cost ``n_iter`` (2 m n + 4 (m + n) k) flops.
+    """
+    op = as_linop(A, name="A", check_finite=False)
+    m, n = op.shape
+    _check_nonneg_int(n_iter, "n_iter")
+    if n_iter == 0:
+        raise ValueError("n_iter must be >= 1")
+    for name, value in (("U", U), ("S", S), ("Vh", Vh)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if U.shape[-2] != m or Vh.shape[-1] != n or U.shape[-1] != S.shape[-1] or Vh.shape[-2] != S.shape[-1]:
+        raise ValueError(
+            f"U {tuple(U.shape)}, S {tuple(S.shape)}, Vh {tuple(Vh.shape)} do not factor an {m}x{n} matrix"
+        )
+    U, S, Vh = (t.to(device=op.device, dtype=op.dtype) for t in (U, S, Vh))
+    gen = _generator(seed, op.device)
+
+    def residual(x):
+        return op.matmul(x) - U @ (S[..., :, None] * (Vh @ x))
+
+    def residual_adj(y):
+        return op.rmatmul(y) - _adjoint(Vh) @ (S[..., :, None] * (_adjoint(U) @ y))
+
+    x = _gaussian(op, n, 1, gen)
+    x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+    estimate = torch.zeros(op.batch_shape, dtype=op.dtype, device=op.device).real
+    tiny = torch.finfo(estimate.dtype).tiny
+    for _ in range(n_iter):
+        y = residual(x)
+        estimate = torch.linalg.vector_norm(y, dim=(-2, -1))
+        z = residual_adj(y)
+        x = z / torch.linalg.vector_norm(z, dim=-2, keepdim=True).clamp_min(tiny)
+    return estimate
