@@ -4,10 +4,17 @@ The public API is what this module exports; everything else is private.
 """
 
 from lowrank._ops import WITH_CUDA, lora_linear
+from lowrank.qr import cholesky_qr
+from lowrank.svd import SVDResult, rsvd, svd, svd_error
 
 __version__ = "0.1.0"
 
 __all__ = [
     "WITH_CUDA",
     "lora_linear",
+    "SVDResult",
+    "cholesky_qr",
+    "rsvd",
+    "svd",
+    "svd_error",
 ]
