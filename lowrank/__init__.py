@@ -4,6 +4,21 @@ The public API is what this module exports; everything else is private.
 """
 
 from lowrank._ops import WITH_CUDA, lora_linear
+from lowrank.lora import (
+    LoRAEmbedding,
+    LoRALinear,
+    LoRAMergedLinear,
+    adapter_size,
+    extract_lora,
+    inject_lora,
+    load_adapter,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    merge_lora,
+    remove_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from lowrank.qr import cholesky_qr
 from lowrank.svd import SVDResult, rsvd, svd, svd_error
 
@@ -17,4 +32,17 @@ __all__ = [
     "rsvd",
     "svd",
     "svd_error",
+    "LoRAEmbedding",
+    "LoRALinear",
+    "LoRAMergedLinear",
+    "extract_lora",
+    "inject_lora",
+    "lora_state_dict",
+    "mark_only_lora_trainable",
+    "merge_lora",
+    "remove_lora",
+    "unmerge_lora",
+    "adapter_size",
+    "load_adapter",
+    "save_adapter",
 ]

@@ -1,0 +1,34 @@
+"""LoRA on the fused op: layers with named adapters, initialisations, and model-level integration."""
+
+from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
+from lowrank.lora.init import LoRAFactors, extract_lora, pissa_factors
+from lowrank.lora.layers import LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
+from lowrank.lora.model import (
+    inject_lora,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    merge_lora,
+    remove_lora,
+    unmerge_lora,
+)
+
+__all__ = [
+    "LoRAEmbedding",
+    "LoRAFactors",
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAMergedLinear",
+    "extract_lora",
+    "inject_lora",
+    "lora_layers",
+    "lora_state_dict",
+    "mark_only_lora_trainable",
+    "merge_lora",
+    "pissa_factors",
+    "remove_lora",
+    "unmerge_lora",
+    "adapter_size",
+    "load_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,666 @@
+"""LoRA layers on the fused op: ``LoRALinear``, ``LoRAMergedLinear`` (fused q/k/v) and ``LoRAEmbedding``.
+
+Every layer keeps its frozen base parameters under the names of the module it replaces (``weight``,
+``bias``), so a base model's state dict still loads, and holds any number of named adapters
+(``add_adapter`` / ``set_adapter`` / ``delete_adapter``); one adapter is active at a time and switching
+copies no weight. ``merge()`` folds the active adapter into ``weight`` so inference costs exactly the base
+layer; ``unmerge()`` takes it out again.
+
+References
+----------
+E. J. Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv:2106.09685.
+D. Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023, arXiv:2312.03732.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank._ops import lora_linear
+from lowrank.lora.init import check_init, pissa_factors, reset_lora_factors_
+
+__all__ = ["LoRALayer", "LoRALinear", "LoRAMergedLinear", "LoRAEmbedding"]
+
+
+def _check_dim(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class LoRALayer(nn.Module):
+    """Adapter bookkeeping shared by the LoRA layers (not used directly).
+
+    Attributes
+    ----------
+    r, lora_alpha, scaling, use_rslora : dict[str, ...]
+        Per adapter name: rank, alpha, the LoRA multiplier (``alpha / r``, or ``alpha / sqrt(r)`` with
+        rsLoRA) and whether rsLoRA scaling is used.
+    lora_dropout : nn.ModuleDict
+        Per adapter name: ``nn.Dropout`` (``dropout > 0``) or ``nn.Identity``.
+    active_adapter : str or None
+        The adapter used by ``forward``; ``None`` runs the base layer alone.
+    merged_adapters : list[str]
+        Adapters currently folded into ``weight`` (at most one).
+    """
+
+    # names of the two nn.ParameterDict attributes holding (first-applied, second-applied) factors
+    _factor_names: tuple[str, str] = ("lora_A", "lora_B")
+    weight: nn.Parameter
+
+    def _init_adapter_state(self) -> None:
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self._base_requires_grad = True
+
+    def _freeze_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        self._base_requires_grad = bool(weight.requires_grad)
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+
+    # -- to be provided by each layer ------------------------------------------------------------
+    def _max_rank(self) -> int:
+        raise NotImplementedError
+
+    def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _reset_factors(self, name: str, init: str) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """The active (or named) adapter's contribution to ``weight``, scaling included, in its layout."""
+        raise NotImplementedError
+
+    # -- adapters --------------------------------------------------------------------------------
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+    ) -> None:
+        """Create adapter ``name`` of rank ``r`` and make it active (when no adapter is active yet).
+
+        Parameters
+        ----------
+        name : str
+            Adapter name: non-empty, without ".", not already used.
+        r : int
+            Rank, ``1 <= r <= min(in, out)`` of the (slice of the) weight it adapts. Typical: 4 to 64; the
+            adapter costs ``r * (in + out)`` parameters and ``2 r (in + out)`` FLOPs per token.
+        alpha : float, optional
+            LoRA alpha; default ``r`` (scaling 1). Scaling is ``alpha / r`` (Hu et al. 2021), or
+            ``alpha / sqrt(r)`` with ``use_rslora`` (Kalajdzievski 2023), which keeps the update's size
+            stable as ``r`` grows.
+        dropout : float, default 0.0
+            Dropout probability on the adapter's input, in [0, 1).
+        use_rslora : bool, default False
+        init : {"default", "gaussian", "pissa", "zeros"}
+            See :func:`lowrank.lora.init.reset_lora_factors_` and :func:`lowrank.lora.init.pissa_factors`.
+            ``"pissa"`` rewrites ``weight`` to the residual of its top-``r`` part (output unchanged).
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+        if name in self.r:
+            raise ValueError(f"adapter {name!r} already exists (adapters: {list(self.r)})")
+        max_rank = self._max_rank()
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= max_rank:
+            raise ValueError(
+                f"r must be an int in [1, {max_rank}] for this layer ({self._shape_text()}), got {r!r}"
+            )
+        if alpha is None:
+            alpha = float(r)
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+            or alpha <= 0
+        ):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+        check_init(init)
+        if init == "pissa" and self.merged_adapters:
+            raise RuntimeError("cannot add a PiSSA adapter while an adapter is merged; call unmerge() first")
+        first_shape, second_shape = self._factor_shapes(r)
+        kwargs = {"device": self.weight.device, "dtype": self.weight.dtype}
+        getattr(self, self._factor_names[0])[name] = nn.Parameter(torch.empty(first_shape, **kwargs))
+        getattr(self, self._factor_names[1])[name] = nn.Parameter(torch.empty(second_shape, **kwargs))
+        self.lora_dropout[name] = nn.Dropout(p=float(dropout)) if dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.lora_alpha[name] = float(alpha)
+        self.use_rslora[name] = use_rslora
+        self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        self._reset_factors(name, init)
+        if self.active_adapter is None:
+            self.active_adapter = name
+
+    def _shape_text(self) -> str:
+        return f"weight {tuple(self.weight.shape)}"
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.r:
+            raise ValueError(f"unknown adapter {name!r}; adapters: {list(self.r)}")
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the adapter used by ``forward`` (``None``: base layer only). No weight is copied."""
+        if name is not None:
+            self._check_name(name)
+        if self.merged_adapters and name not in self.merged_adapters:
+            raise RuntimeError(
+                f"adapter {self.merged_adapters[0]!r} is merged into the weight; unmerge() before switching"
+            )
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; if it was active, the first remaining one (or ``None``) becomes active."""
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise RuntimeError(
+                f"adapter {name!r} is merged into the weight; call unmerge() before deleting it"
+            )
+        for attr in (*self._factor_names, "lora_dropout"):
+            del getattr(self, attr)[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            del table[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.r), None)
+
+    @property
+    def merged(self) -> bool:
+        """True when an adapter is folded into ``weight``."""
+        return bool(self.merged_adapters)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapter into ``weight`` (computed in float32): forward becomes the base layer."""
+        if self.merged_adapters:
+            raise RuntimeError(f"adapter {self.merged_adapters[0]!r} is already merged; call unmerge() first")
+        if self.active_adapter is None:
+            raise RuntimeError("no active adapter to merge")
+        self._add_to_weight(self.delta_weight(self.active_adapter), sign=1.0)
+        self.merged_adapters.append(self.active_adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the merged adapter out of ``weight`` again (to within float32 rounding)."""
+        if not self.merged_adapters:
+            raise RuntimeError("no adapter is merged; nothing to unmerge")
+        name = self.merged_adapters.pop()
+        self._add_to_weight(self.delta_weight(name), sign=-1.0)
+
+    def _add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
+        weight = self.weight
+        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        updated = weight.to(work).add_(delta.to(work), alpha=sign)
+        weight.copy_(updated)
+
+    def lora_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(local state-dict key, parameter)`` of every LoRA factor (of adapter ``name`` if given)."""
+        for attr in self._factor_names:
+            for adapter, param in getattr(self, attr).items():
+                if name is None or adapter == name:
+                    yield f"{attr}.{adapter}", param
+
+    def _active_unmerged(self) -> str | None:
+        """The adapter ``forward`` must add, or None (no adapter, or merged)."""
+        if self.merged_adapters:
+            return None
+        return self.active_adapter
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.r[n]} scale={self.scaling[n]:g}" for n in self.r)
+        merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
+        return f"{self._shape_text()}, adapters={{{adapters}}}, active={self.active_adapter!r}{merged}"
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the fused op runs in: autocast's when autocast is on for x's device, else the weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class LoRALinear(LoRALayer):
+    r"""``nn.Linear`` with named low-rank adapters: ``y = x W^T + b + scale * dropout(x) A^T B^T``.
+
+    The base ``weight`` (out, in) and ``bias`` are frozen; ``lora_A[name]`` (r, in) and ``lora_B[name]``
+    (out, r) are trainable, ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). With dropout 0 or in
+    eval mode the forward is one call of the fused op :func:`lowrank.lora_linear` (which keeps no activation
+    beyond ``x`` for backward); when training with dropout > 0 the adapter sees ``dropout(x)`` while the
+    base sees ``x``, which one fused call cannot express, so the base runs as ``F.linear`` and the adapter
+    as two thin ``F.linear`` calls (this path also keeps the dropped input and the r-wide activation).
+    Merged, the forward is ``F.linear`` on the merged weight: exactly the base layer's cost.
+
+    Under ``torch.autocast`` the fused op runs in the autocast dtype (inputs and parameters cast, like
+    ``nn.Linear``); otherwise the adapter factors are cast to the weight's dtype when they differ.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    r : int
+        Rank of the ``"default"`` adapter, ``1 <= r <= min(in_features, out_features)``.
+    alpha, dropout, use_rslora, init
+        See :meth:`add_adapter`.
+    bias : bool, default True
+    device, dtype
+        Of the new base parameters (initialised like ``nn.Linear``) and adapter factors.
+
+    Complexity
+    ----------
+    Forward ``2 M in out + 2 M r (in + out)`` FLOPs for ``M`` tokens; ``r (in + out)`` trainable parameters.
+
+    Examples
+    --------
+    >>> layer = LoRALinear.from_linear(nn.Linear(64, 32), r=8, alpha=16)
+    >>> layer(torch.randn(4, 64)).shape
+    torch.Size([4, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        init: str = "default",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        base = nn.Linear(
+            _check_dim("in_features", in_features),
+            _check_dim("out_features", out_features),
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+        self._setup(base.weight, base.bias)
+        self.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        self._init_adapter_state()
+        self.out_features, self.in_features = weight.shape
+        self._freeze_base(weight, bias)
+        self.weight = weight
+        self.bias = bias
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+    ) -> LoRALinear:
+        """Wrap ``linear`` without copying: the layer holds its ``weight``/``bias`` Parameters (frozen)."""
+        if not isinstance(linear, nn.Linear) or isinstance(linear, LoRALayer):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(linear.weight, linear.bias)
+        layer.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        return layer
+
+    def _max_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
+    def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_features), (self.out_features, r)
+
+    def _reset_factors(self, name: str, init: str) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if init != "pissa":
+            reset_lora_factors_(A, B, init)
+            return
+        with torch.no_grad():
+            B0, A0, residual = pissa_factors(self.weight, self.r[name], self.scaling[name])
+            A.copy_(A0)
+            B.copy_(B0)
+            self.weight.copy_(residual)
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` as the fused op takes them: (r_total, in) and (out, r_total)."""
+        return self.lora_A[name], self.lora_B[name]
+
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        name = self.active_adapter if name is None else name
+        if name is None:
+            raise RuntimeError("no active adapter")
+        self._check_name(name)
+        A, B = self._factors(name)
+        work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return (B.to(work) @ A.to(work)) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self._active_unmerged()
+        if name is None:
+            return F.linear(x, self.weight, self.bias)
+        A, B = self._factors(name)
+        scale = self.scaling[name]
+        dropout = self.lora_dropout[name]
+        if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            # The adapter sees dropout(x), the base sees x: two separate products (see class docstring).
+            return F.linear(x, self.weight, self.bias) + F.linear(F.linear(dropout(x), A), B) * scale
+        dtype = _compute_dtype(x, self.weight)
+        weight, bias = self.weight, self.bias
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if A.dtype != dtype:
+            A, B = A.to(dtype), B.to(dtype)
+        return lora_linear(x, weight, A, B, scale, bias)
+
+
+class LoRAMergedLinear(LoRALinear):
+    r"""A fused projection (e.g. q/k/v in one ``nn.Linear``) where only some output slices get adapters.
+
+    The output rows are split into ``out_slices`` (e.g. ``[d, d, d]`` for q, k, v); each slice ``i`` with
+    ``enable_lora[i]`` gets its own rank-``r`` adapter ``B_i A_i`` (as loralib's ``MergedLinear``). Stored
+    as ``lora_A[name]`` (k r, in) for the ``k`` enabled slices stacked, and ``lora_B[name]``
+    (sum of enabled slice sizes, r) stacked. The forward assembles the block-structured
+    ``B_full`` (out, k r) — zero outside the enabled slices' blocks, an ``out * k * r`` copy — and makes the
+    single fused call ``lora_linear(x, W, A, B_full)``; ``B_full A`` equals the per-slice updates exactly.
+
+    Parameters
+    ----------
+    in_features : int
+    out_slices : sequence of int
+        Sizes of the output slices; ``out_features = sum(out_slices)``.
+    r : int
+        Rank of each enabled slice's adapter, ``1 <= r <= min(in_features, size of each enabled slice)``.
+    enable_lora : sequence of bool
+        One flag per slice; at least one True.
+    alpha, dropout, bias, use_rslora, init, device, dtype
+        As :class:`LoRALinear` (``init="pissa"`` factors each enabled slice of the weight separately).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_slices: Sequence[int],
+        r: int,
+        *,
+        enable_lora: Sequence[bool],
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        init: str = "default",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        out_slices = self._check_slices(out_slices, enable_lora)
+        base = nn.Linear(
+            _check_dim("in_features", in_features), sum(out_slices), bias=bias, device=device, dtype=dtype
+        )
+        self._setup_merged(base.weight, base.bias, out_slices, enable_lora)
+        self.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    @staticmethod
+    def _check_slices(out_slices: Sequence[int], enable_lora: Sequence[bool]) -> list[int]:
+        slices = [
+            _check_dim("out_slices entry", int(s) if not isinstance(s, bool) else s) for s in out_slices
+        ]
+        flags = list(enable_lora)
+        if len(slices) != len(flags) or not slices:
+            raise ValueError(
+                f"out_slices ({len(slices)} entries) and enable_lora ({len(flags)} entries) must have the "
+                "same non-zero length"
+            )
+        if not all(isinstance(f, bool) for f in flags) or not any(flags):
+            raise ValueError(f"enable_lora must be bools with at least one True, got {flags}")
+        return slices
+
+    def _setup_merged(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        out_slices: list[int],
+        enable_lora: Sequence[bool],
+    ) -> None:
+        self._setup(weight, bias)
+        self.out_slices = list(out_slices)
+        self.enable_lora = [bool(f) for f in enable_lora]
+        starts = [sum(out_slices[:i]) for i in range(len(out_slices))]
+        rows = [torch.arange(s, s + n) for s, n, f in zip(starts, out_slices, self.enable_lora) if f]
+        self._enabled_sizes = [n for n, f in zip(out_slices, self.enable_lora) if f]
+        self._enabled_starts = [s for s, f in zip(starts, self.enable_lora) if f]
+        self.register_buffer("lora_rows", torch.cat(rows).to(weight.device), persistent=False)
+
+    @classmethod
+    def from_linear(  # type: ignore[override]
+        cls,
+        linear: nn.Linear,
+        r: int,
+        *,
+        enable_lora: Sequence[bool],
+        out_slices: Sequence[int] | None = None,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+    ) -> LoRAMergedLinear:
+        """Wrap a fused projection ``linear`` without copying; ``out_slices`` defaults to equal slices."""
+        if not isinstance(linear, nn.Linear) or isinstance(linear, LoRALayer):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        flags = list(enable_lora)
+        if out_slices is None:
+            if not flags or linear.out_features % len(flags):
+                raise ValueError(
+                    f"out_features={linear.out_features} does not split into {len(flags)} equal slices; "
+                    "pass out_slices"
+                )
+            out_slices = [linear.out_features // len(flags)] * len(flags)
+        slices = cls._check_slices(out_slices, flags)
+        if sum(slices) != linear.out_features:
+            raise ValueError(
+                f"out_slices {slices} sum to {sum(slices)}, not out_features={linear.out_features}"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup_merged(linear.weight, linear.bias, slices, flags)
+        layer.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        return layer
+
+    def _shape_text(self) -> str:
+        return (
+            f"weight {tuple(self.weight.shape)}, out_slices={self.out_slices}, enable_lora={self.enable_lora}"
+        )
+
+    def _max_rank(self) -> int:
+        return min(self.in_features, *self._enabled_sizes)
+
+    def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r * len(self._enabled_sizes), self.in_features), (sum(self._enabled_sizes), r)
+
+    def _reset_factors(self, name: str, init: str) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if init != "pissa":
+            reset_lora_factors_(A, B, init)
+            return
+        r, scale = self.r[name], self.scaling[name]
+        with torch.no_grad():
+            offset = 0
+            for i, (start, size) in enumerate(zip(self._enabled_starts, self._enabled_sizes)):
+                B0, A0, residual = pissa_factors(self.weight[start : start + size], r, scale)
+                A[i * r : (i + 1) * r].copy_(A0)
+                B[offset : offset + size].copy_(B0)
+                self.weight[start : start + size].copy_(residual)
+                offset += size
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = self.lora_A[name], self.lora_B[name]
+        block_diagonal = torch.block_diag(*B.split(self._enabled_sizes, dim=0))  # (enabled out, k r)
+        full = block_diagonal.new_zeros(self.out_features, block_diagonal.shape[1])
+        return A, full.index_copy(0, self.lora_rows, block_diagonal)
+
+
+class LoRAEmbedding(LoRALayer):
+    r"""``nn.Embedding`` with named low-rank adapters: ``E[x] + scale * dropout(A^T[x]) B^T``.
+
+    ``weight`` (num_embeddings, embedding_dim) is frozen; ``lora_embedding_A[name]`` (r, num_embeddings)
+    and ``lora_embedding_B[name]`` (embedding_dim, r) are trainable (PEFT's names and layouts), and the
+    update to the table is ``scale * (B A)^T``. Default init (as PEFT): ``A`` zero, ``B ~ N(0, 1)``, so the
+    model is unchanged at step 0 and ``A`` — the per-token rows — trains first. Dropout, if any, acts on the
+    r-wide looked-up row ``A^T[x]``. Lookups cost ``O(tokens * r * dim)`` extra; ``max_norm`` renormalises
+    the base table only.
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+    r : int
+        ``1 <= r <= min(num_embeddings, embedding_dim)``.
+    alpha, dropout, use_rslora, init
+        See :meth:`LoRALayer.add_adapter`; here ``"default"`` and ``"gaussian"`` both give ``A = 0``,
+        ``B ~ N(0, 1)``, and ``"pissa"`` factors the table itself.
+    padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, device, dtype
+        As ``nn.Embedding``.
+    """
+
+    _factor_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        base = nn.Embedding(
+            _check_dim("num_embeddings", num_embeddings),
+            _check_dim("embedding_dim", embedding_dim),
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            sparse=sparse,
+            device=device,
+            dtype=dtype,
+        )
+        self._setup(base)
+        self.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    def _setup(self, embedding: nn.Embedding) -> None:
+        self._init_adapter_state()
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        for attr in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+            setattr(self, attr, getattr(embedding, attr))
+        self._freeze_base(embedding.weight, None)
+        self.weight = embedding.weight
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        r: int,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+    ) -> LoRAEmbedding:
+        """Wrap ``embedding`` without copying: the layer holds the same ``weight`` Parameter (frozen)."""
+        if not isinstance(embedding, nn.Embedding) or isinstance(embedding, LoRALayer):
+            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(embedding)
+        layer.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        return layer
+
+    def _max_rank(self) -> int:
+        return min(self.num_embeddings, self.embedding_dim)
+
+    def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.num_embeddings), (self.embedding_dim, r)
+
+    @torch.no_grad()
+    def _reset_factors(self, name: str, init: str) -> None:
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        if init == "pissa":
+            # table E = U S V^T (num, dim); update is scale * A^T B^T, so A^T = U_r sqrt(S/scale) and
+            # B^T = sqrt(S/scale) V_r^T: pissa_factors on E gives (A^T, B^T, residual).
+            left, right, residual = pissa_factors(self.weight, self.r[name], self.scaling[name])
+            A.copy_(left.T)
+            B.copy_(right.T)
+            self.weight.copy_(residual)
+        elif init == "zeros":
+            A.zero_()
+            B.zero_()
+        else:  # "default" and "gaussian": the table-side factor starts at zero
+            A.zero_()
+            torch.nn.init.normal_(B)
+
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        name = self.active_adapter if name is None else name
+        if name is None:
+            raise RuntimeError("no active adapter")
+        self._check_name(name)
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return (B.to(work) @ A.to(work)).T * self.scaling[name]
+
+    def _shape_text(self) -> str:
+        return f"weight {tuple(self.weight.shape)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(
+            x,
+            self.weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+        name = self._active_unmerged()
+        if name is None:
+            return out
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        rows = F.embedding(x, A.T, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        return out + (self.lora_dropout[name](rows) @ B.T) * self.scaling[name]

@@ -1,0 +1,330 @@
+"""Model-level LoRA: inject adapters into any ``nn.Module`` (plain or Hugging Face transformers), freeze the
+rest, collect the adapter state, merge / unmerge, and take the adapters out again."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lowrank.lora.layers import LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
+
+__all__ = [
+    "inject_lora",
+    "mark_only_lora_trainable",
+    "lora_state_dict",
+    "merge_lora",
+    "unmerge_lora",
+    "remove_lora",
+    "lora_layers",
+]
+
+_BIAS_MODES = ("none", "all", "lora_only")
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """``(qualified name, layer)`` of every LoRA layer in ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def _as_patterns(arg: str, value: str | Sequence[str]) -> list[str]:
+    patterns = [value] if isinstance(value, str) else list(value)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"{arg} must be a non-empty str or sequence of non-empty str, got {value!r}")
+    return patterns
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """True if ``pattern`` is ``name``, a dotted suffix of it, or a regex matching it fully."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    r: int = 8,
+    *,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: str = "default",
+    adapter_name: str = "default",
+    merged_modules: Mapping[str, Sequence[bool]] | None = None,
+    freeze_base: bool = True,
+) -> nn.Module:
+    r"""Replace matching ``nn.Linear`` / ``nn.Embedding`` modules of ``model`` by LoRA layers, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module tree (plain PyTorch or a Hugging Face transformers model).
+    target_modules : str or sequence of str
+        Each entry matches a module whose qualified name equals it, ends with ``"." + entry`` (so ``"q_proj"``
+        matches every ``layers.N.self_attn.q_proj``), or fully matches it as a regular expression. Every
+        entry must match at least one module (else ValueError listing the candidates). Matched modules
+        that are already LoRA layers get a new adapter ``adapter_name``.
+    r : int, default 8
+        Rank (see :meth:`LoRALayer.add_adapter` for ``alpha``, ``dropout``, ``use_rslora``, ``init``).
+    adapter_name : str, default "default"
+    merged_modules : mapping of pattern -> sequence of bool, optional
+        Fused projections (e.g. ``{"qkv": [True, False, True]}``): matching ``nn.Linear`` modules become
+        :class:`LoRAMergedLinear` with equal output slices and adapters on the flagged slices. Patterns
+        match like ``target_modules`` and are targets themselves.
+    freeze_base : bool, default True
+        Call :func:`mark_only_lora_trainable` afterwards, so only adapter parameters train.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself (modified in place); the LoRA layers share the base Parameters (no copy).
+
+    Examples
+    --------
+    >>> model = inject_lora(model, ["q_proj", "v_proj"], r=16, alpha=32)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    patterns = _as_patterns("target_modules", target_modules)
+    merged = dict(merged_modules or {})
+    for pattern in merged:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"merged_modules keys must be non-empty str, got {pattern!r}")
+    all_patterns = patterns + [p for p in merged if p not in patterns]
+    options = {"alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "init": init}
+
+    hits: dict[str, int] = dict.fromkeys(all_patterns, 0)
+    plan: list[tuple[str, nn.Module, Sequence[bool] | None]] = []
+    inside_lora: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if not name or (inside_lora and name.startswith(inside_lora)):
+            continue
+        matched = [p for p in all_patterns if _matches(p, name)]
+        if isinstance(module, LoRALayer):
+            inside_lora = (*inside_lora, name + ".")
+        if not matched:
+            continue
+        for p in matched:
+            hits[p] += 1
+        if not isinstance(module, (nn.Linear, nn.Embedding, LoRALayer)):
+            raise TypeError(
+                f"target {matched[0]!r} matches module {name!r} of type {type(module).__name__}; "
+                "only nn.Linear and nn.Embedding modules can take LoRA adapters"
+            )
+        flags = next((merged[p] for p in matched if p in merged), None)
+        plan.append((name, module, flags))
+
+    missing = [p for p, count in hits.items() if count == 0]
+    if missing:
+        candidates = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Embedding))
+            }
+        )
+        raise ValueError(
+            f"target_modules {missing} match no module of {type(model).__name__}; the nn.Linear/nn.Embedding "
+            f"modules are named (last component): {candidates}"
+        )
+
+    for name, module, flags in plan:
+        if isinstance(module, LoRALayer):
+            module.add_adapter(adapter_name, r, **options)
+            continue
+        if isinstance(module, nn.Embedding):
+            new: LoRALayer = LoRAEmbedding.from_embedding(module, r, **options)
+        elif flags is not None:
+            new = LoRAMergedLinear.from_linear(module, r, enable_lora=flags, **options)
+        else:
+            new = LoRALinear.from_linear(module, r, **options)
+        if adapter_name != "default":
+            _rename_adapter(new, "default", adapter_name)
+        _replace(model, name, new)
+    if freeze_base:
+        mark_only_lora_trainable(model)
+    return model
+
+
+def _rename_adapter(layer: LoRALayer, old: str, new: str) -> None:
+    if not isinstance(new, str) or not new or "." in new:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {new!r}")
+    for attr in (*layer._factor_names, "lora_dropout"):
+        table = getattr(layer, attr)
+        table[new] = table[old]
+        del table[old]
+    for table in (layer.r, layer.lora_alpha, layer.scaling, layer.use_rslora):
+        table[new] = table.pop(old)
+    if layer.active_adapter == old:
+        layer.active_adapter = new
+
+
+def _check_bias(bias: str) -> None:
+    if bias not in _BIAS_MODES:
+        raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
+
+
+def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
+    """Freeze every parameter of ``model`` except the LoRA factors (and, optionally, biases).
+
+    Parameters
+    ----------
+    model : nn.Module
+    bias : {"none", "all", "lora_only"}, default "none"
+        ``"all"``: every parameter named ``bias`` also trains; ``"lora_only"``: the biases of LoRA layers.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+    """
+    _check_bias(bias)
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("model has no LoRA layers; call inject_lora first")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in layers:
+        for _, param in layer.lora_parameters():
+            param.requires_grad_(True)
+        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
+            layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                param.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(
+    model: nn.Module, bias: str = "none", adapter_name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The adapter part of ``model.state_dict()``: keys like ``"layers.0.q_proj.lora_A.default"``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    bias : {"none", "all", "lora_only"}, default "none"
+        Also include every ``bias`` (``"all"``) or the LoRA layers' biases (``"lora_only"``).
+    adapter_name : str, optional
+        Only this adapter's factors (default: all adapters).
+
+    Returns
+    -------
+    dict[str, Tensor]
+        Detached tensors sharing storage with the parameters (as ``state_dict``); loads back with
+        ``model.load_state_dict(sd, strict=False)``.
+    """
+    _check_bias(bias)
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("model has no LoRA layers; call inject_lora first")
+    if adapter_name is not None and not any(adapter_name in layer.r for _, layer in layers):
+        names = sorted({n for _, layer in layers for n in layer.r})
+        raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {names}")
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        prefix = f"{name}." if name else ""
+        for key, param in layer.lora_parameters(adapter_name):
+            state[prefix + key] = param.detach()
+        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
+            state[prefix + "bias"] = layer.bias.detach()
+    if bias == "all":
+        for key, tensor in model.state_dict().items():
+            if key.rsplit(".", 1)[-1] == "bias":
+                state[key] = tensor
+    return state
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold each LoRA layer's active adapter into its weight: forward then costs exactly the base model.
+
+    Raises RuntimeError if an adapter is already merged (merging twice would add it twice).
+    """
+    layers = [layer for _, layer in lora_layers(model) if layer.active_adapter is not None]
+    if not layers:
+        raise ValueError("model has no LoRA layers with an active adapter to merge")
+    already = [name for name, layer in lora_layers(model) if layer.merged_adapters]
+    if already:
+        raise RuntimeError(f"adapters are already merged in {already[:5]}; call unmerge_lora first")
+    for layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take merged adapters out of the weights again (restored to within float32 rounding)."""
+    layers = [layer for _, layer in lora_layers(model) if layer.merged_adapters]
+    if not layers:
+        raise RuntimeError("no LoRA layer of the model is merged; nothing to unmerge")
+    for layer in layers:
+        layer.unmerge()
+    return model
+
+
+def _plain_module(layer: LoRALayer) -> nn.Module:
+    if isinstance(layer, LoRAEmbedding):
+        plain: nn.Module = nn.Embedding(
+            layer.num_embeddings,
+            layer.embedding_dim,
+            padding_idx=layer.padding_idx,
+            max_norm=layer.max_norm,
+            norm_type=layer.norm_type,
+            scale_grad_by_freq=layer.scale_grad_by_freq,
+            sparse=layer.sparse,
+            device="meta",
+        )
+    else:
+        assert isinstance(layer, LoRALinear)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        if layer.bias is not None:
+            plain.bias = layer.bias
+            layer.bias.requires_grad_(layer._base_requires_grad)
+    plain.weight = layer.weight
+    layer.weight.requires_grad_(layer._base_requires_grad)
+    return plain
+
+
+def remove_lora(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Replace every LoRA layer by the plain ``nn.Linear`` / ``nn.Embedding`` holding its base Parameters.
+
+    Parameters
+    ----------
+    model : nn.Module
+    merge : bool, default False
+        Fold the active adapter in first (layers already merged keep their merged weight either way). With
+        False, unmerged adapters are dropped and the original model comes back.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` (modified in place; a LoRA layer that is ``model`` itself is returned as its plain module).
+        The base Parameters get back the ``requires_grad`` they had before injection.
+    """
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("model has no LoRA layers to remove")
+    for name, layer in layers:
+        if merge and not layer.merged_adapters and layer.active_adapter is not None:
+            layer.merge()
+        plain = _plain_module(layer)
+        if not name:
+            return plain
+        _replace(model, name, plain)
+    return model
