@@ -1,0 +1,500 @@
+"""The ``lowrank`` command line: ``extract``, ``compress`` and ``info``.
+
+``lowrank extract BASE TUNED --rank R --out DIR``
+    LoRA extraction from a full fine-tune: for each matching 2-D weight, the best rank-``R`` approximation of
+    ``tuned - base`` (truncated SVD, Eckart–Young–Mirsky; computed by :func:`lowrank.rsvd`) is written as a
+    PEFT adapter (``B = U sqrt(S)``, ``A = sqrt(S) Vh``, ``lora_alpha = r`` so the scaling is 1).
+    ``--rank auto --tol T`` picks, per layer, the smallest rank whose relative Frobenius error is at most
+    ``T`` (randQB_EI fixed-precision mode, Yu, Gu & Li 2018), written as PEFT's ``rank_pattern``.
+``lowrank compress CKPT --rank R | --tol T --out OUT``
+    Replaces matching 2-D weights ``W`` of a checkpoint by factors ``W ~= B @ A`` stored as ``<name>.B`` and
+    ``<name>.A``; other tensors are copied. A layer is kept dense when its factors would not be smaller.
+``lowrank info DIR``
+    An adapter's config, per-layer ranks, targets and size.
+
+Checkpoints are read tensor by tensor with ``safetensors.safe_open`` (memory-mapped), from a file or a
+directory of shards, so memory stays near one tensor (plus, for ``compress``, the factors written so far).
+User mistakes print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# Module names treated as embeddings (PEFT's lora_embedding_A/B layout) when --target selects them.
+EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|word_embeddings)$")
+
+
+class CLIError(Exception):
+    """A user mistake: reported as one line on stderr, exit status 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise CLIError(f"{self.prog}: {message} (see --help)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading checkpoints tensor by tensor
+# --------------------------------------------------------------------------------------------------------
+
+
+class TensorSource:
+    """The tensors of a safetensors checkpoint (one file, or a directory of shards), read one at a time."""
+
+    def __init__(self, path: str, label: str) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path, self.label = path, label
+        if not os.path.exists(path):
+            raise CLIError(f"{label} {path!r}: no such file or directory")
+        if os.path.isdir(path):
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.isfile(index):
+                try:
+                    with open(index, encoding="utf-8") as f:
+                        weight_map = json.load(f)["weight_map"]
+                    files = sorted({os.path.join(path, v) for v in weight_map.values()})
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise CLIError(f"{label} {index!r}: unreadable shard index ({exc})") from None
+            else:
+                files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            if not files:
+                pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
+                hint = " (only pickle-based .bin/.pt files, which lowrank does not read)" if pickled else ""
+                raise CLIError(f"{label} {path!r}: no .safetensors files{hint}")
+        else:
+            files = [path]
+        self._handles: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        for file in files:
+            if not os.path.isfile(file):
+                raise CLIError(f"{label} {file!r}: shard listed in the index is missing")
+            try:
+                handle = safe_open(file, framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CLIError(f"{label} {file!r}: not a readable safetensors file ({exc})") from None
+            self._handles[file] = handle
+            for name in handle.keys():
+                if name in self._where:
+                    raise CLIError(f"{label}: tensor {name!r} appears in two shards")
+                self._where[name] = file
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        from lowrank.lora.checkpoint import DTYPE_FROM_CODE
+
+        code = self._handles[self._where[name]].get_slice(name).get_dtype()
+        if code not in DTYPE_FROM_CODE:
+            raise CLIError(f"{self.label}: tensor {name!r} has unsupported dtype {code}")
+        return DTYPE_FROM_CODE[code]
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CLIError(f"{self.label}: cannot read tensor {name!r} ({exc})") from None
+
+
+def _compile_target(pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise CLIError(f"--target {pattern!r}: invalid regular expression ({exc})") from None
+
+
+def _select(source: TensorSource, target: re.Pattern[str] | None, *, embeddings: bool) -> list[str]:
+    """Names of the ``<module>.weight`` tensors to factor.
+
+    With ``--target``, every ``.weight`` whose module path the regex matches (``re.search``) must be a 2-D
+    floating tensor. Without it, all 2-D floating weights are taken, except embeddings (and, for compress,
+    except nothing else).
+    """
+    chosen = []
+    for name in source.names():
+        if not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        if target is not None:
+            if not target.search(module):
+                continue
+            shape, dtype = source.shape(name), source.dtype(name)
+            if len(shape) != 2:
+                raise CLIError(
+                    f"--target matches {name!r} of shape {shape}: only 2-D weights can be factored "
+                    "(narrow the regex)"
+                )
+            if not dtype.is_floating_point:
+                raise CLIError(
+                    f"--target matches {name!r} of dtype {dtype}: only float weights can be factored"
+                )
+        elif len(source.shape(name)) != 2 or not source.dtype(name).is_floating_point:
+            continue
+        elif not embeddings and EMBEDDING_NAME.search(module):
+            continue
+        chosen.append(name)
+    if not chosen:
+        what = f"--target {target.pattern!r}" if target is not None else "the default selection"
+        raise CLIError(f"{source.label} {source.path!r}: no 2-D weight tensors match {what}")
+    return chosen
+
+
+def _progress(items: Sequence[str], desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", file=sys.stderr, disable=None, leave=False)
+
+
+def _write_line(text: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _balanced_factors(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    root = S.sqrt()
+    return U * root, root[:, None] * Vh
+
+
+def _factor(matrix: torch.Tensor, rank: int | None, tol: float | None, seed: int) -> tuple[torch.Tensor, ...]:
+    """``(B, A)`` with ``matrix ~= B @ A`` of rank ``rank`` (clamped) or the smallest rank meeting ``tol``."""
+    from lowrank import rsvd
+
+    if tol is not None:
+        U, S, Vh = rsvd(matrix, tol=tol, seed=seed)
+    else:
+        U, S, Vh = rsvd(matrix, k=min(rank, *matrix.shape), seed=seed)
+    return _balanced_factors(U, S, Vh)
+
+
+def _relative_error(matrix: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
+    norm = float(torch.linalg.matrix_norm(matrix))
+    return float(torch.linalg.matrix_norm(matrix - B @ A)) / norm if norm else 0.0
+
+
+def _human_bytes(n: int) -> str:
+    from lowrank.lora.checkpoint import _human_bytes as human
+
+    return human(n)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse_rank(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def _parse_tol(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from lowrank.lora.checkpoint import build_peft_config, write_adapter_dir
+
+    if args.rank == "auto" and args.tol is None:
+        raise CLIError("extract: --rank auto needs --tol T (the relative error allowed per layer)")
+    if args.rank != "auto" and args.tol is not None:
+        raise CLIError("extract: --tol goes with --rank auto; pass either --rank R or --rank auto --tol T")
+    base, tuned = TensorSource(args.base, "BASE"), TensorSource(args.tuned, "TUNED")
+    names = _select(tuned, _compile_target(args.target), embeddings=args.target is not None)
+    for name in names:  # check everything that headers can tell before any arithmetic
+        if name not in base:
+            raise CLIError(f"tensor {name!r} is in TUNED but not in BASE (different models?)")
+        if base.shape(name) != tuned.shape(name):
+            raise CLIError(
+                f"mismatched shapes for {name!r}: BASE {base.shape(name)} vs TUNED {tuned.shape(name)}"
+            )
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    total_captured = total_energy = 0.0
+    for name in _progress(names, "extract"):
+        module = name[: -len(".weight")]
+        out_dtype = tuned.dtype(name)
+        work = _work_dtype(out_dtype)
+        delta = tuned.get(name).to(work) - base.get(name).to(work)
+        embedding = EMBEDDING_NAME.search(module) is not None
+        if embedding:
+            delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
+        energy = float(delta.pow(2).sum())
+        if energy == 0.0:
+            _write_line(f"{module:<48} {_shape(delta)}  unchanged, skipped")
+            continue
+        if args.rank == "auto":
+            B, A = _factor(delta, None, args.tol, args.seed)
+        else:
+            B, A = _factor(delta, args.rank, None, args.seed)
+        error = _relative_error(delta, B, A)
+        captured = 1.0 - error * error
+        total_captured += captured * energy
+        total_energy += energy
+        ranks[module] = int(B.shape[1])
+        key = "base_model.model." + module
+        if embedding:
+            tensors[key + ".lora_embedding_A"] = A.to(out_dtype).contiguous()
+            tensors[key + ".lora_embedding_B"] = B.to(out_dtype).contiguous()
+        else:
+            tensors[key + ".lora_A.weight"] = A.to(out_dtype).contiguous()
+            tensors[key + ".lora_B.weight"] = B.to(out_dtype).contiguous()
+        _write_line(
+            f"{module:<48} {_shape(delta)}  rank {ranks[module]:>4}  energy {100 * captured:7.3f}%  "
+            f"rel.err {error:.3e}"
+        )
+    if not ranks:
+        raise CLIError("extract: every selected weight is identical in BASE and TUNED; nothing to extract")
+    config = build_peft_config(ranks, dict(ranks))  # lora_alpha = r: scaling 1, B @ A is the delta itself
+    config["base_model_name_or_path"] = args.base_model_name or os.path.abspath(args.base)
+    write_adapter_dir(args.out, tensors, config)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_line(
+        f"wrote {args.out}: {len(ranks)} layers, {_human_bytes(size)}, captured energy "
+        f"{100 * total_captured / total_energy:.3f}% of the total delta"
+    )
+    return 0
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"{t.shape[0]}x{t.shape[1]}".rjust(11)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from lowrank.lora.checkpoint import TensorEntry, write_safetensors
+
+    if (args.rank is None) == (args.tol is None):
+        raise CLIError("compress: pass exactly one of --rank R or --tol T")
+    source = TensorSource(args.ckpt, "CKPT")
+    out_file = args.out if args.out.endswith(".safetensors") else os.path.join(args.out, "model.safetensors")
+    if os.path.exists(out_file) and any(os.path.samefile(out_file, f) for f in source._handles):
+        raise CLIError(f"--out {args.out!r} is the input checkpoint; choose another path")
+    names = set(_select(source, _compile_target(args.target), embeddings=args.target is not None))
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    bytes_before = bytes_after = 0
+    for name in _progress(sorted(names), "compress"):
+        weight = source.get(name)
+        work = weight.to(_work_dtype(weight.dtype))
+        B, A = _factor(work, args.rank, args.tol, args.seed)
+        rank = int(B.shape[1])
+        m, n = weight.shape
+        dense = m * n * weight.element_size()
+        factored = rank * (m + n) * weight.element_size()
+        bytes_before += dense
+        if factored >= dense:
+            bytes_after += dense
+            _write_line(
+                f"{name:<52} {_shape(weight)}  rank {rank:>4}  kept dense (factors would not be smaller)"
+            )
+            continue
+        B, A = B.to(weight.dtype).contiguous(), A.to(weight.dtype).contiguous()
+        error = _relative_error(work, B.to(work.dtype), A.to(work.dtype))
+        factors[name] = (B, A)
+        bytes_after += factored
+        _write_line(
+            f"{name:<52} {_shape(weight)}  rank {rank:>4}  {_human_bytes(dense):>10} -> "
+            f"{_human_bytes(factored):>10}  rel.err {error:.3e}"
+        )
+
+    entries = []
+    other_bytes = 0
+    for name in source.names():
+        if name in factors:
+            B, A = factors[name]
+            entries.append(TensorEntry(name + ".B", B.dtype, tuple(B.shape), lambda B=B: B))
+            entries.append(TensorEntry(name + ".A", A.dtype, tuple(A.shape), lambda A=A: A))
+        else:
+            dtype, shape = source.dtype(name), source.shape(name)
+            entries.append(TensorEntry(name, dtype, shape, lambda name=name: source.get(name)))
+            if name not in names:
+                other_bytes += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+    metadata = {"lowrank.factorized": json.dumps(sorted(factors)), "lowrank.layout": "W = B @ A"}
+    write_safetensors(out_file, entries, metadata)
+    before, after = bytes_before + other_bytes, bytes_after + other_bytes
+    _write_line(
+        f"wrote {out_file}: {len(factors)} of {len(names)} layers factored; "
+        f"{_human_bytes(before)} -> {_human_bytes(after)} ({100 * after / before:.1f}%)"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError, safe_open
+
+    from lowrank.lora.checkpoint import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        AdapterCheckpointError,
+        _pattern_value,
+        _read_config,
+    )
+
+    if not os.path.isdir(args.dir):
+        raise CLIError(f"DIR {args.dir!r}: no such directory")
+    try:
+        config = _read_config(args.dir)
+    except FileNotFoundError:
+        raise CLIError(f"DIR {args.dir!r}: no {CONFIG_NAME} (not a PEFT adapter directory)") from None
+    except AdapterCheckpointError as exc:
+        raise CLIError(str(exc)) from None
+    weights = os.path.join(args.dir, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise CLIError(f"DIR {args.dir!r}: no {WEIGHTS_NAME}")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CLIError(f"{weights}: not a readable safetensors file ({exc})") from None
+
+    layers: dict[str, dict[str, Any]] = {}
+    for key, shape in shapes.items():
+        match = re.match(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_embedding_A)$", key)
+        if match and len(shape) == 2:
+            embedding = match[2] == "lora_embedding_A"
+            b_key = key.replace("lora_A.weight", "lora_B.weight").replace(
+                "lora_embedding_A", "lora_embedding_B"
+            )
+            out = shapes.get(b_key, (None,))[0]
+            layers[match[1]] = {"rank": shape[0], "in": shape[1], "out": out, "embedding": embedding}
+    params = sum(math.prod(s) for s in shapes.values())
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    print(f"{'adapter':<24} {args.dir}")
+    for field in ("peft_type", "task_type", "base_model_name_or_path"):
+        print(f"{field:<24} {config.get(field)}")
+    print(
+        f"{'r':<24} {r}"
+        + (f"  (rank_pattern: {len(config['rank_pattern'])} entries)" if config.get("rank_pattern") else "")
+    )
+    print(
+        f"{'lora_alpha':<24} {alpha}"
+        + (
+            f"  (alpha_pattern: {len(config['alpha_pattern'])} entries)"
+            if config.get("alpha_pattern")
+            else ""
+        )
+    )
+    print(f"{'lora_dropout':<24} {config.get('lora_dropout', 0.0)}")
+    print(f"{'use_rslora':<24} {config.get('use_rslora', False)}")
+    targets = config.get("target_modules")
+    print(f"{'target_modules':<24} {targets if isinstance(targets, str) else ', '.join(targets or [])}")
+    print(f"{'layers':<24} {len(layers)}   dtype {', '.join(sorted(set(dtypes.values())))}")
+    print(f"{'size':<24} {params:,} params, {_human_bytes(os.path.getsize(weights))} on disk")
+    print()
+    print(f"{'module':<48} {'kind':<9} {'in':>6} {'out':>6} {'rank':>5} {'alpha':>7} {'scaling':>8}")
+    for module, info in sorted(layers.items()):
+        a = _pattern_value(config.get("alpha_pattern"), module, alpha)
+        scaling = a / (math.sqrt(info["rank"]) if config.get("use_rslora") else info["rank"])
+        kind = "embedding" if info["embedding"] else "linear"
+        print(
+            f"{module:<48} {kind:<9} {info['in']:>6} {info['out']!s:>6} {info['rank']:>5} "
+            f"{a:>7g} {scaling:>8.4g}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lowrank`` command."""
+    parser = _ArgumentParser(prog="lowrank", description="Low-rank tools for model checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+
+    p = sub.add_parser("extract", help="extract a LoRA adapter from a base and a fine-tuned checkpoint")
+    p.add_argument("base", metavar="BASE", help="base safetensors checkpoint (file or directory of shards)")
+    p.add_argument("tuned", metavar="TUNED", help="fine-tuned checkpoint of the same model")
+    p.add_argument("--rank", type=_parse_rank, required=True, help="rank per layer, or 'auto' with --tol")
+    p.add_argument(
+        "--tol", type=_parse_tol, help="with --rank auto: relative Frobenius error allowed per layer"
+    )
+    p.add_argument(
+        "--target", help="regex searched in module paths (default: all 2-D weights but embeddings)"
+    )
+    p.add_argument("--out", required=True, help="adapter directory to write (PEFT layout)")
+    p.add_argument("--base-model-name", help="base_model_name_or_path for the config (default: BASE)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.set_defaults(run=cmd_extract)
+
+    p = sub.add_parser("compress", help="replace 2-D weights of a checkpoint by low-rank factors")
+    p.add_argument("ckpt", metavar="CKPT", help="safetensors checkpoint (file or directory of shards)")
+    p.add_argument("--rank", type=_parse_rank, help="rank per layer")
+    p.add_argument("--tol", type=_parse_tol, help="relative Frobenius error allowed per layer")
+    p.add_argument(
+        "--target", help="regex searched in module paths (default: all 2-D weights but embeddings)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output .safetensors file, or a directory for model.safetensors"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("info", help="show an adapter's config, ranks, targets and size")
+    p.add_argument("dir", metavar="DIR", help="PEFT adapter directory")
+    p.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lowrank`` command line; returns the exit status (0 ok, 2 user error)."""
+    from safetensors import SafetensorError
+
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "rank", None) == "auto" and args.command == "compress":
+            raise CLIError("compress: --rank takes an integer; use --tol T for per-layer ranks")
+        return args.run(args)
+    except CLIError as exc:
+        print(f"lowrank: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, SafetensorError) as exc:
+        print(f"lowrank: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowrank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
