@@ -4,6 +4,9 @@ The public API is what this module exports; everything else is private.
 """
 
 from lowrank._ops import WITH_CUDA, lora_linear
+from lowrank.completion import als
+from lowrank.cur import cur, interpolation_matrix, interpolative
+from lowrank.factor import low_rank_factor
 from lowrank.lora import (
     LoRAEmbedding,
     LoRALinear,
@@ -19,6 +22,9 @@ from lowrank.lora import (
     save_adapter,
     unmerge_lora,
 )
+from lowrank.nmf import nmf
+from lowrank.nystrom import nystrom
+from lowrank.pca import PCAResult, pca, pca_inverse_transform, pca_transform
 from lowrank.qr import cholesky_qr
 from lowrank.svd import SVDResult, rsvd, svd, svd_error
 
@@ -32,6 +38,17 @@ __all__ = [
     "rsvd",
     "svd",
     "svd_error",
+    "PCAResult",
+    "als",
+    "cur",
+    "interpolation_matrix",
+    "interpolative",
+    "low_rank_factor",
+    "nmf",
+    "nystrom",
+    "pca",
+    "pca_inverse_transform",
+    "pca_transform",
     "LoRAEmbedding",
     "LoRALinear",
     "LoRAMergedLinear",

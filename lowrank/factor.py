@@ -1,0 +1,159 @@
+"""Rank-r factor splits ``W ≈ B @ A`` and the argument checks shared by the factorization modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["low_rank_factor"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared argument checks (private; used by pca, nmf, completion, cur, nystrom)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_rank(k: Any, name: str = "k", *, upper: int | None = None) -> int:
+    """Return ``k`` as an int after checking ``1 <= k (<= upper)``; a clear error names the argument."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
+            k = int(k)
+        else:
+            try:
+                import numpy as np
+
+                if isinstance(k, np.integer):
+                    k = int(k)
+            except ImportError:  # pragma: no cover
+                pass
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be a positive int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    if upper is not None and k > upper:
+        raise ValueError(f"{name}={k} exceeds min(shape) = {upper}")
+    return k
+
+
+def _is_sparse(X: torch.Tensor) -> bool:
+    return X.layout != torch.strided
+
+
+def _as_matrix(X: Any, name: str = "X", *, check_finite: bool = True) -> torch.Tensor:
+    """The explicit 2-D matrix behind ``X`` (torch dense/sparse, NumPy, scipy.sparse), via ``as_linop``.
+
+    Dense input comes back dense in its compute dtype (fp16/bf16 -> fp32), sparse input as a torch CSR
+    tensor. Implicit linear operators are refused (TypeError naming the argument): the caller needs entries.
+    """
+    from lowrank._linop import DenseOp, SparseOp, as_linop
+
+    op = as_linop(X, name=name, check_finite=check_finite, allow_batch=False)
+    if isinstance(op, (DenseOp, SparseOp)):
+        return op.A
+    raise TypeError(
+        f"{name} must be a dense or sparse matrix here (its entries are needed), not a linear operator"
+    )
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+# ----------------------------------------------------------------------------------------------------------
+# low_rank_factor
+# ----------------------------------------------------------------------------------------------------------
+
+
+def low_rank_factor(
+    W: torch.Tensor,
+    r: int,
+    *,
+    method: str = "svd",
+    balance: str = "sqrt",
+    return_residual: bool = False,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Split a matrix into rank-``r`` factors ``W ≈ B @ A`` from its truncated SVD.
+
+    With ``W ≈ U_r diag(S_r) Vh_r`` (the best rank-``r`` approximation in every unitarily invariant
+    norm, Eckart & Young 1936), the factors are
+
+    * ``balance="sqrt"``:  ``B = U_r diag(√S_r)``, ``A = diag(√S_r) Vh_r`` (both factors carry the same
+      scale -- the usual choice to initialise a LoRA pair or a factorised layer, cf. PiSSA, Meng et al. 2024);
+    * ``balance="left"``:  ``B = U_r diag(S_r)``, ``A = Vh_r`` (A has orthonormal rows);
+    * ``balance="right"``: ``B = U_r``, ``A = diag(S_r) Vh_r`` (B has orthonormal columns).
+
+    Parameters
+    ----------
+    W : Tensor, shape (m, n)
+        The matrix to split (e.g. an ``nn.Linear`` weight, ``(out_features, in_features)``). float16 and
+        bfloat16 are factorised in float32 and the factors cast back to ``W.dtype``.
+    r : int
+        Target rank, ``1 <= r <= min(m, n)``.
+    method : {"svd", "rsvd"}
+        ``"svd"``: exact truncated SVD (``lowrank.svd``), O(mn·min(m, n)) -- use it for matrices up to a
+        few thousand on a side or when ``r`` is a sizeable fraction of ``min(m, n)``. ``"rsvd"``:
+        randomized SVD (``lowrank.rsvd``, Halko, Martinsson & Tropp 2011), O(mnr) -- for large matrices and
+        small ``r``; accurate when the spectrum decays.
+    balance : {"sqrt", "left", "right"}
+        Where the singular values go (see above).
+    return_residual : bool
+        Also return ``W - B @ A`` (in ``W.dtype``), e.g. to keep it as a frozen base weight.
+    seed : int, optional
+        Seed of the random sketch for ``method="rsvd"``.
+
+    Returns
+    -------
+    B : Tensor, shape (m, r)
+    A : Tensor, shape (r, n)
+    residual : Tensor, shape (m, n)
+        Only when ``return_residual=True``.
+
+    Examples
+    --------
+    >>> W = torch.randn(64, 32, dtype=torch.float64)
+    >>> B, A = low_rank_factor(W, 8)
+    >>> B.shape, A.shape
+    (torch.Size([64, 8]), torch.Size([8, 32]))
+    """
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if W.dim() != 2:
+        raise ValueError(f"W must be a 2-D matrix, got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise TypeError(f"W must have a floating dtype, got {W.dtype}")
+    r = _check_rank(r, "r", upper=min(W.shape))
+    if method not in ("svd", "rsvd"):
+        raise ValueError(f"method must be 'svd' or 'rsvd', got {method!r}")
+    if balance not in ("sqrt", "left", "right"):
+        raise ValueError(f"balance must be 'sqrt', 'left' or 'right', got {balance!r}")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("W contains NaN or Inf")
+
+    import lowrank
+
+    work = W if W.dtype in (torch.float32, torch.float64) else W.to(torch.float32)
+    if method == "svd":
+        U, S, Vh = lowrank.svd(work, r)
+    else:
+        U, S, Vh = lowrank.rsvd(work, r, seed=seed)
+    U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    if balance == "sqrt":
+        root = S.sqrt()
+        B, A = U * root, root[:, None] * Vh
+    elif balance == "left":
+        B, A = U * S, Vh
+    else:
+        B, A = U, S[:, None] * Vh
+    B, A = B.to(W.dtype).contiguous(), A.to(W.dtype).contiguous()
+    if return_residual:
+        residual = (work - (U * S) @ Vh).to(W.dtype)
+        return B, A, residual
+    return B, A
