@@ -714,11 +714,11 @@ def _apply(model: nn.Module, plans: list[_Planned], config: dict[str, Any], adap
                     undo.append(lambda m=module: m.delete_adapter(adapter_name))
                 else:
                     parent, child = _parent_and_child(model, plan.module_path)
-                    layer = _wrap(module, plan, adapter_name, dropout, use_rslora)
                     requires_grad = [(p, p.requires_grad) for p in module.parameters(recurse=False)]
+                    undo.append(lambda rg=requires_grad: [p.requires_grad_(g) for p, g in rg])
+                    layer = _wrap(module, plan, adapter_name, dropout, use_rslora)
                     setattr(parent, child, layer)
                     undo.append(lambda p=parent, c=child, m=module: setattr(p, c, m))
-                    undo.append(lambda rg=requires_grad: [p.requires_grad_(g) for p, g in rg])
                     module = layer
             lora_a, lora_b = _lora_pair(module, adapter_name)
             old = (lora_a.detach().clone(), lora_b.detach().clone())

@@ -1,0 +1,377 @@
+"""Adapter checkpoints: PEFT round trips both ways, integrity checks, atomic writes, adapter_size."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lowrank
+from lowrank.lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+    return transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+
+@pytest.fixture(scope="module")
+def base_state():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config())
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def fresh_base(state):
+    model = transformers.LlamaForCausalLM(tiny_config()).eval()
+    model.load_state_dict(state)
+    return model
+
+
+def randomize_lora(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def lowrank_adapted(state):
+    """Base model with lowrank adapters of mixed ranks/alphas, embeddings included, random factors."""
+    model = fresh_base(state)
+    lowrank.inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    lowrank.inject_lora(model, [r"model\.layers\.1\.mlp\.down_proj"], r=2, alpha=3)
+    lowrank.inject_lora(model, ["embed_tokens"], r=3, alpha=5)
+    randomize_lora(model, seed=2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lowrank_dir(tmp_path_factory, base_state):
+    path = tmp_path_factory.mktemp("lowrank_adapter")
+    lowrank.save_adapter(lowrank_adapted(base_state), path)
+    return path
+
+
+def test_lowrank_saved_adapter_gives_same_outputs_in_peft(base_state, input_ids, lowrank_dir):
+    model = lowrank_adapted(base_state)
+    expected = logits(model, input_ids)
+    assert relative(expected, logits(fresh_base(base_state), input_ids)) > 1e-2  # the adapter matters
+
+    config = json.loads((lowrank_dir / CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["rank_pattern"] == {"model.layers.1.mlp.down_proj": 2, "model.embed_tokens": 3}
+    assert config["alpha_pattern"] == {"model.layers.1.mlp.down_proj": 3, "model.embed_tokens": 5}
+    keys = set(load_file(lowrank_dir / WEIGHTS_NAME))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.embed_tokens.lora_embedding_B" in keys
+
+    peft_model = peft.PeftModel.from_pretrained(fresh_base(base_state), str(lowrank_dir)).eval()
+    assert relative(logits(peft_model, input_ids), expected) <= 1e-6
+    # PEFT built exactly the layers and ranks lowrank saved
+    peft_state = peft.get_peft_model_state_dict(peft_model)
+    saved = load_file(lowrank_dir / WEIGHTS_NAME)
+    assert set(peft_state) == set(saved)
+    for key, tensor in saved.items():
+        torch.testing.assert_close(peft_state[key], tensor, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory, base_state, input_ids):
+    """A PEFT-saved adapter (rank/alpha patterns, rsLoRA, embeddings) and PEFT's outputs with it."""
+    model = fresh_base(base_state)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        use_rslora=True,
+        init_lora_weights=False,
+    )
+    peft_model = peft.get_peft_model(model, config)
+    randomize_lora(peft_model, seed=3)
+    peft_model.eval()
+    path = tmp_path_factory.mktemp("peft_adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(path))
+    return path, logits(peft_model, input_ids), peft.get_peft_model_state_dict(peft_model)
+
+
+def test_peft_saved_adapter_gives_peft_outputs_in_lowrank(base_state, input_ids, peft_dir, tmp_path):
+    path, expected, peft_state = peft_dir
+    model = lowrank.load_adapter(fresh_base(base_state), path)
+    assert relative(logits(model, input_ids), expected) <= 1e-6
+    q1 = model.get_submodule("model.layers.1.self_attn.q_proj")
+    v0 = model.get_submodule("model.layers.0.self_attn.v_proj")
+    assert q1.r["default"] == 2 and v0.r["default"] == 4 and v0.lora_alpha["default"] == 3
+    assert v0.scaling["default"] == pytest.approx(3 / 2)  # rsLoRA: alpha / sqrt(r)
+
+    # adapter_size: the LoRA factors against every other parameter
+    size = lowrank.adapter_size(model)
+    lora_numel = sum(v.numel() for k, v in peft_state.items() if "lora_" in k)
+    base_numel = sum(v.numel() for v in base_state.values())
+    assert (size.adapter_params, size.base_params) == (lora_numel, base_numel)
+    assert size.adapter_bytes == 4 * lora_numel and size.ratio == pytest.approx(lora_numel / base_numel)
+
+    # re-saved by lowrank: unknown PEFT fields kept, PEFT still loads it to the same outputs
+    lowrank.save_adapter(model, tmp_path)
+    original = json.loads((path / CONFIG_NAME).read_text())
+    resaved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for field in ("peft_version", "auto_mapping", "megatron_core", "use_rslora"):
+        assert resaved[field] == original[field]
+    again = peft.PeftModel.from_pretrained(fresh_base(base_state), str(tmp_path)).eval()
+    assert relative(logits(again, input_ids), expected) <= 1e-6
+
+
+def test_load_into_existing_adapter_and_second_name(base_state, input_ids, lowrank_dir, tmp_path):
+    expected = logits(lowrank_adapted(base_state), input_ids)
+    model = lowrank_adapted(base_state)
+    randomize_lora(model, seed=99)
+    lowrank.load_adapter(model, lowrank_dir, inject=False)  # overwrite the existing adapter's weights
+    assert relative(logits(model, input_ids), expected) <= 1e-6
+
+    other = fresh_base(base_state)
+    lowrank.inject_lora(other, ["q_proj"], r=4)
+    lowrank.load_adapter(other, lowrank_dir, adapter_name="second")
+    assert other.get_submodule("model.layers.0.self_attn.q_proj").active_adapter == "default"
+    switched = [m for m in other.modules() if "second" in getattr(m, "r", {})]
+    assert len(switched) == 6  # 4 attention projections, 1 down_proj, the embedding
+    for m in switched:
+        m.set_adapter("second")
+    assert relative(logits(other, input_ids), expected) <= 1e-6
+
+    with pytest.raises(ValueError, match="already holds an adapter named 'default'"):
+        lowrank.load_adapter(lowrank_adapted(base_state), lowrank_dir)
+    with pytest.raises(
+        ValueError,
+        match="lora_embedding_A' has rank 3, adapter 'default' of 'model.embed_tokens' has rank 2",
+    ):
+        wrong_rank = fresh_base(base_state)
+        lowrank.inject_lora(wrong_rank, ["q_proj", "v_proj", "down_proj", "embed_tokens"], r=2)
+        lowrank.load_adapter(wrong_rank, lowrank_dir, inject=False)
+
+    lowrank.save_adapter(other, tmp_path, adapter_name="second", base_model_name_or_path="tiny-llama")
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["base_model_name_or_path"] == "tiny-llama" and config["rank_pattern"]
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def _corrupt(src, dst, *, tensors=None, config=None, raw=None):
+    dst.mkdir()
+    cfg = json.loads((src / CONFIG_NAME).read_text())
+    if config:
+        config(cfg)
+    (dst / CONFIG_NAME).write_text(json.dumps(cfg))
+    if raw is not None:
+        (dst / WEIGHTS_NAME).write_bytes(raw((src / WEIGHTS_NAME).read_bytes()))
+    else:
+        data = load_file(src / WEIGHTS_NAME)
+        if tensors:
+            tensors(data)
+        save_file(data, dst / WEIGHTS_NAME)
+    return dst
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+V1 = "base_model.model.model.layers.1.self_attn.v_proj"
+
+
+def _pop(key):
+    return lambda d: d.pop(key)
+
+
+def _set(key, value):
+    return lambda d: d.__setitem__(key, value)
+
+
+def _truncate(raw):
+    return raw[: len(raw) // 2]
+
+
+def _garble_header(raw):
+    return raw[:8] + b"{not json" + raw[17:]
+
+
+def _nan(d):
+    d[Q0 + ".lora_B.weight"][0, 0] = float("nan")
+
+
+def _pop_module(d):
+    d.pop(V1 + ".lora_A.weight")
+    d.pop(V1 + ".lora_B.weight")
+
+
+def _rank_pattern(cfg):
+    cfg["rank_pattern"]["model.layers.0.self_attn.q_proj"] = 2
+
+
+CASES = {
+    "missing lora_B": (dict(tensors=_pop(Q0 + ".lora_B.weight")), Q0 + ".lora_B.weight"),
+    "wrong shape": (dict(tensors=_set(Q0 + ".lora_A.weight", torch.zeros(4, 65))), Q0 + ".lora_A.weight"),
+    "unknown module": (
+        dict(tensors=_set("base_model.model.model.layers.7.mlp.up_proj.lora_A.weight", torch.zeros(4, 64))),
+        "layers.7.mlp.up_proj",
+    ),
+    "wrong rank": (dict(config=_rank_pattern), Q0 + ".lora_A.weight"),
+    "module missing from file": (dict(tensors=_pop_module), V1 + ".lora_A.weight"),
+    "non-finite": (dict(tensors=_nan), Q0 + ".lora_B.weight"),
+    "truncated": (dict(raw=_truncate), WEIGHTS_NAME),
+    "corrupt header": (dict(raw=_garble_header), WEIGHTS_NAME),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_checkpoint_raises_naming_key_and_leaves_model_unchanged(case, base_state, lowrank_dir, tmp_path):
+    kwargs, named = CASES[case]
+    bad = _corrupt(lowrank_dir, tmp_path / "bad", **kwargs)
+    model = fresh_base(base_state)
+    state, types = _snapshot(model)
+    with pytest.raises(ValueError) as info:
+        lowrank.load_adapter(model, bad)
+    assert named in str(info.value)
+    after, after_types = _snapshot(model)
+    assert after_types == types and after.keys() == state.keys()
+    assert all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_failure_while_injecting_rolls_back(base_state, lowrank_dir, tmp_path):
+    # rank 70 > min(64, 64) passes the file checks (PEFT allows it) but the layer refuses it, after layer 0
+    # has already been wrapped: the model must come back unchanged.
+    def big_rank(d):
+        d[V1 + ".lora_A.weight"] = torch.zeros(70, 64)
+        d[V1 + ".lora_B.weight"] = torch.zeros(32, 70)
+
+    def pattern(cfg):
+        cfg["rank_pattern"]["model.layers.1.self_attn.v_proj"] = 70
+
+    bad = _corrupt(lowrank_dir, tmp_path / "bad", tensors=big_rank, config=pattern)
+    model = fresh_base(base_state)
+    state, types = _snapshot(model)
+    with pytest.raises(ValueError, match="r must be"):
+        lowrank.load_adapter(model, bad)
+    after, after_types = _snapshot(model)
+    assert after_types == types and all(torch.equal(after[k], state[k]) for k in state)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bin_adapter_read_with_weights_only_and_warning(base_state, input_ids, lowrank_dir, tmp_path):
+    expected = logits(lowrank_adapted(base_state), input_ids)
+    (tmp_path / CONFIG_NAME).write_text((lowrank_dir / CONFIG_NAME).read_text())
+    torch.save(load_file(lowrank_dir / WEIGHTS_NAME), tmp_path / "adapter_model.bin")
+    with pytest.warns(UserWarning, match="weights_only=True"):
+        model = lowrank.load_adapter(fresh_base(base_state), tmp_path)
+    assert relative(logits(model, input_ids), expected) <= 1e-6
+
+    torch.save({"x": nn.Linear(2, 2)}, tmp_path / "adapter_model.bin")  # a pickled module: refused
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="cannot be read safely"):
+        lowrank.load_adapter(fresh_base(base_state), tmp_path)
+
+
+def test_save_refuses_what_peft_cannot_express():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="adapter_name"):
+        lowrank.save_adapter(model, "unused")
+    lowrank.inject_lora(model, ["0"], r=2)
+    lowrank.inject_lora(model, ["1"], r=2, use_rslora=True)
+    with pytest.raises(ValueError, match="use_rslora"):
+        lowrank.save_adapter(model, "unused")
+
+
+KILLED_WRITER = """
+import os, sys, time, torch
+from torch import nn
+import lowrank
+from lowrank.lora import checkpoint
+
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
+lowrank.inject_lora(model, [str(i) for i in range(8)], r=4)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.fill_(2.0)
+original = checkpoint._entries_from_dict
+
+def slow_entries(tensors):
+    entries = original(tensors)
+    def stall():
+        print("ready", flush=True)  # half the tensors are in the temporary file
+        time.sleep(60)
+    entries[len(entries) // 2] = checkpoint.TensorEntry(
+        entries[len(entries) // 2].name, entries[0].dtype, entries[len(entries) // 2].shape, stall)
+    return entries
+
+checkpoint._entries_from_dict = slow_entries
+lowrank.save_adapter(model, sys.argv[1])
+"""
+
+
+def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
+    lowrank.inject_lora(model, [str(i) for i in range(8)], r=4)
+    randomize_lora(model, seed=5)
+    lowrank.save_adapter(model, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME)}
+
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent(KILLED_WRITER))
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        temporaries = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+        assert len(temporaries) == 1 and (tmp_path / temporaries[0]).stat().st_size > 8
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    fresh = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k}, strict=False)
+    lowrank.load_adapter(fresh, tmp_path)
+    for a, b in zip(fresh.modules(), model.modules()):
+        if hasattr(a, "lora_A"):
+            assert torch.equal(a.lora_A["default"], b.lora_A["default"])
+            assert torch.equal(a.lora_B["default"], b.lora_B["default"])
