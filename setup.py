@@ -32,7 +32,12 @@ def _is_toolkit(root: str) -> bool:
         return False
     has_nvcc = os.path.exists(os.path.join(root, "bin", "nvcc"))
     has_headers = os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
-    libdirs = ["lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"), os.path.join("targets", "sbsa-linux", "lib")]
+    libdirs = [
+        "lib64",
+        "lib",
+        os.path.join("targets", "x86_64-linux", "lib"),
+        os.path.join("targets", "sbsa-linux", "lib"),
+    ]
     has_cudart = any(glob.glob(os.path.join(root, d, "libcudart.so*")) for d in libdirs)
     return has_nvcc and has_headers and has_cudart
 
@@ -91,7 +96,9 @@ def find_pip_cuda_includes() -> list[str]:
     found: list[str] = []
     for base in spec.submodule_search_locations:
         for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
-            if any(os.path.exists(os.path.join(inc, h)) for h in ("cusparse.h", "cublas_v2.h", "cusolverDn.h")):
+            if any(
+                os.path.exists(os.path.join(inc, h)) for h in ("cusparse.h", "cublas_v2.h", "cusolverDn.h")
+            ):
                 found.append(inc)
     return found
 
@@ -148,7 +155,8 @@ def build_extensions():
             extra_link_args=extra_link,
         )
         print(
-            f"lowrank setup: building with CUDA (toolkit {toolkit}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})",
+            f"lowrank setup: building with CUDA (toolkit {toolkit}, "
+            f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})",
             file=sys.stderr,
         )
     else:
@@ -160,7 +168,9 @@ def build_extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=extra_link,
         )
-        print("lowrank setup: building the CPU extension only (no CUDA toolkit or CPU torch)", file=sys.stderr)
+        print(
+            "lowrank setup: building the CPU extension only (no CUDA toolkit or CPU torch)", file=sys.stderr
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -14,6 +14,7 @@
 namespace lowrank {
 
 struct LoraLinearShape {
+  int64_t rows;  // M: the product of x's leading dimensions
   int64_t in_features;
   int64_t out_features;
   int64_t rank;
@@ -69,7 +70,9 @@ inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Ten
   }
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = out;
-  return {in, out, r, std::move(out_sizes)};
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < out_sizes.size(); ++d) rows *= out_sizes[d];
+  return {rows, in, out, r, std::move(out_sizes)};
 }
 
 // y = scale * (x A^T) B^T + bias, then y += x W^T in place: the base GEMM accumulates (beta = 1) into the

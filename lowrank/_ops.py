@@ -6,6 +6,8 @@ fake tensors and ``torch.compile``) and registers autograd for each op.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _REBUILD_HINT = (
@@ -17,7 +19,9 @@ _REBUILD_HINT = (
 try:
     from lowrank import _C  # noqa: F401  (importing registers torch.ops.lowrank.*)
 except ImportError as error:  # missing, or an ABI mismatch shows up as an undefined symbol
-    raise ImportError(f"lowrank's compiled extension lowrank._C could not be loaded ({error}).\n{_REBUILD_HINT}") from error
+    raise ImportError(
+        f"lowrank's compiled extension lowrank._C could not be loaded ({error}).\n{_REBUILD_HINT}"
+    ) from error
 
 _built_for = getattr(_C, "torch_version", None)
 _running = torch.__version__.split("+")[0]
@@ -98,9 +102,9 @@ def _lora_linear_setup_context(ctx, inputs, output):
 def _lora_linear_backward(ctx, grad_out):
     x, weight, lora_A, lora_B = ctx.saved_tensors
     need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad
-    in_features = x.shape[-1]
-    x2 = x.reshape(-1, in_features)
-    g2 = grad_out.reshape(-1, weight.shape[0])
+    rows = math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, x.shape[-1])
+    g2 = grad_out.reshape(rows, weight.shape[0])
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
     grad_u = None
     if need_x or need_a:
