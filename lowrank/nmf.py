@@ -30,6 +30,7 @@ class _Data:
         self.min = float(values.min()) if self.nnz else 0.0
 
         self.dense = isinstance(op, DenseOp)
+        self.coo = None if self.dense else op.A.to_sparse_coo().coalesce()
 
     def rows_times_xt(self, M: torch.Tensor) -> torch.Tensor:  # M @ X.T, (k, m)
         if self.dense:
@@ -42,9 +43,23 @@ class _Data:
         return self.op.rmatmul(M.t()).t().contiguous()
 
 
-def _objective(data: _Data, WtX: torch.Tensor, WtW: torch.Tensor, H: torch.Tensor) -> float:
-    """0.5 ||X - W H||_F^2 from the products already at hand (no m-by-n temporary)."""
-    value = data.sq_norm - 2.0 * float((WtX * H).sum()) + float((WtW * (H @ H.t())).sum())
+def _objective(data: _Data, Wt: torch.Tensor, WtX: torch.Tensor, WtW: torch.Tensor, H: torch.Tensor) -> float:
+    """½‖X − WH‖_F².
+
+    float64: from the products already at hand, ‖X‖² − 2⟨WᵀX, H⟩ + ⟨WᵀW, HHᵀ⟩ (no m-by-n temporary).
+    Lower precisions: that expansion cancels catastrophically near a good fit, so dense X gets the residual
+    itself and sparse X the expansion with its terms accumulated in float64 over the stored entries.
+    """
+    if Wt.dtype == torch.float64:
+        value = data.sq_norm - 2.0 * float((WtX * H).sum()) + float((WtW * (H @ H.t())).sum())
+    elif data.dense:
+        value = float(torch.linalg.matrix_norm(torch.addmm(data.X, Wt.t(), H, alpha=-1)).double() ** 2)
+    else:
+        coo = data.coo
+        rows, cols = coo.indices()
+        Wd, Hd = Wt.double(), H.double()
+        cross = float((coo.values().double() * (Wd[:, rows] * Hd[:, cols]).sum(dim=0)).sum())
+        value = data.sq_norm - 2.0 * cross + float(((Wd @ Wd.t()) * (Hd @ Hd.t())).sum())
     return 0.5 * max(value, 0.0)
 
 
@@ -237,7 +252,7 @@ def nmf(
             _hals_update(H, WtX, WtW, max_inner)
         else:
             H.mul_(WtX / (WtW @ H).clamp_(min=eps))
-        objective = _objective(data, WtX, WtW, H)
+        objective = _objective(data, Wt, WtX, WtW, H)
         history.append(objective)
         if previous is not None and previous - objective <= tol * max(previous, 1e-300):
             break

@@ -1,0 +1,139 @@
+"""lowrank.nmf against scikit-learn's NMF (same objective, same algorithms) and exact non-negative data."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import lowrank
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def objective(X: np.ndarray, W, H) -> float:
+    W = W.detach().cpu().double().numpy() if isinstance(W, torch.Tensor) else W
+    H = H.detach().cpu().double().numpy() if isinstance(H, torch.Tensor) else H
+    return 0.5 * float(np.linalg.norm(X - W @ H) ** 2)
+
+
+def data(m=60, n=40, k=5, noise=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((m, k)) @ rng.random((k, n)) + noise * rng.random((m, n))
+
+
+def sklearn_nmf(X, k, **kw):
+    from sklearn.decomposition import NMF
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = NMF(k, random_state=0, **kw)
+        W = model.fit_transform(X)
+    return objective(np.asarray(X.todense()) if sp.issparse(X) else X, W, model.components_)
+
+
+@pytest.mark.parametrize("init", ["nndsvd", "nndsvda", "random"])
+def test_hals_reaches_sklearn_objective(init):
+    X = data()
+    reference = sklearn_nmf(X, 5, init="nndsvda", tol=1e-6, max_iter=1000)
+    W, H = lowrank.nmf(torch.from_numpy(X), 5, init=init, tol=1e-7, max_iter=1000, seed=0)
+    assert W.shape == (60, 5) and H.shape == (5, 40)
+    assert bool((W >= 0).all()) and bool((H >= 0).all())
+    assert objective(X, W, H) <= 1.01 * reference
+
+
+def test_mu_matches_sklearn_mu_and_history_is_monotone():
+    X = data(seed=1)
+    reference = sklearn_nmf(X, 5, init="nndsvda", solver="mu", tol=0.0, max_iter=300)
+    W, H, history = lowrank.nmf(
+        torch.from_numpy(X), 5, init="nndsvda", solver="mu", tol=0.0, max_iter=300, return_history=True
+    )
+    assert len(history) == 300
+    assert objective(X, W, H) <= 1.01 * reference
+    assert objective(X, W, H) == pytest.approx(history[-1], rel=1e-8)
+    steps = np.diff(history)
+    assert (steps <= 1e-9 * history[0]).all()  # Lee & Seung: the objective never increases
+
+
+def test_hals_history_monotone_and_exact_recovery():
+    rng = np.random.default_rng(2)
+    X = rng.random((50, 4)) @ rng.random((4, 40))  # exactly non-negative rank 4
+    W, H, history = lowrank.nmf(torch.from_numpy(X), 4, tol=1e-12, max_iter=1000, return_history=True)
+    assert (np.diff(history) <= 1e-10 * history[0]).all()
+    assert np.linalg.norm(X - (W @ H).numpy()) <= 1e-3 * np.linalg.norm(X)
+
+
+def test_sparse_inputs_give_the_dense_result():
+    X = sp.random(80, 50, density=0.2, random_state=3, format="csr", dtype=np.float64)
+    dense = torch.from_numpy(X.toarray())
+    kw = dict(init="random", seed=5, max_iter=50, tol=0.0)
+    W0, H0 = lowrank.nmf(X, 4, **kw)
+    for sparse in (dense.to_sparse(), dense.to_sparse_csr()):
+        W, H = lowrank.nmf(sparse, 4, **kw)
+        torch.testing.assert_close(W, W0, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(H, H0, rtol=1e-8, atol=1e-10)
+    # dense X takes more inner sweeps per product (they are cheaper relative to it), so compare the fit
+    Wd, Hd = lowrank.nmf(dense, 4, **kw)
+    assert objective(X.toarray(), W0, H0) <= 1.01 * objective(X.toarray(), Wd, Hd)
+    reference = sklearn_nmf(X, 4, init="nndsvda", tol=1e-6, max_iter=1000)
+    W, H = lowrank.nmf(X, 4, tol=1e-7, max_iter=1000, seed=0)
+    assert objective(X.toarray(), W, H) <= 1.01 * reference
+
+
+def test_float32_and_numpy_input():
+    X = data(seed=4).astype(np.float32)
+    W, H = lowrank.nmf(X, 5, tol=1e-7, max_iter=1000, seed=0)
+    assert W.dtype == torch.float32 and H.dtype == torch.float32
+    reference = sklearn_nmf(X.astype(np.float64), 5, init="nndsvda", tol=1e-6, max_iter=1000)
+    assert objective(X.astype(np.float64), W, H) <= 1.02 * reference
+
+
+def test_zero_matrix():
+    W, H = lowrank.nmf(torch.zeros(5, 4, dtype=torch.float64), 2, init="random", seed=0)
+    assert float(W.abs().sum()) == 0 and float(H.abs().sum()) == 0
+
+
+def test_errors():
+    X = torch.from_numpy(data())
+    with pytest.raises(ValueError, match="non-negative"):
+        lowrank.nmf(X - 1.0, 3)
+    with pytest.raises(ValueError, match="non-negative"):
+        lowrank.nmf(sp.csr_matrix(-np.eye(4)), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        bad = X.clone()
+        bad[0, 0] = float("nan")
+        lowrank.nmf(bad, 3)
+    with pytest.raises(ValueError, match="k"):
+        lowrank.nmf(X, 0)
+    with pytest.raises(TypeError, match="k"):
+        lowrank.nmf(X, 2.5)
+    with pytest.raises(ValueError, match="init"):
+        lowrank.nmf(X, 3, init="svd")
+    with pytest.raises(ValueError, match="solver"):
+        lowrank.nmf(X, 3, solver="cd")
+    with pytest.raises(ValueError, match="max_iter"):
+        lowrank.nmf(X, 3, max_iter=0)
+    with pytest.raises(ValueError, match="tol"):
+        lowrank.nmf(X, 3, tol=-1.0)
+    with pytest.raises(ValueError, match="min"):
+        lowrank.nmf(X[:4, :3], 4)
+    with pytest.raises(TypeError, match="X"):
+        lowrank.nmf(torch.ones(4, 4, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="X"):
+        lowrank.nmf(torch.ones(4), 2)
+    W, H = lowrank.nmf(X[:4, :3], 4, init="random", seed=0)  # k > min(m, n) is fine with random init
+    assert W.shape == (4, 4)
+
+
+@needs_cuda
+def test_cuda_matches_cpu():
+    X = torch.from_numpy(data())
+    W0, H0 = lowrank.nmf(X, 5, init="random", seed=0, max_iter=30, tol=0.0)
+    W, H = lowrank.nmf(X.cuda(), 5, init="random", seed=0, max_iter=30, tol=0.0)
+    assert W.is_cuda
+    # the random init differs between devices: compare the fit, not the factors
+    assert objective(X.numpy(), W, H) <= 1.05 * objective(X.numpy(), W0, H0)
