@@ -189,7 +189,17 @@ def _factor(matrix: torch.Tensor, rank: int | None, tol: float | None, seed: int
     from lowrank import rsvd
 
     if tol is not None:
-        U, S, Vh = rsvd(matrix, tol=tol, seed=seed)
+        # Fixed precision (randQB_EI) bounds the rank; a fixed-rank rsvd at that rank, with power iterations,
+        # then gives better leading triplets. Both are SVDs of a projection Q Q^T A, so truncating to rank k
+        # has squared error ||A||^2 - sum_{i<k} S_i^2: keep the smallest k within tol.
+        total = float(matrix.double().pow(2).sum())
+        bound = tol * tol * total
+        first = rsvd(matrix, tol=tol, seed=seed)
+        second = rsvd(matrix, k=len(first.S), seed=seed)
+        U, S, Vh = second if total - float(second.S.double().pow(2).sum()) <= bound else first
+        ok = torch.nonzero(total - torch.cumsum(S.double().pow(2), 0) <= bound)
+        k = int(ok[0, 0]) + 1 if len(ok) else len(S)
+        U, S, Vh = U[:, :k], S[:k], Vh[:k]
     else:
         U, S, Vh = rsvd(matrix, k=min(rank, *matrix.shape), seed=seed)
     return _balanced_factors(U, S, Vh)

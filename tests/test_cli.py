@@ -1,0 +1,249 @@
+"""The ``lowrank`` command line on a real pair of checkpoints: a tiny Llama and the same briefly fine-tuned.
+
+References are float64 NumPy SVDs of the weight deltas and PEFT loading the written adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowrank
+from lowrank.cli import main
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_model():
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """BASE: one safetensors file. TUNED: the model after 8 AdamW steps, saved as 4 shards + index."""
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = tiny_model()
+    model.save_pretrained(root / "base")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(8):
+        ids = torch.randint(0, 128, (8, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "tuned", max_shard_size="100KB")
+    assert len(list((root / "tuned").glob("*.safetensors"))) > 1
+    tuned_state = {k: v.clone() for k, v in model.state_dict().items()}
+    return root, base_state, tuned_state
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", "lowrank", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def delta64(base_state, tuned_state, name):
+    return tuned_state[name].double().numpy() - base_state[name].double().numpy()
+
+
+def printed(stdout, module):
+    """rank, energy (fraction) and relative error printed for a module."""
+    line = next(line for line in stdout.splitlines() if line.split()[:1] == [module])
+    match = re.search(r"rank\s+(\d+)\s+energy\s+([\d.]+)%\s+rel\.err\s+([\d.e+-]+)", line)
+    return int(match[1]), float(match[2]) / 100, float(match[3])
+
+
+def adapter_factors(path):
+    tensors = load_file(path / "adapter_model.safetensors")
+    out = {}
+    for key, value in tensors.items():
+        m = re.match(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_embedding_A)$", key)
+        if m:
+            b_key = key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+            B, A = tensors[b_key].double().numpy(), value.double().numpy()
+            out[m[1]] = B @ A if m[2] == "lora_A.weight" else (B @ A).T  # embedding update is (B A)^T
+    return out
+
+
+def merged_logits(base_state, updates, ids):
+    model = tiny_model().eval()
+    state = dict(base_state)
+    for module, update in updates.items():
+        state[module + ".weight"] = base_state[module + ".weight"] + torch.from_numpy(update).float()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_extract_fixed_rank_matches_truncated_svd_and_loads_in_peft(checkpoints, tmp_path):
+    root, base_state, tuned_state = checkpoints
+    out = tmp_path / "adapter"
+    result = run_cli(
+        "extract", root / "base", root / "tuned", "--rank", 4, "--target", "q_proj|v_proj|embed_tokens",
+        "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    updates = adapter_factors(out)
+    assert sorted(updates) == sorted(
+        ["model.embed_tokens"]
+        + [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    )
+    for module, update in updates.items():
+        delta = delta64(base_state, tuned_state, module + ".weight")
+        s = np.linalg.svd(delta, compute_uv=False)
+        best = np.sqrt(np.sum(s[4:] ** 2))  # Eckart–Young: the optimal rank-4 error
+        error = np.linalg.norm(delta - update)
+        assert best * (1 - 1e-6) <= error <= best * 1.01
+        rank, energy, rel_err = printed(result.stdout, module)
+        total = np.sum(s**2)
+        assert rank == 4
+        assert energy == pytest.approx(1 - error**2 / total, abs=2e-5)
+        assert rel_err == pytest.approx(error / np.sqrt(total), rel=1e-3)
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 4 and not config["rank_pattern"]
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = merged_logits(base_state, updates, ids)
+    base = tiny_model().eval()
+    base.load_state_dict(base_state)
+    peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ours = tiny_model().eval()
+    ours.load_state_dict(base_state)
+    lowrank.load_adapter(ours, out)
+    with torch.no_grad():
+        for model in (peft_model, ours):
+            got = model(input_ids=ids).logits
+            assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_extract_rank_auto_meets_tolerance_with_minimal_ranks(checkpoints, tmp_path):
+    root, base_state, tuned_state = checkpoints
+    out, tol = tmp_path / "auto", 0.5
+    result = run_cli("extract", root / "base", root / "tuned", "--rank", "auto", "--tol", tol, "--out", out)
+    assert result.returncode == 0, result.stderr
+    updates = adapter_factors(out)
+    two_d = {k[: -len(".weight")] for k, v in tuned_state.items() if v.dim() == 2 and "embed" not in k}
+    assert set(updates) == two_d  # default: every 2-D weight but the embedding
+    config = json.loads((out / "adapter_config.json").read_text())
+    ranks = set()
+    for module, update in updates.items():
+        delta = delta64(base_state, tuned_state, module + ".weight")
+        s = np.linalg.svd(delta, compute_uv=False)
+        # tails[k]: the optimal relative error at rank k (Eckart–Young)
+        tails = np.sqrt(np.cumsum((s**2)[::-1])[::-1] / np.sum(s**2))
+        minimal = int(np.argmax(np.append(tails, 0.0) <= tol))
+        rank = printed(result.stdout, module)[0]
+        ranks.add(rank)
+        assert np.linalg.norm(delta - update) / np.linalg.norm(delta) <= tol * (1 + 1e-4)
+        assert minimal <= rank <= minimal + 2
+        assert config["rank_pattern"].get(module, config["r"]) == rank
+    assert len(ranks) > 1  # per-layer ranks really differ, so rank_pattern is exercised
+    model = tiny_model()
+    model.load_state_dict(base_state)
+    lowrank.load_adapter(model, out)  # strict: ranks agree with r / rank_pattern
+
+    info = run_cli("info", out)
+    assert info.returncode == 0, info.stderr
+    for module in updates:
+        line = next(line for line in info.stdout.splitlines() if line.startswith(module + " "))
+        assert line.split()[1:5] == [
+            "linear",
+            *map(str, updates[module].shape[::-1]),
+            str(printed(result.stdout, module)[0]),
+        ]
+    params = sum(t.numel() for t in load_file(out / "adapter_model.safetensors").values())
+    assert f"{params:,} params" in info.stdout and f"{len(updates)}" in info.stdout
+
+
+def test_compress_factors_matching_weights_and_copies_the_rest(checkpoints, tmp_path):
+    root, _, tuned_state = checkpoints
+    out = tmp_path / "compressed.safetensors"
+    result = run_cli("compress", root / "tuned", "--rank", 8, "--target", "mlp", "--out", out)
+    assert result.returncode == 0, result.stderr
+    written = load_file(out)
+    factored = [k for k in tuned_state if ".mlp." in k]
+    assert len(factored) == 6
+    for name, weight in tuned_state.items():
+        if name not in factored:
+            assert torch.equal(written[name], weight)
+            continue
+        B, A = written[name + ".B"].double().numpy(), written[name + ".A"].double().numpy()
+        assert B.shape == (weight.shape[0], 8) and A.shape == (8, weight.shape[1])
+        W = weight.double().numpy()
+        s = np.linalg.svd(W, compute_uv=False)
+        error = np.linalg.norm(W - B @ A)
+        assert np.sqrt(np.sum(s[8:] ** 2)) * (1 - 1e-6) <= error <= np.sqrt(np.sum(s[8:] ** 2)) * 1.01
+        line = next(line for line in result.stdout.splitlines() if line.startswith(name + " "))
+        assert float(line.split("rel.err")[1]) == pytest.approx(error / np.linalg.norm(W), rel=1e-3)
+        assert "rank    8" in line
+    assert set(written) == {k for k in tuned_state if k not in factored} | {
+        k + s for k in factored for s in (".A", ".B")
+    }
+
+
+def test_user_mistake_is_one_line_without_traceback(checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    result = run_cli("extract", tmp_path / "missing", root / "tuned", "--rank", 4, "--out", tmp_path / "x")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "missing" in result.stderr and "no such file" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_user_mistakes_in_process(checkpoints, tmp_path, capsys):
+    root, base_state, tuned_state = checkpoints
+    bad = tmp_path / "bad.safetensors"
+    save_file({**tuned_state, "model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 65)}, bad)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes((root / "base" / "model.safetensors").read_bytes()[:100])
+    base = root / "base"
+    cases = [
+        (["extract", base, bad, "--rank", "4", "--out", tmp_path / "o"], "mismatched shapes"),
+        (["extract", base, root / "tuned", "--rank", "4", "--target", "norm", "--out", tmp_path / "o"],
+         "2-D"),
+        (["extract", base, root / "tuned", "--rank", "4", "--target", "nothing", "--out", tmp_path / "o"],
+         "no 2-D weight tensors match"),
+        (["extract", base, root / "tuned", "--rank", "auto", "--out", tmp_path / "o"], "--tol"),
+        (["extract", base, root / "tuned", "--rank", "4", "--target", "(", "--out", tmp_path / "o"],
+         "regular"),
+        (["extract", base, root / "tuned", "--rank", "0", "--out", tmp_path / "o"], "positive integer"),
+        (["compress", corrupt, "--rank", "4", "--out", tmp_path / "o"], "not a readable safetensors"),
+        (["compress", base, "--out", tmp_path / "o"], "exactly one of --rank"),
+        (["compress", base, "--tol", "1.5", "--out", tmp_path / "o"], "(0, 1)"),
+        (["compress", base / "model.safetensors", "--rank", "2", "--out", base / "model.safetensors"],
+         "is the input"),
+        (["info", base], "not a PEFT adapter directory"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lowrank: error: ") and err.count("\n") == 1 and message in err, (argv, err)
+    assert not (tmp_path / "o").exists()
+    assert load_file(base / "model.safetensors").keys() == base_state.keys()
