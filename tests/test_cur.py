@@ -1,0 +1,147 @@
+"""lowrank.interpolative / lowrank.cur against scipy.linalg (geqp3, interpolative) and the SVD optimum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+import scipy.linalg.interpolative as sli
+import scipy.sparse as sp
+import torch
+
+import lowrank
+from lowrank.cur import _pivoted_qr_r
+
+CUDA = torch.cuda.is_available()
+
+
+class Operator:
+    """A matrix seen only through products (the linear-operator protocol of lowrank)."""
+
+    def __init__(self, S):
+        self.S, self.shape, self.dtype = S, S.shape, torch.float64
+
+    def matmul(self, X):
+        return torch.from_numpy(self.S @ X.numpy())
+
+    def rmatmul(self, Y):
+        return torch.from_numpy(self.S.T @ Y.numpy())
+
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def decaying(m=150, n=100, decay=-6, seed=0):
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    s = np.logspace(0, decay, n)
+    return (U * s) @ V.T, s
+
+
+def optimal(s, k):
+    return float(np.sqrt((s[k:] ** 2).sum()))
+
+
+def test_pivoted_qr_matches_lapack_geqp3():
+    A, _ = decaying(60, 40)
+    _, R_ref, p_ref = sla.qr(A, pivoting=True, mode="economic")
+    perm, R = _pivoted_qr_r(torch.from_numpy(A), 12)
+    np.testing.assert_array_equal(perm[:12].numpy(), p_ref[:12])
+    # same triangular factor up to the signs of its rows, on the first 12 pivoted columns
+    np.testing.assert_allclose(np.abs(R.numpy()[:, :12]), np.abs(R_ref[:12, :12]), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_interpolative_error_close_to_scipy_and_optimum(method):
+    A, s = decaying()
+    k = 15
+    idx, proj = lowrank.interpolative(torch.from_numpy(A), k, method=method, seed=0)
+    assert idx.shape == (100,) and proj.shape == (k, 100 - k)
+    assert sorted(idx.tolist()) == list(range(100))
+    P = lowrank.interpolation_matrix(idx, proj).numpy()
+    np.testing.assert_allclose(P[:, idx[:k].numpy()], np.eye(k), atol=0)
+    err = np.linalg.norm(A - A[:, idx[:k].numpy()] @ P)
+    ref_idx, ref_proj = sli.interp_decomp(A, k, rand=False)
+    ref_err = np.linalg.norm(
+        A - sli.reconstruct_skel_matrix(A, k, ref_idx) @ sli.reconstruct_interp_matrix(ref_idx, ref_proj)
+    )
+    assert err <= 1.5 * ref_err
+    assert err <= 3.0 * optimal(s, k)
+    if method == "exact":  # the same greedy pivoting as scipy's deterministic ID
+        assert set(idx[:k].tolist()) == set(ref_idx[:k].tolist())
+        assert err == pytest.approx(ref_err, rel=1e-8)
+
+
+def test_interpolative_exact_for_rank_k():
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((80, 6)) @ rng.standard_normal((6, 50))
+    idx, proj = lowrank.interpolative(A, 6, seed=0)
+    P = lowrank.interpolation_matrix(idx, proj).numpy()
+    assert np.linalg.norm(A - A[:, idx[:6].numpy()] @ P) <= 1e-10 * np.linalg.norm(A)
+
+
+def test_rank_deficient_k_stays_finite():
+    rng = np.random.default_rng(2)
+    A = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 30))
+    idx, proj = lowrank.interpolative(A, 8, method="exact")
+    assert bool(torch.isfinite(proj).all())
+    P = lowrank.interpolation_matrix(idx, proj).numpy()
+    assert np.linalg.norm(A - A[:, idx[:8].numpy()] @ P) <= 1e-8 * np.linalg.norm(A)
+
+
+def test_cur_dense():
+    A, s = decaying(seed=3)
+    k = 12
+    C, U, R, rows, cols = lowrank.cur(torch.from_numpy(A), k, seed=0)
+    assert C.shape == (150, k) and U.shape == (k, k) and R.shape == (k, 100)
+    np.testing.assert_array_equal(C.numpy(), A[:, cols.numpy()])
+    np.testing.assert_array_equal(R.numpy(), A[rows.numpy(), :])
+    assert len(set(rows.tolist())) == k and len(set(cols.tolist())) == k
+    # U is the Frobenius-optimal middle factor for these C and R
+    np.testing.assert_allclose(
+        U.numpy(), np.linalg.pinv(C.numpy()) @ A @ np.linalg.pinv(R.numpy()), atol=1e-8
+    )
+    err = np.linalg.norm(A - (C @ U @ R).numpy())
+    assert err <= 4.0 * optimal(s, k)
+
+
+@pytest.mark.parametrize("kind", ["scipy", "torch", "operator"])
+def test_cur_sparse_and_operator(kind):
+    rng = np.random.default_rng(4)
+    dense = (rng.standard_normal((120, 5)) @ rng.standard_normal((5, 80))) * (rng.random((120, 80)) < 0.9)
+    S = sp.csr_matrix(dense)
+    A = {"scipy": S, "torch": torch.from_numpy(dense).to_sparse(), "operator": Operator(S)}[kind]
+    s = np.linalg.svd(dense, compute_uv=False)
+    C, U, R, rows, cols = lowrank.cur(A, 8, seed=0)
+    np.testing.assert_allclose(C.numpy(), dense[:, cols.numpy()], atol=1e-12)
+    np.testing.assert_allclose(R.numpy(), dense[rows.numpy(), :], atol=1e-12)
+    assert np.linalg.norm(dense - (C @ U @ R).numpy()) <= 4.0 * optimal(s, 8)
+
+
+def test_errors():
+    A = torch.randn(20, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="k"):
+        lowrank.interpolative(A, 0)
+    with pytest.raises(ValueError, match="k"):
+        lowrank.cur(A, 11)
+    with pytest.raises(TypeError, match="k"):
+        lowrank.interpolative(A, "3")
+    with pytest.raises(ValueError, match="method"):
+        lowrank.interpolative(A, 3, method="svd")
+    with pytest.raises(ValueError, match="oversample"):
+        lowrank.interpolative(A, 3, oversample=-1)
+    with pytest.raises(TypeError, match="A"):
+        lowrank.cur(torch.ones(4, 4, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="A"):
+        lowrank.interpolative(torch.ones(4), 2)
+    with pytest.raises(ValueError, match="shapes"):
+        lowrank.interpolation_matrix(torch.arange(5), torch.zeros(2, 2))
+
+
+@needs_cuda
+def test_cuda_matches_cpu_quality():
+    A, s = decaying()
+    C, U, R, rows, cols = lowrank.cur(torch.from_numpy(A).cuda(), 10, seed=0)
+    assert C.is_cuda
+    assert np.linalg.norm(A - (C @ U @ R).cpu().numpy()) <= 4.0 * optimal(s, 10)
