@@ -1,0 +1,95 @@
+"""lowrank.low_rank_factor against the truncated SVD from numpy.linalg.svd (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowrank
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def matrix(m=60, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, n)) * np.logspace(0, -3, n)
+
+
+def truncated(W, r):
+    U, s, Vh = np.linalg.svd(W, full_matrices=False)
+    return (U[:, :r] * s[:r]) @ Vh[:r], s[:r]
+
+
+@pytest.mark.parametrize("balance", ["sqrt", "left", "right"])
+def test_product_is_the_best_rank_r_approximation(balance):
+    W = matrix()
+    best, s = truncated(W, 7)
+    B, A = lowrank.low_rank_factor(torch.from_numpy(W), 7, balance=balance)
+    assert B.shape == (60, 7) and A.shape == (7, 40)
+    np.testing.assert_allclose((B @ A).numpy(), best, atol=1e-12)
+    Bn, An = B.numpy(), A.numpy()
+    if balance == "sqrt":
+        np.testing.assert_allclose(Bn.T @ Bn, np.diag(s), atol=1e-12)
+        np.testing.assert_allclose(An @ An.T, np.diag(s), atol=1e-12)
+    elif balance == "left":
+        np.testing.assert_allclose(An @ An.T, np.eye(7), atol=1e-12)
+        np.testing.assert_allclose(Bn.T @ Bn, np.diag(s**2), atol=1e-12)
+    else:
+        np.testing.assert_allclose(Bn.T @ Bn, np.eye(7), atol=1e-12)
+        np.testing.assert_allclose(An @ An.T, np.diag(s**2), atol=1e-12)
+
+
+def test_rsvd_and_residual():
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((80, 5)) @ rng.standard_normal((5, 50)) + 1e-9 * rng.standard_normal((80, 50))
+    B, A, residual = lowrank.low_rank_factor(
+        torch.from_numpy(W), 5, method="rsvd", seed=0, return_residual=True
+    )
+    best, _ = truncated(W, 5)
+    np.testing.assert_allclose((B @ A).numpy(), best, atol=1e-10)
+    np.testing.assert_allclose(residual.numpy(), W - (B @ A).numpy(), atol=1e-12)
+    assert np.linalg.norm(residual.numpy()) <= 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_keeps_dtype(dtype):
+    W = torch.from_numpy(matrix(seed=2))
+    B, A = lowrank.low_rank_factor(W.to(dtype), 6)
+    assert B.dtype == dtype and A.dtype == dtype
+    best, _ = truncated(W.to(dtype).double().numpy(), 6)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    assert np.abs((B.double() @ A.double()).numpy() - best).max() <= tol * np.abs(best).max()
+
+
+def test_errors():
+    W = torch.from_numpy(matrix())
+    with pytest.raises(ValueError, match="r"):
+        lowrank.low_rank_factor(W, 0)
+    with pytest.raises(ValueError, match="r"):
+        lowrank.low_rank_factor(W, 41)
+    with pytest.raises(TypeError, match="r"):
+        lowrank.low_rank_factor(W, 2.0)
+    with pytest.raises(ValueError, match="method"):
+        lowrank.low_rank_factor(W, 3, method="qr")
+    with pytest.raises(ValueError, match="balance"):
+        lowrank.low_rank_factor(W, 3, balance="middle")
+    with pytest.raises(TypeError, match="W"):
+        lowrank.low_rank_factor(W.numpy(), 3)
+    with pytest.raises(ValueError, match="W"):
+        lowrank.low_rank_factor(W[0], 3)
+    with pytest.raises(TypeError, match="W"):
+        lowrank.low_rank_factor(torch.ones(4, 4, dtype=torch.int64), 2)
+    bad = W.clone()
+    bad[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lowrank.low_rank_factor(bad, 2)
+
+
+@needs_cuda
+def test_cuda():
+    W = torch.from_numpy(matrix())
+    B, A = lowrank.low_rank_factor(W.cuda(), 7)
+    assert B.is_cuda
+    np.testing.assert_allclose((B @ A).cpu().numpy(), truncated(W.numpy(), 7)[0], atol=1e-10)
