@@ -29,7 +29,7 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * 32;
 constexpr int64_t kMaxSmallM = 16;      // rows handled by the streaming kernels
 constexpr int64_t kMaxLoraSmem = 4096;  // floats of u (M * r) staged in shared memory: 16 KiB
-constexpr int kUnroll = 4;              // 16-byte loads in flight per lane in the main loop
+constexpr int kUnroll = 4;              // 16-byte W loads in flight per lane (one W row per warp)
 
 template <typename T>
 __device__ __forceinline__ float to_float(T value) {
@@ -51,13 +51,16 @@ __device__ __forceinline__ void load_as_float(const T* __restrict__ p, float (&o
   }
 }
 
-// One warp per row n of `rows` (N x K, row-major): out[z][m][n] = sum_{k in slice z} x[m, k] rows[n, k],
-// for the M (<= MT) rows of x (M x K, row-major). Slice z covers [z * k_chunk, min(K, (z+1) * k_chunk)).
+// One warp per ROWS consecutive rows n of `rows` (N x K, row-major):
+//   out[z][m][n] = sum_{k in slice z} x[m, k] rows[n, k]   for the M (<= MT) rows of x (M x K, row-major).
+// Slice z covers [z * k_chunk, min(K, (z+1) * k_chunk)). Each 16-byte vector of x is loaded once per warp
+// and used for ROWS rows from registers, so x is re-read N / ROWS times in all rather than N times (at
+// M = 16 that keeps the x reads within L1 bandwidth while W streams from HBM).
 // With FUSE (a single slice), the LoRA expand and the bias join before the warp reduction:
 //   out[m][n] += sum_j (scale * u[m, j]) B[n, j] + bias[n],  u = sum over the num_partials slices.
 // Preconditions (checked on the host): K % VEC == 0, k_chunk % VEC == 0, 16-byte aligned x and rows when
-// VEC * sizeof(T) == 16, M * r <= kMaxLoraSmem.
-template <typename T, typename OutT, int MT, int VEC, bool FUSE>
+// VEC * sizeof(T) == 16, M <= MT, M * r <= kMaxLoraSmem.
+template <typename T, typename OutT, int MT, int VEC, int ROWS, bool FUSE>
 __global__ void __launch_bounds__(kThreads)
     stream_rows_kernel(const T* __restrict__ x, const T* __restrict__ rows, OutT* __restrict__ out, int M,
                        int64_t N, int64_t K, int64_t k_chunk, const float* __restrict__ u_partials,
@@ -74,78 +77,117 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // the only barrier: warps past the end of N leave after it
   }
   const int lane = threadIdx.x & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (n >= N) return;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * ROWS;
+  if (n0 >= N) return;
+  // Rows past N (the last warp's tail) recompute row N - 1 and are never written.
+  int64_t n_row[ROWS];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) n_row[i] = n0 + i < N ? n0 + i : N - 1;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
   const int64_t k_end = k_begin + k_chunk < K ? k_begin + k_chunk : K;
 
-  float acc[MT];
+  float acc[ROWS][MT];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+  for (int i = 0; i < ROWS; ++i) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[i][m] = 0.f;
+  }
 
-  const T* row = rows + n * K;
+  // Vectors in flight per lane: ROWS * UNROLL 16-byte loads of W per iteration.
+  constexpr int kUnrollHere = ROWS >= 2 ? 2 : kUnroll;
   constexpr int64_t kStep = 32 * VEC;  // elements one warp covers per vector load
   int64_t k = k_begin + static_cast<int64_t>(lane) * VEC;
-  for (; k + (kUnroll - 1) * kStep < k_end; k += kUnroll * kStep) {
-    float w[kUnroll][VEC];
+  for (; k + (kUnrollHere - 1) * kStep < k_end; k += kUnrollHere * kStep) {
+    float w[ROWS][kUnrollHere][VEC];
 #pragma unroll
-    for (int j = 0; j < kUnroll; ++j) load_as_float<T, VEC>(row + k + j * kStep, w[j]);
+    for (int i = 0; i < ROWS; ++i) {
+#pragma unroll
+      for (int j = 0; j < kUnrollHere; ++j) load_as_float<T, VEC>(rows + n_row[i] * K + k + j * kStep, w[i][j]);
+    }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (m < M) {
         const T* x_row = x + static_cast<int64_t>(m) * K + k;
 #pragma unroll
-        for (int j = 0; j < kUnroll; ++j) {
+        for (int j = 0; j < kUnrollHere; ++j) {
           float xv[VEC];
           load_as_float<T, VEC>(x_row + j * kStep, xv);
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[m] = fmaf(w[j][i], xv[i], acc[m]);
+          for (int i = 0; i < ROWS; ++i) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[i][m] = fmaf(w[i][j][v], xv[v], acc[i][m]);
+          }
         }
       }
     }
   }
-  for (; k < k_end; k += kStep) {  // tail: fewer than kUnroll vectors left for this lane
-    float w[VEC];
-    load_as_float<T, VEC>(row + k, w);
+  for (; k < k_end; k += kStep) {  // tail: fewer than kUnrollHere vectors left for this lane
+    float w[ROWS][VEC];
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) load_as_float<T, VEC>(rows + n_row[i] * K + k, w[i]);
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (m < M) {
         float xv[VEC];
         load_as_float<T, VEC>(x + static_cast<int64_t>(m) * K + k, xv);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[m] = fmaf(w[i], xv[i], acc[m]);
+        for (int i = 0; i < ROWS; ++i) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[i][m] = fmaf(w[i][v], xv[v], acc[i][m]);
+        }
       }
     }
   }
 
   if constexpr (FUSE) {
-    const T* b_row = lora_B + n * r;
     for (int j = lane; j < r; j += 32) {
-      const float b = to_float(b_row[j]);
+      float b[ROWS];
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) b[i] = to_float(lora_B[n_row[i] * r + j]);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
-        if (m < M) acc[m] = fmaf(u_shared[m * r + j], b, acc[m]);
+        if (m < M) {
+          const float u = u_shared[m * r + j];
+#pragma unroll
+          for (int i = 0; i < ROWS; ++i) acc[i][m] = fmaf(u, b[i], acc[i][m]);
+        }
       }
     }
   }
 
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+  for (int i = 0; i < ROWS; ++i) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1)
+        acc[i][m] += __shfl_xor_sync(0xffffffffu, acc[i][m], offset);
+    }
   }
 
   OutT* out_slice = out + static_cast<int64_t>(blockIdx.z) * M * N;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     if (lane == m && m < M) {  // lane m writes row m: every lane holds every reduced sum
-      float value = acc[m];
-      if constexpr (FUSE) {
-        if (bias != nullptr) value += to_float(bias[n]);
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) {
+        if (n0 + i < N) {
+          float value = acc[i][m];
+          if constexpr (FUSE) {
+            if (bias != nullptr) value += to_float(bias[n0 + i]);
+          }
+          out_slice[static_cast<int64_t>(m) * N + n0 + i] = static_cast<OutT>(value);
+        }
       }
-      out_slice[static_cast<int64_t>(m) * N + n] = static_cast<OutT>(value);
     }
   }
+}
+
+// W rows per warp in the streaming kernel: enough to keep re-reads of x (M vectors per W vector / ROWS)
+// well under the L1 bandwidth, few enough to keep the accumulators (ROWS x MT) in registers.
+template <int MT>
+constexpr int stream_rows_per_warp() {
+  return MT >= 8 ? 4 : (MT >= 2 ? 2 : 1);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -171,15 +213,16 @@ void launch_small_m(const at::Tensor& x2, const at::Tensor& weight, const at::Te
   at::Tensor partials = at::empty({slices, M, r}, x2.options().dtype(at::kFloat));
 
   const T* x_ptr = x2.const_data_ptr<T>();
-  stream_rows_kernel<T, float, MT, VEC, false>
+  stream_rows_kernel<T, float, MT, VEC, 1, false>
       <<<dim3(static_cast<unsigned>(ceil_div(r, kWarpsPerBlock)), 1, static_cast<unsigned>(slices)), kThreads, 0,
          stream>>>(x_ptr, lora_A.const_data_ptr<T>(), partials.mutable_data_ptr<float>(), M, r, K, k_chunk,
                    nullptr, 0, nullptr, 0, 0.f, nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const size_t smem = static_cast<size_t>(M) * r * sizeof(float);
-  stream_rows_kernel<T, T, MT, VEC, true>
-      <<<dim3(static_cast<unsigned>(ceil_div(N, kWarpsPerBlock)), 1, 1), kThreads, smem, stream>>>(
+  constexpr int kRows = stream_rows_per_warp<MT>();
+  stream_rows_kernel<T, T, MT, VEC, kRows, true>
+      <<<dim3(static_cast<unsigned>(ceil_div(N, kWarpsPerBlock * kRows)), 1, 1), kThreads, smem, stream>>>(
           x_ptr, weight.const_data_ptr<T>(), y.mutable_data_ptr<T>(), M, N, K, K,
           partials.const_data_ptr<float>(), static_cast<int>(slices), lora_B.const_data_ptr<T>(), r, scale, bias);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
