@@ -51,12 +51,19 @@ def test_unknown_and_unsupported_targets_raise_clear_errors():
         lowrank.inject_lora(model, ["1"], r=2)
     with pytest.raises(ValueError, match="target_modules"):
         lowrank.inject_lora(model, [], r=2)
-    with pytest.raises(ValueError, match=r"r must be an int in \[1, 10\]"):
-        lowrank.inject_lora(model, ["4"], r=11)
+    with pytest.raises(ValueError, match=r"r must be an int in \[1, 10\] for module '4'"):
+        lowrank.inject_lora(model, ["0", "4"], r=11)
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
+    with pytest.raises(ValueError, match="alpha"):
+        lowrank.inject_lora(model, ["0"], r=2, alpha=-1.0)
+    assert model[0].weight.requires_grad and model[0].bias.requires_grad
     with pytest.raises(ValueError, match="r must be"):
         lowrank.inject_lora(_mlp(), ["4"], r=0)
     with pytest.raises(ValueError, match="no LoRA layers"):
         lowrank.merge_lora(_mlp())
+    with pytest.raises(ValueError, match="adapter_name"):
+        lowrank.inject_lora(model, ["0"], r=2, adapter_name="a.b")
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
 
 
 def test_training_on_digits_lowers_loss_and_changes_only_lora():
@@ -73,12 +80,17 @@ def test_training_on_digits_lowers_loss_and_changes_only_lora():
         initial = F.cross_entropy(model(x), y).item()
     model.train()
     gen = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        batch = torch.randint(0, len(x), (128,), generator=gen)
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: thread hand-offs would dominate on a busy machine
+    try:
+        for _ in range(100):
+            batch = torch.randint(0, len(x), (128,), generator=gen)
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         final = F.cross_entropy(model(x), y).item()

@@ -152,6 +152,16 @@ class LoRALayer(nn.Module):
         if self.active_adapter is None:
             self.active_adapter = name
 
+    def _add_first_adapter(self, r: int, **options) -> None:
+        """``add_adapter("default", ...)`` for a wrapped module; bad input leaves its Parameters as found."""
+        try:
+            self.add_adapter("default", r, **options)
+        except Exception:
+            self.weight.requires_grad_(self._base_requires_grad)
+            if getattr(self, "bias", None) is not None:
+                self.bias.requires_grad_(self._base_requires_grad)
+            raise
+
     def _shape_text(self) -> str:
         return f"weight {tuple(self.weight.shape)}"
 
@@ -326,7 +336,7 @@ class LoRALinear(LoRALayer):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(linear.weight, linear.bias)
-        layer.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        layer._add_first_adapter(r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         return layer
 
     def _max_rank(self) -> int:
@@ -490,7 +500,7 @@ class LoRAMergedLinear(LoRALinear):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup_merged(linear.weight, linear.bias, slices, flags)
-        layer.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        layer._add_first_adapter(r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         return layer
 
     def _shape_text(self) -> str:
@@ -610,7 +620,7 @@ class LoRAEmbedding(LoRALayer):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(embedding)
-        layer.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        layer._add_first_adapter(r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         return layer
 
     def _max_rank(self) -> int:

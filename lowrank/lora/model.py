@@ -95,6 +95,12 @@ def inject_lora(
     nn.Module
         ``model`` itself (modified in place); the LoRA layers share the base Parameters (no copy).
 
+    Notes
+    -----
+    Works under ``torch.compile(fullgraph=True)``, activation checkpointing, ``torch.autocast`` and
+    ``DistributedDataParallel``. With several adapters per layer only the active one receives gradients, so
+    wrap such a model in DDP with ``find_unused_parameters=True`` (or delete the idle adapters).
+
     Examples
     --------
     >>> model = inject_lora(model, ["q_proj", "v_proj"], r=16, alpha=32)
@@ -102,6 +108,8 @@ def inject_lora(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     patterns = _as_patterns("target_modules", target_modules)
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
     merged = dict(merged_modules or {})
     for pattern in merged:
         if not isinstance(pattern, str) or not pattern:
@@ -144,6 +152,15 @@ def inject_lora(
             f"modules are named (last component): {candidates}"
         )
 
+    for name, module, flags in plan:  # check r everywhere first, so that bad input changes nothing
+        dims = (
+            module.weight.shape if flags is None else (module.in_features, module.out_features // len(flags))
+        )
+        if isinstance(r, int) and not isinstance(r, bool) and r > min(dims):
+            raise ValueError(
+                f"r must be an int in [1, {min(dims)}] for module {name!r} (weight "
+                f"{tuple(module.weight.shape)}), got {r!r}"
+            )
     for name, module, flags in plan:
         if isinstance(module, LoRALayer):
             module.add_adapter(adapter_name, r, **options)
