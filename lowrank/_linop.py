@@ -13,6 +13,7 @@ Everything that factorizes goes through this module, so that a new input kind wo
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -140,10 +141,12 @@ class SparseOp(LinOp):
     """A 2-D ``torch.sparse`` matrix; the transpose is stored once in CSR for fast ``rmatmul``."""
 
     def __init__(self, A: torch.Tensor):
-        csr = A.to_sparse_csr() if A.layout != torch.sparse_csr else A
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = A.to_sparse_csr() if A.layout != torch.sparse_csr else A
+            coo = A.to_sparse_coo().coalesce()
+            self.At = _adjoint(coo).coalesce().to_sparse_csr()
         self.A = csr
-        coo = A.to_sparse_coo().coalesce()
-        self.At = _adjoint(coo).coalesce().to_sparse_csr()
         self._values = coo.values()
         self.shape = (A.shape[0], A.shape[1])
         self.batch_shape = torch.Size()
@@ -269,7 +272,7 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
     ValueError
         Wrong number of dimensions, empty dimensions, NaN/Inf entries.
     """
-    if isinstance(A, np.ndarray) or type(A).__module__.startswith("scipy.sparse"):
+    if isinstance(A, np.ndarray) or _is_scipy_sparse(A):
         A = _from_numpy_or_scipy(A, name)
     if isinstance(A, torch.Tensor):
         if A.layout == torch.strided:
@@ -306,6 +309,14 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
     )
 
 
+def _is_scipy_sparse(A: Any) -> bool:
+    if not type(A).__module__.startswith("scipy.sparse"):
+        return False
+    import scipy.sparse as sp
+
+    return sp.issparse(A)
+
+
 def _check_nonempty(shape, name: str) -> None:
     if any(int(s) == 0 for s in shape):
         raise ValueError(f"{name} has an empty dimension (shape {tuple(shape)})")
@@ -331,4 +342,5 @@ def _from_numpy_or_scipy(A: Any, name: str) -> torch.Tensor:
         torch.from_numpy(csr.indices.astype(np.int64)),
         torch.from_numpy(csr.data),
         size=csr.shape,
+        check_invariants=False,
     )

@@ -95,8 +95,7 @@ def orthonormalize(Y: torch.Tensor, scheme: str = "qr", *, final: bool = True) -
         # guard exactly singular pivots (rank-deficient Y) without synchronising
         diag = torch.diagonal(upper, dim1=-2, dim2=-1)
         tiny = torch.finfo(Y.dtype).tiny ** 0.5
-        fixed = torch.where(diag.abs() > tiny, diag, torch.full_like(diag, 1.0))
-        upper = upper - torch.diag_embed(diag) + torch.diag_embed(fixed)
+        diag.copy_(torch.where(diag.abs() > tiny, diag, torch.ones_like(diag)))
         return torch.linalg.solve_triangular(upper, Y, upper=True, left=False)
     if scheme == "none":
         scale = torch.linalg.vector_norm(Y, dim=-2, keepdim=True).amax(-1, keepdim=True)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from lowrank._linop import CenteredOp, LinOp, as_linop
-from lowrank.qr import orthonormalize
+from lowrank.qr import cholqr_pass, orthonormalize
 
 __all__ = ["SVDResult", "rsvd", "svd", "svd_error"]
 
@@ -116,9 +116,45 @@ def _check_product(Y: torch.Tensor) -> None:
         raise ValueError("A contains NaN or Inf entries (or its products overflow)")
 
 
-def _ritz(op: LinOp, Q: torch.Tensor, W: torch.Tensor, k: int) -> SVDResult:
-    """Rayleigh-Ritz: ``A ~= Q Q^H A = Q W^H`` with ``W = A^H Q``; SVD of the small ``W``; top k."""
-    Uw, S, Vwh = torch.linalg.svd(W, full_matrices=False)
+def _basis(Y: torch.Tensor, robust: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Orthonormal basis of ``range(Y)`` and a breakdown flag (a tensor, never synchronised here).
+
+    Fast path: LU normalisation ``Y U^{-1} = P L`` (well conditioned whatever ``kappa(Y)``; as accurate a
+    span as ``Y`` itself) followed by CholeskyQR2, all level-3 BLAS. It breaks down only when ``Y`` is
+    numerically rank deficient; the caller then reruns with ``robust=True`` (Householder QR).
+    """
+    if robust:
+        return torch.linalg.qr(Y).Q, None
+    Q, _, info1 = cholqr_pass(orthonormalize(Y, "lu"))
+    Q, R, info2 = cholqr_pass(Q)
+    diag = torch.diagonal(R, dim1=-2, dim2=-1).real
+    bad = (info1 > 0) | (info2 > 0) | ((diag - 1).abs() > 0.5).any(-1)
+    return Q, bad
+
+
+def _any_bad(flags: list) -> torch.Tensor | None:
+    flags = [f for f in flags if f is not None]
+    if not flags:
+        return None
+    out = flags[0]
+    for f in flags[1:]:
+        out = out | f
+    return out.any()
+
+
+def _ritz(Q: torch.Tensor, W: torch.Tensor, k: int, robust: bool, flags: list) -> SVDResult:
+    """Rayleigh-Ritz: ``A ~= Q Q^H A = Q W^H`` with ``W = A^H Q``; SVD of the small ``W``; top k.
+
+    ``W = Q_w R`` (``R = Q_w^H W``, a GEMM, so as accurate as LAPACK's own reduction), then the SVD of the
+    small ``R``: ``A ~= (Q Vr) S (Q_w Ur)^H``.
+    """
+    if robust:
+        Uw, S, Vwh = torch.linalg.svd(W, full_matrices=False)
+    else:
+        Qw, bad = _basis(W, robust=False)
+        flags.append(bad)
+        Ur, S, Vwh = torch.linalg.svd(_adjoint(Qw) @ W)
+        Uw = Qw @ Ur[..., :, :k]
     U = Q @ _adjoint(Vwh[..., :k, :])
     Vh = _adjoint(Uw[..., :, :k])
     U, Vh = _flip_signs(U, Vh)
@@ -263,52 +299,81 @@ def rsvd(
     method, default_over, default_iter = _default_params(method, k, m, n, op.device)
     over = default_over if oversample is None else oversample
     q = default_iter if n_iter is None else n_iter
-    if k + over >= kmax:
+    width = (k + over) * (q + 1 if method == "krylov" else 1)
+    if width >= kmax:
         _check_product(op.matmul(torch.zeros(*op.batch_shape, n, 1, dtype=op.dtype, device=op.device)))
         return _exact(op, k)
     if method == "krylov":
-        return _block_krylov(op, k, k + over, q, gen)
-    return _subspace(op, k, k + over, q, gen)
+        return _run_with_fallback(_block_krylov, op, gen, k, k + over, q)
+    return _run_with_fallback(_subspace, op, gen, k, k + over, q)
+
+
+def _run_with_fallback(algorithm, op: LinOp, gen: torch.Generator, *args) -> SVDResult:
+    """Run the fast path; if any CholeskyQR broke down (checked once, at the end), rerun robustly.
+
+    The rerun draws the same Gaussian matrices, so results stay reproducible for a given seed.
+    """
+    state = gen.get_state()
+    flags: list = []
+    result = algorithm(op, gen, *args, robust=False, flags=flags)
+    bad = _any_bad(flags)
+    if bad is not None and bool(bad):
+        gen.set_state(state)
+        result = algorithm(op, gen, *args, robust=True, flags=[])
+    return result
 
 
 def _subspace(
-    op: LinOp, k: int, width: int, n_iter: int, gen: torch.Generator, scheme: str = "lu"
+    op: LinOp, gen: torch.Generator, k: int, width: int, n_iter: int, *, robust: bool, flags: list
 ) -> SVDResult:
-    """HMT range finder with ``n_iter`` power iterations, renormalised by ``scheme``; Rayleigh-Ritz."""
+    """HMT range finder (Halko et al. 2011, Alg. 4.4) with ``n_iter`` power iterations; Rayleigh-Ritz.
+
+    Intermediate bases are LU-normalised (``P L``, not orthonormal, as scikit-learn and fbpca do: only the
+    span matters there); the last one is orthonormalised. ``2 n_iter + 2`` passes over A.
+    """
     n = op.shape[1]
     Y = op.matmul(_gaussian(op, n, width, gen))
     _check_product(Y)
+    scheme = "qr" if robust else "lu"
     for _ in range(n_iter):
-        Z = op.rmatmul(orthonormalize(Y, scheme, final=False))
-        Y = op.matmul(orthonormalize(Z, scheme, final=False))
-    Q = orthonormalize(Y, "qr")
-    return _ritz(op, Q, op.rmatmul(Q), k)
+        Z = op.rmatmul(orthonormalize(Y, scheme))
+        Y = op.matmul(orthonormalize(Z, scheme))
+    Q, bad = _basis(Y, robust)
+    flags.append(bad)
+    return _ritz(Q, op.rmatmul(Q), k, robust, flags)
 
 
-def _block_krylov(op: LinOp, k: int, block: int, n_iter: int, gen: torch.Generator) -> SVDResult:
-    """Randomized block Krylov (Musco & Musco 2015) with blockwise full reorthogonalisation (BCGS2).
+def _block_krylov(
+    op: LinOp, gen: torch.Generator, k: int, block: int, n_iter: int, *, robust: bool, flags: list
+) -> SVDResult:
+    """Randomized block Krylov (Musco & Musco 2015) with blockwise reorthogonalisation (BCGS2).
 
-    The Krylov basis ``[Q_0, ..., Q_q]`` of ``span{A G, (A A^H) A G, ...}`` is built block by block;
-    ``A^H Q_i``, needed for the next block anyway, is kept, so ``Q^H A`` costs one extra pass only.
+    The orthonormal basis ``[Q_0, ..., Q_q]`` of ``span{A G, (A A^H) A G, ..., (A A^H)^q A G}`` is built
+    block by block; ``A^H Q_i``, needed for the next block anyway, is kept, so that ``Q^H A`` costs one
+    extra pass only: ``2 n_iter + 2`` passes of ``block`` columns for a subspace of
+    ``(n_iter + 1) block`` columns.
     """
     n = op.shape[1]
     Y = op.matmul(_gaussian(op, n, block, gen))
     _check_product(Y)
-    Q = orthonormalize(Y, "qr")
+    Q, bad = _basis(Y, robust)
+    flags.append(bad)
     bases = [Q]
     images = []
+    scheme = "qr" if robust else "lu"
     for _ in range(n_iter):
         W = op.rmatmul(Q)
         images.append(W)
-        Y = op.matmul(orthonormalize(W, "lu", final=False))
+        Y = op.matmul(orthonormalize(W, scheme))
         basis = torch.cat(bases, dim=-1)
-        for _ in range(2):
-            Y = Y - basis @ (_adjoint(basis) @ Y)
-            Y = orthonormalize(Y, "qr")
-        Q = Y
+        Y = Y - basis @ (_adjoint(basis) @ Y)
+        Y = orthonormalize(Y, scheme)
+        Y = Y - basis @ (_adjoint(basis) @ Y)
+        Q, bad = _basis(Y, robust)
+        flags.append(bad)
         bases.append(Q)
     images.append(op.rmatmul(Q))
-    return _ritz(op, torch.cat(bases, dim=-1), torch.cat(images, dim=-1), k)
+    return _ritz(torch.cat(bases, dim=-1), torch.cat(images, dim=-1), k, robust, flags)
 
 
 def _deflate_cols(AX, X, Q_all, W_all):
@@ -335,8 +400,9 @@ def _fixed_precision(
     images: list[torch.Tensor] = []
     rank = 0
     first = True
-    while rank < cap:
-        bb = min(b, cap - rank)
+    limit = min(cap + b, min(m, n))  # oversampled: the last block is truncated to the cap
+    while rank < limit:
+        bb = min(b, limit - rank)
         Q_all = torch.cat(bases, dim=-1) if bases else None
         W_all = torch.cat(images, dim=-1) if images else None
 
@@ -364,7 +430,7 @@ def _fixed_precision(
     Uw, S, Vwh = torch.linalg.svd(W_all, full_matrices=False)
     captured = torch.cumsum(S.to(torch.float64).square(), dim=0)
     ok = (total - captured) <= threshold
-    r = int(ok.nonzero()[0, 0]) + 1 if bool(ok.any()) else S.shape[0]
+    r = min(cap, int(ok.nonzero()[0, 0]) + 1 if bool(ok.any()) else S.shape[0])
     U = Q_all @ _adjoint(Vwh[:r, :])
     Vh = _adjoint(Uw[:, :r])
     U, Vh = _flip_signs(U, Vh)

@@ -1,0 +1,338 @@
+"""lowrank.svd / rsvd / svd_error against float64 NumPy/SciPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.sparse as sp
+import torch
+
+import lowrank
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small matrices: one thread is faster and immune to oversubscription on shared CI machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_matrix(m, n, spectrum, seed=0):
+    """A = U diag(s) V^T with Haar-like random U, V (float64 NumPy) and the given spectrum."""
+    rng = np.random.default_rng(seed)
+    r = min(m, n)
+    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    s = np.asarray(spectrum(np.arange(r)), dtype=np.float64)
+    return (U * s) @ V.T, s
+
+
+def fast_decay(i):
+    return 0.7**i
+
+
+def slow_decay(i):
+    return 0.97**i + 1e-3
+
+
+def optimal_error(s, k):
+    return np.sqrt(np.sum(s[k:] ** 2))
+
+
+def recon_error(A, res):
+    U, S, Vh = (t.double().numpy() for t in res)
+    return np.linalg.norm(A - (U * S) @ Vh)
+
+
+def assert_orthonormal(X, atol):
+    X = X.double().numpy()
+    np.testing.assert_allclose(X.T @ X, np.eye(X.shape[1]), atol=atol)
+
+
+def assert_signs(U):
+    U = U.double().numpy()
+    idx = np.abs(U).argmax(axis=0)
+    assert np.all(U[idx, np.arange(U.shape[1])] > 0)
+
+
+# ------------------------------------------------------------------------------------------------ exact
+
+
+def test_svd_exact_matches_numpy():
+    A, s = make_matrix(70, 50, slow_decay, seed=1)
+    res = lowrank.svd(torch.from_numpy(A), 12)
+    np.testing.assert_allclose(res.S.numpy(), s[:12], rtol=1e-12)
+    assert res.U.shape == (70, 12) and res.Vh.shape == (12, 50)
+    assert recon_error(A, res) == pytest.approx(optimal_error(s, 12), rel=1e-10)
+    assert_orthonormal(res.U, 1e-12)
+    assert_signs(res.U)
+    full = lowrank.svd(torch.from_numpy(A))
+    assert full.S.shape == (50,)
+
+
+# ------------------------------------------------------------------------------------------------ rsvd
+
+
+@pytest.mark.parametrize("method", ["subspace", "krylov", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rsvd_fast_decay_recovers_exact(method, dtype):
+    A, s = make_matrix(160, 100, fast_decay, seed=2)
+    k = 10
+    res = lowrank.rsvd(torch.from_numpy(A).to(dtype), k, method=method, seed=0)
+    assert res.U.dtype == dtype and res.S.dtype == dtype and res.Vh.dtype == dtype
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    np.testing.assert_allclose(res.S.double().numpy(), s[:k], rtol=tol)
+    # sign-free subspace angles against the exact singular vectors
+    U0, _, V0h = np.linalg.svd(A)
+    assert np.max(scipy.linalg.subspace_angles(res.U.double().numpy(), U0[:, :k])) < 10 * tol**0.5
+    assert np.max(scipy.linalg.subspace_angles(res.Vh.double().numpy().T, V0h[:k].T)) < 10 * tol**0.5
+    # vectors (not only subspaces) agree once signs are fixed: the spectrum is well separated
+    np.testing.assert_allclose(np.abs(res.U.double().numpy()), np.abs(U0[:, :k]), atol=1e3 * tol)
+    assert_orthonormal(res.U, 1e2 * tol)
+    assert_orthonormal(res.Vh.mT, 1e2 * tol)
+    assert_signs(res.U)
+
+
+@pytest.mark.parametrize("method,n_iter,factor", [("subspace", 4, 1.05), ("krylov", 2, 1.01)])
+def test_rsvd_slow_decay_near_optimal(method, n_iter, factor):
+    A, s = make_matrix(240, 160, slow_decay, seed=3)
+    k = 20
+    res = lowrank.rsvd(torch.from_numpy(A), k, method=method, n_iter=n_iter, seed=1)
+    err = recon_error(A, res)
+    assert optimal_error(s, k) <= err <= factor * optimal_error(s, k)
+    assert np.max(np.abs(res.S.numpy() - s[:k]) / s[:k]) < 0.05
+
+
+def test_krylov_more_accurate_per_pass_than_subspace():
+    A, s = make_matrix(240, 160, slow_decay, seed=4)
+    k = 20
+    opt = optimal_error(s, k)
+    sub = recon_error(
+        A, lowrank.rsvd(torch.from_numpy(A), k, method="subspace", oversample=4, n_iter=2, seed=0)
+    )
+    kry = recon_error(
+        A, lowrank.rsvd(torch.from_numpy(A), k, method="krylov", oversample=4, n_iter=2, seed=0)
+    )
+    assert kry - opt < 0.5 * (sub - opt)
+
+
+@pytest.mark.parametrize("method", ["subspace", "krylov"])
+def test_rank_deficient_falls_back_robustly(method):
+    # rank 6 < sketch width: the fast CholeskyQR path breaks down and the Householder rerun must fix it
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((120, 6)) @ rng.standard_normal((6, 90))
+    s = np.linalg.svd(A, compute_uv=False)
+    res = lowrank.rsvd(torch.from_numpy(A), 10, method=method, seed=0)
+    np.testing.assert_allclose(res.S.numpy()[:6], s[:6], rtol=1e-10)
+    assert np.all(res.S.numpy()[6:] < 1e-10 * s[0])
+    assert_orthonormal(res.U, 1e-10)
+    assert recon_error(A, res) < 1e-10 * np.linalg.norm(A)
+
+
+def test_ill_conditioned_float32():
+    A, s = make_matrix(300, 200, lambda i: 0.5**i, seed=6)  # kappa of the sketch ~ 1e9 in fp32
+    res = lowrank.rsvd(torch.from_numpy(A).float(), 8, seed=0)
+    np.testing.assert_allclose(res.S.double().numpy(), s[:8], rtol=1e-4)
+    assert_orthonormal(res.U, 1e-4)
+
+
+def test_k_near_min_falls_back_to_exact():
+    A, s = make_matrix(30, 20, slow_decay, seed=7)
+    res = lowrank.rsvd(torch.from_numpy(A), 18, seed=0)
+    np.testing.assert_allclose(res.S.numpy(), s[:18], rtol=1e-12)
+    res = lowrank.rsvd(torch.from_numpy(A), 20, seed=0)
+    assert res.S.shape == (20,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_computed_in_fp32(dtype):
+    A, s = make_matrix(100, 80, fast_decay, seed=8)
+    res = lowrank.rsvd(torch.from_numpy(A).to(dtype), 5, seed=0)
+    assert res.S.dtype == torch.float32 and res.U.dtype == torch.float32
+    np.testing.assert_allclose(res.S.double().numpy(), s[:5], rtol=2e-2)
+    assert lowrank.svd(torch.from_numpy(A).to(dtype), 5).S.dtype == torch.float32
+
+
+def test_seed_reproducibility():
+    A = torch.from_numpy(make_matrix(200, 150, slow_decay, seed=9)[0])
+    r1 = lowrank.rsvd(A, 10, seed=42)
+    r2 = lowrank.rsvd(A, 10, seed=42)
+    r3 = lowrank.rsvd(A, 10, seed=43, n_iter=0, method="subspace")
+    r4 = lowrank.rsvd(A, 10, seed=44, n_iter=0, method="subspace")
+    for a, b in zip(r1, r2):
+        assert torch.equal(a, b)
+    assert not torch.equal(r3.S, r4.S)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(lowrank.rsvd(A, 10, seed=g1).U, lowrank.rsvd(A, 10, seed=g2).U)
+
+
+def test_sparse_numpy_scipy_operator_agree_with_dense():
+    rng = np.random.default_rng(10)
+    S = sp.random(300, 200, density=0.05, random_state=rng, format="csr", dtype=np.float64)
+    dense = S.toarray()
+    ref = lowrank.rsvd(torch.from_numpy(dense), 8, seed=3)
+    exact = np.linalg.svd(dense, compute_uv=False)[:8]
+    np.testing.assert_allclose(ref.S.numpy(), exact, rtol=0.05)  # flat spectrum: loose
+
+    class Op:
+        shape = dense.shape
+        dtype = np.float64
+
+        def matmul(self, X):
+            return torch.from_numpy(dense) @ X
+
+        def rmatmul(self, Y):
+            return torch.from_numpy(dense).T @ Y
+
+    inputs = {
+        "coo": torch.from_numpy(dense).to_sparse_coo(),
+        "csr": torch.from_numpy(dense).to_sparse_csr(),
+        "numpy": dense,
+        "scipy": S,
+        "operator": Op(),
+        "scipy-linop": sp.linalg.aslinearoperator(S),
+    }
+    recon_ref = (ref.U * ref.S) @ ref.Vh
+    for name, value in inputs.items():
+        res = lowrank.rsvd(value, 8, seed=3)
+        assert isinstance(res.U, torch.Tensor) and res.U.dtype == torch.float64, name
+        np.testing.assert_allclose(res.S.numpy(), ref.S.numpy(), rtol=1e-8, err_msg=name)
+        np.testing.assert_allclose(
+            ((res.U * res.S) @ res.Vh).numpy(), recon_ref.numpy(), atol=1e-8, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_center_equals_explicitly_centered(sparse):
+    rng = np.random.default_rng(11)
+    A, _ = make_matrix(250, 120, fast_decay, seed=11)
+    A = A + rng.standard_normal(120) * 3.0  # big column means
+    centered = A - A.mean(axis=0)
+    s = np.linalg.svd(centered, compute_uv=False)
+    value = torch.from_numpy(A).to_sparse_csr() if sparse else torch.from_numpy(A)
+    res = lowrank.rsvd(value, 6, seed=0, center=True)
+    np.testing.assert_allclose(res.S.numpy(), s[:6], rtol=1e-9)
+    assert recon_error(centered, res) == pytest.approx(np.sqrt(np.sum(s[6:] ** 2)), rel=1e-6)
+
+
+def test_batched_equals_loop():
+    mats = [make_matrix(90, 60, fast_decay, seed=20 + i)[0] for i in range(3)]
+    batch = torch.from_numpy(np.stack(mats)).reshape(3, 1, 90, 60)
+    for method in ("subspace", "krylov"):
+        res = lowrank.rsvd(batch, 5, method=method, seed=0)
+        assert res.U.shape == (3, 1, 90, 5) and res.S.shape == (3, 1, 5) and res.Vh.shape == (3, 1, 5, 60)
+        for i, A in enumerate(mats):
+            one = lowrank.svd(torch.from_numpy(A), 5)
+            np.testing.assert_allclose(res.S[i, 0].numpy(), one.S.numpy(), rtol=1e-9)
+            np.testing.assert_allclose(res.U[i, 0].numpy(), one.U.numpy(), atol=1e-5)
+            np.testing.assert_allclose(res.Vh[i, 0].numpy(), one.Vh.numpy(), atol=1e-5)
+    exact = lowrank.svd(batch, 4)
+    for i, A in enumerate(mats):
+        np.testing.assert_allclose(exact.S[i, 0].numpy(), np.linalg.svd(A, compute_uv=False)[:4], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "spectrum,tol",
+    [(fast_decay, 1e-3), (slow_decay, 0.1), (lambda i: 1.0 / (1 + i), 0.3), (slow_decay, 0.02)],
+)
+def test_fixed_precision_meets_tol_with_near_oracle_rank(spectrum, tol):
+    A, s = make_matrix(300, 200, spectrum, seed=12)
+    res = lowrank.rsvd(torch.from_numpy(A), tol=tol, seed=0)
+    rel = recon_error(A, res) / np.linalg.norm(A)
+    assert rel <= tol * (1 + 1e-9)
+    tails = np.sqrt(np.cumsum((s**2)[::-1])[::-1]) / np.linalg.norm(s)  # tails[r] = error of rank r
+    oracle = int(np.argmax(tails <= tol)) if np.any(tails <= tol) else len(s)
+    assert oracle <= res.S.shape[0] <= max(oracle + 1, int(1.3 * oracle))
+
+
+def test_fixed_precision_cap_and_center():
+    A, s = make_matrix(200, 150, slow_decay, seed=13)
+    capped = lowrank.rsvd(torch.from_numpy(A), 7, tol=1e-6, seed=0)
+    assert capped.S.shape == (7,)
+    np.testing.assert_allclose(capped.S.numpy(), s[:7], rtol=0.05)
+    B = A + 5.0
+    res = lowrank.rsvd(torch.from_numpy(B), tol=0.05, seed=0, center=True)
+    centered = B - B.mean(axis=0)
+    assert recon_error(centered, res) <= 0.05 * np.linalg.norm(centered) * (1 + 1e-9)
+
+
+def test_svd_error_matches_spectral_norm():
+    A, s = make_matrix(200, 120, slow_decay, seed=14)
+    res = lowrank.rsvd(torch.from_numpy(A), 10, seed=0, n_iter=1, method="subspace")
+    U, S, Vh = (t.numpy() for t in res)
+    true = np.linalg.norm(A - (U * S) @ Vh, 2)
+    est = float(lowrank.svd_error(torch.from_numpy(A), *res, n_iter=30, seed=0))
+    assert 0.95 * true <= est <= true * (1 + 1e-10)
+    exact = lowrank.svd(torch.from_numpy(A), 10)
+    assert float(lowrank.svd_error(A, *exact, seed=0)) == pytest.approx(s[10], rel=0.05)
+
+
+def test_bad_inputs():
+    A = torch.randn(20, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="k"):
+        lowrank.rsvd(A, 0)
+    with pytest.raises(ValueError, match="k"):
+        lowrank.rsvd(A, 11)
+    with pytest.raises(ValueError, match="k"):
+        lowrank.svd(A, 11)
+    with pytest.raises(TypeError, match="k"):
+        lowrank.rsvd(A, 2.5)
+    with pytest.raises(ValueError, match="k is required"):
+        lowrank.rsvd(A)
+    with pytest.raises(ValueError, match="tol"):
+        lowrank.rsvd(A, tol=0.0)
+    with pytest.raises(ValueError, match="tol"):
+        lowrank.rsvd(A, tol=1.5)
+    with pytest.raises(TypeError, match="A"):
+        lowrank.rsvd(torch.ones(20, 10, dtype=torch.int64), 2)
+    with pytest.raises(TypeError, match="A"):
+        lowrank.rsvd(np.ones((20, 10), dtype=np.int32), 2)
+    with pytest.raises(TypeError, match="A"):
+        lowrank.rsvd([[1.0, 2.0]], 1)
+    for bad in (float("nan"), float("inf")):
+        B = A.clone()
+        B[3, 4] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            lowrank.rsvd(B, 2, seed=0)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            lowrank.svd(B, 2)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            lowrank.rsvd(B.to_sparse_csr(), 2, seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        lowrank.rsvd(torch.zeros(0, 5), 1)
+    with pytest.raises(ValueError, match="A"):
+        lowrank.rsvd(torch.zeros(5), 1)
+    with pytest.raises(ValueError, match="method"):
+        lowrank.rsvd(A, 2, method="lanczos")
+    with pytest.raises(ValueError, match="oversample"):
+        lowrank.rsvd(A, 2, oversample=-1)
+    with pytest.raises(ValueError, match="n_iter"):
+        lowrank.rsvd(A, 2, n_iter=-1)
+    with pytest.raises(TypeError, match="seed"):
+        lowrank.rsvd(A, 2, seed="x")
+    with pytest.raises(TypeError, match="center"):
+        lowrank.rsvd(A, 2, center="yes")
+    with pytest.raises(ValueError, match="tol"):
+        lowrank.rsvd(torch.randn(2, 20, 10), tol=0.1)
+    res = lowrank.rsvd(A, 2, seed=0)
+    with pytest.raises(ValueError, match="factor"):
+        lowrank.svd_error(A, res.U[:5], res.S, res.Vh)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["subspace", "krylov"])
+def test_cuda_matches_exact(method):
+    A, s = make_matrix(500, 300, fast_decay, seed=15)
+    res = lowrank.rsvd(torch.from_numpy(A).cuda(), 10, method=method, seed=0)
+    assert res.U.is_cuda
+    np.testing.assert_allclose(res.S.cpu().numpy(), s[:10], rtol=1e-9)
+    res32 = lowrank.rsvd(torch.from_numpy(A).float().cuda(), 10, method=method, seed=0)
+    np.testing.assert_allclose(res32.S.double().cpu().numpy(), s[:10], rtol=1e-4)
+    tolres = lowrank.rsvd(torch.from_numpy(A).cuda(), tol=1e-3, seed=0)
+    assert recon_error(A, tuple(t.cpu() for t in tolres)) <= 1e-3 * np.linalg.norm(A) * (1 + 1e-9)
+    centered = lowrank.rsvd(torch.from_numpy(A).cuda().to_sparse_csr(), 5, seed=0, center=True)
+    ref = np.linalg.svd(A - A.mean(0), compute_uv=False)[:5]
+    np.testing.assert_allclose(centered.S.cpu().numpy(), ref, rtol=1e-8)
