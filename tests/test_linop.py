@@ -1,0 +1,98 @@
+"""lowrank._linop.as_linop: every input kind against dense float64 NumPy products."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+from lowrank._linop import CenteredOp, as_linop
+
+RNG = np.random.default_rng(0)
+DENSE = sp.random(40, 25, density=0.2, random_state=RNG, format="csr", dtype=np.float64).toarray()
+DENSE[:, 3] += 2.0  # a column with a non-zero mean
+
+
+class NumpyOperator:
+    shape = DENSE.shape
+    dtype = np.float64
+
+    def matmul(self, X):
+        return DENSE @ np.asarray(X)
+
+    def rmatmul(self, Y):
+        return DENSE.T @ np.asarray(Y)
+
+
+INPUTS = {
+    "dense": lambda: torch.from_numpy(DENSE),
+    "coo": lambda: torch.from_numpy(DENSE).to_sparse_coo(),
+    "csr": lambda: torch.from_numpy(DENSE).to_sparse_csr(),
+    "numpy": lambda: DENSE,
+    "scipy-csr": lambda: sp.csr_matrix(DENSE),
+    "scipy-coo-array": lambda: sp.coo_array(DENSE),
+    "operator": NumpyOperator,
+    "scipy-linop": lambda: spla.aslinearoperator(DENSE),
+}
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_products_and_reductions(kind):
+    op = as_linop(INPUTS[kind]())
+    assert op.shape == (40, 25) and op.dtype == torch.float64
+    X = RNG.standard_normal((25, 3))
+    Y = RNG.standard_normal((40, 2))
+    np.testing.assert_allclose(op.matmul(torch.from_numpy(X)).numpy(), DENSE @ X, atol=1e-12)
+    np.testing.assert_allclose(op.rmatmul(torch.from_numpy(Y)).numpy(), DENSE.T @ Y, atol=1e-12)
+    np.testing.assert_allclose(op.column_mean().numpy()[:, 0], DENSE.mean(0), atol=1e-12)
+    assert float(op.fro_norm_sq()) == pytest.approx(np.sum(DENSE**2), rel=1e-12)
+    np.testing.assert_allclose(op.to_dense().numpy(), DENSE, atol=1e-12)
+
+    centered = CenteredOp(op)
+    C = DENSE - DENSE.mean(0)
+    np.testing.assert_allclose(centered.matmul(torch.from_numpy(X)).numpy(), C @ X, atol=1e-12)
+    np.testing.assert_allclose(centered.rmatmul(torch.from_numpy(Y)).numpy(), C.T @ Y, atol=1e-12)
+    assert float(centered.fro_norm_sq()) == pytest.approx(np.sum(C**2), rel=1e-10)
+    np.testing.assert_allclose(centered.to_dense().numpy(), C, atol=1e-12)
+
+
+def test_batched_dense_and_low_precision():
+    A = torch.randn(2, 3, 7, 5, dtype=torch.float16)
+    op = as_linop(A)
+    assert op.batch_shape == (2, 3) and op.dtype == torch.float32
+    X = torch.randn(5, 4)
+    torch.testing.assert_close(op.matmul(X), A.float() @ X)
+    torch.testing.assert_close(op.rmatmul(torch.randn(7, 2)).shape, torch.Size([2, 3, 5, 2]))
+    torch.testing.assert_close(op.column_mean()[..., 0], A.float().mean(-2))
+    with pytest.raises(ValueError, match="A"):
+        as_linop(A, allow_batch=False)
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="A"):
+        as_linop([[1.0]])
+    with pytest.raises(TypeError, match="dtype"):
+        as_linop(np.ones((3, 2), dtype=np.int64))
+    with pytest.raises(TypeError, match="dtype"):
+        as_linop(torch.ones(3, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtype"):
+        as_linop(sp.csr_matrix(np.ones((3, 2), dtype=np.int64)))
+    with pytest.raises(ValueError, match="empty"):
+        as_linop(torch.ones(0, 3))
+    with pytest.raises(ValueError, match="M"):
+        as_linop(torch.ones(3), name="M")
+    bad = DENSE.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        as_linop(sp.csr_matrix(bad))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        as_linop(torch.from_numpy(bad))
+
+    class WrongShape(NumpyOperator):
+        def matmul(self, X):
+            return np.ones((3, 3))
+
+    with pytest.raises(ValueError, match="matmul returned shape"):
+        as_linop(WrongShape()).matmul(torch.ones(25, 2, dtype=torch.float64))

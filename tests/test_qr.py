@@ -1,0 +1,119 @@
+"""lowrank.cholesky_qr against NumPy float64 QR."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowrank
+from lowrank.qr import orthonormalize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def conditioned(m, n, kappa, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    U = np.linalg.qr(rng.standard_normal((m, n)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    s = np.logspace(0, -np.log10(kappa), n)
+    return ((U * s) @ V.T).astype(dtype)
+
+
+def orthogonality(Q):
+    Q = Q.double().numpy()
+    return np.abs(Q.T @ Q - np.eye(Q.shape[1])).max()
+
+
+@pytest.mark.parametrize("kappa", [1.0, 1e4, 1e6, 1e8])
+@pytest.mark.parametrize("shift", [None, True])
+def test_orthogonal_to_1e12_up_to_kappa_1e8(kappa, shift):
+    X = conditioned(400, 30, kappa, seed=1)
+    Q, R = lowrank.cholesky_qr(torch.from_numpy(X), shift=shift)
+    assert orthogonality(Q) <= 1e-12
+    R = R.numpy()
+    np.testing.assert_allclose(np.tril(R, -1), 0, atol=0)
+    assert np.all(np.diag(R) > 0)
+    assert np.linalg.norm(Q.numpy() @ R - X) <= 1e-13 * np.linalg.norm(X)
+    # unique thin QR with positive diag(R): equals NumPy's after sign normalisation (well-conditioned case)
+    if kappa <= 1e4:
+        Q0, R0 = np.linalg.qr(X)
+        sign = np.sign(np.diag(R0))
+        np.testing.assert_allclose(R, R0 * sign[:, None], atol=1e-10 * kappa)
+
+
+def test_plain_cholesky_qr2_and_three_passes():
+    X = conditioned(300, 20, 1e3, seed=2)
+    for passes in (2, 3):
+        Q, R = lowrank.cholesky_qr(torch.from_numpy(X), passes=passes, shift=False)
+        assert orthogonality(Q) <= 1e-13
+    Q1, _ = lowrank.cholesky_qr(torch.from_numpy(X), passes=1, shift=False)
+    assert orthogonality(Q1) > 1e-12  # one pass loses u * kappa^2
+
+
+def test_rank_deficient_uses_householder():
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((100, 5)) @ rng.standard_normal((5, 12))
+    Q, R = lowrank.cholesky_qr(torch.from_numpy(X))
+    assert orthogonality(Q) <= 1e-12
+    np.testing.assert_allclose(Q.numpy() @ R.numpy(), X, atol=1e-12)
+    assert np.all(np.diag(R.numpy()) >= 0)
+
+
+def test_float32_and_half():
+    X = conditioned(200, 16, 1e3, seed=4, dtype=np.float32)
+    Q, R = lowrank.cholesky_qr(torch.from_numpy(X))
+    assert Q.dtype == torch.float32 and orthogonality(Q) <= 1e-5
+    Qh, Rh = lowrank.cholesky_qr(torch.from_numpy(X).half())
+    assert Qh.dtype == torch.float32 and orthogonality(Qh) <= 1e-5
+
+
+def test_batched_equals_loop():
+    Xs = np.stack([conditioned(80, 10, 10.0**i, seed=i) for i in range(3)])
+    Q, R = lowrank.cholesky_qr(torch.from_numpy(Xs))
+    for i in range(3):
+        Qi, Ri = lowrank.cholesky_qr(torch.from_numpy(Xs[i]))
+        np.testing.assert_allclose(Q[i].numpy(), Qi.numpy(), atol=1e-10)
+        np.testing.assert_allclose(R[i].numpy(), Ri.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("scheme", ["qr", "cholqr", "lu", "none"])
+def test_orthonormalize_spans_the_same_space(scheme):
+    X = torch.from_numpy(conditioned(120, 8, 1e3, seed=5))
+    B = orthonormalize(X, scheme).numpy()
+    P = X.numpy() @ np.linalg.pinv(X.numpy())  # projector onto range(X)
+    np.testing.assert_allclose(P @ B, B, atol=1e-8)
+    assert np.linalg.matrix_rank(B) == 8
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="tall"):
+        lowrank.cholesky_qr(torch.randn(3, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        lowrank.cholesky_qr(torch.ones(5, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="passes"):
+        lowrank.cholesky_qr(torch.randn(5, 3), passes=0)
+    with pytest.raises(ValueError, match="shift"):
+        lowrank.cholesky_qr(torch.randn(5, 3), shift=-1.0)
+    with pytest.raises(ValueError, match="X"):
+        lowrank.cholesky_qr(torch.randn(5))
+    with pytest.raises(TypeError, match="X"):
+        lowrank.cholesky_qr(np.ones((5, 3)))
+    bad = torch.randn(5, 3)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        lowrank.cholesky_qr(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_orthogonal():
+    X = torch.from_numpy(conditioned(2000, 64, 1e8, seed=6)).cuda()
+    Q, R = lowrank.cholesky_qr(X)
+    assert orthogonality(Q.cpu()) <= 1e-12
+    assert torch.linalg.norm(Q @ R - X) <= 1e-13 * torch.linalg.norm(X)
