@@ -12,10 +12,12 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowrank
+from lowrank.lora import checkpoint
 from lowrank.lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 transformers = pytest.importorskip("transformers")
@@ -375,3 +377,31 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
         if hasattr(a, "lora_A"):
             assert torch.equal(a.lora_A["default"], b.lora_A["default"])
             assert torch.equal(a.lora_B["default"], b.lora_B["default"])
+
+
+def test_streaming_writer_matches_safetensors_reader(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=gen),
+        "bf16": torch.randn(7, generator=gen).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, 2, generator=gen).half(),
+        "f64": torch.randn(4, generator=gen).double(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.randn(6, 4, generator=gen).T,  # non-contiguous input
+    }
+    entries = [checkpoint.TensorEntry(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()]
+    checkpoint.write_safetensors(tmp_path / "t.safetensors", entries, {"note": "x"})
+    loaded = load_file(tmp_path / "t.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    with safe_open(tmp_path / "t.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+    bad = [checkpoint.TensorEntry("x", torch.float32, (2,), lambda: torch.zeros(3))]
+    with pytest.raises(ValueError, match="declared"):
+        checkpoint.write_safetensors(tmp_path / "t.safetensors", bad)
+    assert torch.equal(load_file(tmp_path / "t.safetensors")["f32"], tensors["f32"])  # old file kept
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []  # temporary removed

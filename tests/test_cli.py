@@ -165,9 +165,17 @@ def test_extract_rank_auto_meets_tolerance_with_minimal_ranks(checkpoints, tmp_p
         assert minimal <= rank <= minimal + 2
         assert config["rank_pattern"].get(module, config["r"]) == rank
     assert len(ranks) > 1  # per-layer ranks really differ, so rank_pattern is exercised
-    model = tiny_model()
-    model.load_state_dict(base_state)
-    lowrank.load_adapter(model, out)  # strict: ranks agree with r / rank_pattern
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = merged_logits(base_state, updates, ids)
+    ours, theirs = tiny_model().eval(), tiny_model().eval()
+    ours.load_state_dict(base_state)
+    theirs.load_state_dict(base_state)
+    lowrank.load_adapter(ours, out)  # strict: ranks agree with r / rank_pattern
+    theirs = peft.PeftModel.from_pretrained(theirs, str(out)).eval()  # PEFT reads the per-layer ranks
+    with torch.no_grad():
+        for model in (ours, theirs):
+            got = model(input_ids=ids).logits
+            assert float((got - expected).norm() / expected.norm()) < 1e-5
 
     info = run_cli("info", out)
     assert info.returncode == 0, info.stderr
