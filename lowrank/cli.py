@@ -129,8 +129,7 @@ def _select(source: TensorSource, target: re.Pattern[str] | None, *, embeddings:
     """Names of the ``<module>.weight`` tensors to factor.
 
     With ``--target``, every ``.weight`` whose module path the regex matches (``re.search``) must be a 2-D
-    floating tensor. Without it, all 2-D floating weights are taken, except embeddings (and, for compress,
-    except nothing else).
+    floating tensor. Without it, all 2-D floating weights are taken except embeddings (``EMBEDDING_NAME``).
     """
     chosen = []
     for name in source.names():

@@ -306,7 +306,9 @@ def save_adapter(
     Notes
     -----
     Per-layer ranks and alphas are written as PEFT's ``rank_pattern`` / ``alpha_pattern`` (full module paths
-    as keys) around the most common value. Fields of a config previously read by :func:`load_adapter` that
+    as keys) around the most common value. Each file is replaced atomically, the weights first: a crash
+    leaves the old pair, or new weights with the old config (which :func:`load_adapter` then rejects if
+    ranks changed), never a torn file. Fields of a config previously read by :func:`load_adapter` that
     lowrank does not interpret are kept. Cost: one copy of the adapter tensors, ``O(sum_l r_l (m_l + n_l))``.
     """
     if not isinstance(model, nn.Module):
@@ -583,6 +585,11 @@ def _plan(
             raise AdapterCheckpointError(
                 f"{source}: key {key_a!r} names module {module_path!r}, which the model does not have "
                 "(wrong base model?)"
+            )
+        if hasattr(module, "enable_lora"):
+            raise AdapterCheckpointError(
+                f"{source}: key {key_a!r} names {module_path!r}, a merged-projection LoRA layer, which has "
+                "no PEFT LoRA layout"
             )
         dims = _dims(module)
         if dims is None or dims[0] != embedding:
