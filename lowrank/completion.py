@@ -38,10 +38,29 @@ def _observed_entries(X: Any, mask: Any, name: str) -> tuple[torch.Tensor, torch
     return rows, cols, X[rows, cols], tuple(X.shape)
 
 
-def _rmse(U: torch.Tensor, V: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor):
-    if values.numel() == 0:
+def _csr(
+    rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """CSR matrix from entries already sorted row-major without duplicates (no coalesce needed)."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=values.device)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+def _transposed(rows, cols, values, shape):
+    """The same entries sorted column-major, as the CSR matrix of the transpose."""
+    order = torch.sort(cols, stable=True).indices
+    return _csr(cols[order], rows[order], values[order], (shape[1], shape[0]))
+
+
+def _rmse(U: torch.Tensor, V: torch.Tensor, entries: torch.Tensor | None) -> float:
+    """RMSE of ``U Vᵀ`` on the stored entries of the CSR matrix ``entries`` (only those products formed)."""
+    if entries is None or entries._nnz() == 0:
         return float("nan")
-    residual = values - (U[rows] * V[cols]).sum(dim=1)
+    residual = torch.sparse.sampled_addmm(entries, U, V.t(), beta=1.0, alpha=-1.0).values()
     return float(residual.square().mean().sqrt())
 
 
@@ -131,7 +150,7 @@ def als(
     Cost per sweep: O(|Ω|k²) to form the Gram matrices plus O((m + n)k³) for the solves; memory
     O((m + n)k²). Runs on the device of X.
     """
-    rows, cols, values, shape = _observed_entries(X, mask, "X")
+    rows, cols, values, shape = _observed_entries(X, mask, "X")  # row-major, no duplicates
     m, n = shape
     k = _check_rank(k, "k", upper=min(m, n))
     if not isinstance(reg, (int, float)) or isinstance(reg, bool) or reg < 0:
@@ -160,19 +179,13 @@ def als(
             vr, vc, vv, vshape = _observed_entries(validation, None, "validation")
         if vshape != shape:
             raise ValueError(f"validation has shape {vshape} but X has shape {shape}")
-        val = (vr.to(device), vc.to(device), vv.to(device=device, dtype=dtype))
+        val = _csr(vr.to(device), vc.to(device), vv.to(device=device, dtype=dtype), shape)
 
-    index = torch.stack([rows, cols])
     ones = torch.ones_like(values)
-    observed = torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
-    pattern = torch.sparse_coo_tensor(index, ones, shape, check_invariants=False).coalesce()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        observed_t = observed.t().coalesce().to_sparse_csr()
-        pattern_t = pattern.t().coalesce().to_sparse_csr()
+    observed, pattern = _csr(rows, cols, values, shape), _csr(rows, cols, ones, shape)
+    observed_t, pattern_t = _transposed(rows, cols, values, shape), _transposed(rows, cols, ones, shape)
     row_counts = torch.bincount(rows, minlength=m)
     col_counts = torch.bincount(cols, minlength=n)
-    rows, cols, values = observed.indices()[0], observed.indices()[1], observed.values()
 
     if init == "svd":
         import lowrank
@@ -183,9 +196,6 @@ def als(
         gen = _generator(seed, device)
         scale = float(values.square().mean().sqrt()) ** 0.5 / k**0.25
         V = scale * torch.randn(n, k, dtype=dtype, device=device, generator=gen)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        observed, pattern = observed.to_sparse_csr(), pattern.to_sparse_csr()
 
     rms = float(values.square().mean().sqrt())
     history: dict[str, list[float]] = {"train_rmse": [], "val_rmse": []}
@@ -194,10 +204,10 @@ def als(
     for _ in range(max_iter):
         U = _solve_side(pattern, observed, row_counts, V, reg)
         V = _solve_side(pattern_t, observed_t, col_counts, U, reg)
-        train = _rmse(U, V, rows, cols, values)
+        train = _rmse(U, V, observed)
         history["train_rmse"].append(train)
         if val is not None:
-            history["val_rmse"].append(_rmse(U, V, *val))
+            history["val_rmse"].append(_rmse(U, V, val))
         if train <= tol * rms or (previous is not None and abs(previous - train) <= tol * previous):
             break
         previous = train
