@@ -3,6 +3,7 @@
 The public API is what this module exports; everything else is private.
 """
 
+from lowrank import distributed as distributed  # the submodule: lowrank.distributed.rsvd, ...
 from lowrank._ops import WITH_CUDA, lora_linear
 from lowrank.completion import als
 from lowrank.cur import cur, interpolation_matrix, interpolative
