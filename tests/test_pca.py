@@ -52,7 +52,7 @@ def assert_matches(result, reference, X, Xdense, k, rtol):
 def test_dense_matches_sklearn(method):
     X = dense_data()
     reference = PCA(6, svd_solver="full").fit(X)
-    result = lowrank.pca(torch.from_numpy(X), 6, method=method, seed=0, n_iter=8)
+    result = lowrank.pca(torch.from_numpy(X), 6, method=method, seed=0)
     assert result.components.shape == (6, 40)
     assert_matches(result, reference, torch.from_numpy(X), X, 6, 1e-10 if method != "randomized" else 1e-6)
 
@@ -67,14 +67,14 @@ def test_sparse_implicit_centering_matches_sklearn_on_dense(kind):
         "torch_csr": torch.from_numpy(D).to_sparse_csr(),
     }[kind]
     reference = PCA(5, svd_solver="full").fit(D)
-    result = lowrank.pca(X, 5, seed=0, n_iter=10)  # auto -> randomized with implicit centring
+    result = lowrank.pca(X, 5, seed=0)  # auto -> randomized with implicit centring
     assert_matches(result, reference, X, D, 5, 1e-6)
 
 
 def test_uncentred_matches_truncated_svd():
     S = sparse_data(seed=1)
     reference = TruncatedSVD(4, algorithm="arpack").fit(S)
-    result = lowrank.pca(S, 4, center=False, seed=0, n_iter=10)
+    result = lowrank.pca(S, 4, center=False, seed=0)
     np.testing.assert_allclose(result.singular_values.numpy(), reference.singular_values_, rtol=1e-6)
     np.testing.assert_allclose(np.abs(result.components.numpy()), np.abs(reference.components_), atol=1e-6)
     assert float(result.mean.abs().max()) == 0.0
