@@ -574,6 +574,7 @@ def pca(
     method: str = "auto",
     seed: int | None = None,
     n_iter: int | None = None,
+    oversample: int | None = None,
 ) -> PCAResult:
     r"""PCA of samples spread over the ranks by rows: :func:`lowrank.pca` on ``X = [X_0; X_1; ...]``.
 
@@ -592,9 +593,11 @@ def pca(
     method : {"auto", "exact", "randomized"}
         As in :func:`lowrank.pca`: ``"auto"`` is exact when every block is dense and ``max(m, n) <= 500``
         or ``k >= 0.8 min(m, n)``, randomized otherwise. ``"exact"`` is a TSQR of the centred rows
-        (``P n^2`` numbers gathered), ``"randomized"`` is :func:`rsvd` (default method).
-    seed, n_iter : int, optional
-        Passed to :func:`rsvd`.
+        (``P n^2`` numbers gathered), ``"randomized"`` is :func:`rsvd` with ``method="krylov"``.
+    seed : int, optional
+        Seed of the sketch (shared as in :func:`rsvd`).
+    n_iter, oversample : int, optional
+        Block Krylov iterations and extra block columns, defaults 4 and 10, as :func:`lowrank.pca`.
 
     Returns
     -------
@@ -611,15 +614,20 @@ def pca(
         error = TypeError(f"k must be an int, got {type(k).__name__}")
     elif k < 1:
         error = ValueError(f"k must be >= 1, got {k}")
-    elif n_iter is not None and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):
-        error = ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    else:
+        try:
+            for name, value in (("oversample", oversample), ("n_iter", n_iter)):
+                if value is not None:
+                    _check_nonneg_int(value, name)
+        except (TypeError, ValueError) as bad:
+            error = bad
     seed_fields, seed_error = _seed_fields(seed)
     error = error or seed_error
     extra = [
         k if isinstance(k, int) else 0,
-        int(center) if isinstance(center, bool) else -1,
+        -1 if not isinstance(oversample, int) else oversample,
         -1 if not isinstance(n_iter, int) else n_iter,
-        _PCA_METHODS.index(method) if method in _PCA_METHODS else -1,
+        2 * _PCA_METHODS.index(method) + int(center is True) if method in _PCA_METHODS else -1,
         *seed_fields,
     ]
     op, rank, world, m, table = _prepare(X_local, group, "pca", extra, error)
@@ -645,7 +653,9 @@ def pca(
     if method == "exact":
         _, S, Vh = _exact(sop, k)
     else:
-        _, S, Vh = _rsvd(sop, k, None, n_iter, "auto", _resolve_seed(seed, table, op.device))
+        over = 10 if oversample is None else oversample
+        q = 4 if n_iter is None else n_iter
+        _, S, Vh = _rsvd(sop, k, over, q, "krylov", _resolve_seed(seed, table, op.device))
     pick = Vh.abs().argmax(dim=1, keepdim=True)
     signs = torch.sign(Vh.gather(1, pick))
     components = Vh * torch.where(signs == 0, torch.ones_like(signs), signs)

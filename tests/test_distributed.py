@@ -170,8 +170,8 @@ def _session_two(rank: int, world: int, out_dir: str, results: dict) -> None:
     gen = torch.Generator().manual_seed(3)
     X = (
         (torch.randn(400, 6, dtype=torch.float64, generator=gen) * torch.tensor([5.0, 3, 2, 1, 0.5, 0.2]))
-        @ (torch.randn(6, 30, dtype=torch.float64, generator=gen))
-        + 0.01 * torch.randn(400, 30, dtype=torch.float64, generator=gen)
+        @ (torch.randn(6, 120, dtype=torch.float64, generator=gen))
+        + 0.01 * torch.randn(400, 120, dtype=torch.float64, generator=gen)
         + 4.0
     )
     start, stop = _blocks(400, world, [150, 250])[rank]
