@@ -1,0 +1,343 @@
+"""Randomized SVD: lowrank.rsvd against torch.svd_lowrank, scikit-learn, SciPy svds and the exact SVD.
+
+Per matrix (synthetic with known spectra, so the optimal rank-k error is exact; a sparse one with a SciPy
+ARPACK reference), time next to accuracy:
+
+- ``excess``: ``||A - U S Vh||_F / ||A - A_k||_F - 1`` (0 is optimal), computed in float64 from
+  ``||A||_F^2 - 2 tr(S U^T A V) + ||U S Vh||_F^2`` (no dense residual);
+- ``sv err``: ``max_i |S_i - sigma_i| / sigma_i`` over the top k;
+- ``GEMM floor``: the time of the passes over A the method makes (``A @ X`` and ``A^T @ Y`` at its block
+  width, measured in the same run), and ``time / floor``.
+
+Matrices are ``P1 D1 C^T diag(s) C D2 P2`` with ``C`` orthonormal DCT-II matrices, ``D`` random signs and
+``P`` random permutations: dense, incoherent singular vectors, built in ``O(m n log)`` time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import lowrank
+from benchmarks.common import BenchResult, Plot, Table, fmt_time, measure
+
+
+def _log(message: str) -> None:
+    print(f"  svd: {message}", file=sys.stderr)
+
+
+def synthetic(m: int, n: int, spectrum: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Dense float32 ``m x n`` matrix with exactly the singular values ``spectrum`` (float64 on input)."""
+    from scipy.fft import idct
+
+    rng = np.random.default_rng(seed)
+    r = min(m, n)
+    M = np.zeros((m, n))
+    M[np.arange(r), np.arange(r)] = spectrum
+    M = idct(M, axis=0, norm="ortho")
+    M = idct(M, axis=1, norm="ortho")
+    M *= rng.choice([-1.0, 1.0], m)[:, None]
+    M *= rng.choice([-1.0, 1.0], n)[None, :]
+    M = M[rng.permutation(m)][:, rng.permutation(n)]
+    return np.ascontiguousarray(M, dtype=np.float32)
+
+
+def frobenius_errors(A, U, S, Vh, sigma: np.ndarray, fro_sq: float) -> tuple[float, float, float]:
+    """(relative F-error, excess F-error over optimal, max relative singular-value error), float64."""
+    k = S.shape[0]
+    U, S, Vh = (
+        t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)
+        for t in (U, S, Vh)
+    )
+    AV = np.asarray(A.astype(np.float64) @ Vh.T)
+    cross = float(np.sum(S * np.einsum("ij,ij->j", U, AV)))
+    gram_v = (S[:, None] * (Vh @ Vh.T)) * S[None, :]
+    approx_sq = float(np.sum((U.T @ U) * gram_v))
+    err_sq = max(fro_sq - 2 * cross + approx_sq, 0.0)
+    opt_sq = max(fro_sq - float(np.sum(sigma[:k] ** 2)), 1e-300)
+    excess = np.sqrt(err_sq / opt_sq) - 1
+    sv = float(np.max(np.abs(np.sort(S)[::-1] - sigma[:k]) / sigma[:k]))
+    return float(np.sqrt(err_sq / fro_sq)), float(excess), sv
+
+
+def _lowrank_configs(k: int) -> dict[str, dict]:
+    """The lowrank points on the frontier: (method, oversample, n_iter); passes = 2 n_iter + 2."""
+    return {
+        "lowrank fast (krylov q=1)": dict(method="krylov", oversample=max(8, k // 4), n_iter=1),
+        "lowrank default (auto)": dict(),
+        "lowrank accurate (krylov q=3)": dict(method="krylov", oversample=max(4, k // 8), n_iter=3),
+        "lowrank subspace (torch's config)": dict(method="subspace", oversample=10, n_iter=2),
+    }
+
+
+def _passes_and_width(k: int, cfg: dict, m: int, n: int) -> tuple[int, int]:
+    from lowrank.svd import _default_params
+
+    method, over, q = _default_params(cfg.get("method", "auto"), k, m, n, torch.device("cpu"))
+    over = cfg.get("oversample", over)
+    q = cfg.get("n_iter", q)
+    return 2 * q + 2, k + over
+
+
+def _case(label, A_np, A_t, sigma, fro_sq, k, device, quick, result, plots, exact_ok):
+    m, n = A_t.shape
+    candidates = {}
+    configs = _lowrank_configs(k)
+    for name, cfg in configs.items():
+        candidates[name] = lambda cfg=cfg: lowrank.rsvd(A_t, k, seed=0, **cfg)
+    candidates["torch.svd_lowrank(q=k+10, niter=2)"] = lambda: torch.svd_lowrank(A_t, q=k + 10, niter=2)
+    try:
+        from sklearn.utils.extmath import randomized_svd
+
+        if device == "cpu":
+            candidates["sklearn randomized_svd (defaults)"] = lambda: randomized_svd(A_np, k, random_state=0)
+    except ImportError:
+        result.notes.append("scikit-learn missing: its column is skipped")
+    try:
+        from scipy.sparse.linalg import svds
+
+        if device == "cpu":
+            candidates["scipy svds (ARPACK)"] = lambda: svds(A_np, k, random_state=0)
+    except ImportError:
+        result.notes.append("SciPy missing: svds skipped")
+    if exact_ok and A_t.layout == torch.strided:
+        candidates["exact torch.linalg.svd"] = lambda: torch.linalg.svd(A_t, full_matrices=False)
+    # GEMM floor: one forward + one adjoint pass at each width used
+    widths = sorted({_passes_and_width(k, cfg, m, n)[1] for cfg in configs.values()} | {k + 10})
+    probes = {w: (torch.randn(n, w, device=device), torch.randn(m, w, device=device)) for w in widths}
+    for w, (X, Y) in probes.items():
+        candidates[f"gemm pair w={w}"] = lambda X=X, Y=Y: (
+            A_t @ X,
+            A_t.T @ Y if A_t.layout == torch.strided else None,
+        )
+    if A_t.layout != torch.strided:
+        At = A_t.t().to_sparse_csr() if A_t.layout == torch.sparse_csr else A_t.t()
+        for w, (X, Y) in probes.items():
+            candidates[f"gemm pair w={w}"] = lambda X=X, Y=Y, At=At: (A_t @ X, At @ Y)
+    timings = measure(candidates, device=device, warmup=1, repeats=3 if quick else 5)
+    pair = {w: timings[f"gemm pair w={w}"].median for w in widths}
+
+    rows = []
+    series: dict[str, list[tuple[float, float]]] = {}
+    for name, fn in candidates.items():
+        if name.startswith("gemm"):
+            continue
+        out = fn()
+        if name.startswith("torch.svd_lowrank"):
+            U, S, V = out
+            U, S, Vh = U[:, :k], S[:k], V[:, :k].T
+        elif name.startswith("sklearn"):
+            U, S, Vh = out
+        elif name.startswith("scipy"):
+            U, S, Vh = out
+            order = np.argsort(S)[::-1]
+            U, S, Vh = U[:, order], S[order], Vh[order]
+        elif name.startswith("exact"):
+            U, S, Vh = out[0][:, :k], out[1][:k], out[2][:k]
+        else:
+            U, S, Vh = out
+        _, excess, sv = frobenius_errors(A_np, U, S, Vh, sigma, fro_sq)
+        t = timings[name].median
+        floor = ""
+        ratio = ""
+        if name.startswith("lowrank"):
+            passes, width = _passes_and_width(k, configs[name], m, n)
+            f = passes / 2 * pair[width]
+            floor, ratio = f"{fmt_time(f)} ({passes} passes, w={width})", f"{t / f:.2f}"
+        elif name.startswith("torch.svd_lowrank"):
+            f = 3 * pair[k + 10]
+            floor, ratio = f"{fmt_time(f)} (6 passes, w={k + 10})", f"{t / f:.2f}"
+        rows.append([name, fmt_time(t), f"{excess:.2e}", f"{sv:.2e}", floor, ratio])
+        result.records.append(
+            dict(matrix=label, method=name, seconds=t, excess=excess, sv_error=sv, device=device, k=k)
+        )
+        series[name] = [(t, max(excess, 1e-16))]
+    result.tables.append(
+        Table(
+            title=f"{label} (k={k}, fp32, {device})",
+            columns=[
+                "method",
+                "time (median)",
+                "excess F-error",
+                "max rel. sv error",
+                "GEMM floor",
+                "time/floor",
+            ],
+            rows=rows,
+        )
+    )
+    slug = "".join(c if c.isalnum() else "_" for c in label)[:40]
+    plots.append(
+        Plot(
+            file=f"svd_{slug}.png",
+            title=f"accuracy vs time: {label}, k={k}",
+            xlabel="seconds",
+            ylabel="excess Frobenius error over optimal",
+            series=series,
+            logx=True,
+            logy=True,
+            kind="scatter",
+        )
+    )
+
+
+def _fixed_precision_table(cases, device, result, quick):
+    rows = []
+    for label, A_t, sigma in cases:
+        total = float(np.sum(sigma**2))
+        tails = np.sqrt(np.maximum(total - np.cumsum(sigma**2), 0) / total)  # error of rank i+1
+        for tol in (0.1, 0.05) if quick else (0.1, 0.05, 0.02):
+            oracle = int(np.argmax(tails <= tol)) + 1 if np.any(tails <= tol) else len(sigma)
+            begin = time.perf_counter()
+            res = lowrank.rsvd(A_t, tol=tol, seed=0)
+            seconds = time.perf_counter() - begin
+            r = res.S.shape[0]
+            err, _, _ = frobenius_errors(A_t.cpu().numpy(), *res, sigma, total)
+            rows.append(
+                [
+                    label,
+                    tol,
+                    oracle,
+                    r,
+                    f"{r / oracle:.2f}",
+                    f"{err:.4f}",
+                    "yes" if err <= tol else "NO",
+                    fmt_time(seconds),
+                ]
+            )
+            result.records.append(dict(matrix=label, tol=tol, oracle_rank=oracle, rank=r, rel_error=err))
+    result.tables.append(
+        Table(
+            title=f"fixed precision rsvd(A, tol=...) (randQB_EI), fp32, {device}",
+            columns=[
+                "matrix",
+                "tol",
+                "oracle rank",
+                "rank found",
+                "ratio",
+                "rel. F-error",
+                "tol met",
+                "time",
+            ],
+            rows=rows,
+            notes=["oracle rank: smallest rank whose optimal (exact SVD) error meets tol; goal ratio <= 1.3"],
+        )
+    )
+
+
+def run(*, quick: bool, device: str) -> BenchResult:
+    result = BenchResult(name="svd")
+    plots: list[Plot] = []
+    if quick:
+        shapes = [
+            ("2048x2048, s=0.99^i+1e-3", 2048, 2048, 64, lambda i: 0.99**i + 1e-3),
+            ("8000x1000, s=0.98^i+1e-3", 8000, 1000, 50, lambda i: 0.98**i + 1e-3),
+            ("2048x1024, s=0.8^i (fast)", 2048, 1024, 32, lambda i: 0.8**i),
+            (
+                "2048x1024, flat tail + noise",
+                2048,
+                1024,
+                32,
+                lambda i: (
+                    np.where(i < 32, 1.0 / (1 + i), 0.02) + 0.005 * np.random.default_rng(1).random(i.shape)
+                ),
+            ),
+        ]
+        sparse_shape = (10000, 3000, 20)
+    else:
+        shapes = [
+            ("4096x4096, s=0.99^i+1e-3", 4096, 4096, 64, lambda i: 0.99**i + 1e-3),
+            ("20000x2000, s=0.98^i+1e-3", 20000, 2000, 50, lambda i: 0.98**i + 1e-3),
+            ("4096x2048, s=0.8^i (fast)", 4096, 2048, 64, lambda i: 0.8**i),
+            (
+                "4096x2048, flat tail + noise",
+                4096,
+                2048,
+                64,
+                lambda i: (
+                    np.where(i < 64, 1.0 / (1 + i), 0.02) + 0.005 * np.random.default_rng(1).random(i.shape)
+                ),
+            ),
+        ]
+        sparse_shape = (50000, 10000, 50)
+    tol_cases = []
+    for label, m, n, k, spec in shapes:
+        sigma = np.sort(np.asarray(spec(np.arange(min(m, n))), dtype=np.float64))[::-1]
+        _log(f"building {label}")
+        A_np = synthetic(m, n, sigma, seed=m + n)
+        A_t = torch.from_numpy(A_np).to(device)
+        fro_sq = float(np.sum(sigma**2))
+        _log(f"timing {label}")
+        _case(
+            label,
+            A_np,
+            A_t,
+            sigma,
+            fro_sq,
+            k,
+            device,
+            quick,
+            result,
+            plots,
+            exact_ok=(not quick or m * n <= 2048 * 2048),
+        )
+        if n <= 2048 and "flat" not in label:
+            tol_cases.append((label, A_t, sigma))
+    # sparse (density 1e-3): reference singular values from ARPACK to tight tolerance
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import svds
+
+    m, n, k = sparse_shape
+    S_np = sp.random(m, n, density=1e-3, random_state=0, format="csr", dtype=np.float32)
+    S_np = S_np + sp.diags(np.linspace(5, 1, min(m, n)).astype(np.float32), shape=(m, n), format="csr")
+    _log("sparse reference (ARPACK)")
+    sigma = np.sort(svds(S_np.astype(np.float64), k, tol=1e-12, random_state=0)[1])[::-1]
+    S_t = torch.sparse_csr_tensor(
+        torch.from_numpy(S_np.indptr.astype(np.int64)),
+        torch.from_numpy(S_np.indices.astype(np.int64)),
+        torch.from_numpy(S_np.data),
+        size=S_np.shape,
+    ).to(device)
+    fro_sq = float(S_np.multiply(S_np).sum(dtype=np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _case(
+            f"sparse {m}x{n}, density 1e-3 + diag",
+            S_np,
+            S_t,
+            sigma,
+            fro_sq,
+            k,
+            device,
+            quick,
+            result,
+            plots,
+            exact_ok=False,
+        )
+    _log("fixed precision")
+    _fixed_precision_table(tol_cases, device, result, quick)
+    result.plots.extend(plots)
+    if quick:
+        result.notes.append("quick mode: scaled-down shapes, no exact SVD; --full runs the issue's shapes")
+    result.notes.append(
+        "torch.svd_lowrank makes 6 passes at width k+10 (niter=2); sklearn's defaults make 2*7+2 passes "
+        "(n_iter=7 when k < 0.1 min(m, n), else 4) at width k+10 with LU renormalisation."
+    )
+    return result
+
+
+if __name__ == "__main__":
+    out = run(quick="--full" not in sys.argv, device="cuda" if "--cuda" in sys.argv else "cpu")
+    for table in out.tables:
+        print(f"\n## {table.title}")
+        print(" | ".join(table.columns))
+        for row in table.rows:
+            print(" | ".join(str(c) for c in row))
+        for note in table.notes:
+            print(f"  note: {note}")
+    for note in out.notes:
+        print(f"note: {note}")
