@@ -78,14 +78,22 @@ inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Ten
 // y = scale * (x A^T) B^T + bias, then y += x W^T in place: the base GEMM accumulates (beta = 1) into the
 // already-written LoRA term, so the (M x out) output is written by the small K=r product and then read and
 // written once by the big GEMM -- the same memory passes as F.linear with a bias, and no extra (M x out)
-// temporary. x2 is the (M, in) view of x.
+// temporary. x2 is the (M, in) view of x; the result is allocated with the final shape `out_sizes` (a
+// fresh tensor, not a view of one, so autograd and FSDP see an ordinary output).
 inline at::Tensor lora_linear_composite(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
                                         const at::Tensor& lora_B, double scale,
-                                        const c10::optional<at::Tensor>& bias) {
+                                        const c10::optional<at::Tensor>& bias,
+                                        const std::vector<int64_t>& out_sizes) {
   at::Tensor u = at::mm(x2, lora_A.t());  // (M, r): scaling it is cheaper than scaling (M, out)
   if (scale != 1.0) u.mul_(scale);
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, u, lora_B.t()) : at::mm(u, lora_B.t());
-  y.addmm_(x2, weight.t());
+  at::Tensor y = at::empty(out_sizes, x2.options());
+  at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
+  if (bias.has_value()) {
+    at::addmm_out(y2, *bias, u, lora_B.t());
+  } else {
+    at::mm_out(y2, u, lora_B.t());
+  }
+  y2.addmm_(x2, weight.t());
   return y;
 }
 

@@ -16,7 +16,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const auto shape = check_lora_linear_args(x, weight, lora_A, lora_B, bias, /*check_devices=*/true);
   at::Tensor x2 = x.reshape({shape.rows, shape.in_features});
   if (x2.size(0) == 0 || shape.out_features == 0) return at::empty(shape.out_sizes, x.options());
-  return lora_linear_composite(x2, weight, lora_A, lora_B, scale, bias).view(shape.out_sizes);
+  return lora_linear_composite(x2, weight, lora_A, lora_B, scale, bias, shape.out_sizes);
 }
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) { m.impl("lora_linear", &lora_linear_cpu); }

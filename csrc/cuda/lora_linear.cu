@@ -273,7 +273,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
 
   const bool small_m = M <= kMaxSmallM && shape.in_features > 0 && M * shape.rank <= kMaxLoraSmem &&
                        x.scalar_type() != at::kDouble;
-  if (!small_m) return lora_linear_composite(x2, weight, lora_A, lora_B, scale, bias).view(shape.out_sizes);
+  if (!small_m) return lora_linear_composite(x2, weight, lora_A, lora_B, scale, bias, shape.out_sizes);
 
   x2 = x2.contiguous();
   const at::Tensor w = weight.contiguous();
@@ -281,7 +281,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const at::Tensor b = lora_B.contiguous();
   c10::optional<at::Tensor> bias_c;
   if (bias.has_value()) bias_c = bias->contiguous();
-  at::Tensor y = at::empty({M, shape.out_features}, x.options());
+  at::Tensor y = at::empty(shape.out_sizes, x.options());  // contiguous: the kernels see it as (M, out)
   AT_DISPATCH_SWITCH(x.scalar_type(), "lora_linear_cuda",
                      AT_DISPATCH_CASE(at::kFloat, [&] { lora_linear_small_m<float>(x2, w, a, b, scale, bias_c, y); })
                          AT_DISPATCH_CASE(at::kHalf,
@@ -289,7 +289,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
                              AT_DISPATCH_CASE(at::kBFloat16, [&] {
                                lora_linear_small_m<at::BFloat16>(x2, w, a, b, scale, bias_c, y);
                              }));
-  return y.view(shape.out_sizes);
+  return y;
 }
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) { m.impl("lora_linear", &lora_linear_cuda); }
