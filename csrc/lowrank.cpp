@@ -40,11 +40,13 @@ at::Tensor lora_linear_meta(const at::Tensor& x, const at::Tensor& weight, const
   return at::empty(shape.out_sizes, x.options());
 }
 
+// The multi-adapter Meta kernels compare devices too: under FakeTensorMode every input presents as meta, and a
+// real tensor mixed with a meta one (e.g. meta adapter_ids with CPU x) is an error, not a silent meta result.
 at::Tensor lora_linear_multi_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                                   const at::Tensor& lora_B, const at::Tensor& adapter_ids, const at::Tensor& scales,
                                   const c10::optional<at::Tensor>& bias) {
   const auto shape = check_lora_linear_multi_args("lora_linear_multi", x, weight, lora_A, lora_B, adapter_ids, scales,
-                                                  bias, /*check_devices=*/false);
+                                                  bias, /*check_devices=*/true);
   return at::empty(shape.out_sizes, x.options());
 }
 
@@ -52,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_bac
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& adapter_ids, const at::Tensor& scales, std::array<bool, 4> mask) {
   check_lora_linear_multi_args("lora_linear_multi_backward", x, weight, lora_A, lora_B, adapter_ids, scales,
-                               c10::nullopt, /*check_devices=*/false);
+                               c10::nullopt, /*check_devices=*/true);
   const auto grad = [](bool wanted, const at::Tensor& like) {
     return wanted ? at::empty(like.sizes(), like.options()) : at::empty({0}, like.options());
   };

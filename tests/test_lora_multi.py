@@ -253,6 +253,15 @@ def test_bad_arguments_raise_clear_errors():
         call(x, weight[:, :5], lora_A, lora_B, ids, scales, bias)
 
 
+def test_mixed_devices_raise_value_error_on_cpu():
+    x, weight, lora_A, lora_B, scales, bias, _ = make_problem(4, 6, 5, 2, 3)
+    ids = torch.tensor([0, 1, 2, -1])
+    with pytest.raises(ValueError, match="adapter_ids is on meta but x is on cpu"):
+        lowrank.lora_linear_multi(x, weight, lora_A, lora_B, ids.to("meta"), scales, bias)
+    with pytest.raises(ValueError, match="scales is on meta"):
+        lowrank.lora_linear_multi(x, weight, lora_A, lora_B, ids, scales.to("meta"), bias)
+
+
 @needs_cuda
 def test_wrong_device_raises_value_error():
     x, weight, lora_A, lora_B, scales, bias, _ = make_problem(4, 6, 5, 2, 3, device="cuda")
