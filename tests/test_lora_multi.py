@@ -288,15 +288,17 @@ def test_cuda_matches_per_row_reference(dtype, m, in_f, out_f, pattern):
 
 
 @needs_cuda
-def test_cuda_misaligned_views_and_int32_ids():
-    """Views starting one element in (not 16-byte aligned) take the scalar path and stay correct."""
-    x, weight, lora_A, lora_B, scales, bias, g = make_problem(6, 65, 33, 4, 3, torch.bfloat16, device="cuda")
-    xv = x[:, 1:]
-    av = lora_A[:, :, 1:]
+@pytest.mark.parametrize("r", [8, 5])
+def test_cuda_misaligned_and_int32_ids(r):
+    """x and lora_A starting one element into their storage (not 16-byte aligned, though in = 64 is a multiple
+    of the vector width) and r = 5 (rows of B not a multiple of it) take the scalar paths and stay correct."""
+    x, weight, lora_A, lora_B, scales, bias, g = make_problem(6, 64, 33, r, 3, torch.bfloat16, device="cuda")
+    x_off = torch.empty(1 + x.numel(), dtype=x.dtype, device="cuda")[1:].view(x.shape).copy_(x)
+    a_off = torch.empty(1 + lora_A.numel(), dtype=x.dtype, device="cuda")[1:].view(lora_A.shape).copy_(lora_A)
+    assert x_off.is_contiguous() and x_off.data_ptr() % 16 != 0 and a_off.data_ptr() % 16 != 0
     ids = torch.tensor([2, -1, 0, 2, 1, 0], dtype=torch.int32, device="cuda")
-    y = lowrank.lora_linear_multi(xv, weight[:, 1:], av, lora_B, ids, scales, bias)
-    ref = per_row_reference(xv, weight[:, 1:], av, lora_B, ids.cpu(), scales, bias)
-    assert_close_to(y, ref, torch.bfloat16)
+    y = lowrank.lora_linear_multi(x_off, weight, a_off, lora_B, ids, scales, bias)
+    assert_close_to(y, per_row_reference(x, weight, lora_A, lora_B, ids.cpu(), scales, bias), torch.bfloat16)
 
 
 @needs_cuda
