@@ -230,9 +230,10 @@ def _lora_linear_multi_backward(ctx, grad_out):
         grad_b = grad_b if need_b else None
         grad_s = grad_s if need_s else None
     if need_w or need_bias:
-        g2 = grad_out.reshape(-1, weight.shape[0])
+        rows = x.shape[:-1].numel()  # not reshape(-1, ...): that fails for empty x with in or out = 0
+        g2 = grad_out.reshape(rows, weight.shape[0])
         if need_w:
-            grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
+            grad_w = torch.mm(g2.t(), x.reshape(rows, x.shape[-1]))
         if need_bias:
             grad_bias = g2.sum(0)
     return grad_x, grad_w, grad_a, grad_b, None, grad_s, grad_bias
