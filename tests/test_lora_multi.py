@@ -128,6 +128,17 @@ def test_empty_batch_forward_and_backward():
     assert torch.equal(lora_A.grad, torch.zeros_like(lora_A))
 
 
+@pytest.mark.parametrize("in_f,out_f", [(0, 4), (4, 0)])
+def test_empty_feature_dims_with_weight_and_bias_grads(in_f, out_f):
+    x, weight, lora_A, lora_B, scales, bias, _ = make_problem(0, in_f, out_f, 2, 2)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = lowrank.lora_linear_multi(x, weight, lora_A, lora_B, torch.empty(0, dtype=torch.int32), scales, bias)
+    y.sum().backward()
+    assert y.shape == (0, out_f) and weight.grad.shape == (out_f, in_f) and bias.grad.shape == (out_f,)
+    assert not weight.grad.any() and not bias.grad.any()
+
+
 def test_nan_stays_in_its_row():
     x, weight, lora_A, lora_B, scales, bias, _ = make_problem(5, 8, 6, 2, 3)
     x[2, 3] = float("nan")
