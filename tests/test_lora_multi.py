@@ -29,8 +29,8 @@ def make_problem(m, in_f, out_f, r, n, dtype=torch.float32, device="cpu", seed=0
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
 
     x = rnd(m, in_f)
-    weight = rnd(out_f, in_f, scale=in_f**-0.5)
-    lora_A = rnd(n, r, in_f, scale=in_f**-0.5)
+    weight = rnd(out_f, in_f, scale=max(in_f, 1) ** -0.5)
+    lora_A = rnd(n, r, in_f, scale=max(in_f, 1) ** -0.5)
     lora_B = rnd(n, out_f, r, scale=r**-0.5)
     scales = (torch.rand(n, generator=g, dtype=torch.float64) * 2 + 0.25).to(device=device)
     b = rnd(out_f) if bias else None
