@@ -6,6 +6,8 @@
 // y[i] = x[i] W^T (+ bias)                                     for adapter_ids[i] == -1.
 #pragma once
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -183,6 +185,28 @@ inline AdapterGroups group_rows_by_adapter(const at::Tensor& ids_cpu, int64_t nu
   return group_rows_by_adapter_impl(ids.data_ptr<int64_t>(), ids.numel(), num_adapters, op);
 }
 
+// Runs fn(k) for every segment k. On the CPU, when every segment is small (decode-like: at most
+// kParallelSegmentRows rows, where a BLAS call on a few rows gains nothing from threads), the segments run
+// in one at::parallel_for over adapters: one parallel region instead of one per small GEMM, each GEMM
+// single-threaded inside it. Larger segments run one after another with multithreaded BLAS. fn must only
+// write the segment's own rows/slices.
+constexpr int64_t kParallelSegmentRows = 32;
+template <typename Fn>
+inline void for_each_segment(const AdapterGroups& groups, bool on_cpu, const Fn& fn) {
+  const int64_t count = static_cast<int64_t>(groups.adapter.size());
+  const int64_t largest = count ? *std::max_element(groups.length.begin(), groups.length.end()) : 0;
+  if (on_cpu && count > 1 && largest <= kParallelSegmentRows) {
+    // The worker threads must see the caller's dispatch state (below autograd, inference mode, ...).
+    const at::ThreadLocalState caller_state;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
+      for (int64_t k = begin; k < end; ++k) fn(static_cast<size_t>(k));
+    });
+  } else {
+    for (int64_t k = 0; k < count; ++k) fn(static_cast<size_t>(k));
+  }
+}
+
 // The scales as host doubles (used as the alpha of the expand GEMM, so scaling costs nothing).
 inline std::vector<double> scales_to_host(const at::Tensor& scales_cpu) {
   const at::Tensor s = scales_cpu.to(at::kDouble).contiguous();
@@ -201,27 +225,28 @@ inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Te
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   if (groups.grouped_rows == 0) return y;
   const int64_t r = lora_A.size(1);
+  const bool on_cpu = x2.device().is_cpu();
   if (groups.contiguous) {
-    for (size_t k = 0; k < groups.adapter.size(); ++k) {
+    for_each_segment(groups, on_cpu, [&](size_t k) {
       const int64_t a = groups.adapter[k];
       const at::Tensor xs = x2.narrow(0, groups.start[k], groups.length[k]);
       const at::Tensor u = at::mm(xs, lora_A[a].t());
       at::Tensor ys = y.narrow(0, groups.start[k], groups.length[k]);
       ys.addmm_(u, lora_B[a].t(), /*beta=*/1, /*alpha=*/scale_values[a]);
-    }
+    });
     return y;
   }
   const at::Tensor xs = x2.index_select(0, groups.perm);
   at::Tensor us = at::empty({groups.grouped_rows, r}, x2.options());
   at::Tensor ys = at::empty({groups.grouped_rows, y.size(1)}, x2.options());
-  for (size_t k = 0; k < groups.adapter.size(); ++k) {
+  for_each_segment(groups, on_cpu, [&](size_t k) {
     const int64_t a = groups.adapter[k];
     at::Tensor u = us.narrow(0, groups.start[k], groups.length[k]);
     at::mm_out(u, xs.narrow(0, groups.start[k], groups.length[k]), lora_A[a].t());
     at::Tensor yk = ys.narrow(0, groups.start[k], groups.length[k]);
     // beta = 0: the uninitialised buffer is not read (NaN/Inf in it do not propagate).
     at::addmm_out(yk, yk, u, lora_B[a].t(), /*beta=*/0, /*alpha=*/scale_values[a]);
-  }
+  });
   y.index_add_(0, groups.perm, ys);
   return y;
 }
@@ -251,7 +276,7 @@ inline std::vector<at::Tensor> lora_linear_multi_backward_composite(
   const at::Tensor gs = sorted ? g2.index_select(0, groups.perm) : g2;
   at::Tensor gxs;
   if (sorted && mask[0]) gxs = at::empty({groups.grouped_rows, x2.size(1)}, x2.options());
-  for (size_t k = 0; k < groups.adapter.size(); ++k) {
+  for_each_segment(groups, x2.device().is_cpu(), [&](size_t k) {
     const int64_t a = groups.adapter[k];
     const double s = scale_values[a];
     const at::Tensor xk = xs.narrow(0, groups.start[k], groups.length[k]);
@@ -279,7 +304,7 @@ inline std::vector<at::Tensor> lora_linear_multi_backward_composite(
       at::addmm_out(gb, gb, gk.t(), u, /*beta=*/0, /*alpha=*/s);
     }
     if (mask[3]) grad_s[a].copy_(gu.to(acc).mul(u.to(acc)).sum());
-  }
+  });
   if (sorted && mask[0]) grad_x.index_add_(0, groups.perm, gxs);
   return {grad_x, grad_A, grad_B, mask[3] ? grad_s.to(scales.scalar_type()) : grad_s};
 }
