@@ -83,6 +83,17 @@ def test_leading_dims_and_id_layouts(id_dtype, ids_shaped_like_x):
     assert_close_to(y, per_row_reference(x, weight, lora_A, lora_B, ids, scales, bias), torch.float32)
 
 
+def test_per_sequence_ids_broadcast_over_tokens():
+    """The layer use: one adapter per sequence of a (batch, seq, in) input, ids expanded over the tokens."""
+    x, weight, lora_A, lora_B, scales, bias, g = make_problem(15, 8, 6, 2, 3)
+    x = x.reshape(3, 5, 8)
+    per_sequence = torch.tensor([2, -1, 0])
+    ids = per_sequence[:, None].expand(3, 5)  # a non-contiguous view
+    y = lowrank.lora_linear_multi(x, weight, lora_A, lora_B, ids, scales, bias)
+    flat = per_sequence.repeat_interleave(5)
+    assert_close_to(y, per_row_reference(x, weight, lora_A, lora_B, flat, scales, bias), torch.float32)
+
+
 def test_strided_inputs():
     x, weight, lora_A, lora_B, scales, bias, g = make_problem(9, 20, 14, 4, 3, torch.float64)
     x_t = x.t().contiguous().t()  # column-major view
