@@ -183,10 +183,11 @@ def lora_linear_multi(
     every row and each adapter present adds its term with a shrink and an expand GEMM on its rows, in place
     when its rows are contiguous (e.g. concatenated requests), gathered and scattered back otherwise. Cost:
     the base ``2 M in out`` FLOPs plus ``2 M r (in + out)``, and reading each *present* adapter's
-    ``r (in + out)`` weights once. On CUDA, batches of up to 64 rows (decode) add the LoRA terms with two
-    gather kernels in the style of punica's BGMV (each row reads its adapter's A and B, no sort; repeats hit
-    L2) after one cuBLAS base GEMM; larger batches use the grouped segment path with cuBLAS per adapter
-    (SGMV-style). The ids are validated on the host, so on CUDA each call copies
+    ``r (in + out)`` weights once. On CUDA, batches of up to 64 rows (decode), or with fewer than 64 rows
+    per adapter on average, add the LoRA terms with two gather kernels in the style of punica's BGMV (each
+    row reads its adapter's A and B, no sort; repeats hit L2) after one cuBLAS base GEMM; other batches use
+    the grouped segment path with cuBLAS per adapter (SGMV-style). The ids are validated on the host, so on
+    CUDA each call copies
     ``adapter_ids`` to the host (one small synchronising copy).
 
     Autograd gives gradients for ``x``, ``lora_A``, ``lora_B`` and ``scales`` (training several adapters in

@@ -296,7 +296,7 @@ def test_wrong_device_raises_value_error():
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 5, 16, 300])
+@pytest.mark.parametrize("m", [1, 5, 16, 300, 1000])  # 1000 rows over 6 adapters: segment GEMMs
 @pytest.mark.parametrize("in_f,out_f", [(64, 48), (37, 29), (520, 264)])
 @pytest.mark.parametrize(
     "pattern", ["one_adapter", "all_different", "mixed_with_base", "grouped_runs", "all_base"]

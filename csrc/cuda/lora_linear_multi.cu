@@ -3,7 +3,8 @@
 // Every call first copies adapter_ids to the host (M ids, one small synchronising copy) and groups/validates
 // them there (lora_linear_multi.h): an out-of-range id is a ValueError, never a device-side fault.
 //
-// Decode shapes (M <= kDecodeMaxRows): BGMV-style gather kernels, in the spirit of punica (Chen et al., 2024):
+// Decode shapes (M <= kDecodeMaxRows, or fewer than kSegmentMinRows rows per adapter on average, where
+// per-adapter GEMM launches would dominate): BGMV-style gather kernels, in the spirit of punica (Chen et al., 2024):
 //   y = x W^T (+ bias)                      cuBLAS through ATen (W streamed once; memory bound at small M)
 //   u[i, :] = x[i] A[a_i]^T                 bgmv_shrink: one warp per (row, rank), the `in` axis split over
 //                                           blockIdx.z so that small M still fills the GPU; partial sums
@@ -14,7 +15,7 @@
 // row length (in for x/A, r for B) is a multiple of the vector width, so every row stays aligned;
 // otherwise a scalar path runs (no tail can be read out of bounds). Accumulation is fp32 (fp64 for fp64).
 //
-// Prefill shapes (M > kDecodeMaxRows): SGMV-style segments. The rows are grouped by adapter on the host
+// Prefill shapes (otherwise: many rows per adapter): SGMV-style segments. The rows are grouped by adapter on the host
 // (counting sort), and the shared composite path runs one base GEMM plus, per adapter present, a shrink and
 // an expand GEMM on its rows (cuBLAS per segment through ATen; in place when the adapter's rows are
 // contiguous, gathered/scattered with index_select/index_add_ otherwise). First version: one cuBLAS
@@ -42,7 +43,8 @@ namespace {
 
 constexpr const char* kForward = "lora_linear_multi";
 constexpr const char* kBackward = "lora_linear_multi_backward";
-constexpr int64_t kDecodeMaxRows = 64;   // BGMV up to here, segment GEMMs above
+constexpr int64_t kDecodeMaxRows = 64;   // BGMV up to here, ...
+constexpr int64_t kSegmentMinRows = 64;  // ... and above when the adapters average fewer rows than this
 constexpr int kShrinkWarps = 4;          // ranks per shrink block (one warp each)
 constexpr int kExpandThreads = 256;      // output features per expand block
 constexpr int kMaxSharedBytes = 48 * 1024;
@@ -91,7 +93,7 @@ __global__ void bgmv_shrink_kernel(const scalar_t* __restrict__ x, const scalar_
   if (threadIdx.x == 0 && begin < end) atomicAdd(u + i * r + k, acc);
 }
 
-// y[i, o] += scales[a_i] sum_k u[i, k] B[a_i, o, k]. Grid: (ceil(out / kExpandThreads), M); dynamic shared
+// y[i, o] += scales[a_i] sum_k u[i, k] B[a_i, o, k]. Grid: (M, ceil(out / kExpandThreads)); dynamic shared
 // memory r * sizeof(acc_t). kVec: 16-byte loads of B's rows (aligned base, r % (16 / sizeof) == 0).
 template <typename scalar_t, typename acc_t, typename id_t, bool kVec>
 __global__ void bgmv_expand_kernel(const acc_t* __restrict__ u, const scalar_t* __restrict__ lora_B,
@@ -99,13 +101,13 @@ __global__ void bgmv_expand_kernel(const acc_t* __restrict__ u, const scalar_t* 
                                    scalar_t* __restrict__ y, int64_t out, int64_t r, int64_t num_adapters) {
   extern __shared__ unsigned char shared_raw[];
   acc_t* us = reinterpret_cast<acc_t*>(shared_raw);
-  const int64_t i = blockIdx.y;
+  const int64_t i = blockIdx.x;
   const int64_t a = static_cast<int64_t>(ids[i]);
   if (a < 0 || a >= num_adapters) return;  // uniform over the block: no thread reaches the barrier
   const acc_t s = scales[a];
   for (int64_t k = threadIdx.x; k < r; k += blockDim.x) us[k] = u[i * r + k] * s;
   __syncthreads();
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (o >= out) return;
   const scalar_t* br = lora_B + (a * out + o) * r;
   acc_t acc = 0;
@@ -162,7 +164,7 @@ void launch_bgmv(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tenso
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const dim3 expand_grid(static_cast<unsigned>((out + kExpandThreads - 1) / kExpandThreads), static_cast<unsigned>(m));
+  const dim3 expand_grid(static_cast<unsigned>(m), static_cast<unsigned>((out + kExpandThreads - 1) / kExpandThreads));
   const size_t shared = static_cast<size_t>(r) * sizeof(acc_t);
   const bool vec_b = aligned16(lora_B.data_ptr()) && r % V == 0;
   if (vec_b) {
@@ -189,7 +191,13 @@ at::Tensor lora_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight,
   if (shape.rows == 0) return at::empty(shape.out_sizes, x.options());
   const at::Tensor x2 = x.reshape({shape.rows, shape.in_features}).contiguous();
   const size_t acc_bytes = x.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-  const bool decode = shape.rows <= kDecodeMaxRows && shape.rank * static_cast<int64_t>(acc_bytes) <= kMaxSharedBytes;
+  const int64_t segments = static_cast<int64_t>(groups.adapter.size());
+  const bool few_rows_per_adapter = groups.grouped_rows < kSegmentMinRows * segments;
+  // Grid limits: rows ride on gridDim.x (2^31 - 1), ranks / kShrinkWarps and output blocks on gridDim.y.
+  const bool fits = shape.rank * static_cast<int64_t>(acc_bytes) <= kMaxSharedBytes &&
+                    shape.rows < (int64_t{1} << 31) && (shape.rank + kShrinkWarps - 1) / kShrinkWarps <= 65535 &&
+                    (shape.out_features + kExpandThreads - 1) / kExpandThreads <= 65535;
+  const bool decode = (shape.rows <= kDecodeMaxRows || few_rows_per_adapter) && fits;
   if (decode) {
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
     if (groups.grouped_rows == 0 || shape.out_features == 0) return y.view(shape.out_sizes);
