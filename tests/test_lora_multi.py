@@ -70,6 +70,18 @@ def test_matches_per_row_lora_linear(dtype, pattern, with_bias):
     assert_close_to(y, per_row_reference(x, weight, lora_A, lora_B, ids, scales, bias), dtype)
 
 
+@pytest.mark.parametrize(
+    "m,in_f,out_f,r,n",
+    [(1, 5, 3, 1, 1), (2, 33, 17, 1, 9), (40, 9, 70, 12, 2), (31, 64, 64, 16, 40), (7, 3, 1, 4, 7)],
+)
+def test_random_shapes_match_per_row_reference(m, in_f, out_f, r, n):
+    """Odd sizes, r = 1, one adapter, more adapters than rows, out = 1; ids uniform over -1..n-1."""
+    x, weight, lora_A, lora_B, scales, bias, g = make_problem(m, in_f, out_f, r, n, torch.float64, seed=m + n)
+    ids = torch.randint(-1, n, (m,), generator=g)
+    y = lowrank.lora_linear_multi(x, weight, lora_A, lora_B, ids, scales, bias)
+    assert_close_to(y, per_row_reference(x, weight, lora_A, lora_B, ids, scales, bias), torch.float64)
+
+
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("ids_shaped_like_x", [False, True])
 def test_leading_dims_and_id_layouts(id_dtype, ids_shaped_like_x):
@@ -239,6 +251,9 @@ def test_torch_compile_fullgraph():
 
     loss = step(x, lora_A, ids)
     loss.backward()
+    shorter = step(x[:7], lora_A, ids[:7])  # another batch size: recompiles or runs the dynamic graph
+    expect = torch.relu(lowrank.lora_linear_multi(x[:7], weight, lora_A, lora_B, ids[:7], scales, bias)).sum()
+    torch.testing.assert_close(shorter, expect)
     expect_a = lora_A.grad.clone()
     lora_A.grad = None
     torch.relu(lowrank.lora_linear_multi(x, weight, lora_A, lora_B, ids, scales, bias)).sum().backward()
