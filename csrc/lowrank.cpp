@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "lora_linear.h"
+#include "lora_linear_multi.h"
 
 #define LOWRANK_STR_(x) #x
 #define LOWRANK_STR(x) LOWRANK_STR_(x)
@@ -39,10 +40,37 @@ at::Tensor lora_linear_meta(const at::Tensor& x, const at::Tensor& weight, const
   return at::empty(shape.out_sizes, x.options());
 }
 
-TORCH_LIBRARY(lowrank, m) {
-  m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias) -> Tensor");
+// The multi-adapter Meta kernels compare devices too: under FakeTensorMode every input presents as meta, and a
+// real tensor mixed with a meta one (e.g. meta adapter_ids with CPU x) is an error, not a silent meta result.
+at::Tensor lora_linear_multi_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                                  const at::Tensor& lora_B, const at::Tensor& adapter_ids, const at::Tensor& scales,
+                                  const c10::optional<at::Tensor>& bias) {
+  const auto shape = check_lora_linear_multi_args("lora_linear_multi", x, weight, lora_A, lora_B, adapter_ids, scales,
+                                                  bias, /*check_devices=*/true);
+  return at::empty(shape.out_sizes, x.options());
 }
 
-TORCH_LIBRARY_IMPL(lowrank, Meta, m) { m.impl("lora_linear", &lora_linear_meta); }
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_backward_meta(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& adapter_ids, const at::Tensor& scales, std::array<bool, 4> mask) {
+  check_lora_linear_multi_args("lora_linear_multi_backward", x, weight, lora_A, lora_B, adapter_ids, scales,
+                               c10::nullopt, /*check_devices=*/true);
+  const auto grad = [](bool wanted, const at::Tensor& like) {
+    return wanted ? at::empty(like.sizes(), like.options()) : at::empty({0}, like.options());
+  };
+  return {grad(mask[0], x), grad(mask[1], lora_A), grad(mask[2], lora_B), grad(mask[3], scales)};
+}
+
+TORCH_LIBRARY(lowrank, m) {
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias) -> Tensor");
+  m.def("lora_linear_multi(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor adapter_ids, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("lora_linear_multi_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor adapter_ids, Tensor scales, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lowrank, Meta, m) {
+  m.impl("lora_linear", &lora_linear_meta);
+  m.impl("lora_linear_multi", &lora_linear_multi_meta);
+  m.impl("lora_linear_multi_backward", &lora_linear_multi_backward_meta);
+}
 
 }  // namespace lowrank

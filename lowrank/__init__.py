@@ -4,7 +4,7 @@ The public API is what this module exports; everything else is private.
 """
 
 from lowrank import distributed as distributed  # the submodule: lowrank.distributed.rsvd, ...
-from lowrank._ops import WITH_CUDA, lora_linear
+from lowrank._ops import WITH_CUDA, lora_linear, lora_linear_multi
 from lowrank.completion import als
 from lowrank.cur import cur, interpolation_matrix, interpolative
 from lowrank.factor import low_rank_factor
@@ -63,4 +63,5 @@ __all__ = [
     "adapter_size",
     "load_adapter",
     "save_adapter",
+    "lora_linear_multi",
 ]
