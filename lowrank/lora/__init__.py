@@ -2,18 +2,20 @@
 
 from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
 from lowrank.lora.init import LoRAFactors, extract_lora, pissa_factors
-from lowrank.lora.layers import LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
+from lowrank.lora.layers import BASE_ADAPTER, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
 from lowrank.lora.model import (
     inject_lora,
     lora_layers,
     lora_state_dict,
     mark_only_lora_trainable,
     merge_lora,
+    mixed_adapter_batch,
     remove_lora,
     unmerge_lora,
 )
 
 __all__ = [
+    "BASE_ADAPTER",
     "LoRAEmbedding",
     "LoRAFactors",
     "LoRALayer",
@@ -25,6 +27,7 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_trainable",
     "merge_lora",
+    "mixed_adapter_batch",
     "pissa_factors",
     "remove_lora",
     "unmerge_lora",

@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank._ops import lora_linear
+from lowrank._ops import lora_linear, lora_linear_multi
 from lowrank.lora.init import check_init, pissa_factors, reset_lora_factors_
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAMergedLinear", "LoRAEmbedding"]
+__all__ = ["BASE_ADAPTER", "LoRALayer", "LoRALinear", "LoRAMergedLinear", "LoRAEmbedding"]
+
+#: The adapter name that selects the base layer alone for a row of a mixed-adapter batch.
+BASE_ADAPTER = "__base__"
 
 
 def _check_dim(name: str, value: object) -> int:
@@ -52,6 +55,8 @@ class LoRALayer(nn.Module):
     # names of the two nn.ParameterDict attributes holding (first-applied, second-applied) factors
     _factor_names: tuple[str, str] = ("lora_A", "lora_B")
     weight: nn.Parameter
+    # Per-row adapter names of a mixed-adapter batch (set by lowrank.mixed_adapter_batch), else None.
+    _row_adapters: tuple[str, ...] | None = None
 
     def _init_adapter_state(self) -> None:
         self.lora_dropout = nn.ModuleDict()
@@ -229,6 +234,35 @@ class LoRALayer(nn.Module):
                 if name is None or adapter == name:
                     yield f"{attr}.{adapter}", param
 
+    def _row_adapter_ids(self, x: torch.Tensor, min_dim: int = 2) -> tuple[list[str], torch.Tensor]:
+        """For a mixed-adapter batch: the adapters this layer serves and each row's index into them.
+
+        Rows are the first dimension of ``x``; a row whose adapter is ``BASE_ADAPTER`` or an adapter this
+        layer does not hold gets ``-1`` (the base layer alone), as PEFT does for layers an adapter skips.
+        """
+        names = self._row_adapters
+        if x.dim() < min_dim or x.shape[0] != len(names):
+            raise ValueError(
+                f"mixed_adapter_batch got {len(names)} adapter names but this layer's input has shape "
+                f"{tuple(x.shape)}: give one name per row of the batch (the first dimension)"
+            )
+        if self.merged_adapters:
+            raise RuntimeError(
+                f"adapter {self.merged_adapters[0]!r} is merged into the weight; unmerge() before running a "
+                "mixed-adapter batch"
+            )
+        used = [n for n in dict.fromkeys(names) if n in self.r]
+        index = {n: i for i, n in enumerate(used)}
+        ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64).to(
+            x.device, non_blocking=True
+        )
+        if self.training and any(self.lora_dropout[n].__class__ is nn.Dropout for n in used):
+            raise NotImplementedError(
+                "mixed-adapter batches do not apply LoRA dropout: call model.eval() or use adapters made "
+                "with dropout=0 for mixed-batch training"
+            )
+        return used, ids
+
     def _active_unmerged(self) -> str | None:
         """The adapter ``forward`` must add, or None (no adapter, or merged)."""
         if self.merged_adapters:
@@ -369,7 +403,45 @@ class LoRALinear(LoRALayer):
         work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         return (B.to(work) @ A.to(work)) * self.scaling[name]
 
+    def _adapter_stacks(
+        self, used: list[str], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A_stack, B_stack, scales)`` of the adapters ``used``, zero-padded to their largest rank.
+
+        Padded rows of A and columns of B contribute nothing (see :func:`lowrank.lora_linear_multi`).
+        Without autograd (inference) the stacks are cached until an adapter's parameters change, so
+        serving a mixed batch copies no adapter weights per call; with autograd they are rebuilt each call
+        so that gradients reach every adapter's own parameters.
+        """
+        params = [getattr(self, attr)[n] for n in used for attr in self._factor_names]
+        key = (tuple(used), dtype, device, tuple((id(p), p._version) for p in params))
+        cached = getattr(self, "_stack_cache", None)
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+            return cached[1]
+        factors = [self._factors(n) for n in used]
+        rank = max(A.shape[0] for A, _ in factors)
+        A_stack = torch.stack([F.pad(A, (0, 0, 0, rank - A.shape[0])) for A, _ in factors]).to(dtype)
+        B_stack = torch.stack([F.pad(B, (0, rank - B.shape[1])) for _, B in factors]).to(dtype)
+        scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        scales = torch.tensor([self.scaling[n] for n in used], dtype=scale_dtype).to(device)
+        stacks = (A_stack, B_stack, scales)
+        self._stack_cache = (key, stacks) if not torch.is_grad_enabled() else None
+        return stacks
+
+    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """One :func:`lowrank.lora_linear_multi` call: each row of the batch uses its own adapter."""
+        used, ids = self._row_adapter_ids(x)
+        dtype = _compute_dtype(x, self.weight)
+        weight, bias = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        if not used:
+            return F.linear(x.to(dtype), weight, bias)
+        A_stack, B_stack, scales = self._adapter_stacks(used, dtype, x.device)
+        row_ids = ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        return lora_linear_multi(x.to(dtype), weight, A_stack, B_stack, row_ids, scales, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._row_adapters is not None:
+            return self._forward_mixed(x)
         name = self._active_unmerged()
         if name is None:
             return F.linear(x, self.weight, self.bias)
@@ -668,6 +740,16 @@ class LoRAEmbedding(LoRALayer):
             self.scale_grad_by_freq,
             self.sparse,
         )
+        if self._row_adapters is not None:
+            used, ids = self._row_adapter_ids(x, min_dim=1)
+            for j, name in enumerate(used):  # a loop over the adapters present (few), not over rows
+                rows = (ids == j).nonzero().flatten()
+                A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+                picked = F.embedding(
+                    x[rows], A.T, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse
+                )
+                out = out.index_add(0, rows, (picked @ B.T) * self.scaling[name])
+            return out
         name = self._active_unmerged()
         if name is None:
             return out

@@ -3,13 +3,14 @@ rest, collect the adapter state, merge / unmerge, and take the adapters out agai
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from lowrank.lora.layers import LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
+from lowrank.lora.layers import BASE_ADAPTER, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
 
 __all__ = [
     "inject_lora",
@@ -19,6 +20,7 @@ __all__ = [
     "unmerge_lora",
     "remove_lora",
     "lora_layers",
+    "mixed_adapter_batch",
 ]
 
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -345,3 +347,47 @@ def remove_lora(model: nn.Module, *, merge: bool = False) -> nn.Module:
             return plain
         _replace(model, name, plain)
     return model
+
+
+@contextlib.contextmanager
+def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Run batches whose rows use different adapters: row ``i`` of every LoRA layer's input uses
+    ``adapter_names[i]`` (``"__base__"``: the base model alone).
+
+    Inside the ``with`` block each LoRA linear layer makes one :func:`lowrank.lora_linear_multi` call for
+    the whole batch (one base GEMM, and each adapter present adds its low-rank term on its rows), instead
+    of one forward per adapter; the active adapter is ignored. The batch dimension is the first dimension
+    of each layer's input (``(batch, seq, features)`` in transformers). A layer that lacks one of the
+    adapters runs the base layer for those rows. Gradients reach every adapter used (training several
+    adapters in one batch), provided they have no dropout; merged layers are refused.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with LoRA layers (see :func:`inject_lora`).
+    adapter_names : sequence of str
+        One adapter name per batch row; each must exist in at least one layer, or be ``"__base__"``.
+
+    Examples
+    --------
+    >>> with lowrank.mixed_adapter_batch(model, ["sql", "__base__", "chat", "sql"]):
+    ...     logits = model(input_ids)  # input_ids: (4, seq)
+    """
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError("adapter_names must be a sequence of adapter names (str), one per batch row")
+    names = tuple(adapter_names)
+    layers = [layer for _, layer in lora_layers(model)]
+    if not layers:
+        raise ValueError("model has no LoRA layers; call inject_lora first")
+    known = {BASE_ADAPTER}.union(*(layer.r.keys() for layer in layers))
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"unknown adapter names {unknown}; adapters: {sorted(known - {BASE_ADAPTER})}")
+    previous = [layer._row_adapters for layer in layers]
+    for layer in layers:
+        layer._row_adapters = names
+    try:
+        yield model
+    finally:
+        for layer, before in zip(layers, previous):
+            layer._row_adapters = before
