@@ -34,8 +34,26 @@ def main() -> None:
         err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         assert err < tol, (M, n_in, n_out, r, dtype, offset, err)
+    # Mixed-adapter op: decode (gather kernels) and prefill (segments), misaligned x, -1 rows.
+    for M, n_in, n_out, r, offset in [(3, 64, 40, 4, 0), (5, 67, 33, 5, 1), (200, 96, 24, 8, 0)]:
+        dtype = torch.bfloat16
+        base = torch.randn(M * n_in + offset, device="cuda", dtype=dtype)
+        x = base[offset:].view(M, n_in)
+        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) / n_in**0.5
+        a = torch.randn(3, r, n_in, device="cuda", dtype=dtype) / n_in**0.5
+        b = torch.randn(3, n_out, r, device="cuda", dtype=dtype)
+        ids = torch.randint(-1, 3, (M,), device="cuda")
+        scales = torch.tensor([0.5, 1.0, 2.0], device="cuda")
+        y = lowrank.lora_linear_multi(x, w, a, b, ids, scales)
+        ref = x.double() @ w.double().T
+        for i in range(M):
+            j = int(ids[i])
+            if j >= 0:
+                ref[i] += scales[j].double() * (x[i].double() @ a[j].double().T) @ b[j].double().T
+        err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+        assert err < 3e-2, ("multi", M, n_in, n_out, r, offset, err)
     torch.cuda.synchronize()
-    print("memcheck cases ran:", len(cases))
+    print("memcheck cases ran:", len(cases) + 3)
 
 
 if __name__ == "__main__":
