@@ -119,13 +119,22 @@ class DenseOp(LinOp):
         self.device = A.device
 
     def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        if self._transposed_products:
+            return (X.mT @ self.A.mT).mT
         return self.A @ X
 
     def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        if self._transposed_products:
+            return (Y.mT @ self.A).mT
         return _adjoint(self.A) @ Y
 
-    def column_mean(self) -> torch.Tensor:
-        return self.A.mean(dim=-2).unsqueeze(-1)
+    @property
+    def _transposed_products(self) -> bool:
+        # On CPU, computing the transposed product (X^T A^T)^T, whose output is a row-major (b, m) block
+        # seen as a column-major (m, b) one, measured 1.0-1.5x faster than A @ X for thin X (fp32, 1 and 2
+        # threads, 1000-20000 rows, b = 16-150): the BLAS kernel then streams A along its rows. Column-major
+        # blocks are also what LAPACK (LU, triangular solves) wants. Real dtypes only (complex keeps A^H).
+        return self.device.type == "cpu" and not self.dtype.is_complex
 
     def fro_norm_sq(self) -> torch.Tensor:
         A = self.A

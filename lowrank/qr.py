@@ -45,11 +45,14 @@ def fukaya_shift(X: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Ten
     return 11.0 * (m * n + n * (n + 1)) * _unit_roundoff(X.dtype) * fro_sq
 
 
-def cholqr_pass(X: torch.Tensor, shift: torch.Tensor | float | None = None):
+def cholqr_pass(X: torch.Tensor, shift: torch.Tensor | float | None = None, *, by_inverse: bool = False):
     """One CholeskyQR pass: returns ``(Q, R, info)`` with ``X = Q R`` (no host synchronisation).
 
     ``shift`` (scalar or per-batch tensor) is added to the Gram diagonal. ``info > 0`` where the
-    Cholesky factorization broke down (then ``Q``/``R`` are meaningless).
+    Cholesky factorization broke down (then ``Q``/``R`` are meaningless). ``by_inverse=True`` applies
+    ``R^{-1}`` as a GEMM with the explicit (small) inverse instead of a triangular solve: use it only when
+    ``X`` is known to be well conditioned (e.g. already LU-normalised or nearly orthonormal), where the
+    two agree to rounding.
     """
     gram = _adjoint(X) @ X
     if shift is not None:
@@ -59,7 +62,13 @@ def cholqr_pass(X: torch.Tensor, shift: torch.Tensor | float | None = None):
         )
     lower, info = torch.linalg.cholesky_ex(gram)
     upper = _adjoint(lower)
-    Q = torch.linalg.solve_triangular(upper, X, upper=True, left=False)
+    if by_inverse:
+        # X R^{-1} = X (L^{-1})^H: one small triangular inverse and a GEMM, faster than a triangular
+        # solve with a tall right-hand side (measured 2x on CPU); accurate when R is well conditioned
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        Q = X @ _adjoint(torch.linalg.solve_triangular(lower, eye, upper=False))
+    else:
+        Q = torch.linalg.solve_triangular(upper, X, upper=True, left=False)
     return Q, upper, info
 
 

@@ -116,19 +116,30 @@ def _check_product(Y: torch.Tensor) -> None:
         raise ValueError("A contains NaN or Inf entries (or its products overflow)")
 
 
-def _basis(Y: torch.Tensor, robust: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Orthonormal basis of ``range(Y)`` and a breakdown flag (a tensor, never synchronised here).
+def _basis(
+    Y: torch.Tensor, robust: bool, against: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Orthonormal basis of ``range(Y)`` (minus ``range(against)``, an orthonormal basis, when given) and a
+    breakdown flag (a tensor, never synchronised here).
 
     Fast path: LU normalisation ``Y U^{-1} = P L`` (well conditioned whatever ``kappa(Y)``; as accurate a
-    span as ``Y`` itself) followed by CholeskyQR2, all level-3 BLAS. It breaks down only when ``Y`` is
-    numerically rank deficient; the caller then reruns with ``robust=True`` (Householder QR).
+    span as ``Y`` itself), projection against ``against`` (the second half of block classical Gram-Schmidt
+    with reorthogonalisation; the caller did the first before the LU), then CholeskyQR2 with the small
+    ``R^{-1}`` applied by GEMM, all level-3 BLAS. It breaks down only when ``Y`` is numerically rank
+    deficient; the caller then reruns with ``robust=True`` (Householder QR).
     """
     if robust:
+        if against is not None:
+            Y = Y - against @ (_adjoint(against) @ Y)
+            Y = Y - against @ (_adjoint(against) @ Y)
         return torch.linalg.qr(Y).Q, None
-    Q, _, info1 = cholqr_pass(orthonormalize(Y, "lu"))
-    Q, R, info2 = cholqr_pass(Q)
+    Y = orthonormalize(Y, "lu")
+    if against is not None:
+        Y = Y - against @ (_adjoint(against) @ Y)
+    Q, _, info1 = cholqr_pass(Y, by_inverse=True)
+    Q, R, info2 = cholqr_pass(Q, by_inverse=True)
     diag = torch.diagonal(R, dim1=-2, dim2=-1).real
-    bad = (info1 > 0) | (info2 > 0) | ((diag - 1).abs() > 0.5).any(-1)
+    bad = (info1 > 0) | (info2 > 0) | ((diag - 1).abs() > 0.5).any(-1) | ~torch.isfinite(diag).all(-1)
     return Q, bad
 
 
@@ -145,20 +156,29 @@ def _any_bad(flags: list) -> torch.Tensor | None:
 def _ritz(Q: torch.Tensor, W: torch.Tensor, k: int, robust: bool, flags: list) -> SVDResult:
     """Rayleigh-Ritz: ``A ~= Q Q^H A = Q W^H`` with ``W = A^H Q``; SVD of the small ``W``; top k.
 
-    ``W = Q_w R`` (``R = Q_w^H W``, a GEMM, so as accurate as LAPACK's own reduction), then the SVD of the
-    small ``R``: ``A ~= (Q Vr) S (Q_w Ur)^H``.
+    fp32 (and fp16/bf16 computed in fp32): eigen-decomposition of the ``s x s`` Gram matrix ``W^H W``
+    formed in fp64 (exact products of fp32 numbers, so the squared conditioning costs nothing at fp32
+    accuracy), then ``V = W Z S^{-1}`` in fp64: orthonormal to fp32 rounding, two small GEMMs on the
+    short side (measured 2x faster than an LU + CholeskyQR2 reduction of ``W`` and 1.4x faster than
+    ``torch.linalg.svd(W)`` for ``W`` of 4096 x 160 on CPU). Other dtypes: ``torch.linalg.svd(W)``.
     """
-    if robust:
-        Uw, S, Vwh = torch.linalg.svd(W, full_matrices=False)
+    if W.dtype == torch.float32 and not robust:
+        W64 = W.to(torch.float64)
+        gram = _adjoint(W64) @ W64
+        evals, Z = torch.linalg.eigh(gram)  # ascending
+        Zk = Z[..., :, -k:].flip(-1)
+        S = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
+        inv = torch.where(S > 0, 1 / S, torch.zeros_like(S))
+        Vh = _adjoint((W64 @ Zk) * inv[..., None, :]).to(W.dtype)
+        U = Q @ Zk.to(Q.dtype)
+        S = S.to(W.dtype)
     else:
-        Qw, bad = _basis(W, robust=False)
-        flags.append(bad)
-        Ur, S, Vwh = torch.linalg.svd(_adjoint(Qw) @ W)
-        Uw = Qw @ Ur[..., :, :k]
-    U = Q @ _adjoint(Vwh[..., :k, :])
-    Vh = _adjoint(Uw[..., :, :k])
+        Uw, S, Vwh = torch.linalg.svd(W, full_matrices=False)
+        U = Q @ _adjoint(Vwh[..., :k, :])
+        Vh = _adjoint(Uw[..., :, :k])
+        S = S[..., :k]
     U, Vh = _flip_signs(U, Vh)
-    return SVDResult(U, S[..., :k], Vh)
+    return SVDResult(U, S, Vh)
 
 
 def _exact(op: LinOp, k: int) -> SVDResult:
@@ -356,37 +376,44 @@ def _subspace(
     return _ritz(Q, op.rmatmul(Q), k, robust, flags)
 
 
+def _column_major(op: LinOp, rows: int, cols: int) -> torch.Tensor:
+    """An uninitialised ``(*batch, rows, cols)`` buffer stored column by column (what LAPACK wants)."""
+    return torch.empty(*op.batch_shape, cols, rows, dtype=op.dtype, device=op.device).mT
+
+
 def _block_krylov(
     op: LinOp, gen: torch.Generator, k: int, block: int, n_iter: int, *, robust: bool, flags: list
 ) -> SVDResult:
     """Randomized block Krylov (Musco & Musco 2015) with blockwise reorthogonalisation (BCGS2).
 
     The orthonormal basis ``[Q_0, ..., Q_q]`` of ``span{A G, (A A^H) A G, ..., (A A^H)^q A G}`` is built
-    block by block; ``A^H Q_i``, needed for the next block anyway, is kept, so that ``Q^H A`` costs one
-    extra pass only: ``2 n_iter + 2`` passes of ``block`` columns for a subspace of
-    ``(n_iter + 1) block`` columns.
+    block by block in one preallocated buffer; ``A^H Q_i``, needed for the next block anyway, is kept, so
+    that ``Q^H A`` costs one extra pass only: ``2 n_iter + 2`` passes of ``block`` columns for a subspace
+    of ``(n_iter + 1) block`` columns. Each new block is projected against the basis, LU-normalised,
+    projected again and orthonormalised by CholeskyQR2 (see :func:`_basis`).
     """
-    n = op.shape[1]
+    m, n = op.shape
+    width = (n_iter + 1) * block
+    basis = _column_major(op, m, width)
+    images = _column_major(op, n, width)
     Y = op.matmul(_gaussian(op, n, block, gen))
     _check_product(Y)
     Q, bad = _basis(Y, robust)
     flags.append(bad)
-    bases = [Q]
-    images = []
+    basis[..., :, :block] = Q
     scheme = "qr" if robust else "lu"
-    for _ in range(n_iter):
+    for i in range(n_iter):
+        lo, hi = i * block, (i + 1) * block
         W = op.rmatmul(Q)
-        images.append(W)
+        images[..., :, lo:hi] = W
         Y = op.matmul(orthonormalize(W, scheme))
-        basis = torch.cat(bases, dim=-1)
-        Y = Y - basis @ (_adjoint(basis) @ Y)
-        Y = orthonormalize(Y, scheme)
-        Y = Y - basis @ (_adjoint(basis) @ Y)
-        Q, bad = _basis(Y, robust)
+        previous = basis[..., :, :hi]
+        Y = Y - previous @ (_adjoint(previous) @ Y)
+        Q, bad = _basis(Y, robust, against=previous)
         flags.append(bad)
-        bases.append(Q)
-    images.append(op.rmatmul(Q))
-    return _ritz(torch.cat(bases, dim=-1), torch.cat(images, dim=-1), k, robust, flags)
+        basis[..., :, hi : hi + block] = Q
+    images[..., :, n_iter * block :] = op.rmatmul(Q)
+    return _ritz(basis, images, k, robust, flags)
 
 
 def _deflate_cols(AX, X, Q_all, W_all):
