@@ -226,17 +226,6 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
 
 
 if __name__ == "__main__":
-    import argparse
+    from benchmarks.report import standalone_main
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true")
-    args = parser.parse_args()
-    res = run(quick=not args.full, device="cpu")
-    for table in res.tables:
-        print(f"\n### {table.title}\n")
-        print("| " + " | ".join(table.columns) + " |")
-        print("|" + "---|" * len(table.columns))
-        for row in table.rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
-        for note in table.notes:
-            print(f"\n{note}")
+    standalone_main(run, __doc__.splitlines()[0])

@@ -421,12 +421,6 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
 
 
 if __name__ == "__main__":
-    outcome = run(quick=True, device="cpu")
-    for table in outcome.tables:
-        print(f"\n## {table.title}\n")
-        print("| " + " | ".join(table.columns) + " |")
-        print("|" + "---|" * len(table.columns))
-        for row in table.rows:
-            print("| " + " | ".join(str(cell) for cell in row) + " |")
-        for note in table.notes:
-            print(f"\n{note}")
+    from benchmarks.report import standalone_main
+
+    standalone_main(run, __doc__.splitlines()[0])

@@ -268,18 +268,6 @@ def _training_table(device, dtype, quick, result) -> Table:
 
 
 if __name__ == "__main__":
-    import argparse
+    from benchmarks.report import standalone_main
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--full", action="store_true")
-    args = parser.parse_args()
-    res = run(quick=not args.full, device=args.device)
-    for table in res.tables:
-        print(f"\n### {table.title}\n")
-        print("| " + " | ".join(table.columns) + " |")
-        print("|" + "---|" * len(table.columns))
-        for row in table.rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
-    for note in res.notes:
-        print(note)
+    standalone_main(run, __doc__.splitlines()[0])

@@ -16,7 +16,6 @@ count; the base weights (allocated before the step) do not.
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 
@@ -181,24 +180,6 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
 
 
 if __name__ == "__main__":
-    import argparse
+    from benchmarks.report import standalone_main
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--full", action="store_true")
-    args = parser.parse_args()
-    try:
-        res = run(quick=not args.full, device=args.device)
-    except SkipBenchmark as skip:
-        print(f"skipped: {skip}")
-        sys.exit(0)
-    for table in res.tables:
-        print(f"\n### {table.title}\n")
-        print("| " + " | ".join(table.columns) + " |")
-        print("|" + "---|" * len(table.columns))
-        for row in table.rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
-        for note in table.notes:
-            print(note)
-    for note in res.notes:
-        print(note)
+    standalone_main(run, __doc__.splitlines()[0])

@@ -231,13 +231,6 @@ def run(*, quick: bool, device: str = "cpu") -> BenchResult:
 
 
 if __name__ == "__main__":
-    outcome = run(quick=True, device="cuda" if torch.cuda.is_available() else "cpu")
-    for table in outcome.tables:
-        print(f"\n{table.title}")
-        print(" | ".join(table.columns))
-        for row in table.rows:
-            print(" | ".join(str(c) for c in row))
-        for note in table.notes:
-            print(f"  note: {note}")
-    for note in outcome.notes:
-        print(f"note: {note}")
+    from benchmarks.report import standalone_main
+
+    standalone_main(run, __doc__.splitlines()[0])

@@ -16,10 +16,11 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BenchResult, Plot, Table, Timing, fmt_timing
+from benchmarks.common import BenchResult, Plot, SkipBenchmark, Table, Timing, fmt_timing
 
 #: Seconds the whole quick suite may take on 2 CPU cores (issue 7), and one module in quick mode.
 QUICK_BUDGET_S = 300.0
@@ -113,6 +114,31 @@ def markdown_tables(result: BenchResult) -> str:
     parts += [f"- {note}" for note in result.notes]
     parts += [markdown_table(table) for table in result.tables]
     return "\n\n".join(parts) + "\n"
+
+
+def standalone_main(run: Callable[..., BenchResult], description: str | None = None) -> None:
+    """The command line of one benchmark module: ``python -m benchmarks.bench_x [--full] [--device D]``.
+
+    Runs the module once (quick unless ``--full``; ``--device auto`` is CUDA when available) and prints
+    its tables as markdown. The suite runner (``python -m benchmarks``) is the way to get files and plots.
+    """
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--full", action="store_true", help="the full sizes (default: quick)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    args = parser.parse_args()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        result = run(quick=not args.full, device=device)
+    except SkipBenchmark as skip:
+        print(f"skipped: {skip}")
+        return
+    print(markdown_tables(result))
 
 
 def _machine_lines(machine: dict[str, Any], ceilings: dict[str, Any] | None) -> list[str]:
