@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -26,3 +29,24 @@ def test_extension_reports_its_build():
     assert lowrank.WITH_CUDA in (True, False)
     if torch.version.cuda is None:
         assert not lowrank.WITH_CUDA
+
+
+def _import_in_subprocess(prelude: str) -> subprocess.CompletedProcess:
+    code = f"{prelude}\nimport lowrank\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_missing_extension_says_how_to_rebuild():
+    result = _import_in_subprocess("import sys; sys.modules['lowrank._C'] = None")
+    assert result.returncode != 0
+    assert "ImportError: lowrank's compiled extension lowrank._C could not be loaded" in result.stderr
+    assert "pip install --no-build-isolation -e ." in result.stderr
+
+
+def test_extension_built_for_another_torch_says_how_to_rebuild():
+    result = _import_in_subprocess("import torch; torch.__version__ = '9.9.9+cpu'")
+    assert result.returncode != 0
+    assert (
+        f"built against torch {torch.__version__.split('+')[0]} but torch 9.9.9 is installed" in result.stderr
+    )
+    assert "pip install --no-build-isolation -e ." in result.stderr
