@@ -96,3 +96,19 @@ def test_bad_inputs():
 
     with pytest.raises(ValueError, match="matmul returned shape"):
         as_linop(WrongShape()).matmul(torch.ones(25, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "batched", "complex"])
+def test_dense_products_any_layout(layout):
+    # CPU dense products are computed as (X^T A^T)^T; they must equal A @ X whatever A's strides
+    rng = np.random.default_rng(11)
+    M = rng.standard_normal((2, 30, 20)) if layout == "batched" else rng.standard_normal((30, 20))
+    if layout == "complex":
+        M = M + 1j * rng.standard_normal(M.shape)
+    A = torch.from_numpy(M.T.copy()).mT if layout == "column-major" else torch.from_numpy(M)
+    op = as_linop(A)
+    X = rng.standard_normal((20, 4))
+    Y = rng.standard_normal((30, 3))
+    MH = np.conj(np.swapaxes(M, -1, -2))
+    np.testing.assert_allclose(op.matmul(torch.from_numpy(X).to(A.dtype)).numpy(), M @ X, atol=1e-12)
+    np.testing.assert_allclose(op.rmatmul(torch.from_numpy(Y).to(A.dtype)).numpy(), MH @ Y, atol=1e-12)

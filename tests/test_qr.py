@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lowrank
-from lowrank.qr import orthonormalize
+from lowrank.qr import cholqr_pass, orthonormalize
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,6 +90,18 @@ def test_orthonormalize_spans_the_same_space(scheme):
     P = X.numpy() @ np.linalg.pinv(X.numpy())  # projector onto range(X)
     np.testing.assert_allclose(P @ B, B, atol=1e-8)
     assert np.linalg.matrix_rank(B) == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cholqr_pass_by_inverse_matches_triangular_solve(dtype):
+    X = torch.from_numpy(conditioned(200, 12, 10.0, seed=6)).to(dtype)
+    Q_solve, R_solve, info_solve = cholqr_pass(X)
+    Q_inv, R_inv, info_inv = cholqr_pass(X, by_inverse=True)
+    assert int(info_solve) == 0 and int(info_inv) == 0
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(R_inv, R_solve, rtol=0, atol=tol)
+    torch.testing.assert_close(Q_inv, Q_solve, rtol=0, atol=tol)
+    np.testing.assert_allclose((Q_inv @ R_inv).double().numpy(), X.double().numpy(), atol=10 * tol)
 
 
 def test_bad_inputs():

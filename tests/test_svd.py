@@ -119,6 +119,19 @@ def test_krylov_more_accurate_per_pass_than_subspace():
     assert kry - opt < 0.5 * (sub - opt)
 
 
+def test_one_krylov_iteration_beats_torch_configuration():
+    # n_iter=1 (4 passes, wider default block) must be at least as accurate as subspace iteration with
+    # torch.svd_lowrank's defaults (q = k + 10 columns, niter=2: 6 passes) -- the documented quality knob
+    A, s = make_matrix(400, 300, slow_decay, seed=12)
+    k = 20
+    opt = optimal_error(s, k)
+    fast = recon_error(A, lowrank.rsvd(torch.from_numpy(A), k, method="krylov", n_iter=1, seed=0))
+    torch_like = recon_error(
+        A, lowrank.rsvd(torch.from_numpy(A), k, method="subspace", oversample=10, n_iter=2, seed=0)
+    )
+    assert opt <= fast <= torch_like
+
+
 @pytest.mark.parametrize("method", ["subspace", "krylov"])
 def test_rank_deficient_falls_back_robustly(method):
     # rank 6 < sketch width: the fast CholeskyQR path breaks down and the Householder rerun must fix it
