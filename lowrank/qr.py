@@ -32,6 +32,14 @@ def _unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+def matmul_like(X: torch.Tensor, M: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``X @ M`` stored like ``like``: column-major when ``like`` is, so that elementwise updates between
+    the two (``Y - Q C``) stream through memory instead of striding (measured 5x slower on CPU)."""
+    if like.mT.is_contiguous() and not like.is_contiguous():
+        return (M.mT @ X.mT).mT
+    return X @ M
+
+
 def fukaya_shift(X: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     """The shift ``11 (m n + n (n + 1)) u ||X||^2`` of Fukaya et al. (2020), ``||X||_F`` bounding ``||X||_2``.
 
@@ -66,7 +74,7 @@ def cholqr_pass(X: torch.Tensor, shift: torch.Tensor | float | None = None, *, b
         # X R^{-1} = X (L^{-1})^H: one small triangular inverse and a GEMM, faster than a triangular
         # solve with a tall right-hand side (measured 2x on CPU); accurate when R is well conditioned
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        Q = X @ _adjoint(torch.linalg.solve_triangular(lower, eye, upper=False))
+        Q = matmul_like(X, _adjoint(torch.linalg.solve_triangular(lower, eye, upper=False)), X)
     else:
         Q = torch.linalg.solve_triangular(upper, X, upper=True, left=False)
     return Q, upper, info

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from lowrank._linop import CenteredOp, LinOp, as_linop
-from lowrank.qr import cholqr_pass, orthonormalize
+from lowrank.qr import cholqr_pass, matmul_like, orthonormalize
 
 __all__ = ["SVDResult", "rsvd", "svd", "svd_error"]
 
@@ -111,8 +111,16 @@ def _gaussian(op: LinOp, rows: int, cols: int, gen: torch.Generator) -> torch.Te
 
 
 def _check_product(Y: torch.Tensor) -> None:
-    """One synchronisation per call: NaN/Inf in A shows in its first product with a Gaussian matrix."""
-    if not bool(torch.isfinite(Y).all()):
+    """One synchronisation per call: NaN/Inf in A shows in its first product with a Gaussian matrix.
+
+    fp32 (and lower) blocks are checked through their sum in fp64, one read of ``Y`` instead of four
+    (a sum of finite fp32 numbers cannot overflow in fp64; NaN and Inf propagate into it).
+    """
+    if Y.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        finite = torch.isfinite(Y.sum(dtype=torch.float64))
+    else:
+        finite = torch.isfinite(Y).all()
+    if not bool(finite):
         raise ValueError("A contains NaN or Inf entries (or its products overflow)")
 
 
@@ -120,7 +128,7 @@ def _project_out(Y: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
     """``Y - B B^H Y`` for ``B = [blocks...]`` (orthonormal), block by block: no concatenated copy of B."""
     coefs = [_adjoint(Q) @ Y for Q in blocks]
     for Q, C in zip(blocks, coefs):
-        Y = Y - Q @ C
+        Y = Y - matmul_like(Q, C, Y)
     return Y
 
 
@@ -130,16 +138,27 @@ def _basis(
     """Orthonormal basis of ``range(Y)`` (minus the span of the orthonormal blocks ``against``, when given)
     and a breakdown flag (a tensor, never synchronised here).
 
-    Fast path: LU normalisation ``Y U^{-1} = P L`` (well conditioned whatever ``kappa(Y)``; as accurate a
-    span as ``Y`` itself), projection against ``against`` (the second half of block classical Gram-Schmidt
-    with reorthogonalisation; the caller did the first before the LU), then CholeskyQR2 with the small
-    ``R^{-1}`` applied by GEMM, all level-3 BLAS. It breaks down only when ``Y`` is numerically rank
-    deficient; the caller then reruns with ``robust=True`` (Householder QR).
+    Fast path on CUDA (and other non-CPU devices): LU normalisation ``Y U^{-1} = P L`` (well conditioned
+    whatever ``kappa(Y)``; as accurate a span as ``Y`` itself), projection against ``against`` (the second
+    half of block classical Gram-Schmidt with reorthogonalisation; the caller did the first before the
+    LU), then CholeskyQR2 with the small ``R^{-1}`` applied by GEMM, all level-3 BLAS. It breaks down only
+    when ``Y`` is numerically rank deficient; the caller then reruns with ``robust=True``. On CPU:
+    Householder QR, projection, one CholeskyQR pass (faster there, see the comment in the code).
     """
     if robust:
         if against:
             Y = _project_out(_project_out(Y, against), against)
         return torch.linalg.qr(Y).Q, None
+    if Y.device.type == "cpu":
+        # LAPACK's Householder QR measured 1.5-1.9x faster than LU + CholeskyQR2 on CPU (blocks of
+        # 4096-20000 rows, 70-150 columns, 1 and 2 threads) and never breaks down; after the projection
+        # the block is orthonormal up to the projected-out part, so one CholeskyQR pass restores it
+        Q = torch.linalg.qr(Y).Q
+        if not against:
+            return Q, None
+        Q, R, info = cholqr_pass(_project_out(Q, against), by_inverse=True)
+        diag = torch.diagonal(R, dim1=-2, dim2=-1).real
+        return Q, (info > 0) | ((diag - 1).abs() > 0.5).any(-1) | ~torch.isfinite(diag).all(-1)
     Y = orthonormalize(Y, "lu")
     if against:
         Y = _project_out(Y, against)
@@ -185,7 +204,7 @@ def _ritz(
         Zk = Z[..., :, -k:].flip(-1)
         S = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
         inv = torch.where(S > 0, 1 / S, torch.zeros_like(S))
-        V, _, info = cholqr_pass(W @ (Zk * inv[..., None, :]).to(W.dtype), by_inverse=True)
+        V, _, info = cholqr_pass(matmul_like(W, (Zk * inv[..., None, :]).to(W.dtype), W), by_inverse=True)
         flags.append(info > 0)
         Vh = _adjoint(V)
         S = S.to(W.dtype)
@@ -199,7 +218,7 @@ def _ritz(
     lo = 0
     for block in Q_blocks:
         hi = lo + block.shape[-1]
-        part = block @ Zk[..., lo:hi, :]
+        part = matmul_like(block, Zk[..., lo:hi, :], block)
         U = part if U is None else U + part
         lo = hi
     U, Vh = _flip_signs(U, Vh)
