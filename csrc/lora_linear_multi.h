@@ -213,6 +213,13 @@ inline std::vector<double> scales_to_host(const at::Tensor& scales_cpu) {
   return std::vector<double>(s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
 }
 
+// Gives a fresh, contiguous (rows, out) result the op's output shape in place, so the op returns an
+// ordinary tensor rather than a view of a 2-D temporary (views as outputs trip FSDP2 and in-place users).
+inline at::Tensor with_output_shape(at::Tensor y, c10::IntArrayRef sizes) {
+  y.resize_(sizes);
+  return y;
+}
+
 // Forward through BLAS: one base GEMM for all rows (with the bias), then for every adapter segment a
 // shrink GEMM (M_a x r) and an expand GEMM accumulated into the segment's rows of y (alpha = scales[a]).
 // Contiguous layout: the expand accumulates in place into y's row slice. Sorted layout: the rows are

@@ -33,7 +33,7 @@ at::Tensor lora_linear_multi_cpu(const at::Tensor& x, const at::Tensor& weight, 
   const at::Tensor x2 = x.reshape({shape.rows, shape.in_features}).contiguous();
   const at::Tensor y =
       lora_linear_multi_composite(x2, weight, lora_A, lora_B, scales_to_host(scales), bias, groups);
-  return y.view(shape.out_sizes);
+  return with_output_shape(y, shape.out_sizes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_backward_cpu(

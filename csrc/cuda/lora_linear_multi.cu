@@ -200,7 +200,7 @@ at::Tensor lora_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight,
   const bool decode = (shape.rows <= kDecodeMaxRows || few_rows_per_adapter) && fits;
   if (decode) {
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    if (groups.grouped_rows == 0 || shape.out_features == 0) return y.view(shape.out_sizes);
+    if (groups.grouped_rows == 0 || shape.out_features == 0) return with_output_shape(y, shape.out_sizes);
     const at::Tensor ids = adapter_ids.reshape({-1}).contiguous();
     const at::Tensor A = lora_A.contiguous();
     const at::Tensor B = lora_B.contiguous();
@@ -211,13 +211,13 @@ at::Tensor lora_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight,
         launch_bgmv<scalar_t, int64_t>(x2, A, B, ids, scales, y);
       }
     });
-    return y.view(shape.out_sizes);
+    return with_output_shape(y, shape.out_sizes);
   }
   AdapterGroups device_groups = groups;
   if (!groups.contiguous) device_groups.perm = groups.perm.to(x.device());
   const at::Tensor y =
       lora_linear_multi_composite(x2, weight, lora_A, lora_B, scales_to_host(scales.cpu()), bias, device_groups);
-  return y.view(shape.out_sizes);
+  return with_output_shape(y, shape.out_sizes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_backward_cuda(
