@@ -24,9 +24,9 @@ struct LoraLinearShape {
 // Validates the arguments of lora_linear and returns the problem sizes. Shape and dtype errors raise
 // ValueError / TypeError in Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) and name the argument.
 // check_devices is false for the Meta kernel (fake tensors carry no real device to compare).
-inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
-                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                              const c10::optional<at::Tensor>& bias, bool check_devices) {
+inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                                              const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias,
+                                              bool check_devices) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "lora_linear: x must have shape (..., in_features), got a 0-d tensor");
   TORCH_CHECK_VALUE(weight.dim() == 2, "lora_linear: weight must be 2-D (out_features, in_features), got ",
                     weight.dim(), "-D shape ", weight.sizes());
@@ -42,8 +42,8 @@ inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Ten
   TORCH_CHECK_VALUE(r >= 1, "lora_linear: lora_A must have rank r >= 1 rows, got shape ", lora_A.sizes());
   TORCH_CHECK_VALUE(lora_A.size(1) == in, "lora_linear: lora_A has shape ", lora_A.sizes(),
                     " but x has in_features=", in, "; expected lora_A of shape (r, ", in, ")");
-  TORCH_CHECK_VALUE(lora_B.size(0) == out && lora_B.size(1) == r, "lora_linear: lora_B has shape ",
-                    lora_B.sizes(), " but expected (out_features, r) = (", out, ", ", r, ")");
+  TORCH_CHECK_VALUE(lora_B.size(0) == out && lora_B.size(1) == r, "lora_linear: lora_B has shape ", lora_B.sizes(),
+                    " but expected (out_features, r) = (", out, ", ", r, ")");
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "lora_linear: x must be a floating-point tensor, got ",
                    x.scalar_type());
   const auto check_same_dtype = [&](const at::Tensor& t, const char* name) {
@@ -54,8 +54,8 @@ inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Ten
   check_same_dtype(lora_A, "lora_A");
   check_same_dtype(lora_B, "lora_B");
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "lora_linear: bias must have shape (", out,
-                      ",), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "lora_linear: bias must have shape (", out, ",), got ",
+                      bias->sizes());
     check_same_dtype(*bias, "bias");
   }
   if (check_devices) {
@@ -81,8 +81,7 @@ inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Ten
 // temporary. x2 is the (M, in) view of x; the result is allocated with the final shape `out_sizes` (a
 // fresh tensor, not a view of one, so autograd and FSDP see an ordinary output).
 inline at::Tensor lora_linear_composite(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
-                                        const at::Tensor& lora_B, double scale,
-                                        const c10::optional<at::Tensor>& bias,
+                                        const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias,
                                         const std::vector<int64_t>& out_sizes) {
   at::Tensor u = at::mm(x2, lora_A.t());  // (M, r): scaling it is cheaper than scaling (M, out)
   if (scale != 1.0) u.mul_(scale);

@@ -27,8 +27,8 @@ struct LoraMultiShape {
   int64_t rows;  // M: number of rows of x once its leading dims are flattened
   int64_t in_features;
   int64_t out_features;
-  int64_t rank;          // r: the (padded) rank shared by every adapter
-  int64_t num_adapters;  // N
+  int64_t rank;                    // r: the (padded) rank shared by every adapter
+  int64_t num_adapters;            // N
   std::vector<int64_t> out_sizes;  // x.shape[:-1] + (out_features,)
 };
 
@@ -43,10 +43,10 @@ inline LoraMultiShape check_lora_linear_multi_args(const char* op, const at::Ten
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape (..., in_features), got a 0-d tensor");
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", weight.dim(),
                     "-D shape ", weight.sizes());
-  TORCH_CHECK_VALUE(lora_A.dim() == 3, op, ": lora_A must be 3-D (num_adapters, r, in_features), got ",
-                    lora_A.dim(), "-D shape ", lora_A.sizes());
-  TORCH_CHECK_VALUE(lora_B.dim() == 3, op, ": lora_B must be 3-D (num_adapters, out_features, r), got ",
-                    lora_B.dim(), "-D shape ", lora_B.sizes());
+  TORCH_CHECK_VALUE(lora_A.dim() == 3, op, ": lora_A must be 3-D (num_adapters, r, in_features), got ", lora_A.dim(),
+                    "-D shape ", lora_A.sizes());
+  TORCH_CHECK_VALUE(lora_B.dim() == 3, op, ": lora_B must be 3-D (num_adapters, out_features, r), got ", lora_B.dim(),
+                    "-D shape ", lora_B.sizes());
   const int64_t in = x.size(-1);
   const int64_t out = weight.size(0);
   const int64_t n = lora_A.size(0);
@@ -61,8 +61,8 @@ inline LoraMultiShape check_lora_linear_multi_args(const char* op, const at::Ten
                     "; expected lora_A of shape (num_adapters, r, ", in, ")");
   TORCH_CHECK_VALUE(lora_B.size(0) == n && lora_B.size(1) == out && lora_B.size(2) == r, op, ": lora_B has shape ",
                     lora_B.sizes(), " but expected (num_adapters, out_features, r) = (", n, ", ", out, ", ", r, ")");
-  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == n, op, ": scales must have shape (num_adapters,) = (",
-                    n, ",), got ", scales.sizes());
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == n, op, ": scales must have shape (num_adapters,) = (", n,
+                    ",), got ", scales.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got ",
                    x.scalar_type());
   TORCH_CHECK_TYPE(at::isFloatingType(scales.scalar_type()), op, ": scales must be a floating-point tensor, got ",
@@ -112,16 +112,15 @@ inline LoraMultiShape check_lora_linear_multi_args(const char* op, const at::Ten
 // Rows with id -1 belong to no segment. Adapters with no rows have no segment.
 struct AdapterGroups {
   bool contiguous = true;
-  int64_t grouped_rows = 0;       // M': rows with an adapter
-  std::vector<int64_t> adapter;   // adapter of each segment
-  std::vector<int64_t> start;     // first row (contiguous) or first position in perm (sorted)
-  std::vector<int64_t> length;    // rows in the segment
-  at::Tensor perm;                // sorted layout only: (M',) int64 on the host
+  int64_t grouped_rows = 0;      // M': rows with an adapter
+  std::vector<int64_t> adapter;  // adapter of each segment
+  std::vector<int64_t> start;    // first row (contiguous) or first position in perm (sorted)
+  std::vector<int64_t> length;   // rows in the segment
+  at::Tensor perm;               // sorted layout only: (M',) int64 on the host
 };
 
 template <typename id_t>
-inline AdapterGroups group_rows_by_adapter_impl(const id_t* ids, int64_t rows, int64_t num_adapters,
-                                                const char* op) {
+inline AdapterGroups group_rows_by_adapter_impl(const id_t* ids, int64_t rows, int64_t num_adapters, const char* op) {
   AdapterGroups groups;
   std::vector<int64_t> counts(static_cast<size_t>(num_adapters), 0);
   int64_t runs = 0, distinct = 0;
@@ -129,8 +128,7 @@ inline AdapterGroups group_rows_by_adapter_impl(const id_t* ids, int64_t rows, i
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t a = static_cast<int64_t>(ids[i]);
     TORCH_CHECK_VALUE(a >= -1 && a < num_adapters, op, ": adapter_ids[", i, "] = ", a,
-                      " is out of range; ids must be -1 (base only) or in [0, num_adapters) = [0, ", num_adapters,
-                      ")");
+                      " is out of range; ids must be -1 (base only) or in [0, num_adapters) = [0, ", num_adapters, ")");
     if (a >= 0) {
       if (counts[a] == 0) ++distinct;
       ++counts[a];
@@ -225,9 +223,8 @@ inline at::Tensor with_output_shape(at::Tensor y, c10::IntArrayRef sizes) {
 // Contiguous layout: the expand accumulates in place into y's row slice. Sorted layout: the rows are
 // gathered once (index_select), the segment products written into one (M' x out) buffer, and scattered
 // back with one index_add_. x2: (M, in) contiguous. groups.perm must be on x2's device when sorted.
-inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Tensor& weight,
-                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                              const std::vector<double>& scale_values,
+inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
+                                              const at::Tensor& lora_B, const std::vector<double>& scale_values,
                                               const c10::optional<at::Tensor>& bias, const AdapterGroups& groups) {
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   if (groups.grouped_rows == 0) return y;
@@ -263,10 +260,12 @@ inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Te
 //   grad_A[a] = s gu_a^T X_a,  grad_B[a] = s G_a^T u_a,  grad_scales[a] = <gu_a, u_a>,
 //   grad_x = grad_out W + (rows of a) s gu_a A_a.
 // Outputs not asked for in mask (x, lora_A, lora_B, scales) come back as empty (0,) tensors.
-inline std::vector<at::Tensor> lora_linear_multi_backward_composite(
-    const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& scales, const std::vector<double>& scale_values,
-    const AdapterGroups& groups, std::array<bool, 4> mask) {
+inline std::vector<at::Tensor> lora_linear_multi_backward_composite(const at::Tensor& g2, const at::Tensor& x2,
+                                                                    const at::Tensor& weight, const at::Tensor& lora_A,
+                                                                    const at::Tensor& lora_B, const at::Tensor& scales,
+                                                                    const std::vector<double>& scale_values,
+                                                                    const AdapterGroups& groups,
+                                                                    std::array<bool, 4> mask) {
   const int64_t n = lora_A.size(0);
   const auto none = [&](const at::TensorOptions& opts) { return at::empty({0}, opts); };
   at::Tensor grad_x = mask[0] ? at::mm(g2, weight) : none(x2.options());

@@ -1,10 +1,9 @@
 // The lowrank operator library: every op schema, declared once. Backends register in csrc/cpu and
 // csrc/cuda; the Meta (fake tensor) kernels live here because they share the argument checks of the
 // real kernels (one source of truth for shapes and error messages).
-#include <Python.h>
-
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <Python.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
@@ -20,9 +19,9 @@ PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "lowrank compiled operators", -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
-  PyModule_AddStringConstant(module, "torch_version",
-                             LOWRANK_STR(TORCH_VERSION_MAJOR) "." LOWRANK_STR(TORCH_VERSION_MINOR) "." LOWRANK_STR(
-                                 TORCH_VERSION_PATCH));
+  PyModule_AddStringConstant(
+      module, "torch_version",
+      LOWRANK_STR(TORCH_VERSION_MAJOR) "." LOWRANK_STR(TORCH_VERSION_MINOR) "." LOWRANK_STR(TORCH_VERSION_PATCH));
 #ifdef LOWRANK_WITH_CUDA
   PyModule_AddIntConstant(module, "with_cuda", 1);
 #else
@@ -63,8 +62,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_bac
 
 TORCH_LIBRARY(lowrank, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias) -> Tensor");
-  m.def("lora_linear_multi(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor adapter_ids, Tensor scales, Tensor? bias) -> Tensor");
-  m.def("lora_linear_multi_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor adapter_ids, Tensor scales, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lora_linear_multi(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor adapter_ids, Tensor scales, "
+      "Tensor? bias) -> Tensor");
+  m.def(
+      "lora_linear_multi_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor "
+      "adapter_ids, Tensor scales, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lowrank, Meta, m) {

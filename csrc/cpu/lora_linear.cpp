@@ -4,10 +4,10 @@
 // written first (with the bias), then the base GEMM accumulates into it with beta = 1. That keeps the op
 // within a few percent of F.linear: the extra FLOPs are 2 M r (in + out), r/out of the base, and no
 // (M x out) temporary is written or read beyond what F.linear with a bias does (see benchmarks/bench_lora.py).
+#include "lora_linear.h"
+
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
-
-#include "lora_linear.h"
 
 namespace lowrank {
 

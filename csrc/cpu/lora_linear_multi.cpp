@@ -11,10 +11,10 @@
 // Parallelism: every step is a BLAS call or an ATen gather/scatter that is already multithreaded; a
 // parallel_for over adapters would only pay for many adapters with very small in/out (measured: the
 // segment GEMMs are a few percent of the base GEMM at 4096 x 4096, see benchmarks/bench_multi.py).
+#include "lora_linear_multi.h"
+
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
-
-#include "lora_linear_multi.h"
 
 namespace lowrank {
 
@@ -26,13 +26,11 @@ constexpr const char* kBackward = "lora_linear_multi_backward";
 at::Tensor lora_linear_multi_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                                  const at::Tensor& lora_B, const at::Tensor& adapter_ids, const at::Tensor& scales,
                                  const c10::optional<at::Tensor>& bias) {
-  const auto shape =
-      check_lora_linear_multi_args(kForward, x, weight, lora_A, lora_B, adapter_ids, scales, bias, true);
+  const auto shape = check_lora_linear_multi_args(kForward, x, weight, lora_A, lora_B, adapter_ids, scales, bias, true);
   const AdapterGroups groups = group_rows_by_adapter(adapter_ids, shape.num_adapters, kForward);
   if (shape.rows == 0) return at::empty(shape.out_sizes, x.options());
   const at::Tensor x2 = x.reshape({shape.rows, shape.in_features}).contiguous();
-  const at::Tensor y =
-      lora_linear_multi_composite(x2, weight, lora_A, lora_B, scales_to_host(scales), bias, groups);
+  const at::Tensor y = lora_linear_multi_composite(x2, weight, lora_A, lora_B, scales_to_host(scales), bias, groups);
   return with_output_shape(y, shape.out_sizes);
 }
 

@@ -62,10 +62,9 @@ __device__ __forceinline__ void load_as_float(const T* __restrict__ p, float (&o
 // VEC * sizeof(T) == 16, M <= MT, M * r <= kMaxLoraSmem.
 template <typename T, typename OutT, int MT, int VEC, int ROWS, bool FUSE>
 __global__ void __launch_bounds__(kThreads)
-    stream_rows_kernel(const T* __restrict__ x, const T* __restrict__ rows, OutT* __restrict__ out, int M,
-                       int64_t N, int64_t K, int64_t k_chunk, const float* __restrict__ u_partials,
-                       int num_partials, const T* __restrict__ lora_B, int r, float scale,
-                       const T* __restrict__ bias) {
+    stream_rows_kernel(const T* __restrict__ x, const T* __restrict__ rows, OutT* __restrict__ out, int M, int64_t N,
+                       int64_t K, int64_t k_chunk, const float* __restrict__ u_partials, int num_partials,
+                       const T* __restrict__ lora_B, int r, float scale, const T* __restrict__ bias) {
   extern __shared__ float u_shared[];  // FUSE only: scale * u, M x r
   if constexpr (FUSE) {
     const int mr = M * r;
@@ -160,8 +159,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
 #pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1)
-        acc[i][m] += __shfl_xor_sync(0xffffffffu, acc[i][m], offset);
+      for (int offset = 16; offset > 0; offset >>= 1) acc[i][m] += __shfl_xor_sync(0xffffffffu, acc[i][m], offset);
     }
   }
 
@@ -195,8 +193,8 @@ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T, int MT, int VEC>
-void launch_small_m(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
-                    const at::Tensor& lora_B, float scale, const T* bias, at::Tensor& y) {
+void launch_small_m(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                    float scale, const T* bias, at::Tensor& y) {
   const int M = static_cast<int>(x2.size(0));
   const int64_t K = x2.size(1);
   const int64_t N = weight.size(0);
@@ -215,22 +213,22 @@ void launch_small_m(const at::Tensor& x2, const at::Tensor& weight, const at::Te
   const T* x_ptr = x2.const_data_ptr<T>();
   stream_rows_kernel<T, float, MT, VEC, 1, false>
       <<<dim3(static_cast<unsigned>(ceil_div(r, kWarpsPerBlock)), 1, static_cast<unsigned>(slices)), kThreads, 0,
-         stream>>>(x_ptr, lora_A.const_data_ptr<T>(), partials.mutable_data_ptr<float>(), M, r, K, k_chunk,
-                   nullptr, 0, nullptr, 0, 0.f, nullptr);
+         stream>>>(x_ptr, lora_A.const_data_ptr<T>(), partials.mutable_data_ptr<float>(), M, r, K, k_chunk, nullptr, 0,
+                   nullptr, 0, 0.f, nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const size_t smem = static_cast<size_t>(M) * r * sizeof(float);
   constexpr int kRows = stream_rows_per_warp<MT>();
   stream_rows_kernel<T, T, MT, VEC, kRows, true>
       <<<dim3(static_cast<unsigned>(ceil_div(N, kWarpsPerBlock * kRows)), 1, 1), kThreads, smem, stream>>>(
-          x_ptr, weight.const_data_ptr<T>(), y.mutable_data_ptr<T>(), M, N, K, K,
-          partials.const_data_ptr<float>(), static_cast<int>(slices), lora_B.const_data_ptr<T>(), r, scale, bias);
+          x_ptr, weight.const_data_ptr<T>(), y.mutable_data_ptr<T>(), M, N, K, K, partials.const_data_ptr<float>(),
+          static_cast<int>(slices), lora_B.const_data_ptr<T>(), r, scale, bias);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int MT>
-void dispatch_vec(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
-                  const at::Tensor& lora_B, float scale, const T* bias, at::Tensor& y) {
+void dispatch_vec(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                  float scale, const T* bias, at::Tensor& y) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vector_ok = x2.size(1) % kVec == 0 && aligned16(x2.const_data_ptr()) &&
                          aligned16(weight.const_data_ptr()) && aligned16(lora_A.const_data_ptr());
@@ -243,8 +241,7 @@ void dispatch_vec(const at::Tensor& x2, const at::Tensor& weight, const at::Tens
 
 template <typename T>
 void lora_linear_small_m(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
-                         const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias,
-                         at::Tensor& y) {
+                         const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
   const T* bias_ptr = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
   const float s = static_cast<float>(scale);
   const int64_t M = x2.size(0);
@@ -271,8 +268,8 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t M = x2.size(0);
   if (M == 0 || shape.out_features == 0) return at::empty(shape.out_sizes, x.options());
 
-  const bool small_m = M <= kMaxSmallM && shape.in_features > 0 && M * shape.rank <= kMaxLoraSmem &&
-                       x.scalar_type() != at::kDouble;
+  const bool small_m =
+      M <= kMaxSmallM && shape.in_features > 0 && M * shape.rank <= kMaxLoraSmem && x.scalar_type() != at::kDouble;
   if (!small_m) return lora_linear_composite(x2, weight, lora_A, lora_B, scale, bias, shape.out_sizes);
 
   x2 = x2.contiguous();
@@ -282,13 +279,11 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   c10::optional<at::Tensor> bias_c;
   if (bias.has_value()) bias_c = bias->contiguous();
   at::Tensor y = at::empty(shape.out_sizes, x.options());  // contiguous: the kernels see it as (M, out)
-  AT_DISPATCH_SWITCH(x.scalar_type(), "lora_linear_cuda",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { lora_linear_small_m<float>(x2, w, a, b, scale, bias_c, y); })
-                         AT_DISPATCH_CASE(at::kHalf,
-                                          [&] { lora_linear_small_m<at::Half>(x2, w, a, b, scale, bias_c, y); })
-                             AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                               lora_linear_small_m<at::BFloat16>(x2, w, a, b, scale, bias_c, y);
-                             }));
+  AT_DISPATCH_SWITCH(
+      x.scalar_type(), "lora_linear_cuda",
+      AT_DISPATCH_CASE(at::kFloat, [&] { lora_linear_small_m<float>(x2, w, a, b, scale, bias_c, y); }) AT_DISPATCH_CASE(
+          at::kHalf, [&] { lora_linear_small_m<at::Half>(x2, w, a, b, scale, bias_c, y); })
+          AT_DISPATCH_CASE(at::kBFloat16, [&] { lora_linear_small_m<at::BFloat16>(x2, w, a, b, scale, bias_c, y); }));
   return y;
 }
 

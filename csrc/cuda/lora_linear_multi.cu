@@ -228,8 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_bac
                                                   c10::nullopt, /*check_devices=*/true);
   TORCH_CHECK_VALUE(grad_out.sizes() == c10::IntArrayRef(shape.out_sizes), kBackward, ": grad_out has shape ",
                     grad_out.sizes(), " but the output has shape ", c10::IntArrayRef(shape.out_sizes));
-  TORCH_CHECK_VALUE(grad_out.device() == x.device(), kBackward, ": grad_out is on ", grad_out.device(),
-                    " but x is on ", x.device());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(), kBackward, ": grad_out is on ", grad_out.device(), " but x is on ",
+                    x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   AdapterGroups groups = group_rows_by_adapter(adapter_ids.cpu(), shape.num_adapters, kBackward);
   if (!groups.contiguous) groups.perm = groups.perm.to(x.device());
