@@ -127,9 +127,11 @@ def _check_product(Y: torch.Tensor) -> None:
 def _project_out(Y: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
     """``Y - B B^H Y`` for ``B = [blocks...]`` (orthonormal), block by block: no concatenated copy of B."""
     coefs = [_adjoint(Q) @ Y for Q in blocks]
+    out = None
     for Q, C in zip(blocks, coefs):
-        Y = Y - matmul_like(Q, C, Y)
-    return Y
+        update = matmul_like(Q, C, Y)
+        out = Y - update if out is None else out.sub_(update)  # in place after the first: no new pages
+    return Y if out is None else out
 
 
 def _basis(
