@@ -83,15 +83,13 @@ inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Ten
 inline at::Tensor lora_linear_composite(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
                                         const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias,
                                         const std::vector<int64_t>& out_sizes) {
-  at::Tensor u = at::mm(x2, lora_A.t());  // (M, r): scaling it is cheaper than scaling (M, out)
-  if (scale != 1.0) u.mul_(scale);
+  const at::Tensor u = at::mm(x2, lora_A.t());  // (M, r)
   at::Tensor y = at::empty(out_sizes, x2.options());
   at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
-  if (bias.has_value()) {
-    at::addmm_out(y2, *bias, u, lora_B.t());
-  } else {
-    at::mm_out(y2, u, lora_B.t());
-  }
+  // y = bias + scale u B^T: the scale rides on the GEMM's alpha; without a bias beta = 0, so the
+  // uninitialised y2 passed as `self` is never read.
+  at::addmm_out(y2, bias.has_value() ? *bias : y2, u, lora_B.t(), /*beta=*/bias.has_value() ? 1 : 0,
+                /*alpha=*/scale);
   y2.addmm_(x2, weight.t());
   return y;
 }
