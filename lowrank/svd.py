@@ -349,12 +349,13 @@ def rsvd(
     ``n_iter=2`` and a block of ``k + max(4, k // 8)`` columns whenever its final subspace
     (``3 (k + oversample)`` columns) fits in half of ``min(m, n)``; otherwise subspace iteration with
     ``n_iter=4``, ``oversample=max(10, k // 4)``. Measured (``python -m benchmarks.bench_svd --full
-    --threads 1``, median of 5 interleaved runs; excess = Frobenius error over the optimal rank-k error
-    minus 1): on 4096x4096, sigma_i = 0.99^i + 1e-3, k=64, ``auto`` takes AUTO1 with excess 2.7e-4
-    (scikit-learn's defaults: SK1, excess 5.2e-4), ``n_iter=1`` FAST1 with excess 1.0e-2 where
-    ``torch.svd_lowrank(q=k+10, niter=2)`` takes TORCH1 with excess 1.5e-2; on 20000x2000,
-    sigma_i = 0.98^i + 1e-3, k=50, ``auto`` AUTO2 (excess 1.4e-5; scikit-learn SK2, 1.6e-5) and
-    ``n_iter=1`` FAST2 (excess 1.6e-3; torch TORCH2, 7e-3). With ``n_iter=1`` the smallest oversampling
+    --threads 1``, median of 5 interleaved runs, 2-core CPU; excess = Frobenius error over the optimal
+    rank-k error, minus 1): on 4096x4096, sigma_i = 0.99^i + 1e-3, k=64, ``auto`` takes 246 ms with
+    excess 2.7e-4 (scikit-learn's defaults: 0.79 s, 3.2e-4), ``n_iter=1`` 184 ms with excess 8.9e-3
+    where ``torch.svd_lowrank(q=k+10, niter=2)`` takes 274 ms with 1.6e-2 (1.49x); on 20000x2000,
+    sigma_i = 0.98^i + 1e-3, k=50, ``auto`` 481 ms (excess 1.4e-5; scikit-learn 1.42 s, 4.9e-5) and
+    ``n_iter=1`` 403 ms (excess 1.6e-3; torch 563 ms, 6.2e-3: 1.40x). Times are 1.24-1.35x the GEMM
+    floor of the passes made. With ``n_iter=1`` the smallest oversampling
     matching torch's accuracy was measured for k = 10-100 (``14 + k // 8``); a smaller Krylov block
     with more iterations is more accurate per flop but measured slower (narrow GEMMs).
 
