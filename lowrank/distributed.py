@@ -527,7 +527,7 @@ def rsvd(
 
 def _rsvd(sop: _ShardedOp, k: int, oversample, n_iter, method: str, gen: torch.Generator) -> SVDResult:
     k = _check_k(k, min(sop.m, sop.n))
-    method, default_over, default_iter = _default_params(method, k, sop.m, sop.n, sop.device)
+    method, default_over, default_iter = _default_params(method, k, sop.m, sop.n, sop.device, n_iter)
     over = default_over if oversample is None else oversample
     q = default_iter if n_iter is None else n_iter
     width = (k + over) * (q + 1 if method == "krylov" else 1)
@@ -557,7 +557,8 @@ def rsvd_comm_bytes(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    method, default_over, default_iter = _default_params(method, k, 0, n, torch.device("cpu"))
+    # "auto" resolves as for a tall matrix (m >= n), the case row sharding is for.
+    method, default_over, default_iter = _default_params(method, k, n, n, torch.device("cpu"), n_iter)
     b = k + (default_over if oversample is None else oversample)
     q = default_iter if n_iter is None else n_iter
     s = torch.empty(0, dtype=dtype).element_size()
