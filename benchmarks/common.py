@@ -95,6 +95,7 @@ def measure(
     warmup: int = 2,
     repeats: int = 7,
     min_time: float = 0.0,
+    before_each: Callable[[], Any] | None = None,
 ) -> dict[str, Timing]:
     """Time several callables side by side, interleaved, after warm-up.
 
@@ -104,7 +105,8 @@ def measure(
     CUDA events recorded around the call(s), after synchronisation.
 
     To keep caches from flattering small cases, pass callables that rotate through several input
-    buffers (see ``rotating``).
+    buffers (see ``rotating``), and/or ``before_each`` (untimed, before every sample), e.g.
+    ``cache_flusher()`` so that every sample starts from a cold last-level cache whatever ran before.
     """
     device = torch.device(device)
     names = list(candidates)
@@ -122,6 +124,9 @@ def measure(
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             fn, count = candidates[name], inner[name]
+            if before_each is not None:
+                before_each()
+                synchronize(device)
             if count == 1:
                 samples[name].append(_time_once(fn, device))
             else:
@@ -135,6 +140,17 @@ def measure(
         name: Timing(statistics.median(vals), min(vals), max(vals), len(vals))
         for name, vals in samples.items()
     }
+
+
+def cache_flusher(nbytes: int = 256 << 20, device: str | torch.device = "cpu") -> Callable[[], Any]:
+    """A callable that streams ``nbytes`` through the memory hierarchy (read and write), evicting what the
+    caches held: pass as ``measure(..., before_each=...)`` to time every sample from a cold cache."""
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+
+    def flush():
+        buffer.add_(1.0)
+
+    return flush
 
 
 def rotating(make_call: Callable[[Any], Any], inputs: Sequence[Any]) -> Callable[[], Any]:
