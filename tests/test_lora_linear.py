@@ -54,7 +54,15 @@ def assert_close_to_reference(y, args, scale):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "shape_x,out_features,r",
-    [((1, 64), 48, 1), ((7, 33), 65, 3), ((2, 5, 130), 17, 16), ((3, 1, 2, 257), 31, 128), ((64,), 40, 8)],
+    [
+        ((1, 64), 48, 1),
+        ((3, 19), 21, 2),
+        ((2, 2, 40), 30, 5),
+        ((7, 33), 65, 3),
+        ((2, 5, 130), 17, 16),
+        ((3, 1, 2, 257), 31, 128),
+        ((64,), 40, 8),
+    ],
 )
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_float64_reference_cpu(dtype, shape_x, out_features, r, bias):
