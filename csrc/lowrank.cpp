@@ -4,7 +4,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <Python.h>
-#include <torch/headeronly/version.h>
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>  // torch >= 2.9
+#else
+#include <torch/version.h>
+#endif
 #include <torch/library.h>
 
 #include "lora_linear.h"
