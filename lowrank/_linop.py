@@ -153,12 +153,7 @@ class SparseOp(LinOp):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             csr = A.to_sparse_csr() if A.layout != torch.sparse_csr else A
-            # CSC of A read as CSR of A^T (conjugated for complex): 1.7x faster than transposing the COO
-            csc = csr.to_sparse_csc()
-            values = csc.values().conj() if csc.is_complex() else csc.values()
-            self.At = torch.sparse_csr_tensor(
-                csc.ccol_indices(), csc.row_indices(), values, size=(A.shape[1], A.shape[0])
-            )
+            self.At = _csr_adjoint(csr)
         self.A = csr
         self._input = A  # the stored values are coalesced only when the Frobenius norm is asked for
         self.shape = (A.shape[0], A.shape[1])
@@ -178,6 +173,37 @@ class SparseOp(LinOp):
 
     def to_dense(self) -> torch.Tensor:
         return self.A.to_dense()
+
+
+def _csr_adjoint(csr: torch.Tensor) -> torch.Tensor:
+    """``A^T`` (``A^H`` for complex) of a CSR matrix, as CSR.
+
+    On CPU with SciPy installed: SciPy's counting-sort CSR -> CSC conversion (linear time), measured
+    0.6 ms against 10 ms for torch's sort-based ``to_sparse_csc`` (20000x2000, 200k non-zeros, 2-core
+    CPU); elsewhere the CSC of A read as CSR of A^T (1.7x faster than transposing the COO).
+    """
+    m, n = csr.shape
+    csc = None
+    if csr.device.type == "cpu":
+        try:
+            import scipy.sparse as sp
+        except ImportError:  # pragma: no cover - scipy is optional
+            sp = None
+        if sp is not None:
+            values = csr.values().detach().resolve_conj().numpy()
+            converted = sp.csr_array(
+                (values, csr.col_indices().numpy(), csr.crow_indices().numpy()), shape=(m, n)
+            ).tocsc()
+            pointers = torch.from_numpy(converted.indptr.astype(np.int64))
+            indices = torch.from_numpy(converted.indices.astype(np.int64))
+            values = torch.from_numpy(converted.data)
+            csc = (pointers, indices, values)
+    if csc is None:
+        converted = csr.to_sparse_csc()
+        csc = (converted.ccol_indices(), converted.row_indices(), converted.values())
+    pointers, indices, values = csc
+    values = values.conj() if values.is_complex() else values
+    return torch.sparse_csr_tensor(pointers, indices, values, size=(n, m), check_invariants=False)
 
 
 class CallbackOp(LinOp):
@@ -338,7 +364,7 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
             dtype = compute_dtype(A.dtype, name)
             A = A.to(dtype)
             if check_finite:
-                _check_finite(A.values() if A.layout == torch.sparse_csr else A.coalesce().values(), name)
+                _check_finite(A.values() if A.layout != torch.sparse_coo else A.coalesce().values(), name)
             return SparseOp(A)
         raise TypeError(f"{name}: unsupported tensor layout {A.layout}")
     if hasattr(A, "shape") and hasattr(A, "dtype"):

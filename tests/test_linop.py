@@ -130,3 +130,22 @@ def test_transposed_op_of_centered(center):
     np.testing.assert_allclose(op.to_dense().numpy(), ref.T, atol=1e-12)
     np.testing.assert_allclose(op.column_mean()[:, 0].numpy(), ref.mean(axis=1), atol=1e-12)
     assert float(op.fro_norm_sq()) == pytest.approx(np.sum(ref**2), rel=1e-12)
+
+
+@pytest.mark.parametrize("layout", [torch.sparse_csr, torch.sparse_coo, torch.sparse_csc])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_sparse_adjoint_products(layout, dtype):
+    """rmatmul of every sparse layout is A^H Y (the transpose is built once, SciPy or torch)."""
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(40, 25, dtype=dtype, generator=gen) * (torch.rand(40, 25, generator=gen) < 0.25)
+    A[7] = 0  # an empty row and an empty column
+    A[:, 4] = 0
+    dense = A.numpy()
+    sparse = {torch.sparse_csr: A.to_sparse_csr, torch.sparse_coo: A.to_sparse_coo}.get(
+        layout, A.to_sparse_csc
+    )()
+    op = as_linop(sparse, check_finite=False)
+    Y = torch.randn(40, 3, dtype=dtype, generator=gen)
+    np.testing.assert_allclose(op.rmatmul(Y).numpy(), dense.conj().T @ Y.numpy(), atol=1e-12)
+    X = torch.randn(25, 2, dtype=dtype, generator=gen)
+    np.testing.assert_allclose(op.matmul(X).numpy(), dense @ X.numpy(), atol=1e-12)
