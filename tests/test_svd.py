@@ -351,19 +351,19 @@ def test_cuda_matches_exact(method):
     np.testing.assert_allclose(centered.S.cpu().numpy(), ref, rtol=1e-8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: fp32 block Krylov on a WIDE matrix whose spectrum reaches fp32 rounding inside the "
-    "Krylov width returns singular values above the true ones (basis blocks lose orthogonality)",
-)
-def test_krylov_fp32_wide_fast_decay():
+@pytest.mark.parametrize("n_iter", [1, 2, 4])
+def test_krylov_fp32_wide_fast_decay(n_iter):
+    """A spectrum that reaches fp32 rounding inside the Krylov width: on the short side of a wide matrix
+    the new blocks are rounding noise inside the basis span, which two projections do not remove (this
+    returned singular values up to 2.4x too large); the tall orientation is the reference."""
     rng = np.random.default_rng(40)
     m, n = 3000, 400
     A = (rng.random((m, n)) < 0.3) * (1 + np.abs(rng.standard_normal((m, n)))) * 0.7 ** np.arange(n)
     s = np.linalg.svd(A, compute_uv=False)[:20]
-    tall = lowrank.rsvd(torch.from_numpy(A.astype(np.float32)), 20, seed=1, method="krylov", n_iter=2)
-    np.testing.assert_allclose(tall.S.numpy(), s, rtol=1e-3)  # the tall orientation is fine
-    wide = lowrank.rsvd(
-        torch.from_numpy(A.T.astype(np.float32).copy()), 20, seed=1, method="krylov", n_iter=2
-    )
-    np.testing.assert_allclose(wide.S.numpy(), s, rtol=1e-3)
+    for value in (A, A.T.copy()):
+        res = lowrank.rsvd(
+            torch.from_numpy(value.astype(np.float32)), 20, seed=1, method="krylov", n_iter=n_iter
+        )
+        np.testing.assert_allclose(res.S.numpy(), s, rtol=1e-5)
+        U = res.U.double().numpy()
+        np.testing.assert_allclose(U.T @ U, np.eye(20), atol=1e-5)
