@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LinOp", "as_linop", "compute_dtype"]
+__all__ = ["LinOp", "TransposedOp", "as_linop", "compute_dtype"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -282,6 +282,37 @@ class CenteredOp(LinOp):
 
     def to_dense(self) -> torch.Tensor:
         return self.base.to_dense().to(self.dtype) - _adjoint(self.mean)
+
+
+class TransposedOp(LinOp):
+    """``A^H`` of a 2-D operator: ``matmul`` and ``rmatmul`` swapped, shape reversed.
+
+    Wraps whatever ``base`` is, a :class:`CenteredOp` included: the transpose of ``A - 1 mu^T`` is
+    ``A^H - conj(mu) 1^T``, so centring ``A``'s columns is centring the rows of the transpose and needs
+    nothing more than the swap. ``column_mean`` here is then the row means of ``base`` (one product).
+    """
+
+    def __init__(self, base: LinOp):
+        if len(base.batch_shape):
+            raise ValueError("TransposedOp needs a 2-D operator")
+        self.base = base
+        self.shape = (base.shape[1], base.shape[0])
+        self.batch_shape = base.batch_shape
+        self.dtype = base.dtype
+        self.device = base.device
+        self.is_dense = base.is_dense
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.base.rmatmul(X)
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.base.matmul(Y)
+
+    def fro_norm_sq(self) -> torch.Tensor:
+        return self.base.fro_norm_sq()
+
+    def to_dense(self) -> torch.Tensor:
+        return _adjoint(self.base.to_dense())
 
 
 def _check_finite(values: torch.Tensor, name: str) -> None:

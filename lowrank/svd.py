@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lowrank._linop import CenteredOp, LinOp, as_linop
+from lowrank._linop import CenteredOp, LinOp, TransposedOp, as_linop
 from lowrank.qr import cholqr_pass, matmul_like, orthonormalize
 
 __all__ = ["SVDResult", "rsvd", "svd", "svd_error"]
@@ -368,6 +368,11 @@ def rsvd(
     matching torch's accuracy was measured for k = 10-100 (``14 + k // 8``); a smaller Krylov block
     with more iterations is more accurate per flop but measured slower (narrow GEMMs).
 
+    Tall (``m > n``) fp32 sparse and implicit inputs on CPU are factored as ``A^H`` (the factors swapped
+    back), so that the bases of the range finder are ``n`` long (15-25% faster on a sparse 20000x2000);
+    for the same seed their results then equal those of the dense ``A^T``, transposed. Dense inputs
+    keep their side (and equal ``lowrank.distributed.rsvd``); fp64 ones too (measured slower there).
+
     Implementation (no host synchronisation inside the iterations): on CPU, dense products are computed
     as ``(X^T A^T)^T`` (1.0-1.5x faster than ``A @ X``), Krylov and final bases are orthonormalised by
     Householder QR (LAPACK; 1.5-1.9x faster than LU + CholeskyQR2 there), each new Krylov block projected
@@ -401,13 +406,51 @@ def rsvd(
     if n_iter is not None:
         _check_nonneg_int(n_iter, "n_iter")
     gen = _generator(seed, op.device)
+    transpose = _short_side_first(op)
     if center:
         op = CenteredOp(op)
+    if transpose:
+        op = TransposedOp(op)  # after the centring: A's column means stay what is removed
     if tol is not None:
         if len(op.batch_shape):
             raise ValueError("tol (fixed-precision mode) needs a 2-D A, got a batch of matrices")
-        return _fixed_precision(op, float(tol), cap, oversample, n_iter, gen)
+        result = _fixed_precision(op, float(tol), cap, oversample, n_iter, gen)
+    else:
+        result = _fixed_rank(op, k, oversample, n_iter, method, gen)
+    if transpose:
+        # the SVD of A^H is V S U^H: swap the factors, then A's sign convention (on U) again
+        U, Vh = _flip_signs(_adjoint(result.Vh), _adjoint(result.U))
+        result = SVDResult(U, result.S, Vh)
+    return result
 
+
+def _short_side_first(op: LinOp) -> bool:
+    """Whether :func:`rsvd` factors ``A^H`` instead of ``A``: tall (``m > n``) sparse or implicit fp32
+    (fp16/bf16 are computed in fp32) matrices on CPU.
+
+    The range finder's dense work (Householder QR, block Gram-Schmidt, LU, copies) is on bases as long as
+    the side the sketch is multiplied into, ``m``; on ``A^H`` they are ``n`` long, and only the images
+    ``A Q`` (the Rayleigh-Ritz Gram and the final ``U``) are ``m`` long. Measured (interleaved, median of
+    7, 2-core CPU, sparse 20000x2000 at 0.5%): fp32 ``rsvd`` k=20 centred 44.0 -> 37.4 ms, k=50 122 ->
+    93 ms (1 thread: 44.7 -> 39.2, 131 -> 113 ms), accuracy unchanged; wide inputs unaffected. In fp64
+    (and complex) it measured 10-25% *slower* (k=20 centred 77 -> 84 ms, k=50 252 -> 288 ms, 1 thread):
+    their Rayleigh-Ritz step is a ``torch.linalg.svd`` of the ``m x s`` images, not the fp32 path's
+    Gram eigen-decomposition, and that outweighs the cheaper bases. CUDA: not measured, unchanged.
+    Dense inputs keep their orientation: a dense ``A^H`` factorization measured ~15% faster in fp32 too,
+    but ``lowrank.distributed``'s row-sharded rsvd equals the single-process one on the tall stacked
+    matrix for the same seed, and would no longer. Consequence: for the same seed, a tall fp32 sparse A
+    gives the factorization of the dense ``A^T``, transposed (equal to rounding), not that of dense A.
+    """
+    m, n = op.shape
+    fp32_cpu = op.dtype == torch.float32 and op.device.type == "cpu"
+    return fp32_cpu and not op.is_dense and not len(op.batch_shape) and m > n
+
+
+def _fixed_rank(
+    op: LinOp, k: int, oversample: int | None, n_iter: int | None, method: str, gen: torch.Generator
+) -> SVDResult:
+    m, n = op.shape
+    kmax = min(m, n)
     method, default_over, q = _default_params(method, k, m, n, op.device, n_iter)
     over = default_over if oversample is None else oversample
     width = (k + over) * (q + 1 if method == "krylov" else 1)

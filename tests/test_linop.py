@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
-from lowrank._linop import CenteredOp, as_linop
+from lowrank._linop import CenteredOp, TransposedOp, as_linop
 
 RNG = np.random.default_rng(0)
 DENSE = sp.random(40, 25, density=0.2, random_state=RNG, format="csr", dtype=np.float64).toarray()
@@ -131,3 +131,21 @@ def test_sparse_adjoint_products(layout, dtype):
     np.testing.assert_allclose(op.rmatmul(Y).numpy(), dense.conj().T @ Y.numpy(), atol=1e-12)
     X = torch.randn(25, 2, dtype=dtype, generator=gen)
     np.testing.assert_allclose(op.matmul(X).numpy(), dense @ X.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_transposed_op_of_centered(center):
+    """TransposedOp swaps the products; over a CenteredOp it is the transpose of the centred matrix."""
+    rng = np.random.default_rng(8)
+    A = rng.standard_normal((30, 12)) * (rng.random((30, 12)) < 0.4) + 1.5
+    ref = A - A.mean(axis=0) if center else A
+    base = as_linop(torch.from_numpy(A).to_sparse_csr())
+    op = TransposedOp(CenteredOp(base) if center else base)
+    assert op.shape == (12, 30)
+    X = torch.from_numpy(rng.standard_normal((30, 4)))
+    Y = torch.from_numpy(rng.standard_normal((12, 3)))
+    np.testing.assert_allclose(op.matmul(X).numpy(), ref.T @ X.numpy(), atol=1e-12)
+    np.testing.assert_allclose(op.rmatmul(Y).numpy(), ref @ Y.numpy(), atol=1e-12)
+    np.testing.assert_allclose(op.to_dense().numpy(), ref.T, atol=1e-12)
+    np.testing.assert_allclose(op.column_mean()[:, 0].numpy(), ref.mean(axis=1), atol=1e-12)
+    assert float(op.fro_norm_sq()) == pytest.approx(np.sum(ref**2), rel=1e-12)

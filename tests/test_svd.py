@@ -367,3 +367,75 @@ def test_krylov_fp32_wide_fast_decay(n_iter):
         np.testing.assert_allclose(res.S.numpy(), s, rtol=1e-5)
         U = res.U.double().numpy()
         np.testing.assert_allclose(U.T @ U, np.eye(20), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(300, 80), (80, 300)], ids=["tall", "wide"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("method", ["krylov", "subspace"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tall_and_wide_centered_against_exact(shape, sparse, method, dtype):
+    """Both orientations (fp32 sparse tall inputs are factored through A^T) with implicit centring."""
+    m, n = shape
+    rng = np.random.default_rng(40)
+    if sparse:  # 30% dense, positive entries (non-zero column means), columns scaled 0.6^j: fast decay
+        A = (rng.random((m, n)) < 0.3) * (1 + np.abs(rng.standard_normal((m, n)))) * 0.6 ** np.arange(n)
+    else:
+        A, _ = make_matrix(m, n, fast_decay, seed=40)
+        A = A + rng.standard_normal(n) * 2.0
+    centered = A - A.mean(axis=0)
+    Ue, se, Vhe = np.linalg.svd(centered, full_matrices=False)
+    value = torch.from_numpy(A.astype(dtype))
+    value = value.to_sparse_csr() if sparse else value
+    k = 5
+    res = lowrank.rsvd(value, k, seed=1, center=True, method=method, n_iter=6)
+    assert res.U.shape == (m, k) and res.Vh.shape == (k, n) and res.U.dtype == value.dtype
+    tol = 1e-6 if dtype == np.float64 else 2e-4  # fp32: input rounding (relative 6e-8) over gaps of ~0.3
+    np.testing.assert_allclose(res.S.numpy(), se[:k], rtol=tol)
+    # sign-free subspace agreement of both factors
+    np.testing.assert_allclose(np.abs(np.sum(res.U.double().numpy() * Ue[:, :k], axis=0)), 1, atol=tol)
+    np.testing.assert_allclose(np.abs(np.sum(res.Vh.double().numpy() * Vhe[:k], axis=1)), 1, atol=tol)
+    assert recon_error(centered, res) == pytest.approx(np.sqrt(np.sum(se[k:] ** 2)), rel=tol)
+    picked = res.U.numpy()[np.abs(res.U.numpy()).argmax(axis=0), np.arange(k)]
+    assert (picked > 0).all()
+    again = lowrank.rsvd(value, k, seed=1, center=True, method=method, n_iter=6)
+    assert torch.equal(again.U, res.U) and torch.equal(again.S, res.S)
+
+
+def test_tall_sparse_fp32_equals_dense_transpose():
+    """The orientation itself: a tall fp32 sparse A gives, for the same seed, the dense A^T's factors
+    swapped (to rounding), with A's sign convention (largest |entry| of each column of U positive)."""
+    rng = np.random.default_rng(12)
+    A = ((rng.random((200, 60)) < 0.2) * rng.standard_normal((200, 60)) * 0.8 ** np.arange(60)).astype(
+        np.float32
+    )
+    res = lowrank.rsvd(sp.csr_array(A), 6, seed=4, center=True)
+    centered_t = A.T - A.mean(axis=0)[:, None]  # centring A's columns = centring A^T's rows
+    ref = lowrank.rsvd(torch.from_numpy(np.ascontiguousarray(centered_t)), 6, seed=4)
+    np.testing.assert_allclose(res.S.numpy(), ref.S.numpy(), rtol=1e-5)
+    signs = np.sign(res.U.numpy()[0] / ref.Vh.numpy().T[0])
+    np.testing.assert_allclose(res.U.numpy(), ref.Vh.numpy().T * signs, atol=1e-5)
+    np.testing.assert_allclose(res.Vh.numpy(), ref.U.numpy().T * signs[:, None], atol=1e-5)
+    picked = res.U.numpy()[np.abs(res.U.numpy()).argmax(axis=0), np.arange(6)]
+    assert (picked > 0).all()
+
+
+@pytest.mark.parametrize("shape", [(120, 40), (40, 120), (50, 50)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_orientation_rule(shape, dtype, monkeypatch):
+    """fp32 sparse/implicit tall inputs run the range finder on A^T (Gaussian sketch m long); dense,
+    fp64, square or wide ones on A (sketch n long)."""
+    import sys
+
+    svd_module = sys.modules["lowrank.svd"]
+    seen = []
+    real = svd_module._gaussian
+    monkeypatch.setattr(
+        svd_module, "_gaussian", lambda op, rows, cols, gen: seen.append(rows) or real(op, rows, cols, gen)
+    )
+    m, n = shape
+    A = np.random.default_rng(5).standard_normal((m, n)).astype(dtype)
+    for value, dense in ((torch.from_numpy(A), True), (sp.csr_array(A), False)):
+        seen.clear()
+        res = lowrank.rsvd(value, 3, seed=0, method="subspace", oversample=2, n_iter=1, center=True)
+        assert res.U.shape == (m, 3)
+        assert seen == [m if (not dense and m > n and dtype == np.float32) else n]
