@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_llama_config
 from torch import nn
 
 import lowrank
@@ -104,17 +105,8 @@ def test_training_on_digits_lowers_loss_and_changes_only_lora():
 
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=96)).eval()
 
 
 def test_inject_into_transformers_llama_matches_peft():
