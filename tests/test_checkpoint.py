@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_llama_config
 from torch import nn
 
 import lowrank

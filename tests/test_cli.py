@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama_config
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_llama_config
 
 import lowrank
 from lowrank.cli import main

@@ -8,24 +8,12 @@ import scipy.linalg as sla
 import scipy.linalg.interpolative as sli
 import scipy.sparse as sp
 import torch
+from helpers import MatrixOperator as Operator
 
 import lowrank
 from lowrank.cur import _pivoted_qr_r
 
 CUDA = torch.cuda.is_available()
-
-
-class Operator:
-    """A matrix seen only through products (the linear-operator protocol of lowrank)."""
-
-    def __init__(self, S):
-        self.S, self.shape, self.dtype = S, S.shape, torch.float64
-
-    def matmul(self, X):
-        return torch.from_numpy(self.S @ X.numpy())
-
-    def rmatmul(self, Y):
-        return torch.from_numpy(self.S.T @ Y.numpy())
 
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_llama_config
+from helpers import tiny_llama_config
 from torch import nn
 
 import lowrank
