@@ -246,6 +246,11 @@ def _fixed_precision_table(cases, device, result, quick):
     )
 
 
+def _flat_tail_with_noise(k: int):
+    """Spectrum 1/(1+i) for the first k values, then a flat 0.02 tail, plus small seeded noise."""
+    return lambda i: np.where(i < k, 1.0 / (1 + i), 0.02) + 0.005 * np.random.default_rng(1).random(i.shape)
+
+
 def run(*, quick: bool, device: str) -> BenchResult:
     result = BenchResult(name="svd")
     plots: list[Plot] = []
@@ -254,15 +259,7 @@ def run(*, quick: bool, device: str) -> BenchResult:
             ("2048x2048, s=0.99^i+1e-3", 2048, 2048, 64, lambda i: 0.99**i + 1e-3),
             ("8000x1000, s=0.98^i+1e-3", 8000, 1000, 50, lambda i: 0.98**i + 1e-3),
             ("2048x1024, s=0.8^i (fast)", 2048, 1024, 32, lambda i: 0.8**i),
-            (
-                "2048x1024, flat tail + noise",
-                2048,
-                1024,
-                32,
-                lambda i: (
-                    np.where(i < 32, 1.0 / (1 + i), 0.02) + 0.005 * np.random.default_rng(1).random(i.shape)
-                ),
-            ),
+            ("2048x1024, flat tail + noise", 2048, 1024, 32, _flat_tail_with_noise(32)),
         ]
         sparse_shape = (10000, 2000, 20)
     else:
@@ -270,15 +267,7 @@ def run(*, quick: bool, device: str) -> BenchResult:
             ("4096x4096, s=0.99^i+1e-3", 4096, 4096, 64, lambda i: 0.99**i + 1e-3),
             ("20000x2000, s=0.98^i+1e-3", 20000, 2000, 50, lambda i: 0.98**i + 1e-3),
             ("4096x2048, s=0.8^i (fast)", 4096, 2048, 64, lambda i: 0.8**i),
-            (
-                "4096x2048, flat tail + noise",
-                4096,
-                2048,
-                64,
-                lambda i: (
-                    np.where(i < 64, 1.0 / (1 + i), 0.02) + 0.005 * np.random.default_rng(1).random(i.shape)
-                ),
-            ),
+            ("4096x2048, flat tail + noise", 4096, 2048, 64, _flat_tail_with_noise(64)),
         ]
         sparse_shape = (50000, 10000, 50)
     tol_cases = []
