@@ -60,8 +60,15 @@ __device__ __forceinline__ void load_as_float(const T* __restrict__ p, float (&o
 //   out[m][n] += sum_j (scale * u[m, j]) B[n, j] + bias[n],  u = sum over the num_partials slices.
 // Preconditions (checked on the host): K % VEC == 0, k_chunk % VEC == 0, 16-byte aligned x and rows when
 // VEC * sizeof(T) == 16, M <= MT, M * r <= kMaxLoraSmem.
+// Blocks per SM the register budget must allow: 2 for the 4-rows-per-warp variants (M >= 8), whose 4 x MT
+// accumulators would otherwise take up to ~168 registers and leave one 256-thread block per SM.
+template <int ROWS>
+constexpr int stream_min_blocks() {
+  return ROWS >= 4 ? 2 : 1;
+}
+
 template <typename T, typename OutT, int MT, int VEC, int ROWS, bool FUSE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, stream_min_blocks<ROWS>())
     stream_rows_kernel(const T* __restrict__ x, const T* __restrict__ rows, OutT* __restrict__ out, int M, int64_t N,
                        int64_t K, int64_t k_chunk, const float* __restrict__ u_partials, int num_partials,
                        const T* __restrict__ lora_B, int r, float scale, const T* __restrict__ bias) {
@@ -92,8 +99,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int m = 0; m < MT; ++m) acc[i][m] = 0.f;
   }
 
-  // Vectors in flight per lane: ROWS * UNROLL 16-byte loads of W per iteration.
-  constexpr int kUnrollHere = ROWS >= 2 ? 2 : kUnroll;
+  // 16-byte W loads in flight per lane per iteration: ROWS * kUnrollHere = 4 for every ROWS (with 2 blocks
+  // per SM at ROWS = 4, as many bytes in flight per SM as one block with 8 loads per lane).
+  constexpr int kUnrollHere = ROWS >= 4 ? 1 : (ROWS >= 2 ? 2 : kUnroll);
   constexpr int64_t kStep = 32 * VEC;  // elements one warp covers per vector load
   int64_t k = k_begin + static_cast<int64_t>(lane) * VEC;
   for (; k + (kUnrollHere - 1) * kStep < k_end; k += kUnrollHere * kStep) {
