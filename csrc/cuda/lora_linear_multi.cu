@@ -1,25 +1,27 @@
 // CUDA kernels of lowrank::lora_linear_multi and its backward (mixed-adapter batches).
 //
-// Every call first copies adapter_ids to the host (M ids, one small synchronising copy) and groups/validates
-// them there (lora_linear_multi.h): an out-of-range id is a ValueError, never a device-side fault.
-//
-// Decode shapes (M <= kDecodeMaxRows, or fewer than kSegmentMinRows rows per adapter on average, where
-// per-adapter GEMM launches would dominate): BGMV-style gather kernels, in the spirit of punica (Chen et al., 2024):
+// Decode shapes -- M <= kDecodeMaxRows, or fewer than kSegmentMinRows rows per *stacked* adapter
+// (M < kSegmentMinRows * num_adapters), or any M while the stream is being captured into a CUDA graph -- take
+// BGMV-style gather kernels, in the spirit of punica (Chen et al., 2024), chosen from the shapes alone:
 //   y = x W^T (+ bias)                      cuBLAS through ATen (W streamed once; memory bound at small M)
 //   u[i, :] = x[i] A[a_i]^T                 bgmv_shrink: one warp per (row, rank), the `in` axis split over
 //                                           blockIdx.z so that small M still fills the GPU; partial sums
 //                                           meet in a zeroed fp32 (M, r) buffer through atomicAdd
 //   y[i, :] += scales[a_i] u[i, :] B[a_i]^T bgmv_expand: one thread per output feature, u[i] in shared memory
+// This path never reads adapter_ids on the host: no synchronisation, and it can be captured in a CUDA graph
+// and replayed with new ids. The ids are validated on the device instead: an id outside [-1, num_adapters)
+// trips a device-side assertion (as torch's own index kernels do), reported by the next synchronising call.
 // Each row reads its own adapter's A and B; rows that share an adapter hit L2. Rows with id -1 are skipped
 // by both kernels. 16-byte vector loads are used only when the base pointers are 16-byte aligned and the
 // row length (in for x/A, r for B) is a multiple of the vector width, so every row stays aligned;
 // otherwise a scalar path runs (no tail can be read out of bounds). Accumulation is fp32 (fp64 for fp64).
 //
-// Prefill shapes (otherwise: many rows per adapter): SGMV-style segments. The rows are grouped by adapter on the host
-// (counting sort), and the shared composite path runs one base GEMM plus, per adapter present, a shrink and
-// an expand GEMM on its rows (cuBLAS per segment through ATen; in place when the adapter's rows are
-// contiguous, gathered/scattered with index_select/index_add_ otherwise). First version: one cuBLAS
-// launch pair per adapter; a grouped GEMM kernel would remove the per-segment launches.
+// Prefill shapes (otherwise: many rows per adapter): SGMV-style segments. The ids are copied to the host
+// (one synchronising copy; out-of-range ids raise ValueError there), the rows grouped by adapter (counting
+// sort), and the shared composite path runs one base GEMM plus, per adapter present, a shrink and an expand
+// GEMM on its rows (cuBLAS per segment through ATen; in place when the adapter's rows are contiguous,
+// gathered/scattered with index_select/index_add_ otherwise). One cuBLAS launch pair per adapter; a grouped
+// GEMM kernel would remove the per-segment launches and the host copy.
 //
 // The backward always takes the segment path (per-adapter cuBLAS GEMMs, lora_linear_multi.h).
 #include <ATen/Dispatch.h>
@@ -30,6 +32,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -66,7 +69,8 @@ __global__ void bgmv_shrink_kernel(const scalar_t* __restrict__ x, const scalar_
   const int64_t i = blockIdx.x;
   const int64_t k = static_cast<int64_t>(blockIdx.y) * kShrinkWarps + threadIdx.y;
   const int64_t a = static_cast<int64_t>(ids[i]);
-  if (a < 0 || a >= num_adapters || k >= r) return;  // ids were validated on the host; this is defence only
+  CUDA_KERNEL_ASSERT_MSG(a >= -1 && a < num_adapters, "lora_linear_multi: adapter_ids out of [-1, num_adapters)");
+  if (a < 0 || a >= num_adapters || k >= r) return;  // skip base-only rows (and, past the assert, bad ids)
   const int64_t begin = static_cast<int64_t>(blockIdx.z) * chunk;
   const int64_t end = begin + chunk < in ? begin + chunk : in;
   const scalar_t* xr = x + i * in;
@@ -103,6 +107,7 @@ __global__ void bgmv_expand_kernel(const acc_t* __restrict__ u, const scalar_t* 
   acc_t* us = reinterpret_cast<acc_t*>(shared_raw);
   const int64_t i = blockIdx.x;
   const int64_t a = static_cast<int64_t>(ids[i]);
+  CUDA_KERNEL_ASSERT_MSG(a >= -1 && a < num_adapters, "lora_linear_multi: adapter_ids out of [-1, num_adapters)");
   if (a < 0 || a >= num_adapters) return;  // uniform over the block: no thread reaches the barrier
   const acc_t s = scales[a];
   for (int64_t k = threadIdx.x; k < r; k += blockDim.x) us[k] = u[i * r + k] * s;
@@ -187,20 +192,21 @@ at::Tensor lora_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight,
   const auto shape = check_lora_linear_multi_args(kForward, x, weight, lora_A, lora_B, adapter_ids, scales, bias,
                                                   /*check_devices=*/true);
   const c10::cuda::CUDAGuard guard(x.device());
-  const AdapterGroups groups = group_rows_by_adapter(adapter_ids.cpu(), shape.num_adapters, kForward);
   if (shape.rows == 0) return at::empty(shape.out_sizes, x.options());
   const at::Tensor x2 = x.reshape({shape.rows, shape.in_features}).contiguous();
   const size_t acc_bytes = x.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-  const int64_t segments = static_cast<int64_t>(groups.adapter.size());
-  const bool few_rows_per_adapter = groups.grouped_rows < kSegmentMinRows * segments;
   // Grid limits: rows ride on gridDim.x (2^31 - 1), ranks / kShrinkWarps and output blocks on gridDim.y.
   const bool fits = shape.rank * static_cast<int64_t>(acc_bytes) <= kMaxSharedBytes &&
                     shape.rows < (int64_t{1} << 31) && (shape.rank + kShrinkWarps - 1) / kShrinkWarps <= 65535 &&
                     (shape.out_features + kExpandThreads - 1) / kExpandThreads <= 65535;
-  const bool decode = (shape.rows <= kDecodeMaxRows || few_rows_per_adapter) && fits;
+  // Chosen from the shapes only (no look at the ids: that would be a host sync). Under CUDA graph capture a
+  // host copy is impossible, so every batch that fits takes the gather kernels.
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  const bool few_rows_per_adapter = shape.rows < kSegmentMinRows * shape.num_adapters;
+  const bool decode = fits && (shape.rows <= kDecodeMaxRows || few_rows_per_adapter || capturing);
   if (decode) {
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    if (groups.grouped_rows == 0 || shape.out_features == 0) return with_output_shape(y, shape.out_sizes);
+    if (shape.out_features == 0) return with_output_shape(y, shape.out_sizes);
     const at::Tensor ids = adapter_ids.reshape({-1}).contiguous();
     const at::Tensor A = lora_A.contiguous();
     const at::Tensor B = lora_B.contiguous();
@@ -213,6 +219,9 @@ at::Tensor lora_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight,
     });
     return with_output_shape(y, shape.out_sizes);
   }
+  TORCH_CHECK(!capturing, kForward, ": a batch this large (", shape.rows, " rows, rank ", shape.rank,
+              ") takes the segment path, which reads adapter_ids on the host and cannot be captured in a CUDA graph");
+  const AdapterGroups groups = group_rows_by_adapter(adapter_ids.cpu(), shape.num_adapters, kForward);
   AdapterGroups device_groups = groups;
   if (!groups.contiguous) device_groups.perm = groups.perm.to(x.device());
   const at::Tensor y =
