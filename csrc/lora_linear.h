@@ -23,7 +23,7 @@ struct LoraLinearShape {
 
 // Validates the arguments of lora_linear and returns the problem sizes. Shape and dtype errors raise
 // ValueError / TypeError in Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) and name the argument.
-// check_devices is false for the Meta kernel (fake tensors carry no real device to compare).
+// check_devices compares every tensor's device with x's (all backends and the Meta kernel do).
 inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                                               const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias,
                                               bool check_devices) {

@@ -39,7 +39,9 @@ namespace lowrank {
 
 at::Tensor lora_linear_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                             const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias) {
-  const auto shape = check_lora_linear_args(x, weight, lora_A, lora_B, bias, /*check_devices=*/false);
+  // Devices are compared here too: under FakeTensorMode every input presents as meta, while a real tensor mixed
+  // with a meta one dispatches here and must be an error, not an uninitialised result on the real device.
+  const auto shape = check_lora_linear_args(x, weight, lora_A, lora_B, bias, /*check_devices=*/true);
   return at::empty(shape.out_sizes, x.options());
 }
 

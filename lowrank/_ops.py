@@ -7,6 +7,7 @@ fake tensors and ``torch.compile``) and registers autograd for each op.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -89,12 +90,42 @@ def lora_linear(
     >>> torch.allclose(y, x @ W.T + 2.0 * (x @ A.T) @ B.T, atol=1e-4)
     True
     """
+    Tensor = torch.Tensor
+    if not (
+        isinstance(x, Tensor)
+        and isinstance(weight, Tensor)
+        and isinstance(lora_A, Tensor)
+        and isinstance(lora_B, Tensor)
+        and (bias is None or isinstance(bias, Tensor))
+    ):
+        _raise_not_tensor("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    scale = _check_scale("lora_linear", scale)
     if _no_grad_needed(x, weight, lora_A, lora_B, bias):
         # Inference: straight to the device kernel, past the (Python) autograd layer of the op. Measured
         # on 4096x4096 fp32 at one token, that layer cost ~1.5% of the call (benchmarks/bench_lora.py).
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.lowrank.lora_linear.default(x, weight, lora_A, lora_B, float(scale), bias)
-    return torch.ops.lowrank.lora_linear.default(x, weight, lora_A, lora_B, float(scale), bias)
+            return torch.ops.lowrank.lora_linear.default(x, weight, lora_A, lora_B, scale, bias)
+    return torch.ops.lowrank.lora_linear.default(x, weight, lora_A, lora_B, scale, bias)
+
+
+def _raise_not_tensor(op: str, **arguments: object) -> None:
+    """TypeError naming the first argument that is not a tensor (``bias`` may be None)."""
+    for name, value in arguments.items():
+        if not isinstance(value, torch.Tensor) and not (value is None and name == "bias"):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_scale(op: str, scale: object) -> float:
+    """``scale`` as a float; TypeError naming it unless a real number or a 1-element real tensor."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.is_complex():
+            raise TypeError(
+                f"{op}: scale must be a real number or a 1-element real tensor, got a {scale.dtype} tensor "
+                f"of shape {tuple(scale.shape)}"
+            )
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a real number, got {type(scale).__name__}")
+    return float(scale)
 
 
 def _no_grad_needed(*tensors: torch.Tensor | None) -> bool:
@@ -178,7 +209,7 @@ def lora_linear_multi(
     adapter_ids : Tensor of int64 or int32, shape (M,) or x.shape[:-1]
         The adapter of each row, ``-1`` for "base layer only". ``(M,)`` indexes the rows of ``x`` flattened
         over its leading dimensions (row-major); an array shaped like ``x.shape[:-1]`` is read the same way.
-        Out-of-range ids raise ValueError.
+        Out-of-range ids raise ValueError (on CUDA's gather path: a device-side assertion, see Notes).
     scales : Tensor, shape (num_adapters,)
         Floating-point multiplier of each adapter's term (``alpha / r`` in LoRA, ``alpha / sqrt(r)`` in
         rsLoRA). Any floating dtype; on the same device as ``x``.
@@ -202,9 +233,17 @@ def lora_linear_multi(
     ``r (in + out)`` weights once. On CUDA, batches of up to 64 rows (decode), or with fewer than 64 rows
     per adapter on average, add the LoRA terms with two gather kernels in the style of punica's BGMV (each
     row reads its adapter's A and B, no sort; repeats hit L2) after one cuBLAS base GEMM; other batches use
-    the grouped segment path with cuBLAS per adapter (SGMV-style). The ids are validated on the host, so on
-    CUDA each call copies
-    ``adapter_ids`` to the host (one small synchronising copy).
+    the grouped segment path with cuBLAS per adapter (SGMV-style).
+
+    On CUDA the choice is made from the shapes alone: batches of at most 64 rows, or with fewer than 64 rows
+    per stacked adapter (``M < 64 * num_adapters``), take the gather kernels, which never read
+    ``adapter_ids`` on the host -- no synchronisation, and the call can be captured in a CUDA graph and
+    replayed with new ids (every batch takes them while capturing). They validate the ids on the device:
+    an out-of-range id trips a device-side assertion (as torch's own indexing kernels do), reported as a
+    RuntimeError by the next synchronising call and leaving the CUDA context unusable, so validate ids
+    built from user input beforehand (:func:`lowrank.mixed_adapter_batch` builds them from adapter names,
+    valid by construction). Larger batches take the segment path, which copies the ids to the host (one
+    small synchronising copy) and raises ValueError there, as on the CPU.
 
     Autograd gives gradients for ``x``, ``lora_A``, ``lora_B`` and ``scales`` (training several adapters in
     one batch; adapters absent from the batch get zero gradient), and for ``weight`` and ``bias`` when they
@@ -226,6 +265,20 @@ def lora_linear_multi(
     >>> torch.allclose(y[0], x[0] @ W.T + 2.0 * (x[0] @ A[1].T) @ B[1].T, atol=1e-4)
     True
     """
+    tensors = (x, weight, lora_A, lora_B, adapter_ids, scales)
+    if not (
+        all(isinstance(t, torch.Tensor) for t in tensors) and (bias is None or isinstance(bias, torch.Tensor))
+    ):
+        _raise_not_tensor(
+            "lora_linear_multi",
+            x=x,
+            weight=weight,
+            lora_A=lora_A,
+            lora_B=lora_B,
+            adapter_ids=adapter_ids,
+            scales=scales,
+            bias=bias,
+        )
     if _no_grad_needed(x, weight, lora_A, lora_B, scales, bias):  # inference: past the autograd layer
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.lowrank.lora_linear_multi.default(

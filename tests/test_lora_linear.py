@@ -263,3 +263,48 @@ def test_cuda_autograd_opcheck_and_device_mismatch():
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="lora_A is on cpu"):
         lowrank.lora_linear(args[0], args[1], args[2].detach().cpu(), args[3], 1.0, args[4])
+
+
+@pytest.mark.parametrize("which", ["weight", "lora_A", "lora_B", "bias"])
+def test_meta_tensor_mixed_with_cpu_raises_naming_it(which):
+    # A meta tensor among CPU ones dispatches to the Meta kernel; it must refuse, not return garbage.
+    args = dict(zip(["x", "weight", "lora_A", "lora_B", "bias"], make((3, 16), 8, 4, torch.float32)))
+    args[which] = args[which].to("meta")
+    with pytest.raises(ValueError, match=f"{which} is on meta but x is on cpu"):
+        lowrank.lora_linear(args["x"], args["weight"], args["lora_A"], args["lora_B"], 1.0, args["bias"])
+    meta = {k: v.to("meta") for k, v in args.items()}  # all on meta: shapes only, no error
+    assert lowrank.lora_linear(meta["x"], meta["weight"], meta["lora_A"], meta["lora_B"]).shape == (3, 8)
+
+
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("x", None, "x must be a torch.Tensor, got NoneType"),
+        ("x", [[1.0] * 16] * 3, "x must be a torch.Tensor, got list"),
+        ("weight", 2.0, "weight must be a torch.Tensor, got float"),
+        ("lora_A", None, "lora_A must be a torch.Tensor"),
+        ("lora_B", "B", "lora_B must be a torch.Tensor, got str"),
+        ("bias", 0.5, "bias must be a torch.Tensor, got float"),
+        ("scale", "2", "scale must be a real number, got str"),
+        ("scale", None, "scale must be a real number, got NoneType"),
+        ("scale", 1j, "scale must be a real number, got complex"),
+        ("scale", torch.ones(2), "scale must be a real number or a 1-element real tensor"),
+    ],
+)
+def test_non_tensor_arguments_raise_type_error_naming_them(name, value, match):
+    args = dict(zip(["x", "weight", "lora_A", "lora_B", "bias"], make((3, 16), 8, 4, torch.float32)))
+    args["scale"] = 1.0
+    args[name] = value
+    with pytest.raises(TypeError, match=match):
+        lowrank.lora_linear(
+            args["x"], args["weight"], args["lora_A"], args["lora_B"], args["scale"], args["bias"]
+        )
+
+
+def test_scale_accepts_numpy_and_one_element_tensors():
+    import numpy as np
+
+    args = make((3, 16), 8, 4, torch.float64)
+    for scale in (np.float32(0.5), np.int64(2), torch.tensor(0.5), torch.tensor([2.0])):
+        y = lowrank.lora_linear(*args[:4], scale, args[4])
+        assert_close_to_reference(y, args, float(scale))

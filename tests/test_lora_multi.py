@@ -290,6 +290,16 @@ def test_bad_arguments_raise_clear_errors():
         call(x, weight[:, :5], lora_A, lora_B, ids, scales, bias)
 
 
+@pytest.mark.parametrize("name", ["x", "weight", "lora_A", "lora_B", "adapter_ids", "scales", "bias"])
+def test_non_tensor_arguments_raise_type_error_naming_them(name):
+    x, weight, lora_A, lora_B, scales, bias, _ = make_problem(4, 6, 5, 2, 3)
+    args = dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, adapter_ids=torch.tensor([0, 1, 2, -1]))
+    args.update(scales=scales, bias=bias)
+    args[name] = [0, 1, 2, -1] if name == "adapter_ids" else 1.5
+    with pytest.raises(TypeError, match=f"lora_linear_multi: {name} must be a torch.Tensor"):
+        lowrank.lora_linear_multi(**args)
+
+
 def test_mixed_devices_raise_value_error_on_cpu():
     x, weight, lora_A, lora_B, scales, bias, _ = make_problem(4, 6, 5, 2, 3)
     ids = torch.tensor([0, 1, 2, -1])
