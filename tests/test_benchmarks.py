@@ -8,6 +8,8 @@ dependency is missing, and one that raises ``SkipBenchmark``.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -208,3 +210,51 @@ def test_cell_and_json_formatting() -> None:
     assert fmt_cell(None) == "-" and fmt_cell(True) == "yes" and fmt_cell(3) == "3"
     assert fmt_cell(torch.tensor(0.5)) == "0.5" and fmt_cell("a|b\nc") == "a\\|b c"
     assert to_jsonable({"x": (float("inf"), torch.tensor([[1, 2]]))}) == {"x": [None, [[1, 2]]]}
+
+
+GPU_CHECK = REPO_ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_dry_run_lists_bounded_steps():
+    proc = subprocess.run(
+        ["bash", str(GPU_CHECK)], env={**os.environ, "GPU_CHECK_DRY": "1"}, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    header, *steps = proc.stdout.strip().splitlines()
+    bounds = [int(re.search(r"<=\s+(\d+) s", line).group(1)) for line in steps]
+    assert len(bounds) == 8 and sum(bounds) <= 420
+    assert f"add up to {sum(bounds)} s" in header
+    text = proc.stdout
+    # kernel tests first, each sanitizer tool, benchmarks before the sanitizers, no caching allocator
+    assert (
+        text.index("tests/test_cuda_paths.py") < text.index("the rest on CUDA") < text.index("benchmarks (")
+    )
+    assert text.index("benchmarks (") < text.index("memcheck")
+    for tool in ("memcheck", "initcheck", "racecheck"):
+        assert f"--tool {tool}" in text
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck" in text
+    assert "pip install" not in GPU_CHECK.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_gpu_check_without_a_gpu_says_so_and_exits_quickly(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(GPU_CHECK)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no CUDA GPU here" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing built, nothing written
+
+
+def test_sanitizer_cases_name_existing_paths():
+    from benchmarks import memcheck_case
+
+    labels = {case[0] for case in memcheck_case.SINGLE} | {case[0] for case in memcheck_case.MULTI}
+    assert memcheck_case.SMALL <= labels
+    # the documented path rules: each kernel path is reached by at least one case
+    single = memcheck_case.SINGLE
+    assert any(m <= 16 and m * r == 4096 for _, m, _, _, r, _, _ in single)  # shared-memory edge
+    assert any(m > 16 or m * r > 4096 for _, m, _, _, r, _, _ in single)  # cuBLAS composite
+    assert any(offs[1] == 1 and sum(offs) == 1 for *_, offs in single)  # W alone misaligned
+    multi = memcheck_case.MULTI
+    assert any(m <= 64 or m < 64 * n for _, m, _, _, _, n, _, _ in multi)  # BGMV
+    assert any(m > 64 and m >= 64 * n and rule == "runs" for _, m, _, _, _, n, rule, _ in multi)  # segments
