@@ -5,6 +5,7 @@ The public API is what this module exports; everything else is private.
 
 from lowrank import distributed as distributed  # the submodule: lowrank.distributed.rsvd, ...
 from lowrank._ops import WITH_CUDA, lora_linear, lora_linear_multi
+from lowrank.budget import RankAllocation, allocate_ranks
 from lowrank.completion import als
 from lowrank.cur import cur, interpolation_matrix, interpolative
 from lowrank.factor import low_rank_factor
@@ -46,6 +47,8 @@ __all__ = [
     "interpolation_matrix",
     "interpolative",
     "low_rank_factor",
+    "RankAllocation",
+    "allocate_ranks",
     "nmf",
     "nystrom",
     "pca",
