@@ -9,8 +9,16 @@
 ``lowrank compress CKPT --rank R | --tol T --out OUT``
     Replaces matching 2-D weights ``W`` of a checkpoint by factors ``W ~= B @ A`` stored as ``<name>.B`` and
     ``<name>.A``; other tensors are copied. A layer is kept dense when its factors would not be smaller.
-``lowrank info DIR``
-    An adapter's config, per-layer ranks, targets and size.
+``lowrank extract|compress ... --budget SIZE | --budget-params N``
+    One size budget for all layers (bytes in the stored dtype, e.g. ``40MiB``, or parameters): per-layer
+    ranks that minimise the total squared Frobenius error within it (:func:`lowrank.allocate_ranks`), from
+    each layer's spectrum (exact SVD when the rank allowed is at least half the layer's, else randomized).
+``lowrank info DIR | FILE``
+    An adapter's config, per-layer ranks, targets and size; for files written by this tool, each layer's
+    rank and achieved relative error (worst first) and the totals.
+
+Every file written here carries, in its safetensors metadata (``lowrank.layers``, JSON), each factored
+layer's rank, shape, ``||D||_F`` and achieved relative Frobenius error ``||D - B A||_F / ||D||_F``.
 
 Checkpoints are read tensor by tensor with ``safetensors.safe_open`` (memory-mapped), from a file or a
 directory of shards, so memory stays near one tensor (plus, for ``compress``, the factors written so far).
@@ -209,6 +217,108 @@ def _relative_error(matrix: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> f
     return float(torch.linalg.matrix_norm(matrix - B @ A)) / norm if norm else 0.0
 
 
+def _spectral_factors(matrix: torch.Tensor, k_cap: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``(U, S, Vh)`` of the leading ``k_cap`` triplets: exact SVD when ``k_cap`` is at least half the
+    smaller side (where a randomized SVD saves nothing), else the randomized SVD (whose trailing values
+    near ``k_cap`` may be slightly underestimated; the allocation then errs towards other layers)."""
+    from lowrank.svd import rsvd
+
+    if 2 * k_cap >= min(matrix.shape):
+        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        return U[:, :k_cap], S[:k_cap], Vh[:k_cap]
+    U, S, Vh = rsvd(matrix, k=k_cap, seed=seed)
+    return U, S, Vh
+
+
+def _tail_error(norm_sq: float, S: torch.Tensor, k: int) -> float:
+    """Relative error of ``U_k S_k Vh_k`` from ``||D||_F^2 - sum_{i<k} S_i^2``.
+
+    Exact for the truncations of an SVD and of a randomized SVD's projection (``U_k S_k Vh_k = U_k U_k^T D``
+    there), up to rounding: about ``sqrt(eps) ~ 3e-4`` absolute in float32 when the error is tiny.
+    """
+    if norm_sq <= 0:
+        return 0.0
+    kept = float(S[:k].double().pow(2).sum())
+    return math.sqrt(max(norm_sq - kept, 0.0) / norm_sq)
+
+
+def _budget_ranks(
+    spectra: list[torch.Tensor], costs: list[float], budget: int, unit: str, min_rank: int
+) -> list[int]:
+    """Per-layer ranks within ``budget`` (each layer at least ``min_rank``), by :func:`allocate_ranks`."""
+    from lowrank.budget import allocate_ranks
+
+    floor_cost = min_rank * sum(costs)
+    if floor_cost > budget:
+        raise CLIError(
+            f"the budget of {_human_size(budget, unit)} is below the {_human_size(floor_cost, unit)} "
+            f"that rank {min_rank} for each of the {len(costs)} selected layers takes"
+        )
+    result = allocate_ranks([s[min_rank:] for s in spectra], budget - floor_cost, costs)
+    return [min_rank + k for k in result.ranks]
+
+
+def _layer_record(shape: tuple[int, ...], rank: int, norm: float, error: float) -> dict[str, Any]:
+    return {"shape": list(shape), "rank": rank, "norm": norm, "rel_error": error}
+
+
+def _human_size(n: float, unit: str) -> str:
+    return _human_bytes(int(n)) if unit == "bytes" else f"{int(n):,} parameters"
+
+
+_SIZE_SUFFIX = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def _parse_size(text: str) -> int:
+    """``40MiB``, ``1.5GB``, ``2e6``, ``300k`` -> a positive whole number (of bytes or parameters)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    suffix = match[2].lower() if match else None
+    if match is None or suffix not in _SIZE_SUFFIX:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 40MiB, 1.5GB, 250k or 1000000, got {text!r}"
+        )
+    value = float(match[1]) * _SIZE_SUFFIX[suffix]
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value)
+
+
+def _budget_of(args: argparse.Namespace) -> tuple[int, str] | None:
+    """``(budget, unit)`` from --budget (bytes) or --budget-params, or None."""
+    if args.budget is not None and args.budget_params is not None:
+        raise CLIError(f"{args.command}: pass --budget SIZE or --budget-params N, not both")
+    if args.budget is not None:
+        return args.budget, "bytes"
+    if args.budget_params is not None:
+        return args.budget_params, "params"
+    return None
+
+
+def _rank_cost(shape: tuple[int, ...], dtype: torch.dtype, unit: str) -> int:
+    """Size of one rank of ``B (m, r) @ A (r, n)``: ``m + n`` parameters, times the element size in bytes."""
+    params = shape[0] + shape[1]
+    return params * torch.empty((), dtype=dtype).element_size() if unit == "bytes" else params
+
+
+def _metadata(records: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return {"lowrank.layers": json.dumps(records, sort_keys=True)}
+
+
 def _human_bytes(n: int) -> str:
     from lowrank.lora.checkpoint import _human_bytes as human
 
@@ -245,6 +355,11 @@ def _parse_tol(text: str) -> float:
 def cmd_extract(args: argparse.Namespace) -> int:
     from lowrank.lora.checkpoint import build_peft_config, write_adapter_dir
 
+    budget = _budget_of(args)
+    if (args.rank is None) == (budget is None):
+        raise CLIError(
+            "extract: pass one of --rank R, --rank auto --tol T, --budget SIZE or --budget-params N"
+        )
     if args.rank == "auto" and args.tol is None:
         raise CLIError("extract: --rank auto needs --tol T (the relative error allowed per layer)")
     if args.rank != "auto" and args.tol is not None:
@@ -261,8 +376,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    records: dict[str, dict[str, Any]] = {}
     total_captured = total_energy = 0.0
-    for name in _progress(names, "extract"):
+    if budget is not None:
+        tensors, ranks, records, total_captured, total_energy = _extract_budget(
+            base, tuned, names, *budget, args.seed
+        )
+    for name in [] if budget is not None else _progress(names, "extract"):
         module = name[: -len(".weight")]
         out_dtype = tuned.dtype(name)
         work = _work_dtype(out_dtype)
@@ -279,6 +399,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         else:
             B, A = _factor(delta, args.rank, None, args.seed)
         error = _relative_error(delta, B, A)
+        records[module] = _layer_record(tuple(delta.shape), int(B.shape[1]), math.sqrt(energy), error)
         captured = 1.0 - error * error
         total_captured += captured * energy
         total_energy += energy
@@ -294,17 +415,83 @@ def cmd_extract(args: argparse.Namespace) -> int:
             f"{module:<48} {_shape(delta)}  rank {ranks[module]:>4}  energy {100 * captured:7.3f}%  "
             f"rel.err {error:.3e}"
         )
+    if not ranks and total_energy > 0:
+        raise CLIError("extract: the budget leaves no layer a rank (one rank of the smallest costs more)")
     if not ranks:
         raise CLIError("extract: every selected weight is identical in BASE and TUNED; nothing to extract")
     config = build_peft_config(ranks, dict(ranks))  # lora_alpha = r: scaling 1, B @ A is the delta itself
     config["base_model_name_or_path"] = args.base_model_name or os.path.abspath(args.base)
-    write_adapter_dir(args.out, tensors, config)
+    write_adapter_dir(args.out, tensors, config, _metadata(records))
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     _write_line(
         f"wrote {args.out}: {len(ranks)} layers, {_human_bytes(size)}, captured energy "
         f"{100 * total_captured / total_energy:.3f}% of the total delta"
     )
     return 0
+
+
+def _extract_budget(
+    base: TensorSource, tuned: TensorSource, names: list[str], budget: int, unit: str, seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, dict[str, Any]], float, float]:
+    """``extract --budget``: each delta's leading triplets in one pass, then the ranks within the budget.
+
+    A layer's spectrum goes as far as the budget could ever give it (``budget // cost`` ranks, at most its
+    smaller side); the triplets are kept so the checkpoints are read once. Memory: the kept triplets, each
+    at most the budget's size. Errors come from ``||D||_F^2 - sum S_k^2`` (see ``_tail_error``).
+    """
+    spectra, costs, kept = [], [], {}
+    for name in _progress(names, "spectra"):
+        module = name[: -len(".weight")]
+        out_dtype = tuned.dtype(name)
+        work = _work_dtype(out_dtype)
+        delta = tuned.get(name).to(work) - base.get(name).to(work)
+        embedding = EMBEDDING_NAME.search(module) is not None
+        if embedding:
+            delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
+        cost = _rank_cost(tuple(delta.shape), out_dtype, unit)
+        k_cap = min(min(delta.shape), budget // cost)
+        norm_sq = float(delta.double().pow(2).sum())
+        if k_cap == 0 or norm_sq == 0.0:
+            U = Vh = delta.new_zeros(0)
+            S = delta.new_zeros(0)
+        else:
+            U, S, Vh = _spectral_factors(delta, k_cap, seed)
+        kept[name] = (module, tuple(delta.shape), out_dtype, embedding, norm_sq, U, S, Vh)
+        spectra.append(S)
+        costs.append(cost)
+        del delta
+    allocation = _budget_ranks(spectra, costs, budget, unit, min_rank=0)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    records: dict[str, dict[str, Any]] = {}
+    total_captured = total_energy = 0.0
+    for name, k in zip(names, allocation):
+        module, shape, out_dtype, embedding, norm_sq, U, S, Vh = kept.pop(name)
+        shape_text = f"{shape[0]}x{shape[1]}".rjust(11)
+        if norm_sq == 0.0:
+            _write_line(f"{module:<48} {shape_text}  unchanged, skipped")
+            continue
+        total_energy += norm_sq
+        if k == 0:
+            _write_line(f"{module:<48} {shape_text}  rank    0  left out: the budget buys more elsewhere")
+            continue
+        B, A = _balanced_factors(U[:, :k], S[:k], Vh[:k])
+        error = _tail_error(norm_sq, S, k)
+        total_captured += (1.0 - error * error) * norm_sq
+        ranks[module] = k
+        records[module] = _layer_record(shape, k, math.sqrt(norm_sq), error)
+        key = "base_model.model." + module
+        if embedding:
+            tensors[key + ".lora_embedding_A"] = A.to(out_dtype).contiguous()
+            tensors[key + ".lora_embedding_B"] = B.to(out_dtype).contiguous()
+        else:
+            tensors[key + ".lora_A.weight"] = A.to(out_dtype).contiguous()
+            tensors[key + ".lora_B.weight"] = B.to(out_dtype).contiguous()
+        _write_line(
+            f"{module:<48} {shape_text}  rank {k:>4}  energy {100 * (1 - error * error):7.3f}%  "
+            f"rel.err {error:.3e}"
+        )
+    return tensors, ranks, records, total_captured, total_energy
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -314,8 +501,9 @@ def _shape(t: torch.Tensor) -> str:
 def cmd_compress(args: argparse.Namespace) -> int:
     from lowrank.lora.checkpoint import TensorEntry, write_safetensors
 
-    if (args.rank is None) == (args.tol is None):
-        raise CLIError("compress: pass exactly one of --rank R or --tol T")
+    budget = _budget_of(args)
+    if (args.rank is not None) + (args.tol is not None) + (budget is not None) != 1:
+        raise CLIError("compress: pass exactly one of --rank R, --tol T, --budget SIZE or --budget-params N")
     source = TensorSource(args.ckpt, "CKPT")
     out_file = args.out if args.out.endswith(".safetensors") else os.path.join(args.out, "model.safetensors")
     if os.path.exists(out_file) and any(os.path.samefile(out_file, f) for f in source._handles):
@@ -323,11 +511,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     names = set(_select(source, _compile_target(args.target), embeddings=args.target is not None))
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    records: dict[str, dict[str, Any]] = {}
     bytes_before = bytes_after = 0
+    planned = _plan_compress_budget(source, sorted(names), *budget, args.seed) if budget is not None else {}
     for name in _progress(sorted(names), "compress"):
         weight = source.get(name)
         work = weight.to(_work_dtype(weight.dtype))
-        B, A = _factor(work, args.rank, args.tol, args.seed)
+        if name in planned:
+            B, A = planned.pop(name)
+        elif budget is not None:  # the budget keeps it dense: factors of any rank would not be smaller
+            B = work.new_zeros(weight.shape[0], min(weight.shape))
+            A = work.new_zeros(min(weight.shape), weight.shape[1])
+        else:
+            B, A = _factor(work, args.rank, args.tol, args.seed)
         rank = int(B.shape[1])
         m, n = weight.shape
         dense = m * n * weight.element_size()
@@ -341,6 +537,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             continue
         B, A = B.to(weight.dtype).contiguous(), A.to(weight.dtype).contiguous()
         error = _relative_error(work, B.to(work.dtype), A.to(work.dtype))
+        records[name[: -len(".weight")]] = _layer_record(
+            tuple(weight.shape), rank, float(torch.linalg.matrix_norm(work.double())), error
+        )
         factors[name] = (B, A)
         bytes_after += factored
         _write_line(
@@ -362,6 +561,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 other_bytes += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
     metadata = {"lowrank.factorized": json.dumps(sorted(factors)), "lowrank.layout": "W = B @ A"}
+    metadata.update(_metadata(records))
     write_safetensors(out_file, entries, metadata)
     before, after = bytes_before + other_bytes, bytes_after + other_bytes
     _write_line(
@@ -369,6 +569,44 @@ def cmd_compress(args: argparse.Namespace) -> int:
         f"{_human_bytes(before)} -> {_human_bytes(after)} ({100 * after / before:.1f}%)"
     )
     return 0
+
+
+def _plan_compress_budget(
+    source: TensorSource, names: list[str], budget: int, unit: str, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``compress --budget``: ranks for the selected weights within the budget (each at least 1, and only
+    as large as keeps its factors smaller than the dense weight), then their factors ``(B, A)``.
+
+    The budget counts the factored layers' ``B`` and ``A``; a layer whose rank-1 factors would not be
+    smaller than its dense weight stays dense, outside the budget. Each weight is read here for its
+    spectrum; the triplets are kept, so the factors need no second SVD.
+    """
+    spectra, costs, kept, order = [], [], {}, []
+    for name in _progress(names, "spectra"):
+        shape, dtype = source.shape(name), source.dtype(name)
+        m, n = shape
+        dense_cap = (m * n - 1) // (m + n)  # factors of rank k are smaller than W iff k (m + n) < m n
+        cost = _rank_cost(shape, dtype, unit)
+        k_cap = min(m, n, dense_cap, budget // cost)
+        if dense_cap == 0:
+            continue
+        if k_cap == 0:
+            raise CLIError(
+                f"the budget of {_human_size(budget, unit)} cannot give {name!r} {shape} even rank 1 "
+                f"({_human_size(cost, unit)})"
+            )
+        weight = source.get(name)
+        work = weight.to(_work_dtype(weight.dtype))
+        kept[name] = _spectral_factors(work, k_cap, seed)
+        spectra.append(kept[name][1])
+        costs.append(cost)
+        order.append(name)
+    ranks = _budget_ranks(spectra, costs, budget, unit, min_rank=1)
+    planned = {}
+    for name, k in zip(order, ranks):
+        U, S, Vh = kept.pop(name)
+        planned[name] = _balanced_factors(U[:, :k], S[:k], Vh[:k])
+    return planned
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -382,6 +620,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         _read_config,
     )
 
+    if os.path.isfile(args.dir) and args.dir.endswith(".safetensors"):
+        return _info_file(args.dir)
     if not os.path.isdir(args.dir):
         raise CLIError(f"DIR {args.dir!r}: no such directory")
     try:
@@ -397,6 +637,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         with safe_open(weights, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            file_metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CLIError(f"{weights}: not a readable safetensors file ({exc})") from None
 
@@ -443,6 +684,56 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{module:<48} {kind:<9} {info['in']:>6} {info['out']!s:>6} {info['rank']:>5} "
             f"{a:>7g} {scaling:>8.4g}"
         )
+    _print_layer_errors(file_metadata, weights)
+    return 0
+
+
+def _layer_records(metadata: dict[str, str], where: str) -> dict[str, dict[str, Any]] | None:
+    """The ``lowrank.layers`` records of a file's metadata, or None when it has none."""
+    text = metadata.get("lowrank.layers")
+    if text is None:
+        return None
+    try:
+        records = json.loads(text)
+        for record in records.values():
+            int(record["rank"]), float(record["rel_error"]), float(record["norm"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise CLIError(f"{where}: malformed lowrank.layers metadata") from None
+    return records
+
+
+def _print_layer_errors(metadata: dict[str, str], where: str) -> None:
+    """Each factored layer's rank and achieved relative error, worst first, and the totals."""
+    records = _layer_records(metadata, where)
+    if not records:
+        return
+    print()
+    print(f"{'achieved error (worst first)':<48} {'shape':>11} {'rank':>5} {'rel.err':>10} {'norm_F':>10}")
+    for module, rec in sorted(records.items(), key=lambda item: -float(item[1]["rel_error"])):
+        shape = "x".join(str(d) for d in rec.get("shape", [])).rjust(11)
+        rank, error, norm = int(rec["rank"]), float(rec["rel_error"]), float(rec["norm"])
+        print(f"{module:<48} {shape} {rank:>5} {error:>10.3e} {norm:>10.3e}")
+    norm_sq = sum(float(r["norm"]) ** 2 for r in records.values())
+    err_sq = sum((float(r["rel_error"]) * float(r["norm"])) ** 2 for r in records.values())
+    total = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
+    ranks = sum(int(r["rank"]) for r in records.values())
+    print(f"{'total':<48} {len(records):>8} layers {ranks:>5} {total:>10.3e} {math.sqrt(norm_sq):>10.3e}")
+
+
+def _info_file(path: str) -> int:
+    """``lowrank info FILE``: a checkpoint written by ``lowrank compress``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            count = len(list(f.keys()))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CLIError(f"{path}: not a readable safetensors file ({exc})") from None
+    print(f"{'file':<24} {path}")
+    print(f"{'tensors':<24} {count}   {_human_bytes(os.path.getsize(path))} on disk")
+    print(f"{'layout':<24} {metadata.get('lowrank.layout', '(not written by lowrank compress)')}")
+    _print_layer_errors(metadata, path)
     return 0
 
 
@@ -454,13 +745,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract a LoRA adapter from a base and a fine-tuned checkpoint")
     p.add_argument("base", metavar="BASE", help="base safetensors checkpoint (file or directory of shards)")
     p.add_argument("tuned", metavar="TUNED", help="fine-tuned checkpoint of the same model")
-    p.add_argument("--rank", type=_parse_rank, required=True, help="rank per layer, or 'auto' with --tol")
+    p.add_argument("--rank", type=_parse_rank, help="rank per layer, or 'auto' with --tol")
     p.add_argument(
         "--tol", type=_parse_tol, help="with --rank auto: relative Frobenius error allowed per layer"
     )
     p.add_argument(
         "--target", help="regex searched in module paths (default: all 2-D weights but embeddings)"
     )
+    p.add_argument(
+        "--budget",
+        type=_parse_size,
+        help="total size of the factors in bytes of the stored dtype (e.g. 40MiB, 1.5GB): ranks per layer "
+        "that minimise the total squared error within it",
+    )
+    p.add_argument("--budget-params", type=_parse_size, help="like --budget, counted in parameters (e.g. 2M)")
     p.add_argument("--out", required=True, help="adapter directory to write (PEFT layout)")
     p.add_argument("--base-model-name", help="base_model_name_or_path for the config (default: BASE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
@@ -474,13 +772,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", help="regex searched in module paths (default: all 2-D weights but embeddings)"
     )
     p.add_argument(
+        "--budget",
+        type=_parse_size,
+        help="total size of the factors in bytes of the stored dtype (e.g. 40MiB, 1.5GB): ranks per layer "
+        "that minimise the total squared error within it",
+    )
+    p.add_argument("--budget-params", type=_parse_size, help="like --budget, counted in parameters (e.g. 2M)")
+    p.add_argument(
         "--out", required=True, help="output .safetensors file, or a directory for model.safetensors"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
     p.set_defaults(run=cmd_compress)
 
-    p = sub.add_parser("info", help="show an adapter's config, ranks, targets and size")
-    p.add_argument("dir", metavar="DIR", help="PEFT adapter directory")
+    p = sub.add_parser("info", help="show an adapter's config, ranks, targets, size and achieved errors")
+    p.add_argument("dir", metavar="DIR", help="PEFT adapter directory, or a file written by lowrank compress")
     p.set_defaults(run=cmd_info)
     return parser
 

@@ -247,3 +247,101 @@ def test_user_mistakes_in_process(checkpoints, tmp_path, capsys):
         assert err.startswith("lowrank: error: ") and err.count("\n") == 1 and message in err, (argv, err)
     assert not (tmp_path / "o").exists()
     assert load_file(base / "model.safetensors").keys() == base_state.keys()
+
+
+def info_table(stdout):
+    """``lowrank info``'s achieved-error rows: module -> (rank, rel.err), in printed order."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("achieved error"))
+    rows = {}
+    for line in lines[start + 1 :]:
+        parts = line.split()
+        if parts and parts[0] != "total":
+            rows[parts[0]] = (int(parts[2]), float(parts[3]))
+    return rows
+
+
+def test_extract_with_a_budget_allocates_ranks_and_records_achieved_errors(checkpoints, tmp_path):
+    root, base_state, tuned_state = checkpoints
+    out, budget = tmp_path / "budget", 24 * 1024
+    result = run_cli("extract", root / "base", root / "tuned", "--budget", "24KiB", "--out", out)
+    assert result.returncode == 0, result.stderr
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) <= budget
+    updates = adapter_factors(out)
+    # The allocation against float64 spectra: its total error is (near) the optimum for this budget, and
+    # no worse than the best uniform rank that fits.
+    spectra, costs, norms = [], [], []
+    modules = sorted({k[: -len(".weight")] for k in tuned_state if k.endswith(".weight")})
+    modules = [m for m in modules if tuned_state[m + ".weight"].dim() == 2 and "embed" not in m]
+    for module in modules:
+        delta = delta64(base_state, tuned_state, module + ".weight")
+        spectra.append(np.linalg.svd(delta, compute_uv=False))
+        costs.append(sum(delta.shape) * 4)
+        norms.append(np.sum(spectra[-1] ** 2))
+    optimum = lowrank.allocate_ranks(spectra, budget, costs)
+    total = sum(norms)
+    achieved = sum(
+        np.linalg.norm(delta64(base_state, tuned_state, m + ".weight") - updates.get(m, 0.0)) ** 2
+        for m in modules
+    )
+    assert achieved <= (total - optimum.captured) * 1.01
+    uniform = max(k for k in range(1, 64) if k * sum(costs) <= budget)
+    uniform_error = sum(float(np.sum(s[uniform:] ** 2)) for s in spectra)
+    assert achieved <= uniform_error * 1.001
+    # lowrank info prints each layer's rank and achieved error, matching a float64 recompute, worst first
+    info = run_cli("info", out)
+    assert info.returncode == 0, info.stderr
+    rows = info_table(info.stdout)
+    assert list(rows) == sorted(rows, key=lambda m: -rows[m][1])
+    assert set(rows) == set(updates)
+    for module, (rank, rel_err) in rows.items():
+        delta = delta64(base_state, tuned_state, module + ".weight")
+        assert rank == np.linalg.matrix_rank(updates[module], tol=1e-6 * np.abs(updates[module]).max())
+        assert rel_err == pytest.approx(
+            np.linalg.norm(delta - updates[module]) / np.linalg.norm(delta), rel=2e-3, abs=2e-4
+        )
+
+
+def test_every_cli_file_records_ranks_and_errors(checkpoints, tmp_path):
+    root, base_state, tuned_state = checkpoints
+    out = tmp_path / "fixed"
+    assert run_cli("extract", root / "base", root / "tuned", "--rank", 3, "--out", out).returncode == 0
+    rows = info_table(run_cli("info", out).stdout)
+    assert rows and all(rank == 3 for rank, _ in rows.values())
+    target = tmp_path / "compressed.safetensors"
+    result = run_cli("compress", root / "tuned", "--budget-params", "20k", "--target", "mlp", "--out", target)
+    assert result.returncode == 0, result.stderr
+    written = load_file(target)
+    factored = {k[: -len(".weight.B")] for k in written if k.endswith(".weight.B")}
+    assert (
+        factored
+        and sum(written[f"{m}.weight.B"].numel() + written[f"{m}.weight.A"].numel() for m in factored)
+        <= 20_000
+    )
+    rows = info_table(run_cli("info", target).stdout)
+    assert set(rows) == factored
+    for module, (rank, rel_err) in rows.items():
+        W = tuned_state[module + ".weight"].double()
+        approx = written[f"{module}.weight.B"].double() @ written[f"{module}.weight.A"].double()
+        assert rank == written[f"{module}.weight.B"].shape[1] >= 1
+        assert rel_err == pytest.approx(float((W - approx).norm() / W.norm()), rel=2e-3, abs=2e-4)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--budget", "40XB"], "expected a size such as 40MiB"),
+        (["--budget", "-5"], "expected a size"),
+        (["--budget", "0.1"], "expected a positive size"),
+        (["--budget", "1MiB", "--budget-params", "10"], "not both"),
+        (["--budget", "1MiB", "--rank", "4"], "pass one of"),
+        (["--budget", "16"], "the budget leaves no layer a rank"),
+    ],
+)
+def test_budget_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys, argv, message):
+    root, _, _ = checkpoints
+    code = main(["extract", str(root / "base"), str(root / "tuned"), *argv, "--out", str(tmp_path / "x")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -407,11 +407,14 @@ def build_peft_config(
 
 
 def write_adapter_dir(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``path``, each atomically."""
+    """Write ``adapter_model.safetensors`` (with ``metadata``) then ``adapter_config.json``, each atomically."""
     os.makedirs(path, exist_ok=True)
-    write_safetensors(os.path.join(path, WEIGHTS_NAME), _entries_from_dict(tensors))
+    write_safetensors(os.path.join(path, WEIGHTS_NAME), _entries_from_dict(tensors), metadata)
     text = json.dumps(dict(sorted(config.items())), indent=2) + "\n"
     atomic_write(os.path.join(path, CONFIG_NAME), lambda f: f.write(text.encode()))
 
