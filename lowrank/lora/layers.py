@@ -287,6 +287,8 @@ class LoRALayer(nn.Module):
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the fused op runs in: autocast's when autocast is on for x's device, else the weight's."""
     device_type = x.device.type
+    if device_type == "meta":  # shape inference: no autocast state exists for meta
+        return weight.dtype
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
