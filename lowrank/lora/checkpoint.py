@@ -294,6 +294,10 @@ def _matches_targets(config: dict[str, Any], module_path: str) -> bool:
     targets = config.get("target_modules")
     if not targets:
         return False
+    if (
+        targets == "all-linear"
+    ):  # PEFT's shorthand (every linear layer but the output head): not narrowed here
+        return True
     if isinstance(targets, str):
         return re.fullmatch(targets, module_path) is not None
     if module_path in targets:
@@ -547,9 +551,10 @@ def write_adapter_dir(
     Both files are written in full to temporary files in ``path`` and synced, then renamed into place, the
     weights first. The weights file's metadata holds the exact config text it was saved with
     (``lowrank.adapter_config``), so a save interrupted between the two renames (new weights, old config)
-    is detected by :func:`load_adapter`, which then uses the config that belongs to the weights: a reader
-    sees the old pair or the new pair, never a mix. Temporary files left by a killed save are removed by the
-    next save into ``path``. Raises ``ValueError`` if ``path`` is an existing regular file.
+    is detected by :func:`load_adapter` (the config file is older than the weights and differs from the
+    stored config in a field that gives the weights their meaning), which then uses the stored config: a
+    reader sees the old pair or the new pair, never a mix. Temporary files left by a killed save are
+    removed by the next save into ``path``. Raises ``ValueError`` if ``path`` is an existing regular file.
     """
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
