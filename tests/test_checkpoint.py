@@ -737,3 +737,52 @@ def test_load_adapter_bad_input(case, lowrank_dir, tmp_path):
 def test_adapter_size_bad_input(args, error, named):
     with pytest.raises(error, match=named):
         lowrank.adapter_size(*args)
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys, time, torch
+from torch import nn
+import lowrank
+from lowrank.lora import checkpoint
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+lowrank.inject_lora(model, ["0", "1"], r=2, alpha=7)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.fill_(0.5)
+real_replace = os.replace
+
+def replace(src, dst):
+    real_replace(src, dst)
+    if os.path.basename(dst) == checkpoint.WEIGHTS_NAME:
+        print("ready", flush=True)  # new weights in place, old config still there
+        time.sleep(60)
+
+checkpoint.os.replace = replace
+lowrank.save_adapter(model, sys.argv[1])
+"""
+
+
+def test_writer_killed_between_the_two_renames_reads_all_new(tmp_path):
+    old = _two_layer(seed=1)  # alpha 4
+    lowrank.save_adapter(old, tmp_path)
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent(KILLED_BETWEEN_RENAMES))
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["lora_alpha"] == 4  # the torn state on disk
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # the killed save's staged config
+    with pytest.warns(UserWarning, match="interrupted save"):
+        loaded = _reloaded(tmp_path)
+    assert loaded[0].lora_alpha["default"] == 7 and loaded[0].scaling["default"] == 3.5
+    assert torch.equal(loaded[0].lora_A["default"], torch.full((2, 8), 0.5))
+    lowrank.save_adapter(loaded, tmp_path)  # the next save repairs the folder and removes the temporaries
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "writer.py"])
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["lora_alpha"] == 7
