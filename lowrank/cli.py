@@ -22,7 +22,8 @@ layer's rank, shape, ``||D||_F`` and achieved relative Frobenius error ``||D - B
 
 Checkpoints are read tensor by tensor with ``safetensors.safe_open`` (memory-mapped), from a file or a
 directory of shards, so memory stays near one tensor (plus, for ``compress``, the factors written so far).
-User mistakes print one line on stderr and exit with status 2.
+User mistakes print one line on stderr and exit with status 2 (an internal error: one line, status 1).
+Progress bars use tqdm when it is installed (optional; without it the per-layer lines alone are printed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -136,10 +137,13 @@ def _compile_target(pattern: str | None) -> re.Pattern[str] | None:
 def _select(source: TensorSource, target: re.Pattern[str] | None, *, embeddings: bool) -> list[str]:
     """Names of the ``<module>.weight`` tensors to factor.
 
-    With ``--target``, every ``.weight`` whose module path the regex matches (``re.search``) must be a 2-D
-    floating tensor. Without it, all 2-D floating weights are taken except embeddings (``EMBEDDING_NAME``).
+    With ``--target``, every ``.weight`` whose module path the regex matches (``re.search``) and that is a
+    2-D floating tensor; matching tensors that cannot be factored (1-D norms, integer buffers) are skipped
+    and counted on stderr. Without it, all 2-D floating weights are taken except embeddings
+    (``EMBEDDING_NAME``). Raises CLIError when nothing 2-D is selected.
     """
     chosen = []
+    skipped: list[str] = []
     for name in source.names():
         if not name.endswith(".weight"):
             continue
@@ -148,15 +152,9 @@ def _select(source: TensorSource, target: re.Pattern[str] | None, *, embeddings:
             if not target.search(module):
                 continue
             shape, dtype = source.shape(name), source.dtype(name)
-            if len(shape) != 2:
-                raise CLIError(
-                    f"--target matches {name!r} of shape {shape}: only 2-D weights can be factored "
-                    "(narrow the regex)"
-                )
-            if not dtype.is_floating_point:
-                raise CLIError(
-                    f"--target matches {name!r} of dtype {dtype}: only float weights can be factored"
-                )
+            if len(shape) != 2 or not dtype.is_floating_point:
+                skipped.append(f"{name!r} ({'x'.join(map(str, shape)) or 'scalar'} {dtype})")
+                continue
         elif len(source.shape(name)) != 2 or not source.dtype(name).is_floating_point:
             continue
         elif not embeddings and EMBEDDING_NAME.search(module):
@@ -164,20 +162,59 @@ def _select(source: TensorSource, target: re.Pattern[str] | None, *, embeddings:
         chosen.append(name)
     if not chosen:
         what = f"--target {target.pattern!r}" if target is not None else "the default selection"
-        raise CLIError(f"{source.label} {source.path!r}: no 2-D weight tensors match {what}")
+        also = (
+            f" ({len(skipped)} matching tensors are not 2-D float weights, e.g. {skipped[0]})"
+            if skipped
+            else ""
+        )
+        raise CLIError(f"{source.label} {source.path!r}: no 2-D weight tensors match {what}{also}")
+    if skipped:
+        print(
+            f"lowrank: note: skipped {len(skipped)} tensor(s) matching --target that are not 2-D float "
+            f"weights and cannot be factored (e.g. {skipped[0]})",
+            file=sys.stderr,
+        )
     return chosen
 
 
-def _progress(items: Sequence[str], desc: str):
-    from tqdm import tqdm
-
+def _progress(items: Sequence[str], desc: str) -> Iterable[str]:
+    """A progress bar on stderr with tqdm when it is installed (optional: ``pip install tqdm``), else none."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
     return tqdm(items, desc=desc, unit="layer", file=sys.stderr, disable=None, leave=False)
 
 
 def _write_line(text: str) -> None:
-    from tqdm import tqdm
-
+    """Print a result line on stdout without breaking a running tqdm bar."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(text, flush=True)
+        return
     tqdm.write(text, file=sys.stdout)
+
+
+def _note(text: str) -> None:
+    print(f"lowrank: note: {text}", file=sys.stderr, flush=True)
+
+
+def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CLIError(
+            f"{source.label} tensor {name!r} holds {bad} NaN or infinite value(s); it cannot be factored"
+        )
+
+
+def _module_paths(names: Iterable[str]) -> set[str]:
+    """Every module path (each dotted prefix) of the tensor names: what PEFT would see as modules."""
+    paths: set[str] = set()
+    for name in names:
+        parts = name.split(".")[:-1]
+        paths.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return paths
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -378,6 +415,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     ranks: dict[str, int] = {}
     records: dict[str, dict[str, Any]] = {}
     total_captured = total_energy = 0.0
+    low_rank = 0
     if budget is not None:
         tensors, ranks, records, total_captured, total_energy = _extract_budget(
             base, tuned, names, *budget, args.seed
@@ -386,7 +424,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         module = name[: -len(".weight")]
         out_dtype = tuned.dtype(name)
         work = _work_dtype(out_dtype)
-        delta = tuned.get(name).to(work) - base.get(name).to(work)
+        tuned_weight, base_weight = tuned.get(name), base.get(name)
+        _check_finite(tuned, name, tuned_weight)
+        _check_finite(base, name, base_weight)
+        delta = tuned_weight.to(work) - base_weight.to(work)
         embedding = EMBEDDING_NAME.search(module) is not None
         if embedding:
             delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
@@ -397,6 +438,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if args.rank == "auto":
             B, A = _factor(delta, None, args.tol, args.seed)
         else:
+            full = min(delta.shape)
+            if args.rank >= full:
+                _note(
+                    f"{module}: --rank {args.rank} is not below min{tuple(delta.shape)} = {full}; kept at "
+                    f"full rank {full} (the adapter is no smaller than the dense delta)"
+                )
+            else:
+                low_rank += 1
             B, A = _factor(delta, args.rank, None, args.seed)
         error = _relative_error(delta, B, A)
         records[module] = _layer_record(tuple(delta.shape), int(B.shape[1]), math.sqrt(energy), error)
@@ -419,7 +468,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise CLIError("extract: the budget leaves no layer a rank (one rank of the smallest costs more)")
     if not ranks:
         raise CLIError("extract: every selected weight is identical in BASE and TUNED; nothing to extract")
-    config = build_peft_config(ranks, dict(ranks))  # lora_alpha = r: scaling 1, B @ A is the delta itself
+    if budget is None and args.rank != "auto" and not low_rank:
+        raise CLIError(
+            f"extract: --rank {args.rank} is not below min(rows, columns) of any changed layer: nothing was "
+            "factored to a lower rank; choose a smaller --rank (nothing written)"
+        )
+    # lora_alpha = r: scaling 1, B @ A is the delta itself
+    config = build_peft_config(ranks, dict(ranks), universe=_module_paths(tuned.names()))
     config["base_model_name_or_path"] = args.base_model_name or os.path.abspath(args.base)
     write_adapter_dir(args.out, tensors, config, _metadata(records))
     size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -444,7 +499,11 @@ def _extract_budget(
         module = name[: -len(".weight")]
         out_dtype = tuned.dtype(name)
         work = _work_dtype(out_dtype)
-        delta = tuned.get(name).to(work) - base.get(name).to(work)
+        tuned_weight, base_weight = tuned.get(name), base.get(name)
+        _check_finite(tuned, name, tuned_weight)
+        _check_finite(base, name, base_weight)
+        delta = tuned_weight.to(work) - base_weight.to(work)
+        del tuned_weight, base_weight
         embedding = EMBEDDING_NAME.search(module) is not None
         if embedding:
             delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
@@ -516,6 +575,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     planned = _plan_compress_budget(source, sorted(names), *budget, args.seed) if budget is not None else {}
     for name in _progress(sorted(names), "compress"):
         weight = source.get(name)
+        _check_finite(source, name, weight)
         work = weight.to(_work_dtype(weight.dtype))
         if name in planned:
             B, A = planned.pop(name)
@@ -531,6 +591,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         bytes_before += dense
         if factored >= dense:
             bytes_after += dense
+            why = (
+                f"--rank {args.rank} is not below min{tuple(weight.shape)} = {min(m, n)}"
+                if args.rank is not None and args.rank >= min(m, n)
+                else f"rank {rank} factors would take {rank * (m + n):,} numbers, the dense weight {m * n:,}"
+            )
+            _note(f"{name}: kept dense: {why}")
             _write_line(
                 f"{name:<52} {_shape(weight)}  rank {rank:>4}  kept dense (factors would not be smaller)"
             )
@@ -547,6 +613,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"{_human_bytes(factored):>10}  rel.err {error:.3e}"
         )
 
+    if not factors:
+        raise CLIError(
+            f"compress: no layer was factored: for each of the {len(names)} selected layers the factors "
+            "would be no smaller than the dense weight (see the notes above); choose a smaller --rank or a "
+            "larger --tol (nothing written)"
+        )
     entries = []
     other_bytes = 0
     for name in source.names():
@@ -596,6 +668,7 @@ def _plan_compress_budget(
                 f"({_human_size(cost, unit)})"
             )
         weight = source.get(name)
+        _check_finite(source, name, weight)
         work = weight.to(_work_dtype(weight.dtype))
         kept[name] = _spectral_factors(work, k_cap, seed)
         spectra.append(kept[name][1])
@@ -617,15 +690,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         WEIGHTS_NAME,
         AdapterCheckpointError,
         _pattern_value,
-        _read_config,
+        _read_consistent_config,
     )
 
-    if os.path.isfile(args.dir) and args.dir.endswith(".safetensors"):
-        return _info_file(args.dir)
+    if os.path.isfile(args.dir):
+        if args.dir.endswith(".safetensors"):
+            return _info_file(args.dir)
+        raise CLIError(
+            f"DIR {args.dir!r} is a file: pass an adapter folder, or a .safetensors file written by "
+            "lowrank compress"
+        )
     if not os.path.isdir(args.dir):
         raise CLIError(f"DIR {args.dir!r}: no such directory")
     try:
-        config = _read_config(args.dir)
+        config = _read_consistent_config(args.dir)
     except FileNotFoundError:
         raise CLIError(f"DIR {args.dir!r}: no {CONFIG_NAME} (not a PEFT adapter directory)") from None
     except AdapterCheckpointError as exc:
@@ -678,11 +756,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{'module':<48} {'kind':<9} {'in':>6} {'out':>6} {'rank':>5} {'alpha':>7} {'scaling':>8}")
     for module, info in sorted(layers.items()):
         a = _pattern_value(config.get("alpha_pattern"), module, alpha)
-        scaling = a / (math.sqrt(info["rank"]) if config.get("use_rslora") else info["rank"])
+        rank = info["rank"]
+        scaling = (
+            f"{a / (math.sqrt(rank) if config.get('use_rslora') else rank):>8.4g}"
+            if rank > 0
+            else f"{'-':>8}"
+        )
         kind = "embedding" if info["embedding"] else "linear"
         print(
-            f"{module:<48} {kind:<9} {info['in']:>6} {info['out']!s:>6} {info['rank']:>5} "
-            f"{a:>7g} {scaling:>8.4g}"
+            f"{module:<48} {kind:<9} {info['in']:>6} {info['out']!s:>6} {rank:>5} {a:>7g} {scaling}"
+            + ("  (empty adapter: rank 0)" if rank == 0 else "")
         )
     _print_layer_errors(file_metadata, weights)
     return 0
@@ -791,7 +874,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``lowrank`` command line; returns the exit status (0 ok, 2 user error)."""
+    """Run the ``lowrank`` command line; returns the exit status (0 ok, 2 user error, 1 internal error).
+
+    Every failure is one line on stderr, never a traceback. tqdm, when installed, draws progress bars.
+    """
     from safetensors import SafetensorError
 
     try:
@@ -808,6 +894,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowrank: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a command line prints one line, never a traceback
+        print(
+            f"lowrank: internal error: {type(exc).__name__}: {exc} (a bug in lowrank: please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ from torch import nn
 import lowrank
 from lowrank.lora import checkpoint
 from lowrank.lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from lowrank.lora.model import lora_layers
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -398,3 +399,390 @@ def test_streaming_writer_matches_safetensors_reader(tmp_path):
         checkpoint.write_safetensors(tmp_path / "t.safetensors", bad)
     assert torch.equal(load_file(tmp_path / "t.safetensors")["f32"], tensors["f32"])  # old file kept
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []  # temporary removed
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT pattern fields (issue 15 §2): nested names that are suffixes of each other, both loaders
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Holder(nn.Module):
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+class Nested(nn.Module):
+    """Module paths foo, bar.foo, qux, baz.qux, baz.qux_x: names that are dotted suffixes of others."""
+
+    def __init__(self):
+        super().__init__()
+        self.foo = nn.Linear(12, 12)
+        self.bar = _Holder(foo=nn.Linear(12, 12))
+        self.qux = nn.Linear(12, 12)
+        self.baz = _Holder(qux=nn.Linear(12, 12), qux_x=nn.Linear(12, 12))
+
+    def forward(self, x):
+        h = self.bar.foo(torch.tanh(self.foo(x)))
+        return self.baz.qux_x(torch.tanh(self.baz.qux(torch.tanh(self.qux(h)))))
+
+
+# module path -> (r, alpha) of each case; None: not adapted
+NESTED_CASES = {
+    "issue: foo r8/a16, bar.foo and baz.qux r4/a4": {"foo": (8, 16), "bar.foo": (4, 4), "baz.qux": (4, 4)},
+    "outer differs: bar.foo r8/a16, foo r4": {"foo": (4, 4), "bar.foo": (8, 16), "qux": (4, 4)},
+    "only the short name adapted": {"foo": (2, 3), "qux": (2, 3)},
+    "only the long name adapted": {"bar.foo": (2, 3), "baz.qux": (3, 5)},
+    "all, three ranks": {
+        "foo": (2, 2),
+        "bar.foo": (3, 6),
+        "qux": (4, 1),
+        "baz.qux": (2, 2),
+        "baz.qux_x": (5, 5),
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(NESTED_CASES))
+def test_nested_suffix_names_round_trip_through_peft_and_lowrank(case, tmp_path):
+    layers = NESTED_CASES[case]
+    torch.manual_seed(0)
+    state = Nested().state_dict()
+
+    def fresh():
+        model = Nested().eval()
+        model.load_state_dict(state)
+        return model
+
+    model = fresh()
+    for path, (r, alpha) in layers.items():
+        lowrank.inject_lora(model, ["^" + path.replace(".", r"\.") + "$"], r=r, alpha=alpha)
+    randomize_lora(model, seed=4)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+        assert relative(expected, fresh()(x)) > 1e-2
+    lowrank.save_adapter(model, tmp_path)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(fresh(), str(tmp_path)).eval()
+    peft_layers = {
+        name.removeprefix("base_model.model."): (m.r["default"], m.lora_alpha["default"])
+        for name, m in peft_model.named_modules()
+        if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+    }
+    assert peft_layers == layers  # PEFT built exactly these layers, with these ranks and alphas
+    loaded = lowrank.load_adapter(fresh(), tmp_path)
+    assert {n: (m.r["default"], m.lora_alpha["default"]) for n, m in lora_layers(loaded)} == layers
+    with torch.no_grad():
+        assert relative(peft_model(x), expected) <= 1e-6
+        assert relative(loaded(x), expected) <= 1e-6
+
+    # a PEFT save of the same adapter loads in lowrank to the same outputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(tmp_path / "peft"))
+    assert relative(lowrank.load_adapter(fresh(), tmp_path / "peft")(x).detach(), expected) <= 1e-6
+
+
+PEFT_KEYS = [
+    "foo",
+    "bar.foo",
+    "bar.foo.baz",
+    "foobar",
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.1.mlp.experts.0.q_proj",
+    "model.h.2.attn.q_proj",
+    "model.layers.10.mlp.down_proj",
+    "lm_head",
+]
+PEFT_CONFIGS = [
+    {"target_modules": ["foo", "q_proj"]},
+    {"target_modules": ["bar.foo", "down_proj"]},
+    {"target_modules": r".*\.q_proj"},
+    {"target_modules": "^foo$"},
+    {"target_modules": ["q_proj", "foo"], "exclude_modules": ["layers.1.self_attn.q_proj", "bar.foo"]},
+    {"target_modules": ["q_proj"], "exclude_modules": r".*layers\.0.*"},
+    {"target_modules": ["q_proj", "foo", "down_proj"], "modules_to_save": ["bar", "layers.10"]},
+    {"target_modules": ["q_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": 10, "layers_pattern": "layers"},
+    {"target_modules": ["q_proj"], "layers_to_transform": [2], "layers_pattern": ["h", "layers"]},
+]
+
+
+@pytest.mark.parametrize("fields", PEFT_CONFIGS, ids=[str(c) for c in PEFT_CONFIGS])
+def test_target_rules_agree_with_peft(fields):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = peft.LoraConfig(**fields)
+    for key in PEFT_KEYS:
+        assert bool(check_target_module_exists(config, key)) is checkpoint._matches_targets(fields, key), key
+
+
+@pytest.mark.parametrize(
+    "patterns",
+    [{"foo": 2}, {"^foo": 2}, {"bar.foo": 2, "foo": 3}, {"^model\\.layers\\.1\\.self_attn\\.q_proj": 5},
+     {"layers.1.*q_proj": 6}, {"q_proj": 7, "^model": 8}],
+)  # fmt: skip
+def test_pattern_lookup_agrees_with_peft(patterns):
+    from peft.utils.other import get_pattern_key
+
+    for key in PEFT_KEYS:
+        expected = patterns.get(get_pattern_key(patterns.keys(), key), "default")
+        assert checkpoint._pattern_value(patterns, key, "default") == expected, key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Torn checkpoints (issue 15 §5): a failure between the two renames, and temporaries of a killed save
+# ----------------------------------------------------------------------------------------------------
+
+
+def _two_layer(seed):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    lowrank.inject_lora(model, ["0", "1"], r=2, alpha=4)
+    randomize_lora(model, seed)
+    return model
+
+
+def _reloaded(path):
+    torch.manual_seed(0)
+    return lowrank.load_adapter(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), path)
+
+
+@pytest.mark.parametrize("fail_on", [WEIGHTS_NAME, CONFIG_NAME])
+def test_save_interrupted_at_either_rename_reads_all_old_or_all_new(fail_on, tmp_path, monkeypatch):
+    old = _two_layer(seed=1)
+    lowrank.save_adapter(old, tmp_path)
+    new = _two_layer(seed=2)
+    for layer in new:  # the new save also changes the scaling (alpha 4 -> 7): a mix would be wrong
+        layer.lora_alpha["default"], layer.scaling["default"] = 7.0, 3.5
+    x = torch.randn(3, 8)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == fail_on:
+            raise OSError("injected failure (power cut)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        lowrank.save_adapter(new, tmp_path)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    # the failing save removed its own temporaries; a killed one would leave them (see below)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
+    if fail_on == WEIGHTS_NAME:  # nothing renamed: all old
+        loaded = _reloaded(tmp_path)
+        torch.testing.assert_close(loaded(x), old(x), rtol=0, atol=0)
+    else:  # new weights, old config on disk: read all new, with a warning
+        with pytest.warns(UserWarning, match="interrupted save"):
+            loaded = _reloaded(tmp_path)
+        assert loaded[0].scaling["default"] == 3.5
+        torch.testing.assert_close(loaded(x), new(x), rtol=0, atol=0)
+    # PEFT reads the folder repaired by the next save
+    lowrank.save_adapter(new, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(_reloaded(tmp_path)(x), new(x), rtol=0, atol=0)
+
+
+def test_config_edited_after_save_is_used_as_written(tmp_path):
+    model = _two_layer(seed=1)
+    lowrank.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["lora_alpha"] = 2
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _reloaded(tmp_path)[0].scaling["default"] == 1.0
+
+
+def test_next_save_removes_temporaries_of_a_killed_save(tmp_path):
+    model = _two_layer(seed=1)
+    lowrank.save_adapter(model, tmp_path)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # what a save killed before its renames leaves
+        (tmp_path / f".{name}.abc123.tmp").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("keep me")
+    lowrank.save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([WEIGHTS_NAME, CONFIG_NAME, "notes.txt"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input tables (issue 15 §5): one row per kind, each a clear exception naming the argument/field
+# ----------------------------------------------------------------------------------------------------
+
+
+def _config_value(field, value):
+    def change(cfg):
+        cfg[field] = value
+
+    return change
+
+
+CONFIG_FIELD_CASES = {
+    "use_rslora string": ("use_rslora", "no"),
+    "r string": ("r", "8"),
+    "r zero": ("r", 0),
+    "r bool": ("r", True),
+    "lora_alpha string": ("lora_alpha", "16"),
+    "lora_alpha NaN": ("lora_alpha", float("nan")),
+    "lora_dropout out of range": ("lora_dropout", 1.5),
+    "rank_pattern list": ("rank_pattern", ["q_proj"]),
+    "rank_pattern float value": ("rank_pattern", {"q_proj": 2.5}),
+    "rank_pattern bad regex": ("rank_pattern", {"q_proj(": 2}),
+    "alpha_pattern string value": ("alpha_pattern", {"q_proj": "x"}),
+    "target_modules number": ("target_modules", 5),
+    "target_modules bad regex": ("target_modules", "q_proj("),
+    "exclude_modules bad regex": ("exclude_modules", "["),
+    "modules_to_save string": ("modules_to_save", "lm_head"),
+    "modules_to_save bad regex": ("modules_to_save", ["lm_head("]),
+    "layers_to_transform string": ("layers_to_transform", "0"),
+    "layers_pattern number": ("layers_pattern", 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FIELD_CASES))
+def test_malformed_config_field_is_a_value_error_naming_it(case, base_state, lowrank_dir, tmp_path):
+    field, value = CONFIG_FIELD_CASES[case]
+    bad = _corrupt(lowrank_dir, tmp_path / "bad", config=_config_value(field, value))
+    model = fresh_base(base_state)
+    state, types = _snapshot(model)
+    with pytest.raises(ValueError, match=field):
+        lowrank.load_adapter(model, bad)
+    after, after_types = _snapshot(model)
+    assert after_types == types and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_file_module_outside_target_modules(base_state, lowrank_dir, tmp_path):
+    def narrow(cfg):  # the file adapts q_proj, v_proj, down_proj, embed_tokens; PEFT would skip v_proj
+        cfg["exclude_modules"] = ["v_proj"]
+
+    bad = _corrupt(lowrank_dir, tmp_path / "bad", config=narrow)
+    with pytest.raises(ValueError, match="do not select module 'model.layers.0.self_attn.v_proj'"):
+        lowrank.load_adapter(fresh_base(base_state), bad)
+    with pytest.warns(UserWarning, match="loaded anyway"):
+        lowrank.load_adapter(fresh_base(base_state), bad, strict=False)
+
+
+def _adapted():
+    model = nn.Sequential(nn.Linear(4, 4))
+    lowrank.inject_lora(model, ["0"], r=2)
+    return model
+
+
+def _a_file(tmp_path):
+    (tmp_path / "file.json").write_text("{}")
+    return tmp_path / "file.json"
+
+
+SAVE_CASES = {
+    "model not a module": (lambda t: ("model", t / "o"), {}, TypeError, "model"),
+    "path None": (lambda t: (_adapted(), None), {}, TypeError, "path"),
+    "path a number": (lambda t: (_adapted(), 3), {}, TypeError, "path"),
+    "path a regular file": (lambda t: (_adapted(), _a_file(t)), {}, ValueError, "is a file"),
+    "no such adapter": (lambda t: (_adapted(), t / "o"), {"adapter_name": "x"}, ValueError, "adapter_name"),
+    "adapter_name not str": (
+        lambda t: (_adapted(), t / "o"),
+        {"adapter_name": 3},
+        ValueError,
+        "adapter_name",
+    ),
+    "no LoRA layer": (lambda t: (nn.Linear(2, 2), t / "o"), {}, ValueError, "adapter_name"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_CASES))
+def test_save_adapter_bad_input(case, tmp_path):
+    make, kwargs, error, named = SAVE_CASES[case]
+    with pytest.raises(error, match=named):
+        lowrank.save_adapter(*make(tmp_path), **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+LOAD_CASES = {
+    "model not a module": (lambda t, d: ("model", d), {}, TypeError, "model"),
+    "path None": (lambda t, d: (nn.Linear(2, 2), None), {}, TypeError, "path"),
+    "path a regular file": (
+        lambda t, d: (nn.Linear(2, 2), d / CONFIG_NAME),
+        {},
+        ValueError,
+        "is a file, not",
+    ),
+    "missing folder": (lambda t, d: (nn.Linear(2, 2), t / "nope"), {}, FileNotFoundError, "does not exist"),
+    "folder without config": (lambda t, d: (nn.Linear(2, 2), t), {}, FileNotFoundError, CONFIG_NAME),
+    "empty adapter_name": (
+        lambda t, d: (nn.Linear(2, 2), d),
+        {"adapter_name": ""},
+        ValueError,
+        "adapter_name",
+    ),
+    "wrong base model": (lambda t, d: (nn.Linear(2, 2), d), {}, ValueError, "wrong base model"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_CASES))
+def test_load_adapter_bad_input(case, lowrank_dir, tmp_path):
+    make, kwargs, error, named = LOAD_CASES[case]
+    with pytest.raises(error, match=named):
+        lowrank.load_adapter(*make(tmp_path, lowrank_dir), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, error, named",
+    [(("model",), TypeError, "model"), ((nn.Linear(2, 2), "x"), ValueError, "adapter_name")],
+)
+def test_adapter_size_bad_input(args, error, named):
+    with pytest.raises(error, match=named):
+        lowrank.adapter_size(*args)
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys, time, torch
+from torch import nn
+import lowrank
+from lowrank.lora import checkpoint
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+lowrank.inject_lora(model, ["0", "1"], r=2, alpha=7)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.fill_(0.5)
+real_replace = os.replace
+
+def replace(src, dst):
+    real_replace(src, dst)
+    if os.path.basename(dst) == checkpoint.WEIGHTS_NAME:
+        print("ready", flush=True)  # new weights in place, old config still there
+        time.sleep(60)
+
+checkpoint.os.replace = replace
+lowrank.save_adapter(model, sys.argv[1])
+"""
+
+
+def test_writer_killed_between_the_two_renames_reads_all_new(tmp_path):
+    old = _two_layer(seed=1)  # alpha 4
+    lowrank.save_adapter(old, tmp_path)
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent(KILLED_BETWEEN_RENAMES))
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["lora_alpha"] == 4  # the torn state on disk
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # the killed save's staged config
+    with pytest.warns(UserWarning, match="interrupted save"):
+        loaded = _reloaded(tmp_path)
+    assert loaded[0].lora_alpha["default"] == 7 and loaded[0].scaling["default"] == 3.5
+    assert torch.equal(loaded[0].lora_A["default"], torch.full((2, 8), 0.5))
+    lowrank.save_adapter(loaded, tmp_path)  # the next save repairs the folder and removes the temporaries
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "writer.py"])
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["lora_alpha"] == 7

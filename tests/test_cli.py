@@ -345,3 +345,189 @@ def test_budget_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys, argv
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small synthetic checkpoints (fast): issue 15 §4 and §5 on the command line
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def small(tmp_path):
+    """BASE and TUNED = BASE + a rank-2 delta on every 2-D weight; 1-D norms and an int buffer unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"attn.q_proj.weight": (12, 10), "attn.k_proj.weight": (6, 10), "mlp.up.weight": (16, 10)}
+    base = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+    base["attn.norm.weight"] = torch.ones(10)
+    base["attn.ids"] = torch.arange(4)
+    tuned = dict(base)
+    for name, (m, n) in shapes.items():
+        tuned[name] = base[name] + torch.randn(m, 2, generator=gen) @ torch.randn(2, n, generator=gen)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    return tmp_path, base, tuned
+
+
+def _extract(root, *extra):
+    return ["extract", str(root / "base.safetensors"), str(root / "tuned.safetensors"), *map(str, extra)]
+
+
+def test_target_skips_tensors_that_cannot_be_factored_and_counts_them(small, capsys):
+    root, base, tuned = small
+    assert main(_extract(root, "--rank", 2, "--target", "attn", "--out", root / "o")) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 tensor(s) matching --target" in err and "attn.norm.weight" in err
+    factors = adapter_factors(root / "o")
+    assert set(factors) == {"attn.q_proj", "attn.k_proj"}
+    for module, update in factors.items():  # the rank-2 delta is recovered exactly (float64 reference)
+        np.testing.assert_allclose(update, delta64(base, tuned, module + ".weight"), atol=1e-4)
+
+
+def test_rank_above_a_layer_is_said_per_layer(small, capsys):
+    root, base, tuned = small
+    assert main(_extract(root, "--rank", 8, "--out", root / "o")) == 0  # k_proj is 6 x 10
+    err = capsys.readouterr().err
+    assert "attn.k_proj: --rank 8 is not below min(6, 10) = 6" in err
+    assert "q_proj: --rank" not in err and "mlp.up: --rank" not in err
+    assert load_file(root / "o" / "adapter_model.safetensors")[
+        "base_model.model.attn.k_proj.lora_A.weight"
+    ].shape == (
+        6,
+        10,
+    )
+
+    assert main(_extract(root, "--rank", 10, "--out", root / "o2")) == 2  # no layer below full rank
+    err = capsys.readouterr().err
+    assert err.count("kept at full rank") == 3 and "nothing was factored" in err
+    assert not (root / "o2").exists()
+
+    compress = ["compress", str(root / "tuned.safetensors"), "--out", str(root / "c")]
+    assert main([*compress, "--rank", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("kept dense: --rank 20 is not below min(") == 3 and "no layer was factored" in err
+    assert not (root / "c").exists()
+    assert main([*compress, "--rank", "4"]) == 0  # q_proj, up: factored; k_proj 4 (6 + 10) > 60: dense
+    err = capsys.readouterr().err
+    assert "attn.k_proj.weight: kept dense: rank 4 factors would take 64 numbers, the dense weight 60" in err
+    written = load_file(root / "c" / "model.safetensors")
+    assert {"attn.q_proj.weight.A", "mlp.up.weight.B", "attn.k_proj.weight"} <= set(written)
+
+
+@pytest.mark.parametrize("which", ["base", "tuned"])
+def test_nan_error_names_the_tensor_and_checkpoint(small, which, capsys):
+    root, base, tuned = small
+    state = dict(base if which == "base" else tuned)
+    state["mlp.up.weight"] = state["mlp.up.weight"].clone()
+    state["mlp.up.weight"][1, 2] = float("nan")
+    save_file(state, root / f"{which}.safetensors")
+    assert main(_extract(root, "--rank", 2, "--out", root / "o")) == 2
+    err = capsys.readouterr().err
+    assert f"{which.upper()} tensor 'mlp.up.weight' holds 1 NaN" in err and err.count("\n") == 1
+    if which == "tuned":
+        assert (
+            main(["compress", str(root / "tuned.safetensors"), "--rank", "2", "--out", str(root / "c")]) == 2
+        )
+        assert "CKPT tensor 'mlp.up.weight' holds 1 NaN" in capsys.readouterr().err
+    assert not (root / "o").exists() and not (root / "c").exists()
+
+
+def _adapter_dir(root, config, tensors):
+    path = root / "adapter"
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, path / "adapter_model.safetensors")
+    return path
+
+
+def test_info_never_prints_a_traceback(small, capsys):
+    root, _, _ = small
+    empty = {
+        "base_model.model.attn.q_proj.lora_A.weight": torch.zeros(0, 10),
+        "base_model.model.attn.q_proj.lora_B.weight": torch.zeros(12, 0),
+    }
+    path = _adapter_dir(root, {"peft_type": "LORA", "r": 8, "lora_alpha": 16}, empty)
+    assert main(["info", str(path)]) == 0  # was a ZeroDivisionError
+    assert "empty adapter: rank 0" in capsys.readouterr().out
+    for field, value in [
+        ("use_rslora", "no"),
+        ("alpha_pattern", {"(": 2}),
+        ("lora_alpha", "16"),
+        ("r", None),
+    ]:
+        config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, field: value}
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        code = main(["info", str(path)])
+        captured = capsys.readouterr()
+        if value is None:  # r: null is PEFT's default
+            assert code == 0
+            continue
+        assert code == 2 and field in captured.err and captured.err.count("\n") == 1, captured.err
+
+
+def test_cli_without_tqdm_prints_plain_lines(small, capsys, monkeypatch):
+    root, _, _ = small
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    assert main(_extract(root, "--rank", 2, "--out", root / "o")) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^attn\.q_proj\s+12x10\s+rank\s+2", out, re.M) and "wrote" in out
+
+
+def test_internal_error_is_one_line(small, capsys, monkeypatch):
+    root, _, _ = small
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr("lowrank.cli._factor", broken)
+    assert main(_extract(root, "--rank", 2, "--out", root / "o")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lowrank: internal error: ZeroDivisionError") and err.count("\n") == 1
+
+
+BAD_ARGV = {
+    "no command": ([], "required"),
+    "unknown command": (["squash"], "invalid choice"),
+    "extract without --out": (["extract", "{base}", "{tuned}", "--rank", "2"], "--out"),
+    "rank not a number": (
+        ["extract", "{base}", "{tuned}", "--rank", "two", "--out", "{o}"],
+        "positive integer",
+    ),
+    "rank negative": (["extract", "{base}", "{tuned}", "--rank", "-1", "--out", "{o}"], "positive integer"),
+    "tol out of range": (
+        ["extract", "{base}", "{tuned}", "--rank", "auto", "--tol", "0", "--out", "{o}"],
+        "(0, 1)",
+    ),
+    "tol with fixed rank": (
+        ["extract", "{base}", "{tuned}", "--rank", "2", "--tol", "0.1", "--out", "{o}"],
+        "--tol",
+    ),
+    "missing BASE": (["extract", "{o}", "{tuned}", "--rank", "2", "--out", "{o}"], "no such file"),
+    "target regex invalid": (
+        ["extract", "{base}", "{tuned}", "--rank", "2", "--target", "[", "--out", "{o}"],
+        "regular",
+    ),
+    "target matches only 1-D": (
+        ["extract", "{base}", "{tuned}", "--rank", "2", "--target", "norm", "--out", "{o}"],
+        "not 2-D float weights",
+    ),
+    "compress rank auto": (
+        ["compress", "{base}", "--rank", "auto", "--out", "{o}"],
+        "--rank takes an integer",
+    ),
+    "compress onto itself": (["compress", "{base}", "--rank", "2", "--out", "{base}"], "is the input"),
+    "info on a file that is not safetensors": (["info", "{text}"], "is a file"),
+    "info on a missing folder": (["info", "{o}"], "no such directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGV))
+def test_main_bad_input(case, small, capsys):
+    root, _, _ = small
+    argv, message = BAD_ARGV[case]
+    paths = {"base": root / "base.safetensors", "tuned": root / "tuned.safetensors", "o": root / "o"}
+    paths["text"] = root / "notes.txt"
+    paths["text"].write_text("not a checkpoint\n")
+    assert main([a.format(**paths) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowrank: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (root / "o").exists()

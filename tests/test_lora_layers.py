@@ -380,3 +380,85 @@ def test_extract_lora_against_numpy_truncated_svd(method):
         extract_lora(base, base[:5], 2)
     with pytest.raises(ValueError, match="method"):
         extract_lora(base, base, 2, method="qr")
+
+
+def _bf16_ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of bfloat16 numbers at |t| (8-bit significand: 2**(e - 7) for |t| in [2**e, 2**(e+1)))."""
+    exponent = torch.floor(torch.log2(t.float().abs().clamp_min(2.0**-126)))
+    return torch.pow(2.0, exponent - 7)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_bf16_unmerge_within_one_ulp_of_the_merged_weight(kind):
+    worst = 0.0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        if kind == "linear":
+            layer = LoRALinear(96, 64, r=8, alpha=16, dtype=torch.bfloat16)
+        else:
+            layer = LoRAEmbedding(96, 64, r=8, alpha=16, dtype=torch.bfloat16)
+        _randomize(layer, seed=seed, std=0.5)
+        original = layer.weight.detach().clone()
+        layer.merge()
+        merged = layer.weight.detach().clone()
+        assert not torch.equal(merged, original)
+        layer.unmerge()
+        error = (layer.weight.detach().float() - original.float()).abs()
+        worst = max(worst, float((error / _bf16_ulp(merged)).max()))
+    assert 0.0 < worst <= 1.0  # the docstring's bound, reached (bf16 loses bits) but never exceeded
+
+
+def _meta_layer():
+    return LoRALinear(8, 4, r=2, device="meta")
+
+
+BAD_FORWARD = {
+    "x None": (lambda: LoRALinear(8, 4, r=2), None, TypeError, "x must be a torch.Tensor, got NoneType"),
+    "x a list": (lambda: LoRALinear(8, 4, r=2), [[0.0] * 8], TypeError, "x must be a torch.Tensor"),
+    "x complex": (lambda: LoRALinear(8, 4, r=2), torch.randn(3, 8, dtype=torch.cfloat), TypeError, "complex"),
+    "x integer": (lambda: LoRALinear(8, 4, r=2), torch.ones(3, 8, dtype=torch.int64), TypeError, "floating"),
+    "x on meta, layer on cpu": (
+        lambda: LoRALinear(8, 4, r=2),
+        torch.empty(3, 8, device="meta"),
+        ValueError,
+        "meta",
+    ),
+    "x on cpu, layer on meta": (_meta_layer, torch.randn(3, 8), ValueError, "meta"),
+    "merged layer, complex x": (
+        lambda: _merged_linear(),
+        torch.randn(3, 8, dtype=torch.cfloat),
+        TypeError,
+        "complex",
+    ),
+    "fused projection, x None": (
+        lambda: LoRAMergedLinear(8, [4, 4], r=2, enable_lora=[True, False]),
+        None,
+        TypeError,
+        "x must be a torch.Tensor",
+    ),
+    "embedding, float indices": (lambda: LoRAEmbedding(10, 4, r=2), torch.zeros(3), TypeError, "integer"),
+    "embedding, x None": (lambda: LoRAEmbedding(10, 4, r=2), None, TypeError, "x must be a torch.Tensor"),
+    "embedding, meta indices": (
+        lambda: LoRAEmbedding(10, 4, r=2),
+        torch.zeros(3, dtype=torch.int64, device="meta"),
+        ValueError,
+        "meta",
+    ),
+}
+
+
+def _merged_linear():
+    layer = LoRALinear(8, 4, r=2)
+    layer.merge()
+    return layer
+
+
+@pytest.mark.parametrize("case", list(BAD_FORWARD))
+def test_layer_forward_bad_input(case):
+    make, x, error, message = BAD_FORWARD[case]
+    with pytest.raises(error, match=message):
+        make()(x)
+
+
+def test_meta_layer_with_meta_input_gives_shapes():
+    assert _meta_layer()(torch.empty(5, 8, device="meta")).shape == (5, 4)

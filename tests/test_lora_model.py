@@ -224,3 +224,171 @@ def test_inject_merged_projection_and_regex_targets():
     assert isinstance(model[0].qkv, LoRAMergedLinear) and isinstance(model[1].out, LoRALinear)
     assert model[0].qkv.enable_lora == [True, False, True] and model[0].qkv.out_slices == [16, 16, 16]
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# inject_lora is all or nothing (issue 15 §5): a later target failing leaves the model as it was
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Fused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 12)
+        self.b = nn.Linear(16, 12)
+        self.qkv = nn.Linear(16, 12)
+        self.c = nn.Linear(12, 12)
+
+
+def _state(model):
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+def _nan_in_c(model):
+    with torch.no_grad():
+        model.c.weight[3, 4] = float("nan")
+
+
+def _fail_on_second_wrap(monkeypatch):
+    real = LoRALinear.from_linear.__func__
+    calls = []
+
+    def flaky(cls, linear, r, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure while wrapping")
+        return real(cls, linear, r, **kwargs)
+
+    monkeypatch.setattr(LoRALinear, "from_linear", classmethod(flaky))
+
+
+ALL_OR_NOTHING = {
+    # name: (prepare(model, monkeypatch), kwargs, error, message)
+    "existing adapter name on a later target": (
+        lambda m, mp: lowrank.inject_lora(m, ["c"], r=2, adapter_name="x", freeze_base=False),
+        {"target_modules": ["a", "b", "c"], "adapter_name": "x"},
+        ValueError,
+        "already holds an adapter named 'x'",
+    ),
+    "bad merged-module flags": (
+        None,
+        {"target_modules": ["a", "b"], "merged_modules": {"qkv": [True, "no", True]}},
+        ValueError,
+        "merged_modules",
+    ),
+    "merged flags that do not split the layer": (
+        None,
+        {"target_modules": ["a"], "merged_modules": {"qkv": [True, False, True, True, False]}},
+        ValueError,
+        "equal slices",
+    ),
+    "PiSSA on a NaN weight": (
+        lambda m, mp: _nan_in_c(m),
+        {"target_modules": ["a", "b", "c"], "init": "pissa"},
+        ValueError,
+        "NaN",
+    ),
+    "failure while wrapping the second target (PiSSA)": (
+        lambda m, mp: _fail_on_second_wrap(mp),
+        {"target_modules": ["a", "b", "c"], "init": "pissa"},
+        RuntimeError,
+        "injected",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ALL_OR_NOTHING))
+def test_failed_inject_leaves_model_unchanged(case, monkeypatch):
+    prepare, kwargs, error, message = ALL_OR_NOTHING[case]
+    model = _Fused()
+    if prepare is not None:
+        prepare(model, monkeypatch)
+    before = _state(model)
+    with pytest.raises(error, match=message):
+        lowrank.inject_lora(model, r=2, **kwargs)
+    after = _state(model)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert after[1].keys() == before[1].keys()
+    for key, value in before[1].items():  # bit-identical weights (the NaN of one case kept in place)
+        assert torch.equal(after[1][key].nan_to_num(nan=1234.5), value.nan_to_num(nan=1234.5)), key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad-input tables: one row per kind, each a clear exception naming the argument
+# ----------------------------------------------------------------------------------------------------
+
+
+def _injected():
+    return lowrank.inject_lora(_mlp(), ["0"], r=2)
+
+
+def _merged():
+    model = _injected()
+    lowrank.merge_lora(model)
+    return model
+
+
+BAD_CALLS = {
+    "inject: model not a module": (lambda: lowrank.inject_lora("m", ["0"]), TypeError, "model"),
+    "inject: target_modules None": (lambda: lowrank.inject_lora(_mlp(), None), TypeError, "target_modules"),
+    "inject: target_modules a number": (lambda: lowrank.inject_lora(_mlp(), 3), TypeError, "target_modules"),
+    "inject: target_modules empty": (lambda: lowrank.inject_lora(_mlp(), []), ValueError, "target_modules"),
+    "inject: target_modules holds None": (
+        lambda: lowrank.inject_lora(_mlp(), ["0", None]),
+        ValueError,
+        "target_modules",
+    ),
+    "inject: r too large": (lambda: lowrank.inject_lora(_mlp(), ["4"], r=11), ValueError, "r must"),
+    "inject: r a float": (lambda: lowrank.inject_lora(_mlp(), ["4"], r=2.5), ValueError, "r must"),
+    "inject: bad dropout": (lambda: lowrank.inject_lora(_mlp(), ["0"], dropout=1.0), ValueError, "dropout"),
+    "inject: bad init": (lambda: lowrank.inject_lora(_mlp(), ["0"], init="svd"), ValueError, "init"),
+    "inject: merged_modules a list": (
+        lambda: lowrank.inject_lora(_mlp(), ["0"], merged_modules=["0"]),
+        TypeError,
+        "merged_modules",
+    ),
+    "inject: adapter_name with a dot": (
+        lambda: lowrank.inject_lora(_mlp(), ["0"], adapter_name="a.b"),
+        ValueError,
+        "adapter_name",
+    ),
+    "mark_only: no LoRA layers": (lambda: lowrank.mark_only_lora_trainable(_mlp()), ValueError, "no LoRA"),
+    "mark_only: bad bias": (lambda: lowrank.mark_only_lora_trainable(_injected(), "x"), ValueError, "bias"),
+    "state_dict: unknown adapter": (
+        lambda: lowrank.lora_state_dict(_injected(), adapter_name="x"),
+        ValueError,
+        "unknown adapter",
+    ),
+    "state_dict: bad bias": (lambda: lowrank.lora_state_dict(_injected(), bias="x"), ValueError, "bias"),
+    "merge: no LoRA layers": (lambda: lowrank.merge_lora(_mlp()), ValueError, "no LoRA"),
+    "merge: already merged": (lambda: lowrank.merge_lora(_merged()), RuntimeError, "already merged"),
+    "unmerge: nothing merged": (
+        lambda: lowrank.unmerge_lora(_injected()),
+        RuntimeError,
+        "nothing to unmerge",
+    ),
+    "remove: no LoRA layers": (lambda: lowrank.remove_lora(_mlp()), ValueError, "no LoRA"),
+    "lora_layers: not a module": (lambda: list(lora_layers("m")), TypeError, "model"),
+    "mixed batch: a str": (
+        lambda: lowrank.mixed_adapter_batch(_injected(), "default").__enter__(),
+        TypeError,
+        "adapter_names",
+    ),
+    "mixed batch: unknown name": (
+        lambda: lowrank.mixed_adapter_batch(_injected(), ["x"]).__enter__(),
+        ValueError,
+        "unknown adapter",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_model_functions_bad_input(case):
+    call, error, message = BAD_CALLS[case]
+    with pytest.raises(error, match=message):
+        call()

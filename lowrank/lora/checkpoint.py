@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -95,6 +96,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     file system), and the directory entry is synced. On any exception the temporary file is removed.
     """
     path = os.fspath(path)
+    tmp = _write_temporary(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_temporary(path: str, write: Callable[[IO[bytes]], None]) -> str:
+    """Fill a synced temporary file ``.<name>.<random>.tmp`` beside ``path``; return its path."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -103,12 +116,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_directory(directory)
+    return tmp
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,16 @@ def write_safetensors(
     the raw little-endian data. Writing it directly (rather than building the whole file in memory) keeps the
     peak memory at one tensor, which matters for whole-model checkpoints in the command-line tool.
     """
+    atomic_write(path, lambda f: write_safetensors_to(f, entries, metadata))
+
+
+def write_safetensors_to(
+    f: IO[bytes], entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None
+) -> None:
+    """Write the safetensors bytes of ``entries`` to the open binary file ``f``.
+
+    See :func:`write_safetensors` for the format.
+    """
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     seen: set[str] = set()
@@ -164,21 +186,18 @@ def write_safetensors(
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
 
-    def write(f: IO[bytes]) -> None:
-        f.write(len(header_bytes).to_bytes(8, "little"))
-        f.write(header_bytes)
-        for entry in entries:
-            tensor = entry.produce()
-            if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
-                raise ValueError(
-                    f"tensor {entry.name!r}: produced {tensor.dtype} {tuple(tensor.shape)}, "
-                    f"declared {entry.dtype} {tuple(entry.shape)}"
-                )
-            data = tensor.detach().to("cpu").contiguous().reshape(-1)
-            if data.numel():
-                f.write(memoryview(data.view(torch.uint8).numpy()))
-
-    atomic_write(path, write)
+    f.write(len(header_bytes).to_bytes(8, "little"))
+    f.write(header_bytes)
+    for entry in entries:
+        tensor = entry.produce()
+        if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
+            raise ValueError(
+                f"tensor {entry.name!r}: produced {tensor.dtype} {tuple(tensor.shape)}, "
+                f"declared {entry.dtype} {tuple(entry.shape)}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            f.write(memoryview(data.view(torch.uint8).numpy()))
 
 
 def _entries_from_dict(tensors: dict[str, torch.Tensor]) -> list[TensorEntry]:
@@ -223,15 +242,45 @@ def _key_names(module_path: str, embedding: bool) -> tuple[str, str]:
 
 
 def _pattern_value(patterns: dict[str, Any] | None, module_path: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key ``k`` with ``(.*\\.)?(k)$`` matching."""
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``, PEFT 0.21).
+
+    The first key ``k`` (in dict order) for which ``re.match(r"(.*\\.)?(k)$", module_path)`` succeeds gives
+    the value; otherwise ``default``. A plain key is therefore a dotted *suffix* (``"foo"`` also hits
+    ``"bar.foo"``); ``"^foo"`` hits the top-level ``foo`` only.
+    """
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module_path):
             return value
     return default
 
 
+def _layer_index_ok(config: dict[str, Any], module_path: str) -> bool:
+    """PEFT's ``layers_to_transform`` / ``layers_pattern`` filter (for list ``target_modules`` only)."""
+    indexes = config.get("layers_to_transform")
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    layers_pattern = config.get("layers_pattern")
+    match = None
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_path)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_path)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
 def _matches_targets(config: dict[str, Any], module_path: str) -> bool:
-    """PEFT's target_modules semantics: a string is a full-match regex, a list matches names or suffixes."""
+    """Whether PEFT puts a LoRA layer on ``module_path``: ``check_target_module_exists`` of PEFT 0.21.
+
+    ``exclude_modules`` (a full-match regex, or names/dotted suffixes) and ``modules_to_save`` (any module at
+    or under a name ``m``: ``(^|.*\\.)m($|\\..*)``) win; then ``target_modules`` as a string is a full-match
+    regex, as a list an exact name or dotted suffix, filtered by ``layers_to_transform``/``layers_pattern``.
+    """
     excluded = config.get("exclude_modules")
     if excluded:
         if isinstance(excluded, str):
@@ -239,12 +288,46 @@ def _matches_targets(config: dict[str, Any], module_path: str) -> bool:
                 return False
         elif module_path in excluded or any(module_path.endswith("." + e) for e in excluded):
             return False
+    for saved in config.get("modules_to_save") or ():
+        if re.match(rf"(^|.*\.){saved}($|\..*)", module_path):
+            return False
     targets = config.get("target_modules")
     if not targets:
         return False
+    if (
+        targets == "all-linear"
+    ):  # PEFT's shorthand (every linear layer but the output head): not narrowed here
+        return True
     if isinstance(targets, str):
         return re.fullmatch(targets, module_path) is not None
-    return module_path in targets or any(module_path.endswith("." + t) for t in targets)
+    if module_path in targets:
+        return True
+    return any(module_path.endswith("." + t) for t in targets) and _layer_index_ok(config, module_path)
+
+
+def _pattern_key(module_path: str, universe: Iterable[str]) -> str:
+    """A ``rank_pattern``/``alpha_pattern`` key that PEFT's rule matches for ``module_path`` alone.
+
+    The plain path when no other module of ``universe`` ends with it (readable, and what PEFT itself
+    writes), else PEFT's documented anchored form ``"^" + re.escape(path)``.
+    """
+    if all(u == module_path for u in universe if re.match(rf"(.*\.)?({module_path})$", u)):
+        return module_path
+    return "^" + re.escape(module_path)
+
+
+def _target_field(paths: Sequence[str], universe: Iterable[str]) -> list[str] | str:
+    """``target_modules`` selecting exactly ``paths`` among ``universe`` under PEFT's rules.
+
+    A sorted list of the full paths when list semantics (exact name or dotted suffix) select no other module
+    of ``universe``; else a full-match regex of the escaped paths (PEFT then uses ``re.fullmatch``).
+    """
+    chosen = set(paths)
+    listed = sorted(chosen)
+    extra = [u for u in universe if u not in chosen and any(u.endswith("." + p) for p in listed)]
+    if not extra:
+        return listed
+    return "^(?:" + "|".join(re.escape(p) for p in listed) + ")$"
 
 
 def _most_common(values: Iterable[Any]) -> Any:
@@ -260,6 +343,30 @@ def _remember_config(model: nn.Module, adapter_name: str, config: dict[str, Any]
     store[adapter_name] = dict(config)
     # object.__setattr__: a plain attribute, not a submodule/parameter, not part of the state dict.
     object.__setattr__(model, _CONFIG_ATTR, store)
+
+
+def _module_universe(model: nn.Module) -> list[str]:
+    """Module paths PEFT would see on ``model``: LoRA layers' own children (lora_A, ...) left out."""
+    names: list[str] = []
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if not name or (inside and name.startswith(inside)):
+            continue
+        names.append(name)
+        if _is_lora_linear(module) or _is_lora_embedding(module):
+            inside = (*inside, name + ".")
+    return names
+
+
+def _check_path(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (the adapter folder), got {type(path).__name__}")
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ValueError("path must be a non-empty folder name, got ''")
+    return path
 
 
 def _number(x: float) -> int | float:
@@ -299,22 +406,29 @@ def save_adapter(
 
     Raises
     ------
+    TypeError
+        If ``model`` is not an ``nn.Module`` or ``path`` is not a str / PathLike.
     ValueError
-        If no layer holds ``adapter_name``, or the layers use settings one PEFT config cannot express
-        (mixed ``use_rslora``).
+        If no layer holds ``adapter_name``, ``path`` is a regular file, or the layers use settings one PEFT
+        config cannot express (mixed ``use_rslora``).
 
     Notes
     -----
-    Per-layer ranks and alphas are written as PEFT's ``rank_pattern`` / ``alpha_pattern`` (full module paths
-    as keys) around the most common value. Each file is replaced atomically, the weights first: a crash
-    leaves the old pair, or new weights with the old config (which :func:`load_adapter` then rejects if
-    ranks changed), never a torn file. Fields of a config previously read by :func:`load_adapter` that
-    lowrank does not interpret are kept. Cost: one copy of the adapter tensors, ``O(sum_l r_l (m_l + n_l))``.
+    Per-layer ranks and alphas are written as PEFT's ``rank_pattern`` / ``alpha_pattern`` around the most
+    common value, with keys and ``target_modules`` that PEFT's matching rules resolve to exactly the adapted
+    modules (see :func:`build_peft_config`). Both files are staged in full and then renamed into place, and
+    the weights carry the config they were saved with, so an interrupted save is read as the old or the new
+    checkpoint, never a mix (see :func:`write_adapter_dir`). Fields of a config previously read by
+    :func:`load_adapter` that lowrank does not interpret are kept. Cost: one copy of the adapter tensors,
+    ``O(sum_l r_l (m_l + n_l))``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    path = _check_path(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a file, not a directory; pass the adapter folder to write")
     modules = _lora_modules(model, adapter_name)
     if not modules:
         raise ValueError(f"adapter_name: no LoRA layer of the model holds an adapter named {adapter_name!r}")
@@ -356,6 +470,7 @@ def save_adapter(
         use_rslora=rslora.pop(),
         dropout=max(dropouts, default=0.0),
         base=_stored_config(model, adapter_name),
+        universe=_module_universe(model),
     )
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
@@ -371,13 +486,21 @@ def build_peft_config(
     use_rslora: bool = False,
     dropout: float = 0.0,
     base: dict[str, Any] | None = None,
+    universe: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """A PEFT ``LoraConfig`` dict for layers with the given per-module ranks and alphas.
 
     ``r`` / ``lora_alpha`` are the most common values; layers that differ go into ``rank_pattern`` /
-    ``alpha_pattern`` keyed by full module path. ``target_modules`` lists every module path (PEFT matches a
-    list entry by name or suffix). Fields of ``base`` (a config read earlier) are kept unless overridden.
+    ``alpha_pattern``. Every pattern field is written so that PEFT's matching rules (PEFT 0.21:
+    ``check_target_module_exists``, ``get_pattern_key``) select exactly the adapted modules among
+    ``universe`` (every module path of the model; default: the adapted paths): pattern keys are full module
+    paths, anchored as ``"^" + re.escape(path)`` where the plain path would also hit a module it ends
+    (``"foo"`` hits ``"bar.foo"``); ``target_modules`` is the list of full paths, or a full-match regex when
+    a list entry would also select an unadapted module by suffix. Fields of ``base`` (a config read earlier)
+    are kept unless overridden.
     """
+    names = list(universe) if universe is not None else list(ranks)
+    names = sorted(set(names) | set(ranks))
     r = _most_common(ranks.values())
     alpha = _most_common(a for p, a in alphas.items() if ranks[p] == r)
     config = dict(base or {})
@@ -386,9 +509,9 @@ def build_peft_config(
             "peft_type": "LORA",
             "r": r,
             "lora_alpha": alpha,
-            "rank_pattern": {p: k for p, k in ranks.items() if k != r},
-            "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
-            "target_modules": sorted(ranks),
+            "rank_pattern": {_pattern_key(p, names): k for p, k in ranks.items() if k != r},
+            "alpha_pattern": {_pattern_key(p, names): a for p, a in alphas.items() if a != alpha},
+            "target_modules": _target_field(list(ranks), names),
             "lora_dropout": dropout,
             "use_rslora": use_rslora,
             "fan_in_fan_out": False,
@@ -406,17 +529,64 @@ def build_peft_config(
     return config
 
 
+# Written into the weights file's metadata: the exact text of the adapter_config.json saved with it.
+_CONFIG_METADATA = "lowrank.adapter_config"
+_TEMP_PREFIXES = ("." + WEIGHTS_NAME + ".", "." + CONFIG_NAME + ".")
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Remove the temporary files an interrupted save into ``path`` left (one writer at a time)."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(path):
+            if entry.startswith(_TEMP_PREFIXES) and entry.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(path, entry))
+
+
 def write_adapter_dir(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
     config: dict[str, Any],
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write ``adapter_model.safetensors`` (with ``metadata``) then ``adapter_config.json``, each atomically."""
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``path`` as one unit.
+
+    Both files are written in full to temporary files in ``path`` and synced, then renamed into place, the
+    weights first. The weights file's metadata holds the exact config text it was saved with
+    (``lowrank.adapter_config``), so a save interrupted between the two renames (new weights, old config)
+    is detected by :func:`load_adapter` (the config file is older than the weights and differs from the
+    stored config in a field that gives the weights their meaning), which then uses the stored config: a
+    reader sees the old pair or the new pair, never a mix. Temporary files left by a killed save are
+    removed by the next save into ``path``. ``metadata`` (str to str) is added to the weights file's
+    metadata (the CLI records each layer's achieved error there). Raises ``ValueError`` if ``path`` is an
+    existing regular file.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a file, not a directory; pass the adapter folder to write")
     os.makedirs(path, exist_ok=True)
-    write_safetensors(os.path.join(path, WEIGHTS_NAME), _entries_from_dict(tensors), metadata)
+    _remove_stale_temporaries(path)
     text = json.dumps(dict(sorted(config.items())), indent=2) + "\n"
-    atomic_write(os.path.join(path, CONFIG_NAME), lambda f: f.write(text.encode()))
+    staged: list[tuple[str, str]] = []
+    try:
+        for name, write in (
+            (
+                WEIGHTS_NAME,
+                lambda f: write_safetensors_to(
+                    f, _entries_from_dict(tensors), {**(metadata or {}), _CONFIG_METADATA: text}
+                ),
+            ),
+            (CONFIG_NAME, lambda f: f.write(text.encode())),
+        ):
+            staged.append((_write_temporary(os.path.join(path, name), write), os.path.join(path, name)))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    _fsync_directory(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,8 +604,16 @@ def _read_config(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"path: no {CONFIG_NAME} in {path!r} (not a PEFT adapter directory)")
     try:
         with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise AdapterCheckpointError(f"{config_file}: not valid JSON ({exc})") from None
+    return _config_from_text(text, config_file)
+
+
+def _config_from_text(text: str, config_file: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise AdapterCheckpointError(f"{config_file}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise AdapterCheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
@@ -454,12 +632,160 @@ def _read_config(path: str) -> dict[str, Any]:
             raise AdapterCheckpointError(
                 f"{config_file}: {field}={config[field]!r} ({meaning}) is not supported"
             )
-    for field in ("r", "lora_alpha"):
-        if field in config and (not isinstance(config[field], (int, float)) or config[field] <= 0):
-            raise AdapterCheckpointError(
-                f"{config_file}: {field} must be a positive number, got {config[field]!r}"
-            )
+    _check_config_values(config, config_file)
     return config
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _check_regex(config_file: str, field: str, pattern: str, template: str = "{}") -> None:
+    try:
+        re.compile(template.format(pattern))
+    except re.error as exc:
+        raise AdapterCheckpointError(
+            f"{config_file}: {field} holds {pattern!r}, not a valid regular expression ({exc})"
+        ) from None
+
+
+def _check_config_values(config: dict[str, Any], config_file: str) -> None:
+    """Every field lowrank interprets must have PEFT's type (``LoraConfig``, PEFT 0.21); else ValueError.
+
+    JSON ``true``/``false`` only for booleans: PEFT keeps a string such as ``"no"`` as is, which Python then
+    treats as true, so such a value is refused rather than guessed.
+    """
+
+    def bad(field: str, want: str) -> AdapterCheckpointError:
+        return AdapterCheckpointError(f"{config_file}: {field} must be {want}, got {config[field]!r}")
+
+    def given(field: str) -> bool:
+        return config.get(field) is not None
+
+    if given("r") and not (_is_int(config["r"]) and config["r"] > 0):
+        raise bad("r", "a positive integer")
+    if given("lora_alpha") and not _is_positive_number(config["lora_alpha"]):
+        raise bad("lora_alpha", "a positive finite number")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (
+        isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0
+    ):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    if given("use_rslora") and not isinstance(config["use_rslora"], bool):
+        raise bad("use_rslora", "true or false (a JSON boolean)")
+    for field, ok, want in (
+        ("rank_pattern", _is_int, "positive integers"),
+        ("alpha_pattern", _is_positive_number, "positive finite numbers"),
+    ):
+        table = config.get(field)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise bad(field, f"an object mapping module-name patterns to {want}")
+        for key, value in table.items():
+            if not ok(value) or (field == "rank_pattern" and value <= 0):
+                raise AdapterCheckpointError(
+                    f"{config_file}: {field}[{key!r}] must be one of {want}, got {value!r}"
+                )
+            _check_regex(config_file, field, key, r"(.*\.)?({})$")
+    for field in ("target_modules", "exclude_modules"):
+        value = config.get(field)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            _check_regex(config_file, field, value)
+        elif not _is_str_list(value):
+            raise bad(field, "a regular expression (string) or a list of module names")
+    saved = config.get("modules_to_save")
+    if saved is not None:
+        if not _is_str_list(saved):
+            raise bad("modules_to_save", "a list of module names")
+        for name in saved:
+            _check_regex(config_file, "modules_to_save", name, r"(^|.*\.){}($|\..*)")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+        (_is_int(layers) and layers >= 0)
+        or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))
+    ):
+        raise bad("layers_to_transform", "a non-negative integer or a list of them")
+    pattern = config.get("layers_pattern")
+    if pattern is not None:
+        if not (isinstance(pattern, str) or _is_str_list(pattern)):
+            raise bad("layers_pattern", "a string or a list of strings")
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            _check_regex(config_file, "layers_pattern", p)
+    if isinstance(config.get("target_modules"), str) and (layers is not None or pattern is not None):
+        raise AdapterCheckpointError(
+            f"{config_file}: layers_to_transform / layers_pattern cannot go with a string (regex) "
+            "target_modules (PEFT refuses this config too)"
+        )
+
+
+# Config fields that give the weights their meaning: a torn save shows as a difference in one of them.
+_MEANINGFUL_FIELDS = (
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+)
+
+
+def _read_consistent_config(path: str) -> dict[str, Any]:
+    """The config of the checkpoint in ``path``.
+
+    A lowrank-written weights file stores the config it was saved with. If ``adapter_config.json`` differs
+    from it in a field that gives the weights their meaning and is *older* than the weights (a save
+    interrupted between its two renames: new weights, old config), the stored config is used, with a
+    warning. A config edited after the save (newer than the weights) is used as written.
+    """
+    config = _read_config(path)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    embedded_text = _embedded_config_text(weights)
+    if embedded_text is None:
+        return config
+    label = weights + " (stored config)"
+    embedded = _config_from_text(embedded_text, label)
+    if all(config.get(f) == embedded.get(f) for f in _MEANINGFUL_FIELDS):
+        return config
+    if os.stat(os.path.join(path, CONFIG_NAME)).st_mtime_ns >= os.stat(weights).st_mtime_ns:
+        return config  # edited after the save
+    warnings.warn(
+        f"{path}: {CONFIG_NAME} is older than {WEIGHTS_NAME} and not the config it was saved with (an "
+        "interrupted save); using the config stored in the weights file. Save again to repair the folder.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return embedded
+
+
+def _embedded_config_text(weights: str) -> str | None:
+    """The ``lowrank.adapter_config`` metadata of a safetensors file written by lowrank, else None."""
+    if not os.path.isfile(weights):
+        return None
+    try:
+        with open(weights, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+        value = header.get("__metadata__", {}).get(_CONFIG_METADATA)
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable file is reported by _read_tensors
+    return value if isinstance(value, str) else None
 
 
 def _read_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -671,7 +997,18 @@ def _plan(
             raise AdapterCheckpointError(
                 f"{source}: unexpected key {key!r} (a base weight of an unadapted module)"
             )
-    if strict and config.get("target_modules") and not config.get("layers_to_transform"):
+    if config.get("target_modules"):
+        unselected = [p.module_path for p in plans if not _matches_targets(config, p.module_path)]
+        if unselected:
+            message = (
+                f"{source}: key {KEY_PREFIX + unselected[0]!r}: the config's target_modules / "
+                f"exclude_modules / layers_to_transform do not select module {unselected[0]!r}, so PEFT "
+                "would not adapt it"
+            )
+            if strict:
+                raise AdapterCheckpointError(message + " (pass strict=False to load it anyway)")
+            warnings.warn(message + "; loaded anyway (strict=False)", stacklevel=3)
+    if strict and config.get("target_modules"):
         planned = {p.module_path for p in plans}
         for name, module in model.named_modules():
             if name in planned or _dims(module) is None or not _matches_targets(config, name):
@@ -783,10 +1120,15 @@ def load_adapter(
 
     Raises
     ------
+    TypeError
+        If ``model`` is not an ``nn.Module`` or ``path`` is not a str / PathLike.
     FileNotFoundError
         If the directory, its config or its weights are missing.
     ValueError
-        (:class:`AdapterCheckpointError`) naming the key: a wrong base model (missing module, shape mismatch),
+        (:class:`AdapterCheckpointError`) naming the key or config field: ``path`` is a regular file, a config
+        field without PEFT's type (e.g. ``use_rslora: "no"``, a pattern that is not a valid regular
+        expression), a module the file adapts that the config's ``target_modules`` does not select (or the
+        reverse), a wrong base model (missing module, shape mismatch),
         a rank that disagrees with the config, a missing ``lora_A``/``lora_B`` partner, a truncated or corrupt
         file, non-finite values. Every tensor is checked before the model is touched, so on error the model is
         unchanged.
@@ -794,18 +1136,28 @@ def load_adapter(
     Notes
     -----
     Ranks come from the tensor shapes and are checked against ``r`` / ``rank_pattern``; alphas come from
-    ``lora_alpha`` / ``alpha_pattern`` (PEFT's pattern matching). The whole config, including fields lowrank
-    does not use, is kept on the model and written back by :func:`save_adapter`. An adapter added to layers
-    that already hold other adapters is not activated (as in PEFT); use the layers' ``set_adapter``.
+    ``lora_alpha`` / ``alpha_pattern``. Every pattern field is read with PEFT's rules (PEFT 0.21:
+    ``get_pattern_key`` for the patterns, ``check_target_module_exists`` for ``target_modules``,
+    ``exclude_modules``, ``modules_to_save``, ``layers_to_transform``/``layers_pattern``), so lowrank adapts
+    the modules PEFT would. A folder whose config is not the one its weights were saved with (a save
+    interrupted between its two renames) is read with the weights' own config, with a warning. The whole
+    config, including fields lowrank does not use, is kept on the model and written back by
+    :func:`save_adapter`. An adapter added to layers that already hold other adapters is not activated (as in
+    PEFT); use the layers' ``set_adapter``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
+    path = _check_path(path)
+    if not os.path.exists(path):
         raise FileNotFoundError(f"path: adapter directory {path!r} does not exist")
-    config = _read_config(path)
+    if not os.path.isdir(path):
+        raise AdapterCheckpointError(
+            f"path: {path!r} is a file, not an adapter folder; pass the folder that holds {CONFIG_NAME} "
+            f"and {WEIGHTS_NAME}"
+        )
+    config = _read_consistent_config(path)
     tensors, source = _read_tensors(path)
     plans = _plan(model, tensors, config, adapter_name, inject, strict, source)
     _apply(model, plans, config, adapter_name)

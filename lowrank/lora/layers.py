@@ -215,7 +215,16 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the merged adapter out of ``weight`` again (to within float32 rounding)."""
+        """Take the merged adapter out of ``weight`` again.
+
+        ``merge`` and ``unmerge`` add and subtract the same ``delta_weight`` in float32 (float64 for float64
+        weights) and round to the weight's dtype, so each entry comes back to within **one ulp of the merged
+        weight** (the spacing of ``weight.dtype`` at the merged value): rounding the merged weight loses at
+        most half an ulp, and rounding back at most as much again. For float32 weights that is float32
+        rounding; for bf16 (8-bit significand) one ulp is at most 2**-7 of the merged value, so where the
+        delta is much larger than the weight itself, the weight's low bits are lost (float16: 2**-10).
+        Measured: at most 1.0 ulp on bf16 128 x 256 layers with rank-8 adapters (tests/test_lora_layers.py).
+        """
         if not self.merged_adapters:
             raise RuntimeError("no adapter is merged; nothing to unmerge")
         name = self.merged_adapters.pop()
@@ -278,9 +287,32 @@ class LoRALayer(nn.Module):
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the fused op runs in: autocast's when autocast is on for x's device, else the weight's."""
     device_type = x.device.type
+    if device_type == "meta":  # shape inference: no autocast state exists for meta
+        return weight.dtype
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
+
+
+def _check_input(x: object, weight: torch.Tensor, *, floating: bool) -> None:
+    """Clear errors for inputs the base layer would reject deep inside torch (or accept with a cast)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if floating:
+        if x.is_complex() and not weight.is_complex():
+            raise TypeError(
+                f"x has complex dtype {x.dtype} but the layer's weight is {weight.dtype}; a real layer does "
+                "not take complex input (nn.Linear refuses it too)"
+            )
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    elif x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"x must hold integer indices (int64 or int32), got dtype {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(
+            f"x is on device {x.device} but the layer's weight is on {weight.device}; move the input or the "
+            "layer (a meta tensor has no data to compute with)"
+        )
 
 
 class LoRALinear(LoRALayer):
@@ -440,6 +472,7 @@ class LoRALinear(LoRALayer):
         return lora_linear_multi(x.to(dtype), weight, A_stack, B_stack, row_ids, scales, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.weight, floating=True)
         if self._row_adapters is not None:
             return self._forward_mixed(x)
         name = self._active_unmerged()
@@ -731,6 +764,7 @@ class LoRAEmbedding(LoRALayer):
         return f"weight {tuple(self.weight.shape)}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.weight, floating=False)
         out = F.embedding(
             x,
             self.weight,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,11 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
 
 
 def _as_patterns(arg: str, value: str | Sequence[str]) -> list[str]:
+    if not isinstance(value, (str, Sequence)) and not isinstance(value, (set, frozenset)):
+        raise TypeError(
+            f"{arg} must be a module name, a regex or a sequence of them (e.g. ['q_proj', 'v_proj']), "
+            f"got {type(value).__name__}"
+        )
     patterns = [value] if isinstance(value, str) else list(value)
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"{arg} must be a non-empty str or sequence of non-empty str, got {value!r}")
@@ -97,6 +102,20 @@ def inject_lora(
     nn.Module
         ``model`` itself (modified in place); the LoRA layers share the base Parameters (no copy).
 
+    Raises
+    ------
+    TypeError
+        ``model`` not an ``nn.Module``; ``target_modules`` not a str / sequence of str (e.g. ``None``); a
+        target matching a module that is not ``nn.Linear`` / ``nn.Embedding``; bad ``merged_modules``.
+    ValueError
+        A target matching nothing; ``r`` out of range for a module; ``adapter_name`` already held by a
+        matched LoRA layer; bad merged-module flags; ``init="pissa"`` on a weight with NaN/inf; bad
+        ``alpha`` / ``dropout`` / ``init``.
+
+    All or nothing: every target is checked before the model is touched, and a failure while building the
+    layers (any target) undoes the earlier ones, so on error the model keeps its modules, its
+    ``requires_grad`` flags and (for PiSSA) its weights.
+
     Notes
     -----
     Works under ``torch.compile(fullgraph=True)``, activation checkpointing, ``torch.autocast`` and
@@ -112,6 +131,10 @@ def inject_lora(
     patterns = _as_patterns("target_modules", target_modules)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    if merged_modules is not None and not isinstance(merged_modules, Mapping):
+        raise TypeError(
+            f"merged_modules must be a mapping of pattern -> flags, got {type(merged_modules).__name__}"
+        )
     merged = dict(merged_modules or {})
     for pattern in merged:
         if not isinstance(pattern, str) or not pattern:
@@ -154,31 +177,90 @@ def inject_lora(
             f"modules are named (last component): {candidates}"
         )
 
-    for name, module, flags in plan:  # check r everywhere first, so that bad input changes nothing
-        dims = (
-            module.weight.shape if flags is None else (module.in_features, module.out_features // len(flags))
-        )
+    # Check everything that can be checked first, so that bad input changes nothing ...
+    for name, module, flags in plan:
+        if isinstance(module, LoRALayer):
+            if isinstance(adapter_name, str) and adapter_name in module.r:
+                raise ValueError(
+                    f"adapter_name: module {name!r} already holds an adapter named {adapter_name!r} "
+                    f"(adapters: {list(module.r)}); choose another adapter_name"
+                )
+            continue
+        if flags is not None:
+            _check_merged_flags(name, module, flags)
+            dims: tuple[int, ...] = (module.in_features, module.out_features // len(flags))
+        else:
+            dims = tuple(module.weight.shape)
         if isinstance(r, int) and not isinstance(r, bool) and r > min(dims):
             raise ValueError(
                 f"r must be an int in [1, {min(dims)}] for module {name!r} (weight "
                 f"{tuple(module.weight.shape)}), got {r!r}"
             )
-    for name, module, flags in plan:
-        if isinstance(module, LoRALayer):
-            module.add_adapter(adapter_name, r, **options)
-            continue
-        if isinstance(module, nn.Embedding):
-            new: LoRALayer = LoRAEmbedding.from_embedding(module, r, **options)
-        elif flags is not None:
-            new = LoRAMergedLinear.from_linear(module, r, enable_lora=flags, **options)
-        else:
-            new = LoRALinear.from_linear(module, r, **options)
-        if adapter_name != "default":
-            _rename_adapter(new, "default", adapter_name)
-        _replace(model, name, new)
-    if freeze_base:
-        mark_only_lora_trainable(model)
+    if init == "pissa":
+        for name, module, _ in plan:
+            if module.weight.device.type != "meta" and not bool(torch.isfinite(module.weight).all()):
+                raise ValueError(
+                    f"init='pissa': the weight of module {name!r} holds NaN or infinite values; PiSSA "
+                    "factors the weight itself"
+                )
+    # ... then change the model with an undo log: a failure in a later target restores every earlier one.
+    undo: list[Callable[[], object]] = []
+    try:
+        for name, module, flags in plan:
+            if init == "pissa":
+                saved = module.weight.detach().clone()
+                undo.append(lambda w=module.weight, o=saved: w.data.copy_(o))
+            if isinstance(module, LoRALayer):
+                module.add_adapter(adapter_name, r, **options)
+                undo.append(lambda m=module: _drop_adapter(m, adapter_name))
+                continue
+            grads = [(p, p.requires_grad) for p in module.parameters(recurse=False)]
+            undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
+            if isinstance(module, nn.Embedding):
+                new: LoRALayer = LoRAEmbedding.from_embedding(module, r, **options)
+            elif flags is not None:
+                new = LoRAMergedLinear.from_linear(module, r, enable_lora=flags, **options)
+            else:
+                new = LoRALinear.from_linear(module, r, **options)
+            if adapter_name != "default":
+                _rename_adapter(new, "default", adapter_name)
+            _replace(model, name, new)
+            undo.append(lambda n=name, m=module: _replace(model, n, m))
+        if freeze_base:
+            grads = [(p, p.requires_grad) for p in model.parameters()]
+            undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
+            mark_only_lora_trainable(model)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
     return model
+
+
+def _drop_adapter(layer: LoRALayer, name: str) -> None:
+    if name in layer.merged_adapters:
+        layer.merged_adapters.remove(name)
+    layer.delete_adapter(name)
+
+
+def _check_merged_flags(name: str, module: nn.Module, flags: Sequence[bool]) -> None:
+    if isinstance(flags, (str, bytes)) or not isinstance(flags, Sequence):
+        raise TypeError(
+            f"merged_modules: flags for module {name!r} must be a sequence of bool (one per output slice), "
+            f"got {type(flags).__name__}"
+        )
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"merged_modules: module {name!r} is a {type(module).__name__}, not an nn.Linear")
+    if not flags or not all(isinstance(f, bool) for f in flags) or not any(flags):
+        raise ValueError(
+            f"merged_modules: flags for module {name!r} must be bools with at least one True, "
+            f"got {list(flags)}"
+        )
+    if module.out_features % len(flags):
+        raise ValueError(
+            f"merged_modules: module {name!r} has out_features={module.out_features}, which does not split "
+            f"into {len(flags)} equal slices"
+        )
 
 
 def _rename_adapter(layer: LoRALayer, old: str, new: str) -> None:
@@ -288,7 +370,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Take merged adapters out of the weights again (restored to within float32 rounding)."""
+    """Take merged adapters out of the weights again (see :meth:`LoRALayer.unmerge` for the accuracy)."""
     layers = [layer for _, layer in lora_layers(model) if layer.merged_adapters]
     if not layers:
         raise RuntimeError("no LoRA layer of the model is merged; nothing to unmerge")
