@@ -42,6 +42,14 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
+def _any_autocast() -> bool:
+    """One cheap call when no autocast region is active (the common case); per-device checks otherwise."""
+    probe = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if probe is None:  # pragma: no cover - older torch
+        return any(torch.is_autocast_enabled(dev) for dev in _AUTOCAST_DEVICES)
+    return bool(probe())
+
+
 def no_autocast(fn: _F) -> _F:
     """Decorator for every public numerical routine: run it with autocast switched off.
 
@@ -56,6 +64,8 @@ def no_autocast(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not _any_autocast():
+            return fn(*args, **kwargs)
         active = [dev for dev in _AUTOCAST_DEVICES if torch.is_autocast_enabled(dev)]
         if not active:
             return fn(*args, **kwargs)

@@ -152,7 +152,7 @@ def test_als_ignores_autocast(device_type, dtype):
     mask = (torch.rand(60, 40, generator=g) < 0.5).to(device_type)
     same_under_autocast(lambda: lowrank.als(L, mask, 3, seed=0, max_iter=5, tol=0.0), device_type, dtype)
     same_under_autocast(
-        lambda: lowrank.als(L, mask, 3, seed=0, init="random", max_iter=5), device_type, dtype
+        lambda: lowrank.als(L, mask, 3, seed=0, init="random", max_iter=5, tol=0.0), device_type, dtype
     )
 
 
