@@ -8,7 +8,7 @@ from lowrank._ops import WITH_CUDA, lora_linear, lora_linear_multi
 from lowrank.budget import RankAllocation, allocate_ranks
 from lowrank.completion import als
 from lowrank.cur import cur, interpolation_matrix, interpolative
-from lowrank.factor import low_rank_factor
+from lowrank.factor import ConvergenceWarning, low_rank_factor
 from lowrank.lora import (
     LoRAEmbedding,
     LoRALinear,
@@ -42,6 +42,7 @@ __all__ = [
     "svd",
     "svd_error",
     "PCAResult",
+    "ConvergenceWarning",
     "als",
     "cur",
     "interpolation_matrix",

@@ -13,15 +13,136 @@ Everything that factorizes goes through this module, so that a new input kind wo
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["LinOp", "TransposedOp", "as_linop", "compute_dtype"]
+__all__ = [
+    "LinOp",
+    "TransposedOp",
+    "as_linop",
+    "check_seed",
+    "check_tensor",
+    "compute_dtype",
+    "no_autocast",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# ------------------------------------------------------------------------------------ shared entry guards
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: device types whose autocast state is switched off at the public entries of the math routines
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _any_autocast() -> bool:
+    """One cheap call when no autocast region is active (the common case); per-device checks otherwise."""
+    probe = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if probe is None:  # pragma: no cover - older torch
+        return any(torch.is_autocast_enabled(dev) for dev in _AUTOCAST_DEVICES)
+    return bool(probe())
+
+
+def no_autocast(fn: _F) -> _F:
+    """Decorator for every public numerical routine: run it with autocast switched off.
+
+    Inside a ``torch.autocast`` region, matmuls would silently run in fp16/bf16 and ops such as LU refuse
+    bf16, so factorizations lose their accuracy (or fail) and return low-precision tensors. The routines
+    compute in the dtype their input asks for (fp16/bf16 inputs in fp32, see :func:`compute_dtype`), so
+    autocast is disabled for every device type on which it is active: the device of the input is not
+    known before the input is parsed (NumPy, scipy.sparse, operators), and the routines only compute on
+    it, so this equals disabling it for the input's device. No cost outside autocast regions (the state
+    is read, no context entered).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not _any_autocast():
+            return fn(*args, **kwargs)
+        active = [dev for dev in _AUTOCAST_DEVICES if torch.is_autocast_enabled(dev)]
+        if not active:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for dev in active:
+                stack.enter_context(torch.autocast(dev, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+#: seeds are 64-bit signed integers in torch's generators: 0 <= seed < 2**63
+_SEED_LIMIT = 1 << 63
+
+
+def check_seed(
+    seed: Any, *, allow_generator: bool = True, name: str = "seed"
+) -> int | torch.Generator | None:
+    """Validate a ``seed`` argument once, for every routine that takes one.
+
+    Accepts ``None``, a Python or NumPy integer in ``[0, 2**63)`` and (when ``allow_generator``) a
+    ``torch.Generator``; returns it (NumPy integers as ``int``).
+
+    Raises
+    ------
+    TypeError
+        Not an integer (bool and float included) or generator, naming ``name``.
+    ValueError
+        Negative or ``>= 2**63`` (torch's generators take 64-bit signed seeds), naming ``name``.
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, torch.Generator):
+        if allow_generator:
+            return seed
+        raise TypeError(f"{name} must be None or an int, got a torch.Generator")
+    if isinstance(seed, np.integer) and not isinstance(seed, np.bool_):
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        kinds = "None, an int or a torch.Generator" if allow_generator else "None or an int"
+        raise TypeError(f"{name} must be {kinds}, got {type(seed).__name__}")
+    if not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def check_tensor(
+    value: Any,
+    name: str,
+    *,
+    sparse: bool = False,
+    complex_ok: bool = True,
+) -> torch.Tensor:
+    """Up-front checks of a tensor argument that the routine takes as a tensor: type, device, layout, dtype.
+
+    Raises ``TypeError`` naming ``name`` for a non-tensor, a ``torch.sparse`` tensor where ``sparse`` is
+    False, a complex one where ``complex_ok`` is False, or a non-floating dtype; ``ValueError`` for a
+    tensor on the ``meta`` device (it has no entries to factor).
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_not_meta(value, name)
+    if value.layout != torch.strided and not sparse:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+    if value.is_complex() and not complex_ok:
+        raise TypeError(f"{name} must be real, got complex dtype {value.dtype}")
+    if not (value.is_floating_point() or value.is_complex()):
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    return value
+
+
+def check_not_meta(value: torch.Tensor, name: str) -> None:
+    """``ValueError`` naming ``name`` for a tensor on the ``meta`` device (shapes only, no data)."""
+    if value.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device (it has no data to compute with); materialise it first"
+        )
 
 
 def compute_dtype(dtype: torch.dtype, name: str = "A") -> torch.dtype:
@@ -135,6 +256,15 @@ class DenseOp(LinOp):
         # threads, 1000-20000 rows, b = 16-150): the BLAS kernel then streams A along its rows. Column-major
         # blocks are also what LAPACK (LU, triangular solves) wants. Real dtypes only (complex keeps A^H).
         return self.device.type == "cpu" and not self.dtype.is_complex
+
+    def column_mean(self) -> torch.Tensor:
+        """Column means (conjugated, as ``A^H 1 / m``), ``(*batch, n, 1)``, accumulated in fp64: an fp32
+        sum of m entries is off by up to ``m eps`` relative, and every centred product inherits that error
+        times the mean (what decides the accuracy of PCA on data whose variance is small next to it)."""
+        A = self.A
+        wide = torch.complex128 if A.is_complex() else torch.float64
+        mean = (A.sum(dim=-2, dtype=wide) / self.shape[0]).to(self.dtype)
+        return (mean.conj() if A.is_complex() else mean)[..., :, None]
 
     def fro_norm_sq(self) -> torch.Tensor:
         A = self.A
@@ -346,6 +476,7 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
     if isinstance(A, np.ndarray) or _is_scipy_sparse(A):
         A = _from_numpy_or_scipy(A, name)
     if isinstance(A, torch.Tensor):
+        check_not_meta(A, name)
         if A.layout == torch.strided:
             if A.dim() < 2 or (A.dim() > 2 and not allow_batch):
                 raise ValueError(

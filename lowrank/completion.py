@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
 
-from lowrank.factor import _as_matrix, _check_rank, _generator, _is_sparse
+from lowrank._linop import check_seed, no_autocast
+from lowrank.factor import ConvergenceWarning, _as_matrix, _check_rank, _generator, _is_sparse
+from lowrank.svd import rsvd
 
 __all__ = ["als"]
 
@@ -15,6 +18,8 @@ __all__ = ["als"]
 def _observed_entries(X: Any, mask: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
     """(rows, cols, values, shape) of the observed entries given dense X + boolean mask, or sparse X."""
     X = _as_matrix(X, name, check_finite=False)  # unobserved entries of dense X may be NaN
+    if X.is_complex():
+        raise TypeError(f"{name} must be real, got complex dtype {X.dtype}")
     if _is_sparse(X):
         if mask is not None:
             raise ValueError(f"{name} is sparse: its stored entries are the observations, so pass mask=None")
@@ -34,6 +39,8 @@ def _observed_entries(X: Any, mask: Any, name: str) -> tuple[torch.Tensor, torch
         raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
     if tuple(mask.shape) != tuple(X.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)} but {name} has shape {tuple(X.shape)}")
+    if mask.device.type == "meta":
+        raise ValueError("mask is on the meta device (it has no data); materialise it first")
     rows, cols = mask.to(X.device).nonzero(as_tuple=True)
     return rows, cols, X[rows, cols], tuple(X.shape)
 
@@ -86,6 +93,25 @@ def _solve_side(
     return solution
 
 
+def _fill_zero_rows(V: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """Give the rows of ``V`` that are exactly zero small random values.
+
+    The SVD of sparse or rank-deficient observations can leave rows of the spectral start exactly zero
+    (the 0/1 diagonal matrix: its exact SVD puts the top-k vectors on k coordinates), and ALS never moves
+    them: a zero ``v_j`` makes every ``u_i`` observed only in column ``j`` zero, which keeps ``v_j`` zero.
+    Their new values are Gaussian with 1% of the root-mean-square row norm of the non-zero rows.
+    """
+    zero = (V == 0).all(dim=1)
+    if not bool(zero.any()):
+        return V
+    norms = V.norm(dim=1)
+    typical = float(norms[~zero].square().mean().sqrt()) if bool((~zero).any()) else 1.0
+    noise = torch.randn(V.shape, dtype=V.dtype, device=V.device, generator=gen)
+    noise *= 0.01 * typical / V.shape[1] ** 0.5
+    return torch.where(zero[:, None], noise, V)
+
+
+@no_autocast
 def als(
     X: Any,
     mask: Any,
@@ -145,20 +171,39 @@ def als(
     history : dict
         Only with ``return_history=True``.
 
+    Raises
+    ------
+    TypeError
+        X of an unsupported type or complex; mask not boolean; ``seed`` not an int.
+    ValueError
+        Bad shapes, ``k``, ``reg``/``tol`` negative or not finite, ``max_iter < 1``, no or non-finite
+        observations, ``seed`` outside ``[0, 2**63)``, inputs on the meta device.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When ``max_iter`` sweeps ran without meeting ``tol`` (``tol > 0``), as scikit-learn warns.
+
     Notes
     -----
+    Degenerate starts: rows of the spectral start that are exactly zero (the SVD of sparse or rank
+    deficient observations, e.g. a 0/1 diagonal matrix, leaves some) get small random values from
+    ``seed``; ALS would never move them (a zero ``v_j`` keeps the rows of U observed only in column j
+    zero, and they keep ``v_j`` zero).
+
     Cost per sweep: O(|Ω|k²) to form the Gram matrices plus O((m + n)k³) for the solves; memory
     O((m + n)k²). Runs on the device of X.
     """
     rows, cols, values, shape = _observed_entries(X, mask, "X")  # row-major, no duplicates
     m, n = shape
     k = _check_rank(k, "k", upper=min(m, n))
-    if not isinstance(reg, (int, float)) or isinstance(reg, bool) or reg < 0:
-        raise ValueError(f"reg must be a non-negative number, got {reg!r}")
+    if not isinstance(reg, (int, float)) or isinstance(reg, bool) or not (0 <= reg and math.isfinite(reg)):
+        raise ValueError(f"reg must be a non-negative finite number, got {reg!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or tol < 0:
-        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol and math.isfinite(tol)):
+        raise ValueError(f"tol must be a non-negative finite number, got {tol!r}")
+    seed = check_seed(seed, allow_generator=False)
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     if values.numel() == 0:
@@ -187,19 +232,18 @@ def als(
     row_counts = torch.bincount(rows, minlength=m)
     col_counts = torch.bincount(cols, minlength=n)
 
+    gen = _generator(seed, device)
     if init == "svd":
-        import lowrank
-
-        _, S, Vh = lowrank.rsvd(observed, k, seed=seed)
-        V = (Vh[:k].t() * S[:k].sqrt()).to(dtype)
+        _, S, Vh = rsvd(observed, k, seed=seed)
+        V = _fill_zero_rows((Vh[:k].t() * S[:k].sqrt()).to(dtype), gen)
     else:
-        gen = _generator(seed, device)
         scale = float(values.square().mean().sqrt()) ** 0.5 / k**0.25
         V = scale * torch.randn(n, k, dtype=dtype, device=device, generator=gen)
 
     rms = float(values.square().mean().sqrt())
     history: dict[str, list[float]] = {"train_rmse": [], "val_rmse": []}
     previous = None
+    converged = False
     U = torch.zeros(m, k, dtype=dtype, device=device)
     for _ in range(max_iter):
         U = _solve_side(pattern, observed, row_counts, V, reg)
@@ -209,6 +253,14 @@ def als(
         if val is not None:
             history["val_rmse"].append(_rmse(U, V, val))
         if train <= tol * rms or (previous is not None and abs(previous - train) <= tol * previous):
+            converged = True
             break
         previous = train
+    if not converged and tol > 0:
+        warnings.warn(
+            f"als stopped at max_iter={max_iter} before the training RMSE met tol={tol}; raise max_iter "
+            "or tol",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     return (U, V, history) if return_history else (U, V)

@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
+from lowrank._linop import DenseOp, as_linop, check_seed, check_tensor, no_autocast
 from lowrank.factor import _check_rank
+from lowrank.svd import rsvd
 
 __all__ = ["cur", "interpolative", "interpolation_matrix"]
 
@@ -17,9 +19,13 @@ def _pivoted_qr_r(Y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(perm, R)``: the column permutation (n,) and the leading ``k`` rows of the triangular factor
     of ``Y[:, perm]`` (k, n). Residual column norms are recomputed at every step rather than downdated,
     which costs the same O(l n) as the reflection and cannot lose accuracy to cancellation. Every step is a
-    handful of vectorised torch ops with no host synchronisation, so it runs unchanged on CUDA.
+    handful of vectorised torch ops with no host synchronisation, so it runs unchanged on CUDA. Y is
+    divided by its largest magnitude first (pivots and ``R11^{-1} R12`` do not depend on the scale), so that
+    the squared column norms neither under- nor overflow for entries below ~1e-19 or above ~1e19 in fp32.
     """
-    R = Y.clone()
+    big = Y.abs().amax()
+    scale = torch.where(big > 0, big, torch.ones_like(big))
+    R = Y / scale
     rows, n = R.shape
     device = R.device
     perm = torch.arange(n, device=device)
@@ -43,7 +49,7 @@ def _pivoted_qr_r(Y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         block = R[j:, j:]
         block.sub_(torch.outer(beta * v, v @ block))
         R[j + 1 :, j] = 0
-    return perm, R[:steps]
+    return perm, R[:steps] * scale
 
 
 def _triangular_solve(R11: torch.Tensor, R12: torch.Tensor) -> torch.Tensor:
@@ -59,22 +65,19 @@ def _row_space_sketch(A: Any, width: int, n_iter: int | None, seed: int | None) 
     so its column-pivoted QR picks the same columns as that of ``Qᵀ A`` (pivoting is invariant under left
     rotations).
     """
-    import lowrank
-
-    _, S, Vh = lowrank.rsvd(A, width, n_iter=n_iter, seed=seed)
+    _, S, Vh = rsvd(A, width, n_iter=n_iter, seed=seed)
     return S[:, None] * Vh
 
 
 def _operator(A: Any, name: str = "A"):
-    from lowrank._linop import as_linop
-
-    return as_linop(A, name=name, allow_batch=False)
+    op = as_linop(A, name=name, allow_batch=False)
+    if op.dtype.is_complex:  # the column pivoting compares magnitudes and signs of real numbers
+        raise TypeError(f"{name} must be real, got complex dtype {op.dtype}")
+    return op
 
 
 def _columns(op, index: torch.Tensor) -> torch.Tensor:
     """``A[:, index]`` (m, len(index)): indexing for dense A, else one product with a selection matrix."""
-    from lowrank._linop import DenseOp
-
     if isinstance(op, DenseOp):
         return op.A[:, index]
     select = torch.zeros(op.shape[1], index.numel(), dtype=op.dtype, device=op.device)
@@ -84,8 +87,6 @@ def _columns(op, index: torch.Tensor) -> torch.Tensor:
 
 def _rows(op, index: torch.Tensor) -> torch.Tensor:
     """``A[index, :]`` (len(index), n)."""
-    from lowrank._linop import DenseOp
-
     if isinstance(op, DenseOp):
         return op.A[index, :]
     select = torch.zeros(op.shape[0], index.numel(), dtype=op.dtype, device=op.device)
@@ -93,6 +94,7 @@ def _rows(op, index: torch.Tensor) -> torch.Tensor:
     return op.rmatmul(select).t()
 
 
+@no_autocast
 def interpolative(
     A: Any,
     k: int,
@@ -146,6 +148,7 @@ def interpolative(
     op = _operator(A)
     m, n = op.shape
     k = _check_rank(k, "k", upper=min(m, n))
+    seed = check_seed(seed, allow_generator=False)
     if method not in ("randomized", "exact"):
         raise ValueError(f"method must be 'randomized' or 'exact', got {method!r}")
     if oversample is None:
@@ -154,6 +157,8 @@ def interpolative(
         raise ValueError(f"oversample must be a non-negative int, got {oversample!r}")
     if method == "exact":
         Y = op.to_dense()
+        if not bool(torch.isfinite(Y).all()):
+            raise ValueError("A contains NaN or Inf entries")
     else:
         Y = _row_space_sketch(A, min(k + oversample, m, n), n_iter, seed)
     perm, R = _pivoted_qr_r(Y, k)
@@ -161,15 +166,44 @@ def interpolative(
     return perm, proj
 
 
+@no_autocast
 def interpolation_matrix(idx: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     """The (k, n) matrix P of an interpolative decomposition: ``A ≈ A[:, idx[:k]] @ P``.
 
     ``P[:, idx[:k]] = I`` and ``P[:, idx[k:]] = proj``.
+
+    Parameters
+    ----------
+    idx : LongTensor, shape (n,)
+        A permutation of ``0 .. n-1`` (as returned by :func:`interpolative`).
+    proj : Tensor, shape (k, n - k)
+        Real floating dtype, finite.
+
+    Raises
+    ------
+    TypeError
+        Non-tensors, ``idx`` not an integer tensor, ``proj`` sparse, complex or not floating.
+    ValueError
+        Inconsistent shapes; ``idx`` not a permutation (negative, ``>= n`` or repeated entries); NaN/Inf
+        in ``proj``; meta-device tensors.
     """
-    if not isinstance(idx, torch.Tensor) or not isinstance(proj, torch.Tensor):
-        raise TypeError("idx and proj must be tensors (as returned by lowrank.interpolative)")
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a tensor (from lowrank.interpolative), got {type(idx).__name__}")
+    check_tensor(proj, "proj", complex_ok=False)
+    if idx.device.type == "meta":
+        raise ValueError("idx is on the meta device (it has no data); materialise it first")
+    integer = not (idx.dtype.is_floating_point or idx.is_complex() or idx.dtype == torch.bool)
+    if idx.layout != torch.strided or not integer:
+        raise TypeError(f"idx must be a dense integer tensor, got {idx.dtype} ({idx.layout})")
     if proj.dim() != 2 or idx.dim() != 1 or proj.shape[0] + proj.shape[1] != idx.numel():
         raise ValueError(f"inconsistent shapes: idx {tuple(idx.shape)}, proj {tuple(proj.shape)}")
+    n = idx.numel()
+    counts = torch.bincount(idx.clamp(0, n - 1).long(), minlength=n) if n else idx
+    if n and (bool(((idx < 0) | (idx >= n)).any()) or not bool((counts == 1).all())):
+        raise ValueError(f"idx must be a permutation of 0..{n - 1}: negative, too large or repeated entries")
+    if proj.numel() and not bool(torch.isfinite(proj).all()):
+        raise ValueError("proj contains NaN or Inf entries")
+    idx = idx.long().to(proj.device)
     k = proj.shape[0]
     P = torch.empty(k, idx.numel(), dtype=proj.dtype, device=proj.device)
     P[:, idx[:k]] = torch.eye(k, dtype=proj.dtype, device=proj.device)
@@ -177,6 +211,7 @@ def interpolation_matrix(idx: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     return P
 
 
+@no_autocast
 def cur(
     A: Any,
     k: int,
@@ -221,6 +256,7 @@ def cur(
     op = _operator(A)
     m, n = op.shape
     k = _check_rank(k, "k", upper=min(m, n))
+    seed = check_seed(seed, allow_generator=False)
     idx, _ = interpolative(A, k, method=method, oversample=oversample, n_iter=n_iter, seed=seed)
     col_idx = idx[:k]
     C = _columns(op, col_idx)

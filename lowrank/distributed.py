@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowrank._linop import DenseOp, LinOp, as_linop, compute_dtype
-from lowrank.pca import PCAResult
+from lowrank._linop import DenseOp, LinOp, as_linop, check_not_meta, check_seed, compute_dtype, no_autocast
+from lowrank.pca import PCAResult, _variance_ratio
 from lowrank.qr import cholesky_qr, orthonormalize
 from lowrank.svd import SVDResult, _check_k, _check_nonneg_int, _default_params, _generator
 
@@ -134,17 +134,19 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _local_op(A_local: Any) -> LinOp:
+def _local_op(A_local: Any, name: str = "A_local") -> LinOp:
     """The input adapter for one rank's block; an empty block (0 rows) is allowed here."""
     shape = getattr(A_local, "shape", None)
     if shape is not None and len(shape) == 2 and int(shape[0]) == 0 and int(shape[1]) > 0:
+        if isinstance(A_local, torch.Tensor):
+            check_not_meta(A_local, name)
         dtype = A_local.dtype
         if not isinstance(dtype, torch.dtype):
             dtype = torch.from_numpy(__import__("numpy").empty(0, dtype=dtype)).dtype
-        dtype = compute_dtype(dtype, "A_local")
+        dtype = compute_dtype(dtype, name)
         device = A_local.device if isinstance(A_local, torch.Tensor) else torch.device("cpu")
         return DenseOp(torch.zeros(0, int(shape[1]), dtype=dtype, device=device))
-    return as_linop(A_local, name="A_local", check_finite=False, allow_batch=False)
+    return as_linop(A_local, name=name, check_finite=False, allow_batch=False)
 
 
 _DTYPE_IDS = {torch.float32: 1, torch.float64: 2}
@@ -185,7 +187,17 @@ def _agree(
 class _ShardedOp:
     """Row block of ``A`` (optionally centred by a replicated mean) plus the group to sum over."""
 
-    def __init__(self, op: LinOp, group, rank: int, world: int, m_total: int, mean: torch.Tensor | None):
+    def __init__(
+        self,
+        op: LinOp,
+        group,
+        rank: int,
+        world: int,
+        m_total: int,
+        mean: torch.Tensor | None,
+        name: str = "A_local",
+    ):
+        self.name = name  # the argument named in error messages
         self.op = op
         self.group = group
         self.rank = rank
@@ -265,7 +277,9 @@ def _normalise(Y_local: torch.Tensor, sop: _ShardedOp, first: bool = False) -> t
     G = sop.gram(Y_local)
     if not bool(torch.isfinite(G).all()):
         if first:
-            raise ValueError("A contains NaN or Inf entries (or its products overflow) on some rank")
+            raise ValueError(
+                f"{sop.name} contains NaN or Inf entries (or its products overflow) on some rank"
+            )
         return _tsqr(Y_local, sop)[0]
     R = _chol(G)
     if R is None or _too_ill_conditioned(R):
@@ -281,7 +295,9 @@ def _orthonormal_basis(Y_local: torch.Tensor, sop: _ShardedOp, first: bool = Fal
     G = sop.gram(Y_local)
     if not bool(torch.isfinite(G).all()):
         if first:
-            raise ValueError("A contains NaN or Inf entries (or its products overflow) on some rank")
+            raise ValueError(
+                f"{sop.name} contains NaN or Inf entries (or its products overflow) on some rank"
+            )
         return _tsqr(Y_local, sop)[0]
     R = _chol(G)
     passes = 1
@@ -340,7 +356,7 @@ def _exact(sop: _ShardedOp, k: int) -> SVDResult:
     eye = torch.eye(n, dtype=sop.dtype, device=sop.device)
     block = sop.matmul(eye)  # the local rows, densified (and centred)
     if _consensus(not bool(torch.isfinite(block).all()), sop.group, sop.device):
-        raise ValueError("A contains NaN or Inf entries on some rank")
+        raise ValueError(f"{sop.name} contains NaN or Inf entries on some rank")
     Q_local, R = _tsqr(block, sop)
     Ur, S, Vh = torch.linalg.svd(R)
     U_local, Vh = _signs(Q_local @ Ur[:, :k], Vh[:k], sop)
@@ -381,15 +397,15 @@ def _block_krylov(sop: _ShardedOp, gen: torch.Generator, k: int, block: int, n_i
 # --------------------------------------------------------------------------------------------- public
 
 
-def _prepare(A_local, group, what: str, extra: list[int], error: Exception | None):
+def _prepare(A_local, group, what: str, extra: list[int], error: Exception | None, name: str = "A_local"):
     """Adapter + argument header shared by rsvd and pca. Returns (op, rank, world, m_total, table)."""
     rank, world = _group_info(group)
     op = None
     try:
-        op = _local_op(A_local)
+        op = _local_op(A_local, name)
         if op.dtype not in _DTYPE_IDS:
             raise TypeError(
-                f"A_local: {what} supports float32/float64 (fp16/bf16 computed in fp32), got {op.dtype}"
+                f"{name}: {what} supports float32/float64 (fp16/bf16 computed in fp32), got {op.dtype}"
             )
     except (TypeError, ValueError) as bad:
         error = error or bad
@@ -399,9 +415,9 @@ def _prepare(A_local, group, what: str, extra: list[int], error: Exception | Non
     m_loc, n = op.shape if op is not None else (0, 0)
     dtype_id = _DTYPE_IDS.get(op.dtype, 0) if op is not None else 0
     table = _agree(rank, world, group, device, [m_loc, n, dtype_id, *extra], error)
-    for col, name in ((2, "number of columns"), (3, "dtype")):
+    for col, label in ((2, "number of columns"), (3, "dtype")):
         if (table[:, col] != table[0, col]).any():
-            raise ValueError(f"A_local: the {name} differs between ranks ({table[:, col].tolist()})")
+            raise ValueError(f"{name}: the {label} differs between ranks ({table[:, col].tolist()})")
     last = _HEADER if int(table[0, -2]) != 0 else _HEADER - 1  # a seed drawn by each rank: rank 0's wins
     for col in range(4, last):
         if (table[:, col] != table[0, col]).any():
@@ -410,18 +426,20 @@ def _prepare(A_local, group, what: str, extra: list[int], error: Exception | Non
             )
     m_total = int(table[:, 1].sum())
     if m_total == 0:
-        raise ValueError("A_local: every rank holds zero rows")
+        raise ValueError(f"{name}: every rank holds zero rows")
     return op, rank, world, m_total, table
 
 
 def _seed_fields(seed: Any) -> tuple[list[int], Exception | None]:
     """Two header fields describing the seed; None draws one on rank 0 (used by every rank)."""
+    try:
+        seed = check_seed(seed)
+    except (TypeError, ValueError) as bad:
+        return [0, 0], bad
     if seed is None:
         return [0, secrets.randbits(62)], None
     if isinstance(seed, torch.Generator):
         return [2, _generator_digest(seed)], None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        return [0, 0], TypeError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
     return [1, seed % (1 << 62)], None
 
 
@@ -431,6 +449,7 @@ def _resolve_seed(seed: Any, table: torch.Tensor, device: torch.device) -> torch
     return _generator(seed, device)
 
 
+@no_autocast
 def rsvd(
     A_local: Any,
     k: int,
@@ -566,6 +585,7 @@ def rsvd_comm_bytes(
     return s * ((q + 1) * n * b + grams * b * b + 2 * world_size * k) + 8 * _HEADER * world_size
 
 
+@no_autocast
 def pca(
     X_local: Any,
     k: int,
@@ -631,7 +651,7 @@ def pca(
         2 * _PCA_METHODS.index(method) + int(center is True) if method in _PCA_METHODS else -1,
         *seed_fields,
     ]
-    op, rank, world, m, table = _prepare(X_local, group, "pca", extra, error)
+    op, rank, world, m, table = _prepare(X_local, group, "pca", extra, error, name="X_local")
     n = op.shape[1]
     k = _check_k(k, min(m, n))
     if center and m < 2:
@@ -650,7 +670,7 @@ def pca(
     if method == "auto":
         small = max(m, n) <= 500 or k >= 0.8 * min(m, n)
         method = "exact" if all_dense and small else "randomized"
-    sop = _ShardedOp(op, group, rank, world, m, mean)
+    sop = _ShardedOp(op, group, rank, world, m, mean, name="X_local")
     if method == "exact":
         _, S, Vh = _exact(sop, k)
     else:
@@ -663,9 +683,8 @@ def pca(
     mean_vec = mean[:, 0] if center else torch.zeros(n, dtype=op.dtype, device=op.device)
     denom = max(m - 1, 1)
     total = sums[n] - (m * mean_vec.double().square().sum() if center else 0.0)
-    total = total.clamp_min(0).to(S.dtype) / denom
     variance = S.square() / denom
-    ratio = variance / total if float(total) > 0 else torch.zeros_like(variance)
+    ratio = _variance_ratio(variance, total, sums[n], m, center)  # as lowrank.pca: 0/0 defined, sum <= 1
     return PCAResult(components.contiguous(), variance, ratio, mean_vec.contiguous(), S)
 
 

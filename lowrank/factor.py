@@ -6,7 +6,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["low_rank_factor"]
+from lowrank._linop import check_seed, check_tensor, no_autocast
+
+__all__ = ["ConvergenceWarning", "low_rank_factor"]
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative routine (``als``, ``nmf``) stopped at ``max_iter`` before its tolerance was met.
+
+    The result is returned anyway (as scikit-learn does with its own ``ConvergenceWarning``); raise
+    ``max_iter``, loosen ``tol`` or silence it with ``warnings.filterwarnings``.
+    """
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,10 +67,9 @@ def _as_matrix(X: Any, name: str = "X", *, check_finite: bool = True) -> torch.T
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    seed = check_seed(seed, allow_generator=False)
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
@@ -71,6 +80,7 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 # ----------------------------------------------------------------------------------------------------------
 
 
+@no_autocast
 def low_rank_factor(
     W: torch.Tensor,
     r: int,
@@ -123,12 +133,10 @@ def low_rank_factor(
     >>> B.shape, A.shape
     (torch.Size([64, 8]), torch.Size([8, 32]))
     """
-    if not isinstance(W, torch.Tensor):
-        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    check_tensor(W, "W", complex_ok=False)
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D matrix, got shape {tuple(W.shape)}")
-    if not W.is_floating_point():
-        raise TypeError(f"W must have a floating dtype, got {W.dtype}")
+    seed = check_seed(seed, allow_generator=False)
     r = _check_rank(r, "r", upper=min(W.shape))
     if method not in ("svd", "rsvd"):
         raise ValueError(f"method must be 'svd' or 'rsvd', got {method!r}")
@@ -137,13 +145,13 @@ def low_rank_factor(
     if not bool(torch.isfinite(W).all()):
         raise ValueError("W contains NaN or Inf")
 
-    import lowrank
+    from lowrank.svd import rsvd, svd
 
     work = W if W.dtype in (torch.float32, torch.float64) else W.to(torch.float32)
     if method == "svd":
-        U, S, Vh = lowrank.svd(work, r)
+        U, S, Vh = svd(work, r)
     else:
-        U, S, Vh = lowrank.rsvd(work, r, seed=seed)
+        U, S, Vh = rsvd(work, r, seed=seed)
     U, S, Vh = U[:, :r], S[:r], Vh[:r]
     if balance == "sqrt":
         root = S.sqrt()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
-from lowrank.factor import _check_rank, _generator, _is_sparse
+from lowrank._linop import DenseOp, SparseOp, as_linop, check_seed, no_autocast
+from lowrank.factor import ConvergenceWarning, _check_rank, _generator, _is_sparse
+from lowrank.svd import rsvd, svd
 
 __all__ = ["nmf"]
 
@@ -15,13 +18,13 @@ class _Data:
     """X (dense, or sparse CSR with its transpose in CSR) with the two products NMF needs and a few sums."""
 
     def __init__(self, X: Any):
-        from lowrank._linop import DenseOp, SparseOp, as_linop
-
         op = as_linop(X, name="X", allow_batch=False)
         if not isinstance(op, (DenseOp, SparseOp)):
             raise TypeError(
                 "X must be a dense or sparse matrix (NMF needs its entries), not a linear operator"
             )
+        if op.dtype.is_complex:
+            raise TypeError(f"X must be real (NMF), got complex dtype {op.dtype}")
         self.op, self.X, self.shape = op, op.A, op.shape
         values = op.A if isinstance(op, DenseOp) else op.A.values()
         self.nnz = values.numel()
@@ -63,15 +66,25 @@ def _objective(data: _Data, Wt: torch.Tensor, WtX: torch.Tensor, WtW: torch.Tens
     return 0.5 * max(value, 0.0)
 
 
-def _nndsvd_init(X: torch.Tensor, data: _Data, k: int, variant: str, seed: int | None):
-    """NNDSVD (Boutsidis & Gallopoulos 2008), vectorised over the k singular pairs."""
-    import lowrank
+def _small_positive(shape: tuple[int, int], avg: float, like: torch.Tensor, gen: torch.Generator | None):
+    """``avg / 100 * |N(0, 1)|`` entries: the small random values of scikit-learn's "nndsvdar"."""
+    noise = torch.randn(*shape, dtype=like.dtype, device=like.device, generator=gen).abs_()
+    return noise.mul_(avg / 100)
 
+
+def _nndsvd_init(X: torch.Tensor, data: _Data, k: int, variant: str, seed: int | None, solver: str):
+    """NNDSVD (Boutsidis & Gallopoulos 2008), vectorised over the k singular pairs.
+
+    No returned component is exactly zero: components whose singular value is (numerically) zero -- rank
+    deficient or sparse data with ``k`` above its rank -- get small random values (``mean(X) / 100`` times
+    ``|N(0, 1)|`` from ``seed``), as do all zero entries when ``solver="mu"`` (multiplicative updates
+    never move a zero: scikit-learn's "nndsvdar"), so that no iteration starts from a stuck zero.
+    """
     m, n = data.shape
     if k <= min(m, n) // 4 or _is_sparse(X):
-        U, S, Vh = lowrank.rsvd(X, k, seed=seed)
+        U, S, Vh = rsvd(X, k, seed=seed)
     else:
-        U, S, Vh = lowrank.svd(X, k)
+        U, S, Vh = svd(X, k)
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
     V = Vh.t()
     up, un = U.clamp(min=0), (-U).clamp(min=0)
@@ -89,10 +102,17 @@ def _nndsvd_init(X: torch.Tensor, data: _Data, k: int, variant: str, seed: int |
     eps = 1e-6 * max(abs(float(W.max())), abs(float(H.max())), 1e-30)
     W = torch.where(W < eps, torch.zeros_like(W), W)
     H = torch.where(H < eps, torch.zeros_like(H), H)
+    avg = data.sum / (m * n)
     if variant == "nndsvda":
-        avg = data.sum / (m * n)
         W = torch.where(W == 0, torch.full_like(W, avg), W)
         H = torch.where(H == 0, torch.full_like(H, avg), H)
+    elif avg > 0:
+        gen = _generator(seed, W.device)
+        dead = ((W == 0).all(dim=0) | (H == 0).all(dim=1))[None, :]  # (1, k): the component is zero
+        stuck = (W == 0) if solver == "mu" else dead.expand_as(W)
+        W = torch.where(stuck, _small_positive(tuple(W.shape), avg, W, gen), W)
+        stuck = (H == 0) if solver == "mu" else dead.t().expand_as(H)
+        H = torch.where(stuck, _small_positive(tuple(H.shape), avg, H, gen), H)
     return W.contiguous(), H
 
 
@@ -129,6 +149,21 @@ def _hals_update(F: torch.Tensor, XG: torch.Tensor, G: torch.Tensor, max_inner: 
             break
 
 
+def _revive(F: torch.Tensor, G: torch.Tensor, avg: float, gen: torch.Generator | None) -> bool:
+    """Refill the components (rows of ``F``, (k, p)) that HALS drove to exactly zero (``G = F F^T`` has a
+    zero diagonal entry there) with small random values. A zero component is a fixed point of HALS: the
+    other factor's update divides by that zero Gram entry and keeps its component at zero too. Refilling
+    it while the other factor's component is zero leaves the objective unchanged, so the iteration stays
+    monotone. Returns whether anything was refilled."""
+    dead = G.diagonal() == 0
+    if avg <= 0 or not bool(dead.any()):
+        return False
+    fresh = _small_positive((F.shape[0], F.shape[1]), avg, F, gen)
+    F.copy_(torch.where(dead[:, None], fresh, F))
+    return True
+
+
+@no_autocast
 def nmf(
     X: Any,
     k: int,
@@ -153,8 +188,13 @@ def nmf(
     scikit-learn's ``solver="cd"``; it converges much faster than ``"mu"``.
 
     ``"mu"``: multiplicative updates of Lee & Seung (2001, "Algorithms for non-negative matrix
-    factorization"); simple, monotone, but slow to converge. Entries that start at zero stay zero, so use
-    ``init="nndsvda"`` or ``"random"`` with it.
+    factorization"); simple, monotone, but slow to converge. Entries that start at zero stay zero, so the
+    zeros of an ``init="nndsvd"`` start are replaced by small random values (scikit-learn's "nndsvdar");
+    ``init="nndsvda"`` fills them with the mean of X instead.
+
+    Degenerate starts: no component starts exactly zero (components of numerically zero singular values
+    get small random values from ``seed``), and a HALS component driven to exactly zero is refilled the
+    same way, since HALS would never move it again.
 
     Parameters
     ----------
@@ -196,8 +236,16 @@ def nmf(
 
     Raises
     ------
+    TypeError
+        X of an unsupported type, complex or non-floating; ``seed`` not an int.
     ValueError
-        Negative or non-finite entries, bad ``k``, unknown ``init``/``solver``, ``max_iter < 1``, ``tol < 0``.
+        Negative or non-finite entries, bad ``k``, unknown ``init``/``solver``, ``max_iter < 1``, ``tol < 0``
+        or NaN, ``seed`` outside ``[0, 2**63)``, X on the meta device.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When ``max_iter`` iterations ran without meeting ``tol`` (``tol > 0``), as scikit-learn warns.
     """
     data = _Data(X)
     X = data.X
@@ -209,11 +257,12 @@ def nmf(
         raise ValueError(f"solver must be 'hals' or 'mu', got {solver!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or tol < 0:
-        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
+        raise ValueError(f"tol must be a non-negative finite number, got {tol!r}")
     if init != "random" and k > min(m, n):
         raise ValueError(f"k={k} exceeds min(X.shape)={min(m, n)}; use init='random' for k > min(m, n)")
 
+    seed = check_seed(seed, allow_generator=False)
     if data.min < 0:
         raise ValueError(f"X must be non-negative (NMF), its smallest entry is {data.min:g}")
 
@@ -224,7 +273,7 @@ def nmf(
         W = scale * torch.randn(m, k, dtype=dtype, device=device, generator=gen).abs_()
         H = scale * torch.randn(k, n, dtype=dtype, device=device, generator=gen).abs_()
     else:
-        W, H = _nndsvd_init(X, data, k, init, seed)
+        W, H = _nndsvd_init(X, data, k, init, seed, solver)
         W, H = W.to(dtype), H.to(dtype)
 
     if data.sq_norm == 0.0:
@@ -239,6 +288,9 @@ def nmf(
     max_inner = int(min(10, 1 + 0.5 * (2 * nnz + (m + n) * k) / ((m + n) * k + 1)))
     Wt, H = W.t().contiguous(), H.contiguous()  # both factors stored component-major, (k, m) and (k, n)
     previous = None
+    avg = data.sum / (m * n)
+    gen = _generator(seed, device) if seed is not None else None
+    converged = False
     for _ in range(max_iter):
         HXt = data.rows_times_xt(H)
         HHt = H @ H.t()
@@ -246,8 +298,10 @@ def nmf(
             _hals_update(Wt, HXt, HHt, max_inner)
         else:
             Wt.mul_(HXt / (HHt @ Wt).clamp_(min=eps))
-        WtX = data.rows_times_x(Wt)
         WtW = Wt @ Wt.t()
+        if solver == "hals" and _revive(Wt, WtW, avg, gen):
+            WtW = Wt @ Wt.t()
+        WtX = data.rows_times_x(Wt)
         if solver == "hals":
             _hals_update(H, WtX, WtW, max_inner)
         else:
@@ -255,8 +309,16 @@ def nmf(
         objective = _objective(data, Wt, WtX, WtW, H)
         history.append(objective)
         if previous is not None and previous - objective <= tol * max(previous, 1e-300):
+            converged = True
             break
         previous = objective
+    if not converged and tol > 0:
+        warnings.warn(
+            f"nmf stopped at max_iter={max_iter} before the objective's relative decrease fell below "
+            f"tol={tol}; raise max_iter or tol",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     W = Wt.t().contiguous()
     W, H = W.contiguous(), H.contiguous()
     return (W, H, history) if return_history else (W, H)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lowrank._linop import DenseOp, SparseOp, as_linop, no_autocast
 from lowrank.factor import _check_rank, _generator
 
 __all__ = ["nystrom"]
@@ -13,16 +14,16 @@ __all__ = ["nystrom"]
 
 def _check_symmetric(op, name: str) -> None:
     """Refuse an explicit matrix that is visibly not symmetric (relative to rounding in its dtype)."""
-    from lowrank._linop import DenseOp, SparseOp
-
     eps = torch.finfo(op.dtype).eps
     if isinstance(op, DenseOp):
         A = op.A
-        gap, size = float(torch.linalg.matrix_norm(A - A.mT)), float(torch.linalg.matrix_norm(A))
+        # fp64 norms: fp32 sums of squares under/overflow for entries below 1e-19 or above 1e19
+        gap = float(torch.linalg.matrix_norm(A - A.mT, dtype=torch.float64))
+        size = float(torch.linalg.matrix_norm(A, dtype=torch.float64))
     elif isinstance(op, SparseOp):
         coo = op.A.to_sparse_coo().coalesce()
-        gap = float((coo - coo.t()).coalesce().values().norm())
-        size = float(coo.values().norm())
+        gap = float((coo - coo.t()).coalesce().values().double().norm())
+        size = float(coo.values().double().norm())
     else:
         return  # an implicit operator: symmetry cannot be checked cheaply
     if gap > 1e3 * eps * max(size, torch.finfo(op.dtype).tiny):
@@ -31,6 +32,7 @@ def _check_symmetric(op, name: str) -> None:
         )
 
 
+@no_autocast
 def nystrom(
     A: Any,
     k: int,
@@ -79,8 +81,6 @@ def nystrom(
     For PSD matrices the Nyström approximation is typically far more accurate than a randomized SVD with
     the same single pass (Gittens & Mahoney 2016).
     """
-    from lowrank._linop import as_linop
-
     op = as_linop(A, name="A", allow_batch=False)
     n, n2 = op.shape
     if n != n2:
@@ -93,7 +93,7 @@ def nystrom(
     if isinstance(shift, str):
         if shift != "auto":
             raise ValueError(f"shift must be 'auto' or a non-negative float, got {shift!r}")
-    elif isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift < 0:
+    elif isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift < float("inf"):
         raise ValueError(f"shift must be 'auto' or a non-negative float, got {shift!r}")
     _check_symmetric(op, "A")
 
@@ -116,7 +116,8 @@ def nystrom(
             f"A is not positive semidefinite: Omega^T A Omega has eigenvalue {float(eig.min()):.3g} "
             f"(largest magnitude {scale:.3g})"
         )
-    nu = n**0.5 * eps * float(torch.linalg.matrix_norm(Y)) if shift == "auto" else float(shift)
+    y_norm = float(torch.linalg.matrix_norm(Y, dtype=torch.float64))  # fp64: no under/overflow
+    nu = n**0.5 * eps * y_norm if shift == "auto" else float(shift)
     for _ in range(8):
         Y_nu = Y + nu * omega
         gram = omega.t() @ Y_nu

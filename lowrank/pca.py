@@ -6,7 +6,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lowrank._linop import CenteredOp, DenseOp, SparseOp, as_linop, check_seed, check_tensor, no_autocast
 from lowrank.factor import _check_rank
+from lowrank.svd import rsvd, svd
 
 __all__ = ["PCAResult", "pca", "pca_inverse_transform", "pca_transform"]
 
@@ -46,16 +48,70 @@ class PCAResult(NamedTuple):
         return pca_inverse_transform(self, Z)
 
 
+def _real_op(X: Any, name: str):
+    op = as_linop(X, name=name, allow_batch=False)
+    if op.dtype.is_complex:
+        raise TypeError(f"{name} must be real, got complex dtype {op.dtype}")
+    return op
+
+
+def _centred_ss(op) -> torch.Tensor:
+    """``||X - 1 mu^T||_F^2`` in float64, two-pass (mean first, then the centred squares): the one-pass
+    formula ``||X||^2 - m ||mu||^2`` cancels to its rounding error, about ``eps ||X||^2``, when the
+    variance is small next to the means (constant data gave ratios of 25885); this is accurate to
+    ``eps^2 ||X||^2``. Dense X is read in blocks of rows (no m x n float64 copy), sparse X touches its
+    stored values only; implicit operators fall back to the formula."""
+    m, n = op.shape
+    if isinstance(op, DenseOp):
+        A = op.A
+        mean = A.sum(dim=0, dtype=torch.float64) / m
+        total = torch.zeros((), dtype=torch.float64, device=A.device)
+        step = max(1, (1 << 22) // max(n, 1))
+        for start in range(0, m, step):
+            block = A[start : start + step].to(torch.float64) - mean
+            total = total + block.square().sum()
+        return total
+    if isinstance(op, SparseOp):
+        coo = op._input.to_sparse_coo().coalesce()
+        cols = coo.indices()[1]
+        values = coo.values().to(torch.float64)
+        mean = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, cols, values) / m
+        stored = torch.bincount(cols, minlength=n).to(torch.float64)
+        return ((values - mean[cols]).square().sum() + ((m - stored) * mean.square()).sum()).to(torch.float64)
+    return CenteredOp(op).fro_norm_sq().to(torch.float64)
+
+
+def _variance_ratio(
+    variance: torch.Tensor, total_ss: torch.Tensor, data_ss: torch.Tensor, m: int, center: bool
+) -> torch.Tensor:
+    """``explained_variance_ratio`` with 0/0 defined: zeros when the data have no variance.
+
+    ``total_ss`` is the sum of squares of the centred data (float64), ``data_ss`` that of the data as
+    given (both from :func:`_centred_ss`-like two-pass sums, accurate to ``eps^2 data_ss``). A centred sum of
+    squares below ``(4 eps)^2 data_ss`` (eps of the compute dtype) is below the resolution of the data
+    themselves (constant columns): the variance is then zero and so is every ratio, instead of 0/0
+    (scikit-learn's PCA returns 1.0 there, from rounding noise). Otherwise the denominator is at least the
+    variance found, so the ratios sum to at most 1.
+    """
+    eps = torch.finfo(variance.dtype).eps
+    denom = max(m - 1, 1)
+    noise = (4.0 * eps) ** 2 * float(data_ss) if center else 0.0
+    total = float(total_ss)
+    if not total > noise:
+        return torch.zeros_like(variance)
+    total = max(total / denom, float(variance.double().sum()))
+    return (variance.double() / total).to(variance.dtype)
+
+
+@no_autocast
 def pca_transform(result: PCAResult, X: Any) -> torch.Tensor:
     """Scores ``(X − mean) @ components.T``, shape (n_samples, k); sparse X is never densified.
 
     X may be anything :func:`pca` accepts (dense/sparse torch, NumPy, scipy.sparse, linear operator).
     """
-    from lowrank._linop import as_linop
-
     if not isinstance(result, PCAResult):
         raise TypeError(f"result must be a PCAResult, got {type(result).__name__}")
-    op = as_linop(X, name="X", allow_batch=False)
+    op = _real_op(X, "X")
     components = result.components
     if op.shape[1] != components.shape[1]:
         raise ValueError(f"X has {op.shape[1]} features but the PCA was fitted on {components.shape[1]}")
@@ -64,16 +120,22 @@ def pca_transform(result: PCAResult, X: Any) -> torch.Tensor:
     return op.matmul(C.t()) - (mean @ C.t())[None, :]
 
 
+@no_autocast
 def pca_inverse_transform(result: PCAResult, Z: torch.Tensor) -> torch.Tensor:
     """Reconstruction ``Z @ components + mean``, shape (n_samples, n_features)."""
     if not isinstance(result, PCAResult):
         raise TypeError(f"result must be a PCAResult, got {type(result).__name__}")
+    if isinstance(Z, torch.Tensor):
+        check_tensor(Z, "Z", complex_ok=False)
+        if Z.dim() == 2 and Z.numel() and not bool(torch.isfinite(Z).all()):
+            raise ValueError("Z contains NaN or Inf entries")
     if not isinstance(Z, torch.Tensor) or Z.dim() != 2 or Z.shape[1] != result.components.shape[0]:
         shape = tuple(Z.shape) if isinstance(Z, torch.Tensor) else type(Z).__name__
         raise ValueError(f"Z must be a (n_samples, {result.components.shape[0]}) tensor, got {shape}")
     return Z.to(result.components.dtype) @ result.components + result.mean
 
 
+@no_autocast
 def pca(
     X: Any,
     k: int,
@@ -106,7 +168,7 @@ def pca(
         ``lowrank.rsvd``, O(mnk) per pass, accurate when the spectrum decays. ``"auto"`` follows
         scikit-learn's rule: exact when X is dense with both sides <= 500 or ``k >= 0.8·min(m, n)``,
         randomized otherwise (always for sparse or implicit X).
-    seed : int, optional
+    seed : int or torch.Generator, optional
         Seed of the randomized sketch.
     n_iter, oversample : int, optional
         Block Krylov iterations and extra block columns of the randomized SVD (``lowrank.rsvd`` with
@@ -124,16 +186,25 @@ def pca(
     Notes
     -----
     The total variance behind ``explained_variance_ratio`` is computed exactly from ``‖X‖_F²`` and the
-    means, ``(‖X‖_F² − m‖μ‖²)/(m − 1)``, so the ratios are exact even when only k components are computed.
-    """
-    import lowrank
-    from lowrank._linop import CenteredOp, DenseOp, as_linop
+    means, ``(‖X‖_F² − m‖μ‖²)/(m − 1)`` (from the centred matrix itself when it is formed,
+    ``method="exact"``), so the ratios are exact even when only k components are computed. Data without
+    variance (constant columns, to rounding: a centred sum of squares below ``(4 eps)² ‖X‖_F²``) get
+    ratios of 0, not 0/0; otherwise the ratios sum to at most 1.
 
+    Raises
+    ------
+    TypeError
+        X of an unsupported type, complex or non-floating dtype; ``seed`` not an int.
+    ValueError
+        NaN/Inf entries, bad ``k``, ``method``, fewer than 2 samples to centre, ``X`` on the meta device,
+        ``seed`` outside ``[0, 2**63)``.
+    """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not isinstance(center, bool):
         raise TypeError(f"center must be a bool, got {type(center).__name__}")
-    op = as_linop(X, name="X", allow_batch=False)
+    seed = check_seed(seed)
+    op = _real_op(X, "X")
     m, n = op.shape
     k = _check_rank(k, "k", upper=min(m, n))
     if center and m < 2:
@@ -146,9 +217,9 @@ def pca(
         dense = data.to_dense()
         if not isinstance(op, DenseOp):
             dense = dense.to(op.dtype)
-        _, S, Vh = lowrank.svd(dense, k)
+        _, S, Vh = svd(dense, k)
     else:
-        _, S, Vh = lowrank.rsvd(
+        _, S, Vh = rsvd(
             op.A if hasattr(op, "A") else X,
             k,
             center=center,
@@ -166,6 +237,6 @@ def pca(
     mean = data.mean[:, 0] if center else torch.zeros(n, dtype=op.dtype, device=op.device)
     denom = max(m - 1, 1)
     explained_variance = S.square() / denom
-    total = data.fro_norm_sq().to(S.dtype) / denom
-    ratio = explained_variance / total if float(total) > 0 else torch.zeros_like(explained_variance)
+    total_ss = _centred_ss(op) if center else op.fro_norm_sq()
+    ratio = _variance_ratio(explained_variance, total_ss, op.fro_norm_sq(), m, center)
     return PCAResult(components.contiguous(), explained_variance, ratio, mean.contiguous(), S)

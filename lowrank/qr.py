@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from lowrank._linop import check_tensor, no_autocast
+
 __all__ = ["cholesky_qr"]
 
 
@@ -109,10 +111,15 @@ def orthonormalize(Y: torch.Tensor, scheme: str = "qr", *, final: bool = True) -
         LU, _, _ = torch.linalg.lu_factor_ex(Y)
         n = Y.shape[-1]
         upper = torch.triu(LU[..., :n, :])
-        # guard exactly singular pivots (rank-deficient Y) without synchronising
+        # guard (numerically) singular pivots of a rank-deficient Y without synchronising. The threshold
+        # is relative to the largest pivot (sqrt(tiny) of it: 1e-19 in fp32), never absolute: an absolute
+        # one replaced every pivot of a matrix with norm below ~1e-19 by 1 and lost 30-60% of its
+        # singular values. A guarded pivot becomes the largest one, so the column keeps A's scale.
         diag = torch.diagonal(upper, dim1=-2, dim2=-1)
-        tiny = torch.finfo(Y.dtype).tiny ** 0.5
-        diag.copy_(torch.where(diag.abs() > tiny, diag, torch.ones_like(diag)))
+        big = diag.abs().amax(-1, keepdim=True)
+        floor = big * torch.finfo(Y.dtype).tiny ** 0.5
+        fill = torch.where(big > 0, big, torch.ones_like(big)).to(diag.dtype).expand_as(diag)
+        diag.copy_(torch.where(diag.abs() > floor, diag, fill))
         return torch.linalg.solve_triangular(upper, Y, upper=True, left=False)
     if scheme == "none":
         scale = torch.linalg.vector_norm(Y, dim=-2, keepdim=True).amax(-1, keepdim=True)
@@ -127,6 +134,7 @@ def _householder(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Q * sign[..., None, :], R * sign[..., :, None]
 
 
+@no_autocast
 def cholesky_qr(
     X: torch.Tensor, *, passes: int = 2, shift: bool | float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +172,7 @@ def cholesky_qr(
 
     Complex inputs give unitary ``Q`` (``X^H X`` Gram matrices).
     """
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+    check_tensor(X, "X")
     if X.dim() < 2:
         raise ValueError(f"X must have shape (..., m, n), got {tuple(X.shape)}")
     m, n = X.shape[-2], X.shape[-1]

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lowrank._linop import CenteredOp, LinOp, TransposedOp, as_linop
+from lowrank._linop import CenteredOp, LinOp, TransposedOp, as_linop, check_seed, check_tensor, no_autocast
 from lowrank.qr import cholqr_pass, matmul_like, orthonormalize
 
 __all__ = ["SVDResult", "rsvd", "svd", "svd_error"]
@@ -94,16 +94,22 @@ def _check_nonneg_int(value: Any, name: str) -> int:
 
 
 def _generator(seed: Any, device: torch.device) -> torch.Generator:
+    seed = check_seed(seed)
     if isinstance(seed, torch.Generator):
         return seed
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
     else:
         gen.manual_seed(seed)
     return gen
+
+
+def _norm64(X: torch.Tensor, dim: Any = None, keepdim: bool = False) -> torch.Tensor:
+    """Euclidean norm accumulated in fp64 (complex128), returned as fp64: an fp32 sum of squares under- or
+    overflows for entries below ~1e-19 or above ~1e19, which made results depend on the scale of A."""
+    wide = torch.complex128 if X.is_complex() else torch.float64
+    return torch.linalg.vector_norm(X, dim=dim, keepdim=keepdim, dtype=wide)
 
 
 def _gaussian(op: LinOp, rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -248,6 +254,7 @@ def _exact(op: LinOp, k: int) -> SVDResult:
 # --------------------------------------------------------------------------------------------- public
 
 
+@no_autocast
 def svd(A: Any, k: int | None = None) -> SVDResult:
     """Exact truncated SVD: the ``k`` largest singular triplets (LAPACK / cuSOLVER through torch).
 
@@ -293,6 +300,7 @@ def _default_params(
     return method, max(10, k // 4), 4 if n_iter is None else n_iter
 
 
+@no_autocast
 def rsvd(
     A: Any,
     k: int | None = None,
@@ -573,7 +581,8 @@ def _fixed_precision(
         bases.append(Qi)
         images.append(Wi)
         rank += bb
-        remaining = remaining - torch.linalg.vector_norm(Wi).to(torch.float64).square()
+        # in fp64: an fp32 sum of squares under- or overflows for ||A|| below ~1e-19 or above ~1e19
+        remaining = remaining - _norm64(Wi).square()
         if bool(remaining <= threshold):
             break
     Q_all = torch.cat(bases, dim=-1)
@@ -588,6 +597,7 @@ def _fixed_precision(
     return SVDResult(U, S[:r], Vh)
 
 
+@no_autocast
 def svd_error(
     A: Any,
     U: torch.Tensor,
@@ -625,8 +635,9 @@ def svd_error(
     if n_iter == 0:
         raise ValueError("n_iter must be >= 1")
     for name, value in (("U", U), ("S", S), ("Vh", Vh)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        check_tensor(value, name)
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains NaN or Inf entries")
     if U.shape[-2] != m or Vh.shape[-1] != n or U.shape[-1] != S.shape[-1] or Vh.shape[-2] != S.shape[-1]:
         raise ValueError(
             f"U {tuple(U.shape)}, S {tuple(S.shape)}, Vh {tuple(Vh.shape)} do not factor an {m}x{n} matrix"
@@ -642,11 +653,19 @@ def svd_error(
 
     x = _gaussian(op, n, 1, gen)
     x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True)
-    estimate = torch.zeros(op.batch_shape, dtype=op.dtype, device=op.device).real
-    tiny = torch.finfo(estimate.dtype).tiny
-    for _ in range(n_iter):
+    real = torch.empty(0, dtype=op.dtype).real.dtype
+    estimate = torch.zeros(op.batch_shape, dtype=real, device=op.device)
+    for i in range(n_iter):
         y = residual(x)
-        estimate = torch.linalg.vector_norm(y, dim=(-2, -1))
-        z = residual_adj(y)
-        x = z / torch.linalg.vector_norm(z, dim=-2, keepdim=True).clamp_min(tiny)
+        if i == 0:
+            _check_product(y)  # U, S, Vh were checked above: NaN/Inf here comes from A
+        # norms accumulated in fp64, so that the estimate scales with A (fp32 sums of squares under- or
+        # overflow below ~1e-19 / above ~1e19); x is normalised, so the divisions stay in range
+        norm = _norm64(y, dim=(-2, -1), keepdim=True)
+        estimate = norm[..., 0, 0].to(real)
+        # y normalised before the adjoint product: R^H R x is of order ||A||^2, which leaves fp32's range
+        # for ||A|| below ~1e-19 or above ~1e19; only its direction is needed
+        z = residual_adj((y / torch.where(norm > 0, norm, torch.ones_like(norm))).to(op.dtype))
+        norm = _norm64(z, dim=-2, keepdim=True)
+        x = (z / torch.where(norm > 0, norm, torch.ones_like(norm))).to(op.dtype)
     return estimate

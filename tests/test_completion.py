@@ -121,3 +121,95 @@ def test_cuda_recovers():
     U, V = lowrank.als(X.cuda(), mask.cuda(), 4, seed=0, validation=held_out.cuda())
     assert U.is_cuda
     assert relative_error(U.cpu(), V.cpu(), X) <= 1e-3
+
+
+# -------------------------------------------- issue 15: autocast, degenerate starts, bad input
+
+import warnings  # noqa: E402
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("form", ["coo", "dense"])
+def test_als_svd_start_on_the_diagonal_of_ones(k, form):
+    """Issue 15 §3: every observed entry is 1 (the diagonal of a 10 x 10 matrix); the exact SVD start put
+    the top-k vectors on k coordinates, ALS never moved the zero rows: 7 of 10 predictions were 0 (RMSE
+    0.84; 0.95 at k = 1). u_i = v_i with u_i . v_i = 1 fits every observation."""
+    if form == "coo":
+        X, mask = sp.coo_matrix(np.eye(10)), None
+    else:
+        X, mask = torch.eye(10, dtype=torch.float64), torch.eye(10, dtype=torch.bool)
+    U, V, history = lowrank.als(X, mask, k, seed=0, return_history=True)
+    assert torch.allclose((U * V).sum(dim=1), torch.ones(10, dtype=torch.float64), atol=1e-4)
+    assert history["train_rmse"][-1] < 1e-4
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES)
+def test_als_ignores_autocast(device_type, dtype):
+    g = torch.Generator().manual_seed(0)
+    L = (torch.randn(60, 3, generator=g) @ torch.randn(3, 40, generator=g)).to(device_type)
+    mask = (torch.rand(60, 40, generator=g) < 0.5).to(device_type)
+    same_under_autocast(lambda: lowrank.als(L, mask, 3, seed=0, max_iter=5, tol=0.0), device_type, dtype)
+    same_under_autocast(
+        lambda: lowrank.als(L, mask, 3, seed=0, init="random", max_iter=5, tol=0.0), device_type, dtype
+    )
+
+
+def test_als_warns_when_it_stops_at_max_iter():
+    g = torch.Generator().manual_seed(1)
+    L = torch.randn(60, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 40, generator=g, dtype=torch.float64
+    )
+    L = L + 0.1 * torch.randn(60, 40, generator=g, dtype=torch.float64)
+    mask = torch.rand(60, 40, generator=g) < 0.5
+    with pytest.warns(lowrank.ConvergenceWarning, match="max_iter=1"):
+        lowrank.als(L, mask, 3, seed=0, max_iter=1, tol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowrank.als(L, mask, 3, seed=0, max_iter=1, tol=0.0)
+
+
+_L = torch.randn(12, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+_M = torch.rand(12, 8, generator=torch.Generator().manual_seed(1)) < 0.6
+
+ALS_BAD = [
+    (
+        "nan observed",
+        lambda: lowrank.als(nan_at(_L), torch.ones_like(_M), 2),
+        ValueError,
+        "observed entries of X",
+    ),
+    (
+        "inf sparse",
+        lambda: lowrank.als(nan_at(_L, float("inf")).to_sparse(), None, 2),
+        ValueError,
+        "X contain",
+    ),
+    ("reg nan", lambda: lowrank.als(_L, _M, 2, reg=float("nan")), ValueError, "reg must be"),
+    ("reg inf", lambda: lowrank.als(_L, _M, 2, reg=float("inf")), ValueError, "reg must be"),
+    ("reg negative", lambda: lowrank.als(_L, _M, 2, reg=-1.0), ValueError, "reg must be"),
+    ("tol nan", lambda: lowrank.als(_L, _M, 2, tol=float("nan")), ValueError, "tol must be"),
+    ("seed big", lambda: lowrank.als(_L, _M, 2, seed=2**63), ValueError, "seed must be in"),
+    ("seed neg", lambda: lowrank.als(_L, _M, 2, seed=-3), ValueError, "seed must be in"),
+    ("seed float", lambda: lowrank.als(_L, _M, 2, seed=0.5), TypeError, "seed must be None or an int"),
+    ("meta X", lambda: lowrank.als(torch.empty(12, 8, device="meta"), _M, 2), ValueError, "X is on the meta"),
+    (
+        "meta mask",
+        lambda: lowrank.als(_L, torch.ones(12, 8, dtype=torch.bool, device="meta"), 2),
+        ValueError,
+        "mask",
+    ),
+    ("complex", lambda: lowrank.als(_L.to(torch.complex128), _M, 2), TypeError, "X must be real"),
+    ("mask dtype", lambda: lowrank.als(_L, _M.float(), 2), TypeError, "mask must have dtype bool"),
+    ("mask shape", lambda: lowrank.als(_L, _M[:5], 2), ValueError, "mask has shape"),
+    ("no mask", lambda: lowrank.als(_L, None, 2), ValueError, "mask is required"),
+    ("k", lambda: lowrank.als(_L, _M, 9), ValueError, "k=9 exceeds"),
+    ("max_iter", lambda: lowrank.als(_L, _M, 2, max_iter=0), ValueError, "max_iter must be"),
+    ("init", lambda: lowrank.als(_L, _M, 2, init="zeros"), ValueError, "init must be"),
+]
+
+
+@pytest.mark.parametrize("fn, error, match", [row[1:] for row in ALS_BAD], ids=[row[0] for row in ALS_BAD])
+def test_als_bad_input(fn, error, match):
+    check_bad(fn, error, match)

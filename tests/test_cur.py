@@ -133,3 +133,164 @@ def test_cuda_matches_cpu_quality():
     C, U, R, rows, cols = lowrank.cur(torch.from_numpy(A).cuda(), 10, seed=0)
     assert C.is_cuda
     assert np.linalg.norm(A - (C @ U @ R).cpu().numpy()) <= 4.0 * optimal(s, 10)
+
+
+# ---------------------------------------------------------------- issue 15: autocast, bad input
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES)
+def test_cur_and_interpolative_ignore_autocast(device_type, dtype):
+    g = torch.Generator().manual_seed(0)
+    A = (torch.randn(120, 6, generator=g) @ torch.randn(6, 90, generator=g)).to(device_type)
+    same_under_autocast(lambda: lowrank.interpolative(A, 6, seed=0), device_type, dtype)
+    same_under_autocast(lambda: lowrank.interpolative(A, 6, method="exact"), device_type, dtype)
+    same_under_autocast(lambda: lowrank.cur(A, 6, seed=0), device_type, dtype)
+    idx, proj = lowrank.interpolative(A, 6, seed=0)
+    same_under_autocast(lambda: lowrank.interpolation_matrix(idx, proj), device_type, dtype)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_interpolative_is_scale_invariant(scale):
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(100, 5, generator=g) @ torch.randn(5, 70, generator=g)
+    idx, proj = lowrank.interpolative(A, 5, seed=0)
+    idx_s, proj_s = lowrank.interpolative(A * scale, 5, seed=0)
+    assert torch.equal(idx[:5].sort().values, idx_s[:5].sort().values)
+    P = lowrank.interpolation_matrix(idx_s, proj_s).double()
+    B = A.double() * scale  # the check in fp64: fp32 norms of 1e30 entries overflow
+    err = torch.linalg.matrix_norm(B - B[:, idx_s[:5]] @ P) / torch.linalg.matrix_norm(B)
+    assert float(err) < 1e-4
+
+
+_Ac = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
+_meta = torch.empty(20, 10, device="meta")
+
+INTERPOLATIVE_BAD = [
+    ("nan", lambda: lowrank.interpolative(nan_at(_Ac), 3, seed=0), ValueError, "A contains NaN"),
+    (
+        "nan exact",
+        lambda: lowrank.interpolative(nan_at(_Ac), 3, method="exact"),
+        ValueError,
+        "A contains NaN",
+    ),
+    ("inf", lambda: lowrank.interpolative(nan_at(_Ac, float("inf")), 3), ValueError, "A contains NaN or Inf"),
+    ("meta", lambda: lowrank.interpolative(_meta, 3), ValueError, "A is on the meta"),
+    ("complex", lambda: lowrank.interpolative(_Ac.to(torch.complex64), 3), TypeError, "A must be real"),
+    ("type", lambda: lowrank.interpolative(None, 3), TypeError, "A must be"),
+    ("k", lambda: lowrank.interpolative(_Ac, 11), ValueError, "k=11 exceeds"),
+    ("seed big", lambda: lowrank.interpolative(_Ac, 3, seed=2**63), ValueError, "seed must be in"),
+    ("seed neg", lambda: lowrank.interpolative(_Ac, 3, seed=-1), ValueError, "seed must be in"),
+    ("oversample", lambda: lowrank.interpolative(_Ac, 3, oversample=-2), ValueError, "oversample must be"),
+    ("method", lambda: lowrank.interpolative(_Ac, 3, method="qr"), ValueError, "method must be"),
+]
+
+CUR_BAD = [
+    ("nan", lambda: lowrank.cur(nan_at(_Ac), 3, seed=0), ValueError, "A contains NaN"),
+    (
+        "inf sparse",
+        lambda: lowrank.cur(nan_at(_Ac, float("inf")).to_sparse(), 3),
+        ValueError,
+        "A contains NaN",
+    ),
+    ("meta", lambda: lowrank.cur(_meta, 3), ValueError, "A is on the meta"),
+    ("complex", lambda: lowrank.cur(_Ac.to(torch.complex64), 3), TypeError, "A must be real"),
+    ("k", lambda: lowrank.cur(_Ac, 0), ValueError, "k must be >= 1"),
+    ("seed big", lambda: lowrank.cur(_Ac, 3, seed=2**64), ValueError, "seed must be in"),
+    ("seed float", lambda: lowrank.cur(_Ac, 3, seed=2.0), TypeError, "seed must be None or an int"),
+]
+
+_idx = torch.tensor([2, 0, 1, 3])
+_proj = torch.ones(2, 2)
+
+INTERPOLATION_MATRIX_BAD = [
+    (
+        "negative",
+        lambda: lowrank.interpolation_matrix(torch.tensor([-1, 0, 1]), torch.ones(1, 2)),
+        ValueError,
+        "idx",
+    ),
+    (
+        "duplicate",
+        lambda: lowrank.interpolation_matrix(torch.tensor([0, 0, 1, 2]), _proj),
+        ValueError,
+        "permutation",
+    ),
+    (
+        "too large",
+        lambda: lowrank.interpolation_matrix(torch.tensor([0, 1, 2, 4]), _proj),
+        ValueError,
+        "permutation",
+    ),
+    (
+        "float idx",
+        lambda: lowrank.interpolation_matrix(_idx.float(), _proj),
+        TypeError,
+        "idx must be a dense integer",
+    ),
+    (
+        "bool idx",
+        lambda: lowrank.interpolation_matrix(_idx > 0, _proj),
+        TypeError,
+        "idx must be a dense integer",
+    ),
+    (
+        "list idx",
+        lambda: lowrank.interpolation_matrix([2, 0, 1, 3], _proj),
+        TypeError,
+        "idx must be a tensor",
+    ),
+    ("proj nan", lambda: lowrank.interpolation_matrix(_idx, nan_at(_proj)), ValueError, "proj contains NaN"),
+    (
+        "proj complex",
+        lambda: lowrank.interpolation_matrix(_idx, _proj.to(torch.complex64)),
+        TypeError,
+        "proj",
+    ),
+    (
+        "proj meta",
+        lambda: lowrank.interpolation_matrix(_idx, torch.empty(2, 2, device="meta")),
+        ValueError,
+        "proj",
+    ),
+    (
+        "proj sparse",
+        lambda: lowrank.interpolation_matrix(_idx, _proj.to_sparse()),
+        TypeError,
+        "proj must be a dense",
+    ),
+    (
+        "shapes",
+        lambda: lowrank.interpolation_matrix(_idx, torch.ones(2, 3)),
+        ValueError,
+        "inconsistent shapes",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "fn, error, match", [row[1:] for row in INTERPOLATIVE_BAD], ids=[row[0] for row in INTERPOLATIVE_BAD]
+)
+def test_interpolative_bad_input(fn, error, match):
+    check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize("fn, error, match", [row[1:] for row in CUR_BAD], ids=[row[0] for row in CUR_BAD])
+def test_cur_bad_input(fn, error, match):
+    check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize(
+    "fn, error, match",
+    [row[1:] for row in INTERPOLATION_MATRIX_BAD],
+    ids=[row[0] for row in INTERPOLATION_MATRIX_BAD],
+)
+def test_interpolation_matrix_bad_input(fn, error, match):
+    check_bad(fn, error, match)
+
+
+def test_interpolation_matrix_accepts_int32_permutations():
+    P = lowrank.interpolation_matrix(_idx.int(), _proj.double())
+    assert torch.equal(P, lowrank.interpolation_matrix(_idx, _proj.double()))
+    assert torch.equal(P[:, [2, 0]], torch.eye(2, dtype=torch.float64))

@@ -490,3 +490,106 @@ def test_a_crashed_rank_does_not_hang_the_others(three):
         assert 1.5 < res["peer_timeout_s"] < 15
         assert res["peer_failure"] != "no error"
         assert res["peer_failure_s"] < GROUP_TIMEOUT_S + 10
+
+
+# ------------------------------------------------- issue 15: autocast, names, bad input (one in-process rank)
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """A one-rank gloo group in this process (no spawn): the argument checks and the numerics of the
+    distributed routines are the same code whatever the number of ranks."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES[:1])
+def test_distributed_ignores_autocast(single_rank, device_type, dtype):
+    import lowrank
+    import lowrank.distributed as ld
+
+    A = _test_matrix(200, 60, 0.8, dtype=torch.float32)
+    same_under_autocast(lambda: ld.rsvd(A, 5, seed=0), device_type, dtype)
+    same_under_autocast(lambda: ld.pca(A, 4, seed=0, method="randomized"), device_type, dtype)
+    with torch.autocast(device_type, dtype=dtype):
+        got = ld.rsvd(A, 5, seed=0, method="subspace")
+    ref = lowrank.rsvd(A, 5, seed=0, method="subspace")
+    assert got.S.dtype == torch.float32
+    assert float((got.S - ref.S).abs().max() / ref.S[0]) < 1e-5
+
+
+def test_distributed_pca_of_constant_data_explains_no_variance(single_rank):
+    import lowrank.distributed as ld
+
+    for method in ("exact", "randomized"):
+        result = ld.pca(torch.full((300, 12), 3.7), 3, method=method, seed=0)
+        assert torch.equal(result.explained_variance_ratio, torch.zeros(3))
+
+
+_Ad = _test_matrix(40, 12, 0.8, dtype=torch.float32)
+
+
+def _ld():
+    import lowrank.distributed as ld
+
+    return ld
+
+
+DIST_RSVD_BAD = [
+    ("nan", lambda: _ld().rsvd(nan_at(_Ad), 3, seed=0), ValueError, "A_local contains NaN"),
+    (
+        "inf exact",
+        lambda: _ld().rsvd(nan_at(_Ad, float("inf")), 11, seed=0),
+        ValueError,
+        "A_local contains NaN",
+    ),
+    ("meta", lambda: _ld().rsvd(torch.empty(40, 12, device="meta"), 3), ValueError, "A_local is on the meta"),
+    (
+        "meta no rows",
+        lambda: _ld().rsvd(torch.empty(0, 12, device="meta"), 3),
+        ValueError,
+        "A_local is on the",
+    ),
+    ("seed big", lambda: _ld().rsvd(_Ad, 3, seed=2**63), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+    ("seed neg", lambda: _ld().rsvd(_Ad, 3, seed=-1), ValueError, "seed must be in"),
+    ("seed float", lambda: _ld().rsvd(_Ad, 3, seed=0.5), TypeError, "seed must be None, an int"),
+    ("k", lambda: _ld().rsvd(_Ad, 0), ValueError, "k must be >= 1"),
+    ("type", lambda: _ld().rsvd("A", 3), TypeError, "A_local must be"),
+    ("method", lambda: _ld().rsvd(_Ad, 3, method="lanczos"), ValueError, "method must be one of"),
+]
+
+DIST_PCA_BAD = [
+    (
+        "nan",
+        lambda: _ld().pca(nan_at(_Ad), 3, seed=0, method="randomized"),
+        ValueError,
+        "X_local contains NaN",
+    ),
+    ("nan exact", lambda: _ld().pca(nan_at(_Ad), 3, method="exact"), ValueError, "X_local contains NaN"),
+    ("meta", lambda: _ld().pca(torch.empty(40, 12, device="meta"), 3), ValueError, "X_local is on the meta"),
+    ("complex", lambda: _ld().pca(_Ad.to(torch.complex64), 3), TypeError, "X_local"),
+    ("seed big", lambda: _ld().pca(_Ad, 3, seed=2**64), ValueError, "seed must be in"),
+    ("seed neg", lambda: _ld().pca(_Ad, 3, seed=-7), ValueError, "seed must be in"),
+    ("k", lambda: _ld().pca(_Ad, 13), ValueError, "k=13 exceeds"),
+    ("center", lambda: _ld().pca(_Ad, 3, center="yes"), TypeError, "center must be a bool"),
+    ("one row", lambda: _ld().pca(_Ad[:1], 1), ValueError, "at least 2"),
+]
+
+
+@pytest.mark.parametrize(
+    "fn, error, match", [r[1:] for r in DIST_RSVD_BAD], ids=[r[0] for r in DIST_RSVD_BAD]
+)
+def test_distributed_rsvd_bad_input(single_rank, fn, error, match):
+    check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize("fn, error, match", [r[1:] for r in DIST_PCA_BAD], ids=[r[0] for r in DIST_PCA_BAD])
+def test_distributed_pca_bad_input(single_rank, fn, error, match):
+    check_bad(fn, error, match)

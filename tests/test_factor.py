@@ -93,3 +93,61 @@ def test_cuda():
     B, A = lowrank.low_rank_factor(W.cuda(), 7)
     assert B.is_cuda
     np.testing.assert_allclose((B @ A).cpu().numpy(), truncated(W.numpy(), 7)[0], atol=1e-10)
+
+
+# ---------------------------------------------------------------- issue 15: autocast, bad input
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES)
+def test_low_rank_factor_ignores_autocast(device_type, dtype):
+    W = torch.randn(80, 60, generator=torch.Generator().manual_seed(0)).to(device_type)
+    same_under_autocast(lambda: lowrank.low_rank_factor(W, 6, return_residual=True), device_type, dtype)
+    same_under_autocast(lambda: lowrank.low_rank_factor(W, 6, method="rsvd", seed=0), device_type, dtype)
+    Wh = W.to(torch.bfloat16)
+    same_under_autocast(lambda: lowrank.low_rank_factor(Wh, 6), device_type, dtype)
+    with torch.autocast(device_type, dtype=dtype):
+        B, A = lowrank.low_rank_factor(W, 6)
+    assert B.dtype == A.dtype == torch.float32
+
+
+_W = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
+
+LOW_RANK_FACTOR_BAD = [
+    ("nan", lambda: lowrank.low_rank_factor(nan_at(_W), 3), ValueError, "W contains NaN"),
+    (
+        "inf",
+        lambda: lowrank.low_rank_factor(nan_at(_W, float("inf")), 3),
+        ValueError,
+        "W contains NaN or Inf",
+    ),
+    (
+        "meta",
+        lambda: lowrank.low_rank_factor(torch.empty(20, 10, device="meta"), 3),
+        ValueError,
+        "W is on the meta",
+    ),
+    ("sparse", lambda: lowrank.low_rank_factor(_W.to_sparse(), 3), TypeError, "W must be a dense"),
+    ("complex", lambda: lowrank.low_rank_factor(_W.to(torch.complex64), 3), TypeError, "W must be real"),
+    ("type", lambda: lowrank.low_rank_factor(_W.numpy(), 3), TypeError, "W must be a torch.Tensor"),
+    ("3-D", lambda: lowrank.low_rank_factor(_W[None], 3), ValueError, "W must be a 2-D"),
+    ("r big", lambda: lowrank.low_rank_factor(_W, 11), ValueError, "r=11 exceeds"),
+    ("r float", lambda: lowrank.low_rank_factor(_W, 2.5), TypeError, "r must be a positive int"),
+    (
+        "seed big",
+        lambda: lowrank.low_rank_factor(_W, 3, method="rsvd", seed=2**63),
+        ValueError,
+        "seed must be in",
+    ),
+    ("seed neg", lambda: lowrank.low_rank_factor(_W, 3, seed=-5), ValueError, "seed must be in"),
+    ("method", lambda: lowrank.low_rank_factor(_W, 3, method="qr"), ValueError, "method must be"),
+    ("balance", lambda: lowrank.low_rank_factor(_W, 3, balance="up"), ValueError, "balance must be"),
+]
+
+
+@pytest.mark.parametrize(
+    "fn, error, match", [row[1:] for row in LOW_RANK_FACTOR_BAD], ids=[row[0] for row in LOW_RANK_FACTOR_BAD]
+)
+def test_low_rank_factor_bad_input(fn, error, match):
+    check_bad(fn, error, match)

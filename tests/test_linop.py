@@ -149,3 +149,50 @@ def test_transposed_op_of_centered(center):
     np.testing.assert_allclose(op.to_dense().numpy(), ref.T, atol=1e-12)
     np.testing.assert_allclose(op.column_mean()[:, 0].numpy(), ref.mean(axis=1), atol=1e-12)
     assert float(op.fro_norm_sq()) == pytest.approx(np.sum(ref**2), rel=1e-12)
+
+
+# ---------------------------------------------------------------- issue 15: the shared entry guards
+
+from lowrank._linop import check_seed, no_autocast  # noqa: E402
+
+
+def test_check_seed_accepts_the_torch_range_and_names_seed():
+    for seed in (None, 0, 1, 2**63 - 1, np.int32(5), np.uint64(3)):
+        out = check_seed(seed)
+        assert out is None or type(out) is int
+    gen = torch.Generator()
+    assert check_seed(gen) is gen
+    for seed, error in ((2**63, ValueError), (-1, ValueError), (2**64, ValueError), (1.0, TypeError)):
+        with pytest.raises(error, match="seed"):
+            check_seed(seed)
+    with pytest.raises(TypeError, match="my_seed must be None or an int"):
+        check_seed(gen, allow_generator=False, name="my_seed")
+    with pytest.raises(TypeError, match="seed"):
+        check_seed(np.bool_(True))
+
+
+def test_no_autocast_switches_autocast_off_inside_only():
+    @no_autocast
+    def probe(x):
+        return torch.is_autocast_enabled("cpu"), (x @ x).dtype
+
+    x = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert probe(x) == (False, torch.float32)
+        assert torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.bfloat16
+    assert probe(x) == (False, torch.float32)
+    assert probe.__name__ == "probe"
+
+
+def test_meta_inputs_are_refused_by_the_adapter():
+    with pytest.raises(ValueError, match="B is on the meta device"):
+        as_linop(torch.empty(3, 2, device="meta"), name="B")
+    with pytest.raises(ValueError, match="B is on the meta device"):
+        as_linop(torch.empty(2, 3, 2, device="meta"), name="B")
+
+
+def test_dense_column_means_are_accumulated_in_float64():
+    X = torch.full((100000, 3), 0.1, dtype=torch.float32) + torch.arange(3.0)
+    mean = as_linop(X).column_mean()[:, 0]
+    exact = X.double().mean(0)
+    assert torch.equal(mean, exact.float())  # correctly rounded, not m*eps off

@@ -140,3 +140,72 @@ def test_cuda_reaches_sklearn_objective():
     sparse = torch.from_numpy(X).to_sparse_csr().cuda()
     W, H = lowrank.nmf(sparse, 5, tol=1e-7, max_iter=1000, seed=0)
     assert objective(X, W, H) <= 1.01 * reference
+
+
+# -------------------------------------------- issue 15: autocast, degenerate starts, bad input
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+# rank 3 (singular values 2, sqrt 2, sqrt 2, 0) but non-negative rank 4: W = I, H = X is an exact fit
+CYCLIC = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES)
+def test_nmf_ignores_autocast(device_type, dtype):
+    X = torch.from_numpy(data()).float().to(device_type)
+    for kw in (dict(), dict(solver="mu", init="nndsvda"), dict(init="random", seed=3)):
+        same_under_autocast(lambda kw=kw: lowrank.nmf(X, 5, max_iter=4, tol=0.0, **kw), device_type, dtype)
+
+
+@pytest.mark.parametrize("init", ["nndsvd", "nndsvda", "random"])
+def test_hals_does_not_stall_in_a_zero_component(init):
+    """Issue 15 §3: the 4th singular value of CYCLIC is 0, so NNDSVD started (and HALS stayed) with a zero
+    component: objective 0.293 instead of the exact fit (0)."""
+    W, H, history = lowrank.nmf(CYCLIC, 4, init=init, seed=0, tol=1e-10, max_iter=2000, return_history=True)
+    assert history[-1] < 1e-12
+    assert torch.allclose(W @ H, CYCLIC, atol=1e-6)
+    assert bool((W > 0).any(dim=0).all())  # every component is used
+
+
+def test_mu_from_nndsvd_moves_its_zeros():
+    """Multiplicative updates never move a zero: from NNDSVD (half of each factor zero) MU stayed at 0.5 on
+    CYCLIC; the zeros now start at small random values (scikit-learn's "nndsvdar")."""
+    W, H, history = lowrank.nmf(CYCLIC, 4, solver="mu", seed=0, tol=0.0, max_iter=2000, return_history=True)
+    assert history[-1] < 1e-5
+    assert bool((W > 0).all()) or history[-1] < 1e-5
+
+
+def test_nmf_warns_when_it_stops_at_max_iter():
+    X = torch.from_numpy(data(20, 10, 3))
+    with pytest.warns(lowrank.ConvergenceWarning, match="max_iter=2"):
+        lowrank.nmf(X, 3, max_iter=2, tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowrank.nmf(X, 3, max_iter=2, tol=0.0)  # tol = 0 asks for max_iter iterations: no warning
+        lowrank.nmf(CYCLIC, 4, max_iter=1000, tol=1e-3)
+
+
+_Xn = torch.from_numpy(data(20, 10, 3))
+
+NMF_BAD = [
+    ("nan", lambda: lowrank.nmf(nan_at(_Xn), 3), ValueError, "X contains NaN"),
+    ("inf", lambda: lowrank.nmf(nan_at(_Xn, float("inf")), 3), ValueError, "X contains NaN or Inf"),
+    ("negative", lambda: lowrank.nmf(nan_at(_Xn, -1.0), 3), ValueError, "X must be non-negative"),
+    ("meta", lambda: lowrank.nmf(torch.empty(20, 10, device="meta"), 3), ValueError, "X is on the meta"),
+    ("complex", lambda: lowrank.nmf(_Xn.to(torch.complex128), 3), TypeError, "X must be real"),
+    ("type", lambda: lowrank.nmf([[1.0]], 1), TypeError, "X must be"),
+    ("k", lambda: lowrank.nmf(_Xn, 11), ValueError, "k=11 exceeds"),
+    ("seed big", lambda: lowrank.nmf(_Xn, 3, init="random", seed=2**63), ValueError, "seed must be in"),
+    ("seed neg", lambda: lowrank.nmf(_Xn, 3, seed=-1), ValueError, "seed must be in"),
+    ("seed float", lambda: lowrank.nmf(_Xn, 3, seed=1.0), TypeError, "seed must be None or an int"),
+    ("tol nan", lambda: lowrank.nmf(_Xn, 3, tol=float("nan")), ValueError, "tol must be"),
+    ("tol inf", lambda: lowrank.nmf(_Xn, 3, tol=float("inf")), ValueError, "tol must be"),
+    ("max_iter", lambda: lowrank.nmf(_Xn, 3, max_iter=0), ValueError, "max_iter must be"),
+    ("init", lambda: lowrank.nmf(_Xn, 3, init="svd"), ValueError, "init must be"),
+    ("solver", lambda: lowrank.nmf(_Xn, 3, solver="cd"), ValueError, "solver must be"),
+]
+
+
+@pytest.mark.parametrize("fn, error, match", [row[1:] for row in NMF_BAD], ids=[row[0] for row in NMF_BAD])
+def test_nmf_bad_input(fn, error, match):
+    check_bad(fn, error, match)

@@ -117,3 +117,60 @@ def test_cuda():
     assert U.is_cuda
     Ud, Ld = U.cpu().numpy(), L.cpu().numpy()
     assert np.linalg.norm(A - (Ud * Ld) @ Ud.T) <= 2.5 * optimal(lam, 15)
+
+
+# ---------------------------------------------------------------- issue 15: autocast, scale, bad input
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+
+def _psd(n=80, r=10, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, r, generator=g, dtype=torch.float64) * 0.8 ** torch.arange(r, dtype=torch.float64)
+    return (G @ G.T).to(dtype)
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES)
+def test_nystrom_ignores_autocast(device_type, dtype):
+    A = _psd().to(device_type)
+    same_under_autocast(lambda: lowrank.nystrom(A, 5, seed=0), device_type, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nystrom_eigenvalues_scale_with_the_matrix(dtype):
+    A = _psd(dtype=dtype)
+    exact = torch.linalg.eigvalsh(A.double()).flip(0)[:5]
+    for c in (1e-30, 1e-20, 1.0, 1e20, 1e30):
+        _, L = lowrank.nystrom(A * c, 5, seed=0)
+        assert float(((L.double() / c) / exact - 1).abs().max()) < 1e-3, c
+
+
+_P = _psd(10, 4)
+
+NYSTROM_BAD = [
+    ("nan", lambda: lowrank.nystrom(nan_at(_P), 3), ValueError, "A contains NaN"),
+    ("inf", lambda: lowrank.nystrom(nan_at(_P, float("inf")), 3), ValueError, "A"),
+    ("meta", lambda: lowrank.nystrom(torch.empty(10, 10, device="meta"), 3), ValueError, "A is on the meta"),
+    ("complex", lambda: lowrank.nystrom(_P.to(torch.complex64), 3), TypeError, "A must be real"),
+    ("not square", lambda: lowrank.nystrom(_P[:, :5], 3), ValueError, "A must be square"),
+    (
+        "not symmetric",
+        lambda: lowrank.nystrom(_P + torch.triu(torch.ones(10, 10)), 3),
+        ValueError,
+        "symmetric",
+    ),
+    ("indefinite", lambda: lowrank.nystrom(-_P, 3), ValueError, "positive semidefinite"),
+    ("seed big", lambda: lowrank.nystrom(_P, 3, seed=2**63), ValueError, "seed must be in"),
+    ("seed neg", lambda: lowrank.nystrom(_P, 3, seed=-1), ValueError, "seed must be in"),
+    ("shift nan", lambda: lowrank.nystrom(_P, 3, shift=float("nan")), ValueError, "shift must be"),
+    ("shift inf", lambda: lowrank.nystrom(_P, 3, shift=float("inf")), ValueError, "shift must be"),
+    ("oversample", lambda: lowrank.nystrom(_P, 3, oversample=-1), ValueError, "oversample must be"),
+    ("k", lambda: lowrank.nystrom(_P, 11), ValueError, "k=11 exceeds"),
+]
+
+
+@pytest.mark.parametrize(
+    "fn, error, match", [row[1:] for row in NYSTROM_BAD], ids=[row[0] for row in NYSTROM_BAD]
+)
+def test_nystrom_bad_input(fn, error, match):
+    check_bad(fn, error, match)

@@ -122,3 +122,138 @@ def test_cuda_matches_cpu():
     assert b.components.is_cuda
     torch.testing.assert_close(b.components.cpu(), a.components, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(b.explained_variance.cpu(), a.explained_variance, rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------- issue 15: autocast, 0/0, bad input
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES)
+def test_pca_and_transforms_ignore_autocast(device_type, dtype):
+    """Issue 15 §1: ``pca(rand(1000, 3), 3).mean`` came back bf16 inside autocast."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1000, 3, generator=g).to(device_type)
+    X = (torch.randn(700, 40, generator=g) @ torch.diag(0.9 ** torch.arange(40.0))).to(device_type)
+    same_under_autocast(lambda: lowrank.pca(x, 3), device_type, dtype)
+    same_under_autocast(lambda: lowrank.pca(X, 5, method="randomized", seed=0), device_type, dtype)
+    result = lowrank.pca(X, 5, method="exact")
+    same_under_autocast(lambda: lowrank.pca_transform(result, X), device_type, dtype)
+    Z = result.transform(X)
+    same_under_autocast(lambda: lowrank.pca_inverse_transform(result, Z), device_type, dtype)
+    with torch.autocast(device_type, dtype=dtype):
+        assert lowrank.pca(x, 3).mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("value", [3.7, 1000.0, 1e-30])
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_constant_data_explain_no_variance(method, value, kind):
+    """Issue 15 §5: pca(method="randomized") on constant data gave explained_variance_ratio 25885 (0/0
+    through cancellation). Defined: data without variance have ratios 0."""
+    X = torch.full((1000, 20), value)
+    if kind == "sparse":
+        X = X.to_sparse()
+    result = lowrank.pca(X, 3, method=method, seed=0)
+    assert torch.equal(result.explained_variance_ratio, torch.zeros(3))
+    assert torch.allclose(result.mean, torch.full((20,), value))
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_small_variance_next_to_a_large_mean_matches_sklearn(method, offset):
+    """Data 1000 + 0.01 noise in fp32: the variance is 1e-10 of the data's energy; the ratios still match
+    scikit-learn's float64 PCA (means accumulated in float64, variance summed two-pass)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.full((1000, 20), offset) + 1e-2 * torch.randn(1000, 20, generator=g) @ torch.diag(
+        1.1 ** -torch.arange(20.0)
+    )
+    result = lowrank.pca(X, 3, method=method, seed=0)
+    reference = PCA(3).fit(X.double().numpy()).explained_variance_ratio_
+    ratio = result.explained_variance_ratio.double().numpy()
+    assert np.allclose(ratio, reference, rtol=2e-2 if offset else 1e-4)
+    assert float(result.explained_variance_ratio.sum()) <= 1.0
+
+
+_Xp = torch.randn(40, 10, generator=torch.Generator().manual_seed(0))
+_R = lowrank.pca(_Xp, 3)
+
+PCA_BAD = [
+    ("nan", lambda: lowrank.pca(nan_at(_Xp), 3), ValueError, "X contains NaN"),
+    ("inf", lambda: lowrank.pca(nan_at(_Xp, float("inf")), 3), ValueError, "X contains NaN or Inf"),
+    ("meta", lambda: lowrank.pca(torch.empty(40, 10, device="meta"), 3), ValueError, "X is on the meta"),
+    ("complex", lambda: lowrank.pca(_Xp.to(torch.complex64), 3), TypeError, "X must be real"),
+    ("type", lambda: lowrank.pca("X", 3), TypeError, "X must be"),
+    ("k", lambda: lowrank.pca(_Xp, 0), ValueError, "k must be >= 1"),
+    ("seed big", lambda: lowrank.pca(_Xp, 3, seed=2**63), ValueError, "seed must be in"),
+    ("seed neg", lambda: lowrank.pca(_Xp, 3, seed=-1), ValueError, "seed must be in"),
+    (
+        "seed float",
+        lambda: lowrank.pca(_Xp, 3, seed=0.5),
+        TypeError,
+        "seed must be None, an int",
+    ),
+    ("method", lambda: lowrank.pca(_Xp, 3, method="svd"), ValueError, "method must be one of"),
+    ("one row", lambda: lowrank.pca(_Xp[:1], 1), ValueError, "at least 2 samples"),
+]
+
+PCA_TRANSFORM_BAD = [
+    ("nan", lambda: lowrank.pca_transform(_R, nan_at(_Xp)), ValueError, "X contains NaN"),
+    (
+        "meta",
+        lambda: lowrank.pca_transform(_R, torch.empty(4, 10, device="meta")),
+        ValueError,
+        "X is on the meta",
+    ),
+    ("complex", lambda: lowrank.pca_transform(_R, _Xp.to(torch.complex64)), TypeError, "X must be real"),
+    ("features", lambda: lowrank.pca_transform(_R, _Xp[:, :5]), ValueError, "X has 5 features"),
+    ("result", lambda: lowrank.pca_transform((1, 2), _Xp), TypeError, "result must be a PCAResult"),
+]
+
+PCA_INVERSE_BAD = [
+    (
+        "nan",
+        lambda: lowrank.pca_inverse_transform(_R, nan_at(torch.zeros(4, 3))),
+        ValueError,
+        "Z contains NaN",
+    ),
+    (
+        "meta",
+        lambda: lowrank.pca_inverse_transform(_R, torch.empty(4, 3, device="meta")),
+        ValueError,
+        "Z is on",
+    ),
+    (
+        "sparse",
+        lambda: lowrank.pca_inverse_transform(_R, torch.zeros(4, 3).to_sparse()),
+        TypeError,
+        "Z must be a",
+    ),
+    (
+        "complex",
+        lambda: lowrank.pca_inverse_transform(_R, torch.zeros(4, 3, dtype=torch.complex64)),
+        TypeError,
+        "Z",
+    ),
+    ("shape", lambda: lowrank.pca_inverse_transform(_R, torch.zeros(4, 2)), ValueError, "Z must be a"),
+    ("result", lambda: lowrank.pca_inverse_transform(None, torch.zeros(4, 3)), TypeError, "result must be"),
+]
+
+
+@pytest.mark.parametrize("fn, error, match", [row[1:] for row in PCA_BAD], ids=[row[0] for row in PCA_BAD])
+def test_pca_bad_input(fn, error, match):
+    check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize(
+    "fn, error, match", [row[1:] for row in PCA_TRANSFORM_BAD], ids=[row[0] for row in PCA_TRANSFORM_BAD]
+)
+def test_pca_transform_bad_input(fn, error, match):
+    check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize(
+    "fn, error, match", [row[1:] for row in PCA_INVERSE_BAD], ids=[row[0] for row in PCA_INVERSE_BAD]
+)
+def test_pca_inverse_transform_bad_input(fn, error, match):
+    check_bad(fn, error, match)

@@ -129,3 +129,67 @@ def test_cuda_orthogonal():
     Q, R = lowrank.cholesky_qr(X)
     assert orthogonality(Q.cpu()) <= 1e-12
     assert torch.linalg.norm(Q @ R - X) <= 1e-13 * torch.linalg.norm(X)
+
+
+# ---------------------------------------------------------------- issue 15: autocast, scale, bad input
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES)
+def test_cholesky_qr_ignores_autocast(device_type, dtype):
+    X = torch.randn(300, 20, generator=torch.Generator().manual_seed(0)).to(device_type)
+    same_under_autocast(lambda: lowrank.cholesky_qr(X), device_type, dtype)
+    with torch.autocast(device_type, dtype=dtype):
+        Q, R = lowrank.cholesky_qr(X)
+    assert Q.dtype == torch.float32
+    assert float((Q.mT @ Q - torch.eye(20, device=device_type)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lu_normalisation_is_scale_invariant(dtype):
+    """The LU pivot guard was absolute (sqrt(tiny)): every pivot of a matrix with norm < 1e-19 became 1."""
+    Y = torch.randn(200, 12, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    ref = orthonormalize(Y, "lu")
+    for c in (1e-30, 1e-20, 1e20, 1e30):
+        out = orthonormalize(Y * c, "lu")
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), c
+        _, R = lowrank.cholesky_qr(Y * c)
+        _, R1 = lowrank.cholesky_qr(Y)
+        assert torch.allclose(R / c, R1, rtol=1e-4), c
+
+
+def test_lu_normalisation_of_a_rank_deficient_block_stays_finite():
+    Y = torch.zeros(50, 6, dtype=torch.float64)
+    Y[:, :3] = torch.randn(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = orthonormalize(Y * 1e-30, "lu")  # exactly zero pivots: replaced, never divided by
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[:, :3], orthonormalize(Y[:, :3], "lu"), atol=1e-12)
+
+
+_X = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
+
+CHOLESKY_QR_BAD = [
+    ("nan", lambda: lowrank.cholesky_qr(nan_at(_X)), ValueError, "X contains NaN"),
+    ("inf", lambda: lowrank.cholesky_qr(nan_at(_X, float("inf"))), ValueError, "X contains NaN or Inf"),
+    ("meta", lambda: lowrank.cholesky_qr(torch.empty(30, 5, device="meta")), ValueError, "X is on the meta"),
+    ("sparse", lambda: lowrank.cholesky_qr(_X.to_sparse()), TypeError, "X must be a dense"),
+    ("type", lambda: lowrank.cholesky_qr(_X.numpy()), TypeError, "X must be a torch.Tensor"),
+    (
+        "int",
+        lambda: lowrank.cholesky_qr(torch.ones(4, 2, dtype=torch.int32)),
+        TypeError,
+        "X must have a floating",
+    ),
+    ("wide", lambda: lowrank.cholesky_qr(_X.t()), ValueError, "X must be tall"),
+    ("1-D", lambda: lowrank.cholesky_qr(_X[0]), ValueError, "X must have shape"),
+    ("passes", lambda: lowrank.cholesky_qr(_X, passes=0), ValueError, "passes must be"),
+    ("shift", lambda: lowrank.cholesky_qr(_X, shift=-1.0), ValueError, "shift must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "fn, error, match", [row[1:] for row in CHOLESKY_QR_BAD], ids=[row[0] for row in CHOLESKY_QR_BAD]
+)
+def test_cholesky_qr_bad_input(fn, error, match):
+    check_bad(fn, error, match)

@@ -439,3 +439,161 @@ def test_orientation_rule(shape, dtype, monkeypatch):
         res = lowrank.rsvd(value, 3, seed=0, method="subspace", oversample=2, n_iter=1, center=True)
         assert res.U.shape == (m, 3)
         assert seen == [m if (not dense and m > n and dtype == np.float32) else n]
+
+
+# ---------------------------------------------------------------- issue 15: autocast, scale, bad input
+
+from numerics import AUTOCAST_CASES, check_bad, nan_at, same_under_autocast  # noqa: E402
+
+
+def _low_rank_plus_noise(m=600, n=400, r=8, noise=1e-3, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(
+        r, n, generator=g, dtype=torch.float64
+    )
+    return (L + noise * torch.randn(m, n, generator=g, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("device_type, dtype", AUTOCAST_CASES)
+def test_svd_engine_ignores_autocast(device_type, dtype):
+    """Issue 15 §1: inside autocast, rsvd raised ("lu_cpu" not implemented for BFloat16) or returned bf16
+    factors with 400x the error; now every routine gives what it gives outside, same dtypes."""
+    L = _low_rank_plus_noise().to(device_type)
+    same_under_autocast(lambda: lowrank.rsvd(L, 5, seed=0), device_type, dtype)
+    same_under_autocast(lambda: lowrank.rsvd(L, 5, seed=0, method="krylov"), device_type, dtype)
+    same_under_autocast(lambda: lowrank.rsvd(L, 5, seed=0, center=True), device_type, dtype)
+    same_under_autocast(lambda: lowrank.svd(L[:100], 5), device_type, dtype)
+    U, S, Vh = lowrank.rsvd(L, 5, seed=0)
+    same_under_autocast(lambda: lowrank.svd_error(L, U, S, Vh, seed=1), device_type, dtype)
+    with torch.autocast(device_type, dtype=dtype):
+        U, S, Vh = lowrank.rsvd(L, tol=1e-2, seed=0)
+    assert U.dtype == torch.float32 and Vh.dtype == torch.float32
+    L64 = L.double()
+    achieved = float(torch.linalg.matrix_norm(L64 - (U.double() * S.double()) @ Vh.double()))
+    assert achieved <= 1e-2 * float(torch.linalg.matrix_norm(L64))  # was 0.13 under autocast
+
+
+SCALES = [1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e20, 1e30]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["subspace", "krylov", "tol", "exact"])
+def test_singular_values_scale_with_the_matrix(method, dtype):
+    """Issue 15 §5: rsvd (subspace) on fp32 matrices with norm < ~1e-19 lost 30-60% of the singular values
+    (an absolute tiny-pivot guard in the LU step). S(c A) = c S(A) for every method and representable c."""
+    A = _low_rank_plus_noise(120, 80, 6, 1e-2, dtype=dtype)
+    exact = torch.linalg.svdvals(A.double())[:5]
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for c in SCALES:
+        B = A * c
+        if method == "exact":
+            S = lowrank.svd(B, 5).S
+        elif method == "tol":
+            S = lowrank.rsvd(B, tol=0.05, seed=0).S[:5]
+        else:
+            S = lowrank.rsvd(B, 5, method=method, seed=0, n_iter=6).S
+        assert S.dtype == dtype
+        rel = ((S.double() / c) / exact - 1).abs().max()
+        assert float(rel) < 1e3 * tol, (c, float(rel))
+
+
+def test_svd_error_scales_with_the_matrix():
+    A = _low_rank_plus_noise(120, 80, 6, 1e-2)
+    U, S, Vh = lowrank.rsvd(A, 5, seed=0)
+    ref = float(torch.linalg.matrix_norm((A - (U * S) @ Vh).double(), ord=2))
+    for c in SCALES:
+        est = lowrank.svd_error(A * c, U, S * c, Vh, seed=0, n_iter=30)
+        assert est.dtype == torch.float32
+        assert abs(float(est) / c / ref - 1) < 1e-3, c
+
+
+def _meta(shape=(20, 10)):
+    return torch.empty(shape, device="meta")
+
+
+_A = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
+_U, _S, _Vh = lowrank.svd(_A, 3)
+
+SVD_BAD = [
+    ("nan", lambda: lowrank.svd(nan_at(_A), 3), ValueError, "A contains NaN"),
+    ("inf", lambda: lowrank.svd(nan_at(_A, float("inf")), 3), ValueError, "A contains NaN or Inf"),
+    ("meta", lambda: lowrank.svd(_meta(), 3), ValueError, "A is on the meta device"),
+    ("type", lambda: lowrank.svd([[1.0, 2.0]], 1), TypeError, "A must be"),
+    (
+        "int dtype",
+        lambda: lowrank.svd(torch.ones(4, 3, dtype=torch.int64), 1),
+        TypeError,
+        "A must have a floating",
+    ),
+    ("k too big", lambda: lowrank.svd(_A, 11), ValueError, "k=11 exceeds"),
+    ("k float", lambda: lowrank.svd(_A, 2.0), TypeError, "k must be an int"),
+    ("empty", lambda: lowrank.svd(torch.ones(0, 3), 1), ValueError, "A has an empty dimension"),
+]
+
+RSVD_BAD = [
+    ("nan", lambda: lowrank.rsvd(nan_at(_A), 3, seed=0), ValueError, "A contains NaN"),
+    (
+        "inf sparse",
+        lambda: lowrank.rsvd(nan_at(_A, float("inf")).to_sparse(), 3, seed=0),
+        ValueError,
+        "A contains",
+    ),
+    ("meta", lambda: lowrank.rsvd(_meta(), 3), ValueError, "A is on the meta device"),
+    ("seed 2**63", lambda: lowrank.rsvd(_A, 3, seed=2**63), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+    ("seed 2**64", lambda: lowrank.rsvd(_A, 3, seed=2**64), ValueError, "seed must be in"),
+    ("seed negative", lambda: lowrank.rsvd(_A, 3, seed=-1), ValueError, "seed must be in"),
+    ("seed float", lambda: lowrank.rsvd(_A, 3, seed=1.5), TypeError, "seed must be None, an int"),
+    ("seed bool", lambda: lowrank.rsvd(_A, 3, seed=True), TypeError, "seed must be"),
+    ("tol nan", lambda: lowrank.rsvd(_A, tol=float("nan")), ValueError, "tol must be in"),
+    ("tol 1", lambda: lowrank.rsvd(_A, tol=1.0), ValueError, "tol must be in"),
+    ("k missing", lambda: lowrank.rsvd(_A), ValueError, "k is required"),
+    ("oversample", lambda: lowrank.rsvd(_A, 3, oversample=-1), ValueError, "oversample must be >= 0"),
+    ("n_iter", lambda: lowrank.rsvd(_A, 3, n_iter=1.5), TypeError, "n_iter must be an int"),
+    ("method", lambda: lowrank.rsvd(_A, 3, method="lanczos"), ValueError, "method must be one of"),
+    ("center", lambda: lowrank.rsvd(_A, 3, center=1), TypeError, "center must be a bool"),
+    ("type", lambda: lowrank.rsvd("A", 3), TypeError, "A must be"),
+]
+
+SVD_ERROR_BAD = [
+    ("A nan", lambda: lowrank.svd_error(nan_at(_A), _U, _S, _Vh), ValueError, "A contains NaN"),
+    ("A inf", lambda: lowrank.svd_error(nan_at(_A, float("inf")), _U, _S, _Vh), ValueError, "A contains NaN"),
+    ("U nan", lambda: lowrank.svd_error(_A, nan_at(_U), _S, _Vh), ValueError, "U contains NaN"),
+    ("S inf", lambda: lowrank.svd_error(_A, _U, nan_at(_S, float("inf")), _Vh), ValueError, "S contains NaN"),
+    ("Vh nan", lambda: lowrank.svd_error(_A, _U, _S, nan_at(_Vh)), ValueError, "Vh contains NaN"),
+    ("A meta", lambda: lowrank.svd_error(_meta(), _U, _S, _Vh), ValueError, "A is on the meta device"),
+    ("U meta", lambda: lowrank.svd_error(_A, _meta((20, 3)), _S, _Vh), ValueError, "U is on the meta device"),
+    (
+        "S list",
+        lambda: lowrank.svd_error(_A, _U, [1.0, 2.0, 3.0], _Vh),
+        TypeError,
+        "S must be a torch.Tensor",
+    ),
+    ("Vh sparse", lambda: lowrank.svd_error(_A, _U, _S, _Vh.to_sparse()), TypeError, "Vh must be a dense"),
+    ("shapes", lambda: lowrank.svd_error(_A, _U[:, :2], _S, _Vh), ValueError, "do not factor"),
+    ("n_iter 0", lambda: lowrank.svd_error(_A, _U, _S, _Vh, n_iter=0), ValueError, "n_iter must be >= 1"),
+    ("seed", lambda: lowrank.svd_error(_A, _U, _S, _Vh, seed=2**63), ValueError, "seed must be in"),
+]
+
+
+@pytest.mark.parametrize("fn, error, match", [row[1:] for row in SVD_BAD], ids=[row[0] for row in SVD_BAD])
+def test_svd_bad_input(fn, error, match):
+    check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize("fn, error, match", [row[1:] for row in RSVD_BAD], ids=[row[0] for row in RSVD_BAD])
+def test_rsvd_bad_input(fn, error, match):
+    check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize(
+    "fn, error, match", [row[1:] for row in SVD_ERROR_BAD], ids=[row[0] for row in SVD_ERROR_BAD]
+)
+def test_svd_error_bad_input(fn, error, match):
+    check_bad(fn, error, match)
+
+
+def test_seeds_at_the_edges_of_the_range_work():
+    for seed in (0, 2**63 - 1, np.int64(7), np.uint64(2**63 - 1)):
+        U, S, Vh = lowrank.rsvd(_A, 3, seed=seed)
+        assert torch.isfinite(S).all()
+    assert torch.equal(lowrank.rsvd(_A, 3, seed=np.int64(7)).S, lowrank.rsvd(_A, 3, seed=7).S)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from lowrank._linop import check_tensor, no_autocast
+
 #: Initialisation methods understood by :func:`reset_lora_factors_` and the LoRA layers.
 INIT_METHODS = ("default", "gaussian", "pissa", "zeros")
 
@@ -64,12 +66,12 @@ def _top_singular_triplets(
     matrix: torch.Tensor, r: int, method: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading ``r`` singular triplets ``(U_r, S_r, Vh_r)`` of a 2-D float tensor (lowrank's SVD engine)."""
-    import lowrank  # at call time: lowrank.svd / lowrank.rsvd live in lowrank/svd.py
+    from lowrank.svd import rsvd, svd
 
     if method == "svd":
-        U, S, Vh = lowrank.svd(matrix, r)
+        U, S, Vh = svd(matrix, r)
     else:
-        U, S, Vh = lowrank.rsvd(matrix, r, seed=0)  # fixed seed: the same weight gives the same adapter
+        U, S, Vh = rsvd(matrix, r, seed=0)  # fixed seed: the same weight gives the same adapter
     return U[:, :r], S[:r], Vh[:r]
 
 
@@ -77,6 +79,25 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_weight(value: object, name: str) -> torch.Tensor:
+    """A dense, real, finite 2-D float tensor, or a TypeError/ValueError naming ``name``."""
+    check_tensor(value, name, complex_ok=False)
+    if value.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(value.shape)}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} has an empty dimension (shape {tuple(value.shape)})")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf entries")
+    return value
+
+
+def _check_r(r: object, shape: tuple[int, ...]) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(shape):
+        raise ValueError(f"r must be an int in [1, {min(shape)}] for shape {tuple(shape)}, got {r!r}")
+    return r
+
+
+@no_autocast
 @torch.no_grad()
 def pissa_factors(
     weight: torch.Tensor, r: int, scale: float, *, method: str = "rsvd"
@@ -110,14 +131,23 @@ def pissa_factors(
     residual : Tensor, shape (out_features, in_features)
         All in ``weight``'s dtype and device.
 
+    Raises
+    ------
+    TypeError
+        ``weight`` not a dense real floating tensor.
+    ValueError
+        ``weight`` not 2-D, with NaN/Inf entries or on the meta device; bad ``r``, ``scale``, ``method``.
+
     References
     ----------
     F. Meng, Z. Wang, M. Zhang, "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large
     Language Models", NeurIPS 2024, arXiv:2404.02948.
     """
     _check_svd_method(method)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0 for PiSSA, got {scale}")
+    _check_weight(weight, "weight")
+    _check_r(r, tuple(weight.shape))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite number > 0 for PiSSA, got {scale!r}")
     work = weight.detach().to(_work_dtype(weight.dtype))
     U, S, Vh = _top_singular_triplets(work, r, method)
     root = (S / scale).sqrt()
@@ -143,6 +173,7 @@ class LoRAFactors(tuple):
         return f"LoRAFactors(B={tuple(self.B.shape)}, A={tuple(self.A.shape)}, energy={self.energy:.4f})"
 
 
+@no_autocast
 @torch.no_grad()
 def extract_lora(
     base_weight: torch.Tensor, tuned_weight: torch.Tensor, r: int, *, method: str = "rsvd"
@@ -171,27 +202,26 @@ def extract_lora(
         captured fraction ``||B A||_F^2 / ||D||_F^2 = sum(S_r^2) / ||D||_F^2`` in [0, 1] (1.0 for a zero
         delta).
 
+    Raises
+    ------
+    TypeError
+        A weight that is not a dense real floating tensor (the message names it).
+    ValueError
+        Weights not 2-D, of different shapes, with NaN/Inf entries or on the meta device (named); bad
+        ``r`` or ``method``.
+
     References
     ----------
     C. Eckart, G. Young, "The approximation of one matrix by another of lower rank", Psychometrika 1936.
     E. J. Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv:2106.09685.
     """
     for arg, value in (("base_weight", base_weight), ("tuned_weight", tuned_weight)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() != 2 or not value.is_floating_point():
-            raise ValueError(
-                f"{arg} must be a 2-D float tensor, got shape {tuple(value.shape)} {value.dtype}"
-            )
+        _check_weight(value, arg)
     if base_weight.shape != tuned_weight.shape:
         raise ValueError(
             f"base_weight {tuple(base_weight.shape)} and tuned_weight {tuple(tuned_weight.shape)} differ"
         )
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(base_weight.shape):
-        raise ValueError(
-            f"r must be an int in [1, {min(base_weight.shape)}] for shape "
-            f"{tuple(base_weight.shape)}, got {r!r}"
-        )
+    _check_r(r, tuple(base_weight.shape))
     _check_svd_method(method)
     work_dtype = _work_dtype(base_weight.dtype)
     delta = tuned_weight.detach().to(base_weight.device, work_dtype) - base_weight.detach().to(work_dtype)
