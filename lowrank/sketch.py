@@ -116,14 +116,15 @@ class StreamingSVD:
     Notes
     -----
     Sketch sizes: the default ``s = 4k + 1``, ``c = 2s + 1`` is the paper's a priori rule without a storage
-    budget for a rank-``k`` truncation of a real matrix (their eq. (5.3), §5.4: ``k = 4r + 1``,
-    ``s = 2k + 1``); ``s = 2k + 1`` halves the cost and the memory of ``Y`` but measured up to 1.56x the
-    optimal error at ``k = 10`` on a ``0.9^i`` spectrum (1.01x with the default; ``tests/test_sketch.py``).
+    budget for a rank-``k`` truncation (their eq. (5.3): ``k = 4r + alpha``, ``s = 2k + alpha``,
+    ``alpha = 1`` for real matrices; their ``k`` is our ``s``, their ``s`` our ``c``). ``s = 2k + 1`` halves
+    the cost and the memory of ``Y`` but measured up to 1.56x the optimal error at ``k = 10`` on a
+    ``0.9^i`` spectrum (1.01x with the default; ``tests/test_sketch.py``).
     Per block of ``b`` rows the cost is one GEMM of ``A_b``
     with ``[Omega, Xi]`` (``2 b n (s + c)`` flops), one of ``A_b^T`` with ``[Psi; Theta]^T``
     (``2 b n (s + q)``) and ``O(b (s + c)^2)`` more; each row is read once. Sparse blocks stay sparse.
 
-    Reconstruction (:meth:`result`, Tropp et al. §4 and Alg. 7): ``P = orth(W^T)``; with ``Y = Q R`` the
+    Reconstruction (:meth:`result`, the paper's three-sketch formula): ``P = orth(W^T)``; with ``Y = Q R`` the
     approximation is ``Q C P^T``, ``C = (Phi Q)^+ Z (P^T Xi)^+``, i.e. ``Y M P^T`` with
     ``M = (Phi Y)^+ Z (P^T Xi)^+`` (``R`` cancels, so ``Y`` never has to be orthonormalised): the
     singular values and right vectors come from the eigen-decomposition of ``M^T (Y^T Y) M`` (``s x s``,
