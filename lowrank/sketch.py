@@ -504,18 +504,19 @@ class StreamingSVD:
 
 
 def is_row_stream(A: Any) -> bool:
-    """Whether :func:`lowrank.rsvd` treats ``A`` as a stream of row blocks: an iterator/generator, a list or
-    tuple of blocks or of ``.npy``/``.safetensors`` paths, or a NumPy memmap of at least
-    :data:`MEMMAP_STREAM_BYTES` bytes."""
+    """Whether :func:`lowrank.rsvd` treats ``A`` as a stream of row blocks: an iterable without a ``shape``
+    (iterator, generator, DataLoader, ...), a list or tuple of blocks or of ``.npy``/``.safetensors``
+    paths, or a NumPy memmap of at least :data:`MEMMAP_STREAM_BYTES` bytes."""
     if isinstance(A, np.memmap):
         return A.ndim == 2 and A.nbytes >= MEMMAP_STREAM_BYTES
     if isinstance(A, (torch.Tensor, np.ndarray, str, bytes)):
         return False
-    if isinstance(A, Iterator):
-        return True
-    if isinstance(A, (list, tuple)) and len(A) > 0:
-        return all(isinstance(x, (str, os.PathLike, torch.Tensor, np.ndarray)) or _is_sparse(x) for x in A)
-    return False
+    if isinstance(A, (list, tuple)):
+        return len(A) > 0 and all(
+            isinstance(x, (str, os.PathLike, torch.Tensor, np.ndarray)) or _is_sparse(x) for x in A
+        )
+    # iterators, generators and other iterables without a shape (e.g. a DataLoader of row blocks)
+    return isinstance(A, Iterable) and not hasattr(A, "shape")
 
 
 def _is_sparse(x: Any) -> bool:

@@ -206,6 +206,12 @@ def test_rsvd_routes_streams(tmp_path, monkeypatch):
 
     same(lowrank.rsvd((A[i : i + 300] for i in range(0, 1200, 300)), 4, seed=5))
     same(lowrank.rsvd([A[:700], A[700:].numpy()], 4, seed=5))
+
+    class Blocks:  # an iterable that is not an iterator (as a DataLoader is)
+        def __iter__(self):
+            return iter([A[:100], A[100:]])
+
+    same(lowrank.rsvd(Blocks(), 4, seed=5))
     np.save(tmp_path / "a.npy", A[:500].numpy())
     np.save(tmp_path / "b.npy", A[500:].numpy())
     same(lowrank.rsvd([tmp_path / "a.npy", str(tmp_path / "b.npy")], 4, seed=5))
