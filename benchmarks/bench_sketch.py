@@ -3,9 +3,9 @@ the floor and scikit-learn's ``IncrementalPCA``.
 
 The stream: ``A = U diag(sigma) V^T`` with ``U`` the first ``r`` columns of the orthonormal DCT-II basis
 (rows computed per block, so ``A`` is never held whole), ``V`` a random ``n x r`` orthonormal matrix and
-``sigma_i = 0.95^i + 0.01`` (``r = min(100, n)``): the optimal rank-k error is known exactly, uncentred
-(``sqrt(sum_{i >= k} sigma_i^2)``) and centred (DCT column 0 is the constant one, the others have zero
-mean: centring removes exactly ``sigma_0``).
+``sigma_i = 0.95^i + 0.01`` (``r = 100``; 400 with --full, more than the sketch size 161): the optimal
+rank-k error is known exactly, uncentred (``sqrt(sum_{i >= k} sigma_i^2)``) and centred (DCT column 0
+is the constant one, the others have zero mean: centring removes exactly ``sigma_0``).
 
 - time: one pass of the stream through ``StreamingSVD.update`` + ``result()``; the floor is the same pass
   through one GEMM of each block with a Gaussian of the sketch width ``s`` (``A_b @ G``, ``G`` ``n x s``);
@@ -41,9 +41,9 @@ def _log(message: str) -> None:
 class Stream:
     """The row blocks of ``A = U diag(sigma) V^T`` (DCT rows for ``U``), made on the fly."""
 
-    def __init__(self, m: int, n: int, block: int, device: str = "cpu", seed: int = 0):
+    def __init__(self, m: int, n: int, block: int, device: str = "cpu", seed: int = 0, rank: int = 100):
         self.m, self.n, self.block, self.device = m, n, block, torch.device(device)
-        self.r = min(100, n, m)
+        self.r = min(rank, n, m)
         gen = torch.Generator().manual_seed(seed)
         V, _ = torch.linalg.qr(torch.randn(n, self.r, dtype=torch.float64, generator=gen))
         self.sigma = 0.95 ** torch.arange(self.r, dtype=torch.float64) + 0.01
@@ -117,7 +117,7 @@ _MEM_CODE = """
 import json, sys, torch
 torch.set_num_threads({threads})
 from benchmarks.bench_sketch import Stream, _sketch, _generate
-stream = Stream({m}, {n}, {block})
+stream = Stream({m}, {n}, {block}, rank={rank})
 mode = "{mode}"
 out = {{}}
 if mode == "generate":
@@ -135,7 +135,8 @@ print(json.dumps(out))
 
 
 def _peak_memory(m: int, n: int, k: int, block: int, mode: str) -> dict:
-    code = _MEM_CODE.format(m=m, n=n, k=k, block=block, mode=mode, threads=torch.get_num_threads())
+    rank = 400 if m * n > 10**8 else 100
+    code = _MEM_CODE.format(m=m, n=n, k=k, block=block, mode=mode, rank=rank, threads=torch.get_num_threads())
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, check=True
     )
@@ -180,7 +181,7 @@ def _memory_table(m: int, n: int, k: int, block: int) -> Table:
 def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
     m, n, k, block = (6000, 400, 10, 1000) if quick else (100000, 3000, 40, 5000)
     result = BenchResult(name="sketch")
-    stream = Stream(m, n, block, device=device)
+    stream = Stream(m, n, block, device=device, rank=100 if quick else 400)
     probe = StreamingSVD(n, k)
     s, c = probe.sketch, probe.core
     _log(f"{m}x{n}, k={k}: sketch={s}, core={c}, n_test={probe.n_test}")
