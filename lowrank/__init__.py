@@ -29,6 +29,7 @@ from lowrank.nmf import nmf
 from lowrank.nystrom import nystrom
 from lowrank.pca import PCAResult, pca, pca_inverse_transform, pca_transform
 from lowrank.qr import cholesky_qr
+from lowrank.sketch import StreamingSVD
 from lowrank.svd import SVDResult, rsvd, svd, svd_error
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "rsvd",
     "svd",
     "svd_error",
+    "StreamingSVD",
     "PCAResult",
     "ConvergenceWarning",
     "als",

@@ -42,6 +42,7 @@ from torch import nn
 from lowrank._linop import DenseOp, LinOp, as_linop, check_not_meta, check_seed, compute_dtype, no_autocast
 from lowrank.pca import PCAResult, _variance_ratio
 from lowrank.qr import cholesky_qr, orthonormalize
+from lowrank.sketch import StreamingSVD
 from lowrank.svd import SVDResult, _check_k, _check_nonneg_int, _default_params, _generator
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "comm_log",
     "load_adapter",
     "pca",
+    "reduce_sketch",
     "rsvd",
     "rsvd_comm_bytes",
     "save_adapter",
@@ -583,6 +585,55 @@ def rsvd_comm_bytes(
     s = torch.empty(0, dtype=dtype).element_size()
     grams = q + 2 if method == "subspace" else 2 + 3 * q + q * (q + 1)
     return s * ((q + 1) * n * b + grams * b * b + 2 * world_size * k) + 8 * _HEADER * world_size
+
+
+def reduce_sketch(sketch: StreamingSVD, group=None) -> StreamingSVD:
+    """Sum the streaming sketches of all ranks in place, with one all-reduce: every rank then describes
+    the whole row-sharded matrix (:class:`lowrank.sketch.StreamingSVD`).
+
+    Each rank streams its own rows into a ``StreamingSVD`` built with the same ``n_features``, ``k``, sizes,
+    ``center`` and ``seed``, and ``row_offset`` = the global index of its first row (rank order as in
+    :func:`rsvd`: the result then equals, to rounding, that of one process streaming the concatenated
+    matrix; disjoint offsets such as ``rank * 2**40`` also work when the sizes are not known in advance,
+    with a different but equally distributed draw). After the call, ``result()`` gives ``S`` and ``Vh``
+    of the whole matrix on every rank and ``U`` for this rank's rows; ``update()`` is refused.
+
+    One ``all_reduce`` of a float64 buffer of ``(2s + 2q + s + c) n``-ish entries: the co-range and test
+    sketches (``(s + q) x n``), the core and the small products (``c^2 + (c + q + s) s``), the column sums
+    and a configuration check (two numbers).
+
+    Raises
+    ------
+    TypeError
+        ``sketch`` is not a StreamingSVD.
+    ValueError
+        The ranks' configurations (sizes, seed, centring, dtype) differ; the sketch was already reduced; a
+        rank saw no rows and has no ``dtype``.
+    """
+    if not isinstance(sketch, StreamingSVD):
+        raise TypeError(f"sketch must be a lowrank.StreamingSVD, got {type(sketch).__name__}")
+    if sketch._reduced_rows is not None:
+        raise ValueError("this sketch was already reduced")
+    _group_info(group)
+    buffers = sketch._sum_buffers()
+    config = (sketch.n_features, sketch.k, sketch.sketch, sketch.core, sketch.n_test, sketch.seed)
+    config += (int(sketch.center), int(sketch.keep_u), int(sketch.dtype == torch.float64))
+    digest = hashlib.blake2b(repr(config).encode(), digest_size=8).digest()
+    h = float(int.from_bytes(digest, "little") % (1 << 20))
+    header = torch.tensor(
+        [float(sketch.n_rows), 1.0, h, h * h], dtype=torch.float64, device=buffers[0].device
+    )
+    flat = _all_reduce(torch.cat([header] + [b.reshape(-1) for b in buffers]), group, "sketch")
+    rows, world, hsum, hsq = (float(x) for x in flat[:4])
+    # all configurations equal iff (sum h)^2 == P sum h^2 (Cauchy-Schwarz); exact in float64 for h < 2^20
+    if hsum * hsum != world * hsq:
+        raise ValueError("the ranks' StreamingSVD configurations (sizes, seed, center, dtype) differ")
+    offset = 4
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+    sketch._reduced_rows = int(rows)
+    return sketch
 
 
 @no_autocast

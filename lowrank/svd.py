@@ -319,6 +319,10 @@ def rsvd(
     A : Tensor (dense ``(..., m, n)`` or ``torch.sparse``), ndarray, scipy.sparse matrix, or linear operator
         A linear operator is any object with ``shape``, ``dtype``, ``matmul(X)`` (``A @ X``) and
         ``rmatmul(Y)`` (``A^T @ Y``); results are torch tensors.
+        A row-block stream (an iterator/generator of ``(b_i, n)`` blocks, a list of blocks or of
+        ``.npy``/``.safetensors`` shard paths, a NumPy memmap of 256 MiB or more) is factored in one pass
+        by :class:`lowrank.sketch.StreamingSVD` (``oversample`` sets its sketch size ``k + oversample``;
+        ``tol``/``n_iter``/``method`` are multi-pass options and raise ``ValueError`` there).
     k : int, optional
         Target rank, ``1 <= k <= min(m, n)``. Required unless ``tol`` is given (then it caps the rank).
         When ``k + oversample`` reaches ``min(m, n)``, the exact SVD is computed instead (it is then both
@@ -392,6 +396,12 @@ def rsvd(
     small SVD comes from the eigen-decomposition of ``W^H W`` (``W = A^H Q``) formed in fp64 for fp32
     inputs (``torch.linalg.svd(W)`` for other dtypes).
     """
+    from lowrank.sketch import is_row_stream, stream_rsvd  # sketch.py imports this module
+
+    if is_row_stream(A):  # row blocks, shard paths, a large memmap: one pass (lowrank.sketch)
+        return stream_rsvd(
+            A, k, tol=tol, oversample=oversample, n_iter=n_iter, method=method, seed=seed, center=center
+        )
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not isinstance(center, bool):
