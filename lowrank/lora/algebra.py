@@ -43,7 +43,7 @@ from torch import nn
 from lowrank.lora.init import LoRAFactors
 from lowrank.lora.layers import LoRALayer, LoRAMergedLinear
 from lowrank.lora.model import lora_layers
-from lowrank.svd import _flip_signs, svd
+from lowrank.svd import svd
 
 __all__ = ["combine_lora", "combine_adapters", "truncate_adapter"]
 
@@ -139,18 +139,39 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class _Factored:
+    """The SVD of ``B @ A`` held as ``Q_b U``, ``S``, ``V^T Q_a^T`` (vectors formed for the kept k only)."""
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor) -> None:
+        self.Qb, Rb = torch.linalg.qr(B)  # (..., m, p), (..., p, R): Householder, rank deficiency is fine
+        self.Qa, Ra = torch.linalg.qr(A.mT)  # (..., n, q), (..., q, R)
+        self.U, self.S, self.Vh = svd(Rb @ Ra.mT)  # the (p, q) core, S descending
+
+    def vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U_k, Vh_k)`` of the product; signs: the largest-magnitude entry of each column of U_k > 0."""
+        left = self.Qb @ self.U[..., :k]  # (..., m, k)
+        right = self.Vh[..., :k, :] @ self.Qa.mT  # (..., k, n)
+        left_t = left.mT
+        pivot = left_t.gather(-1, left_t.abs().contiguous().argmax(-1, keepdim=True))  # (..., k, 1)
+        sign = torch.where(pivot < 0, -1.0, 1.0).to(left.dtype)
+        return left * sign.mT, right * sign
+
+
+def factored_svd(
+    B: torch.Tensor, A: torch.Tensor, k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``(U, S, Vh)`` of the product ``B @ A`` from its factors, never forming the product.
 
-    ``B`` (..., m, R) and ``A`` (..., R, n) in a float32/float64 dtype; returns ``U`` (..., m, K), ``S``
-    (..., K) descending, ``Vh`` (..., K, n) with ``K = min(m, n, R)`` and deterministic signs. Two Householder
-    QRs (rank-deficient factors are fine) and one ``min(m, R) x min(n, R)`` SVD: ``O((m + n) R^2 + R^3)``.
+    ``B`` (..., m, R) and ``A`` (..., R, n) in a float32/float64 dtype; returns the ``k`` (default
+    ``K = min(m, n, R)``) leading triplets: ``U`` (..., m, k), ``S`` (..., k) descending, ``Vh`` (..., k, n),
+    with deterministic signs (the largest-magnitude entry of each column of ``U`` is positive). Two
+    Householder QRs (rank-deficient factors are fine) and one ``min(m, R) x min(n, R)`` SVD:
+    ``O((m + n) R^2 + R^3)``.
     """
-    Qb, Rb = torch.linalg.qr(B)  # (..., m, p), (..., p, R)
-    Qa, Ra = torch.linalg.qr(A.mT)  # (..., n, q), (..., q, R)
-    U, S, Vh = svd(Rb @ Ra.mT)  # (p, q) core
-    left, right = _flip_signs(Qb @ U, Vh @ Qa.mT)
-    return left, S, right
+    core = _Factored(B, A)
+    k = core.S.shape[-1] if k is None else min(k, core.S.shape[-1])
+    left, right = core.vectors(k)
+    return left, core.S[..., :k], right
 
 
 def _tol_rank(S: torch.Tensor, tol: float) -> int:
@@ -169,9 +190,11 @@ def _energy(S: torch.Tensor, k: int) -> float:
     return 1.0 if total == 0.0 else min(1.0, float(S[..., :k].double().square().sum()) / total)
 
 
-def _balanced(left: torch.Tensor, S: torch.Tensor, right: torch.Tensor, k: int, scale: float = 1.0):
-    root = (S[..., :k] / scale).sqrt()
-    return left[..., :k] * root.unsqueeze(-2), root.unsqueeze(-1) * right[..., :k, :]
+def _balanced(core: _Factored, k: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_k sqrt(S_k / scale), sqrt(S_k / scale) Vh_k)``."""
+    left, right = core.vectors(k)
+    root = (core.S[..., :k] / scale).sqrt()
+    return left * root.unsqueeze(-2), root.unsqueeze(-1) * right
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,14 +284,15 @@ def combine_lora(
     As = torch.cat([A.to(work) for _, A, _ in items], dim=-2)
     if method == "exact":
         return LoRAFactors(Bs.to(out_dtype), As.to(out_dtype), 1.0)
-    left, S, right = factored_svd(Bs, As)
+    core = _Factored(Bs, As)
+    S = core.S
     kmax = S.shape[-1]
     k = (
         kmax
         if r is None and tol is None
         else (min(r, kmax) if r is not None else min(_tol_rank(S, tol), kmax))
     )
-    B, A = _balanced(left, S, right, k)
+    B, A = _balanced(core, k)
     return LoRAFactors(B.to(out_dtype), A.to(out_dtype), _energy(S, k))
 
 
@@ -538,7 +562,7 @@ def truncate_adapter(
         parts = []
         for B, A in _blocks(layer, name):
             work = _work_dtype(B.dtype)
-            parts.append(factored_svd(B.to(work) * s, A.to(work)))
+            parts.append(_Factored(B.to(work) * s, A.to(work)))
         decomposed.append(parts)
 
     caps = [layer.r[name] for _, layer in layers]
@@ -546,15 +570,15 @@ def truncate_adapter(
         ranks = [min(r, cap) for cap in caps]
     elif tol is not None:
         ranks = [
-            min(cap, max(_tol_rank(S, tol) for _, S, _ in parts)) for parts, cap in zip(decomposed, caps)
+            min(cap, max(_tol_rank(part.S, tol) for part in parts)) for parts, cap in zip(decomposed, caps)
         ]
     else:
         spectra = []
         for parts in decomposed:
-            length = max(S.shape[-1] for _, S, _ in parts)
+            length = max(part.S.shape[-1] for part in parts)
             gains = torch.zeros(length, dtype=torch.float64)
-            for _, S, _ in parts:
-                gains[: S.shape[-1]] += S.double().square().cpu()
+            for part in parts:
+                gains[: part.S.shape[-1]] += part.S.double().square().cpu()
             spectra.append(gains)
         costs = []
         for _, layer in layers:
@@ -565,7 +589,7 @@ def truncate_adapter(
     plans = []
     for (path, layer), parts, k in zip(layers, decomposed, ranks):
         s = layer.scaling[name]
-        blocks = [_balanced(left, S, right, min(k, S.shape[-1]), s) for left, S, right in parts]
+        blocks = [_balanced(part, min(k, part.S.shape[-1]), s) for part in parts]
         plans.append((path, layer, k, _assemble(layer, blocks, k)))
     for _, layer, k, (A, B) in plans:
         A_old, B_old = _factor_params(layer, name)
