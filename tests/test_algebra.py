@@ -113,6 +113,17 @@ def test_signs_and_order_are_deterministic():
     assert bool((norms[:-1] >= norms[1:]).all())  # descending singular values
 
 
+def test_rank_deficient_stacks_duplicates_and_cancellation():
+    (B, A, s), _, _ = _factors(ranks=(5, 1, 1))
+    # the same adapter twice: the stack has rank 5, not 10; tol finds it and the sum is exact
+    Bc, Ac = lowrank.combine_lora([(B, A, s), (B, A, s)], [0.25, 0.75], tol=1e-5)
+    assert Bc.shape[1] == 5
+    assert _rel(Bc @ Ac, s * B.double() @ A.double()) <= 1e-5
+    # an adapter minus itself: zero, with finite factors
+    Bz, Az = lowrank.combine_lora([(B, A, s), (B, A, s)], [1.0, -1.0], r=3)
+    assert bool(torch.isfinite(Bz).all()) and float((Bz @ Az).norm()) <= 1e-5 * float((B @ A).norm())
+
+
 def test_factored_svd_matches_dense_svd():
     gen = torch.Generator().manual_seed(4)
     B, A = torch.randn(70, 9, generator=gen, dtype=torch.float64), torch.randn(9, 20, generator=gen).double()
