@@ -103,7 +103,7 @@ def _exactness_table(quick: bool, device: str, result: BenchResult) -> Table:
             },
             device=device,
             warmup=1,
-            repeats=3 if quick else 5,
+            repeats=2 if quick else 5,
         )
         case = f"{out}x{n_in}, ranks {'+'.join(map(str, ranks))} -> r={r}"
         speedup = timings["dense"].median / timings["lowrank"].median
@@ -204,7 +204,7 @@ def _layer_case(n: int, quick: bool, device: str, peft) -> dict:
         {"lowrank": run_ours, "peft": run_peft},
         device=device,
         warmup=0,
-        repeats=1 if quick else 3,
+        repeats=2 if quick else 3,
         before_each=cleanup,
     )
     if "mix" not in ours.layer.r:  # measure's before_each ran cleanup after lowrank's last sample
@@ -232,7 +232,7 @@ def _layer_case(n: int, quick: bool, device: str, peft) -> dict:
 
 def _layer_table(quick: bool, device: str, result: BenchResult, peft) -> Table:
     rows = []
-    for n in [1024] if quick else [1024, 4096]:
+    for n in [768] if quick else [1024, 4096]:
         record = _layer_case(n, quick, device, peft)
         case = f"{n}x{n}, 4 x r=16 -> r=32"
         rows.append(
