@@ -192,11 +192,15 @@ def _layer_case(n: int, quick: bool, device: str, peft) -> dict:
     def run_ours():
         lowrank.combine_adapters(ours, names, weights, "mix", r=r_out)
 
-    def cleanup():
+    last = {}
+
+    def cleanup():  # untimed (measure's before_each); keeps each tool's latest delta W for the comparison
         if "mix" in ours.layer.r:
+            last["lowrank"] = ours.layer.delta_weight("mix")
             ours.layer.delete_adapter("mix")
         for name in list(theirs.peft_config):
             if name.startswith("mix"):
+                last["peft"] = peft_layer.get_delta_weight(name)
                 theirs.delete_adapter(name)
 
     run_ours()  # warm-up of lowrank's code paths (PEFT's cost is its SVD, warm or not)
@@ -207,9 +211,8 @@ def _layer_case(n: int, quick: bool, device: str, peft) -> dict:
         repeats=2 if quick else 3,
         before_each=cleanup,
     )
-    if "mix" not in ours.layer.r:  # measure's before_each ran cleanup after lowrank's last sample
-        run_ours()
-    agreement = _rel(ours.layer.delta_weight("mix"), peft_layer.get_delta_weight(f"mix{counter['peft']}"))
+    cleanup()
+    agreement = _rel(last["lowrank"], last["peft"])
     cleanup()
     peaks = {"lowrank": _peak_bytes(run_ours, device)}
     cleanup()
