@@ -14,6 +14,8 @@ from lowrank.lora import (
     LoRALinear,
     LoRAMergedLinear,
     adapter_size,
+    combine_adapters,
+    combine_lora,
     extract_lora,
     inject_lora,
     load_adapter,
@@ -23,6 +25,7 @@ from lowrank.lora import (
     mixed_adapter_batch,
     remove_lora,
     save_adapter,
+    truncate_adapter,
     unmerge_lora,
 )
 from lowrank.nmf import nmf
@@ -72,4 +75,7 @@ __all__ = [
     "load_adapter",
     "save_adapter",
     "lora_linear_multi",
+    "combine_adapters",
+    "combine_lora",
+    "truncate_adapter",
 ]

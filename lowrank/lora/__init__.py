@@ -1,5 +1,6 @@
 """LoRA on the fused op: layers with named adapters, initialisations, and model-level integration."""
 
+from lowrank.lora.algebra import combine_adapters, combine_lora, truncate_adapter
 from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
 from lowrank.lora.init import LoRAFactors, extract_lora, pissa_factors
 from lowrank.lora.layers import BASE_ADAPTER, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
@@ -34,4 +35,7 @@ __all__ = [
     "adapter_size",
     "load_adapter",
     "save_adapter",
+    "combine_adapters",
+    "combine_lora",
+    "truncate_adapter",
 ]
