@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank.budget import allocate_ranks
 from lowrank.lora.init import LoRAFactors
 from lowrank.lora.layers import LoRALayer, LoRAMergedLinear
 from lowrank.lora.model import lora_layers
@@ -464,8 +465,9 @@ def combine_adapters(
 def _budget_ranks(spectra: list[torch.Tensor], costs: list[int], caps: list[int], budget: int) -> list[int]:
     """Per-layer ranks (>= 1) with ``sum k_l cost_l <= budget`` minimising the total dropped ``sum S^2``.
 
-    Greedy on gain per parameter (``S_{l,j}^2 / cost_l``, non-increasing along each layer): optimal for
-    the fractional relaxation, and a layer's ranks are always taken as a prefix.
+    ``spectra`` hold each layer's squared singular values (summed over merged slices, still
+    non-increasing); rank 1 everywhere first, the rest by :func:`lowrank.allocate_ranks` (exact dynamic
+    programme when small, else greedy on gain per parameter with a certified gap).
     """
     floor = sum(costs)
     if budget < floor:
@@ -473,19 +475,9 @@ def _budget_ranks(spectra: list[torch.Tensor], costs: list[int], caps: list[int]
             f"budget must be at least {floor} parameters (rank 1 on each of the {len(costs)} layers), "
             f"got {budget}"
         )
-    ranks = [1] * len(costs)
-    items = []
-    for layer_index, (gains, cost, cap) in enumerate(zip(spectra, costs, caps)):
-        for j in range(1, min(cap, gains.shape[0])):
-            items.append((-float(gains[j]) / cost, layer_index, j))
-    items.sort()
-    left = budget - floor
-    for _, layer_index, j in items:
-        cost = costs[layer_index]
-        if ranks[layer_index] == j and cost <= left:
-            ranks[layer_index] = j + 1
-            left -= cost
-    return ranks
+    tails = [gains[1 : max(cap, 1)].clamp_min(0).sqrt() for gains, cap in zip(spectra, caps)]
+    extra = allocate_ranks(tails, budget - floor, costs).ranks
+    return [1 + k for k in extra]
 
 
 @torch.no_grad()
