@@ -261,11 +261,20 @@ def info_table(stdout):
     return rows
 
 
-def test_extract_with_a_budget_allocates_ranks_and_records_achieved_errors(checkpoints, tmp_path):
+def in_process(capsys, *args):
+    """``lowrank ARGS`` through ``main`` in this process: (exit status, stdout)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().out
+
+
+def test_extract_with_a_budget_allocates_ranks_and_records_achieved_errors(checkpoints, tmp_path, capsys):
     root, base_state, tuned_state = checkpoints
     out, budget = tmp_path / "budget", 24 * 1024
-    result = run_cli("extract", root / "base", root / "tuned", "--budget", "24KiB", "--out", out)
-    assert result.returncode == 0, result.stderr
+    assert (
+        in_process(capsys, "extract", root / "base", root / "tuned", "--budget", "24KiB", "--out", out)[0]
+        == 0
+    )
     tensors = load_file(out / "adapter_model.safetensors")
     assert sum(t.numel() * t.element_size() for t in tensors.values()) <= budget
     updates = adapter_factors(out)
@@ -290,9 +299,9 @@ def test_extract_with_a_budget_allocates_ranks_and_records_achieved_errors(check
     uniform_error = sum(float(np.sum(s[uniform:] ** 2)) for s in spectra)
     assert achieved <= uniform_error * 1.001
     # lowrank info prints each layer's rank and achieved error, matching a float64 recompute, worst first
-    info = run_cli("info", out)
-    assert info.returncode == 0, info.stderr
-    rows = info_table(info.stdout)
+    code, stdout = in_process(capsys, "info", out)
+    assert code == 0
+    rows = info_table(stdout)
     assert list(rows) == sorted(rows, key=lambda m: -rows[m][1])
     assert set(rows) == set(updates)
     for module, (rank, rel_err) in rows.items():
@@ -303,15 +312,15 @@ def test_extract_with_a_budget_allocates_ranks_and_records_achieved_errors(check
         )
 
 
-def test_every_cli_file_records_ranks_and_errors(checkpoints, tmp_path):
+def test_every_cli_file_records_ranks_and_errors(checkpoints, tmp_path, capsys):
     root, base_state, tuned_state = checkpoints
     out = tmp_path / "fixed"
-    assert run_cli("extract", root / "base", root / "tuned", "--rank", 3, "--out", out).returncode == 0
-    rows = info_table(run_cli("info", out).stdout)
+    assert in_process(capsys, "extract", root / "base", root / "tuned", "--rank", 3, "--out", out)[0] == 0
+    rows = info_table(in_process(capsys, "info", out)[1])
     assert rows and all(rank == 3 for rank, _ in rows.values())
     target = tmp_path / "compressed.safetensors"
-    result = run_cli("compress", root / "tuned", "--budget-params", "20k", "--target", "mlp", "--out", target)
-    assert result.returncode == 0, result.stderr
+    argv = ("compress", root / "tuned", "--budget-params", "20k", "--target", "mlp", "--out", target)
+    assert in_process(capsys, *argv)[0] == 0
     written = load_file(target)
     factored = {k[: -len(".weight.B")] for k in written if k.endswith(".weight.B")}
     assert (
@@ -319,7 +328,7 @@ def test_every_cli_file_records_ranks_and_errors(checkpoints, tmp_path):
         and sum(written[f"{m}.weight.B"].numel() + written[f"{m}.weight.A"].numel() for m in factored)
         <= 20_000
     )
-    rows = info_table(run_cli("info", target).stdout)
+    rows = info_table(in_process(capsys, "info", target)[1])
     assert set(rows) == factored
     for module, (rank, rel_err) in rows.items():
         W = tuned_state[module + ".weight"].double()
