@@ -4,7 +4,7 @@ The public API is what this module exports; everything else is private.
 """
 
 from lowrank import distributed as distributed  # the submodule: lowrank.distributed.rsvd, ...
-from lowrank._ops import WITH_CUDA, lora_linear, lora_linear_multi
+from lowrank._ops import WITH_CUDA, lora_linear, lora_linear_multi, lora_linear_quantized
 from lowrank.completion import als
 from lowrank.cur import cur, interpolation_matrix, interpolative
 from lowrank.factor import low_rank_factor
@@ -12,6 +12,7 @@ from lowrank.lora import (
     LoRAEmbedding,
     LoRALinear,
     LoRAMergedLinear,
+    QuantizedLoRALinear,
     adapter_size,
     extract_lora,
     inject_lora,
@@ -20,6 +21,7 @@ from lowrank.lora import (
     mark_only_lora_trainable,
     merge_lora,
     mixed_adapter_batch,
+    quantize_base,
     remove_lora,
     save_adapter,
     unmerge_lora,
@@ -28,6 +30,7 @@ from lowrank.nmf import nmf
 from lowrank.nystrom import nystrom
 from lowrank.pca import PCAResult, pca, pca_inverse_transform, pca_transform
 from lowrank.qr import cholesky_qr
+from lowrank.quantize import dequantize, quantize_weight
 from lowrank.svd import SVDResult, rsvd, svd, svd_error
 
 __version__ = "0.1.0"
@@ -66,4 +69,9 @@ __all__ = [
     "load_adapter",
     "save_adapter",
     "lora_linear_multi",
+    "lora_linear_quantized",
+    "quantize_weight",
+    "dequantize",
+    "QuantizedLoRALinear",
+    "quantize_base",
 ]

@@ -13,6 +13,7 @@ from lowrank.lora.model import (
     remove_lora,
     unmerge_lora,
 )
+from lowrank.lora.quantized import QuantizedLoRALinear, quantize_base
 
 __all__ = [
     "BASE_ADAPTER",
@@ -34,4 +35,6 @@ __all__ = [
     "adapter_size",
     "load_adapter",
     "save_adapter",
+    "QuantizedLoRALinear",
+    "quantize_base",
 ]
