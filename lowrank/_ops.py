@@ -309,9 +309,6 @@ def lora_linear_quantized(
     TypeError
         Unsupported dtypes (``qweight`` not int8/float8_e4m3fn, ``weight_scale`` not float32, factors or
         bias not in the dtype of ``x``).
-    NotImplementedError
-        On CUDA: the op has no CUDA kernel yet (torch's "could not run ... with arguments from the 'CUDA'
-        backend").
 
     Notes
     -----
@@ -321,6 +318,11 @@ def lora_linear_quantized(
     product is compute-bound: ``qweight`` is dequantized in blocks of 128 rows into a float32 buffer
     (float64 for float64 ``x``) and BLAS multiplies each block into its slice of ``y``; the dequantized
     weight never exists whole. Accumulation is float32 (float64 for float64 ``x``).
+
+    CUDA (compiled and reviewed, not yet measured on a GPU): up to 16 rows, a streaming kernel reads
+    ``qweight`` once with 16-byte loads (16 weights per lane), widens in registers, applies ``weight_scale``
+    once per row after the dot and adds the LoRA term before the warp reduction; more rows dequantize blocks
+    of 2048 rows to the activation dtype (a temporary, rounded to that dtype) and use cuBLAS.
 
     Autograd gives gradients for ``x``, ``lora_A``, ``lora_B``, ``bias`` and ``weight_scale``. ``dx =
     (g * weight_scale) qweight + scale (g B) A`` runs the op itself on ``qweight`` transposed (a view,

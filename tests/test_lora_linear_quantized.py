@@ -147,7 +147,29 @@ def test_bad_input_raises_clear_errors():
 
 
 @needs_cuda
-def test_cuda_without_kernel_raises_not_implemented():
-    x, q, s, A, B, b = make((2, 16), 8, 2, torch.float32, "int8", device="cuda")
-    with pytest.raises(NotImplementedError):
-        lowrank.lora_linear_quantized(x, q, s, A, B, 1.0, b)
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 37])  # the decode kernel (M <= 16) and the large-M path
+@pytest.mark.parametrize("inp", [256, 70])  # 16-byte loads, and the scalar path (70 % 16 != 0)
+def test_cuda_matches_reference(qdtype, dtype, rows, inp):
+    x, q, s, A, B, b = make((rows, inp), 261, 5, dtype, qdtype, seed=rows, device="cuda")
+    y = lowrank.lora_linear_quantized(x, q, s, A, B, 0.75, b)
+    check(y, reference(x, q, s, A, B, 0.75, b), dtype)
+    # an unaligned view of x (offset by one element) takes the scalar loads
+    xo = torch.empty(rows * inp + 1, dtype=dtype, device="cuda")[1:].view(rows, inp).copy_(x)
+    check(lowrank.lora_linear_quantized(xo, q, s, A, B, 0.75, b), reference(x, q, s, A, B, 0.75, b), dtype)
+
+
+@needs_cuda
+def test_cuda_gradients_and_empty():
+    x, q, s, A, B, b = make((4, 64), 48, 4, torch.float32, "int8", seed=3, device="cuda")
+    x, A, B = (t.clone().requires_grad_() for t in (x, A, B))
+    y = lowrank.lora_linear_quantized(x, q, s, A, B, 1.5, b)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr, Ar, Br = (t.detach().double().cpu().requires_grad_() for t in (x, A, B))
+    yr = xr @ lowrank.dequantize(q.cpu(), s.cpu(), torch.float64).T + 1.5 * (xr @ Ar.T) @ Br.T
+    yr.backward(g.double().cpu())
+    for got, want in ((x.grad, xr.grad), (A.grad, Ar.grad), (B.grad, Br.grad)):
+        assert ((got.double().cpu() - want).norm() / want.norm()).item() <= 1e-5
+    assert lowrank.lora_linear_quantized(x[:0].detach(), q, s, A.detach(), B.detach()).shape == (0, 48)
