@@ -312,12 +312,13 @@ def lora_linear_quantized(
 
     Notes
     -----
-    CPU: with at most 4 rows (decode) and a row-contiguous ``qweight``, one threaded pass reads each
-    quantized row once (1 byte per weight), widens it to float32 in registers, applies ``weight_scale`` once
-    after the dot and adds the LoRA term (``u = x A^T`` computed first) in the same pass. With more rows the
-    product is compute-bound: ``qweight`` is dequantized in blocks of 128 rows into a float32 buffer
-    (float64 for float64 ``x``) and BLAS multiplies each block into its slice of ``y``; the dequantized
-    weight never exists whole. Accumulation is float32 (float64 for float64 ``x``).
+    CPU: with at most 16 rows (decode) and a row-contiguous ``qweight``, one threaded pass reads each
+    quantized row once (1 byte per weight), widens it to float32 in registers (AVX2 where available),
+    applies ``weight_scale`` once after the dot and adds the LoRA term (``u = x A^T`` computed first) in the
+    same pass. With more rows the product is compute-bound: the threads split ``qweight`` into blocks of
+    128 rows, dequantize each into a per-thread float32 buffer (float64 for float64 ``x``) and multiply it
+    into its slice of ``y`` with BLAS; the dequantized weight never exists whole. Accumulation is float32
+    (float64 for float64 ``x``).
 
     CUDA (compiled and reviewed, not yet measured on a GPU): up to 16 rows, a streaming kernel reads
     ``qweight`` once with 16-byte loads (16 weights per lane), widens in registers, applies ``weight_scale``

@@ -1,19 +1,22 @@
 // CPU kernel of lowrank::lora_linear_quantized:
 //   y = x (s[:, None] * Q)^T + scale (x A^T) B^T (+ bias),   Q int8 or float8_e4m3fn (out, in), s float32 (out,).
 //
-// Few rows (decode, M <= kStreamMaxRows, Q row-contiguous): ONE threaded pass over Q. x is widened to fp32 once
+// Few rows (decode, M <= kStreamMaxRows = 16, Q row-contiguous): ONE threaded pass over Q. x is widened to fp32 once
 // (M x in, in cache), u = scale x A^T (M x r) is computed first, then the threads split the output rows: each
 // reads its rows of Q (1 byte per weight), widens them in registers (int8: a cast; fp8: a 256-entry table),
 // dots them with the M rows of x, applies s[n] once after the dot and adds u B[n]^T + bias[n] before the
 // single store of y[:, n]. Four output rows per step give four independent accumulators (the FMA latency is
-// hidden) and share each load of x. On x86-64 with AVX2+FMA (checked at run time) the loop is written with
-// intrinsics (8 weights per vector: vpmovsxbd + vcvtdq2ps for int8, a table gather for fp8); elsewhere a
-// portable `omp simd` loop.
+// hidden) and share each load of x; from M = 4 on, each widened vector of Q also feeds four rows of x
+// (widening is paid once per four rows; up to 16 rows this single pass measured faster than dequantising
+// blocks for BLAS on the shared 2-core test machine, where every extra barrier costs). On x86-64 with AVX2+FMA (checked
+// at run time) the loop is written with intrinsics (8 weights per vector: vpmovsxbd + vcvtdq2ps for int8, a table
+// gather for fp8); elsewhere a portable `omp simd` loop.
 //
 // More rows (or a transposed Q, as the backward passes): the product is compute-bound, so Q is dequantised in
-// row blocks of kBlockRows into a per-call fp32 buffer (fp64 for fp64 x), and BLAS multiplies x by each block
-// into its slice of y, which already holds the LoRA term and bias (beta = 1). The dequantised weight never
-// exists whole: the buffer is kBlockRows x in (2 MB at in = 4096).
+// row blocks of kBlockRows into a per-thread fp32 buffer (fp64 for fp64 x), and a single-threaded BLAS GEMM
+// multiplies x by each block into its slice of y, which already holds the LoRA term and bias (beta = 1); the
+// threads split the blocks. The dequantised weight never exists whole: one kBlockRows x in buffer per thread
+// (2 MB at in = 4096).
 #include "lora_linear_quantized.h"
 
 #include <ATen/Dispatch.h>
@@ -34,7 +37,7 @@
 namespace lowrank {
 namespace {
 
-constexpr int64_t kStreamMaxRows = 4;
+constexpr int64_t kStreamMaxRows = 16;
 constexpr int64_t kBlockRows = 128;
 
 // Widening of one stored weight to float: int8 is a cast, float8_e4m3fn (stored as its byte) a table look-up.
@@ -126,13 +129,57 @@ template <typename Widen>
 LOWRANK_AVX2 void dot_rows_avx2(const float* xf, int64_t M, const typename Widen::stored_t* q, int64_t ldq, int64_t K,
                                 int64_t n0, int64_t n1, Widen widen, float* dots) {
   const int64_t K8 = K - K % 8;
+  // Groups of four rows of x: each widened vector of Q feeds four FMAs (two rows of Q per step: eight chains).
+  const int64_t m4 = M - M % 4;
+  for (int64_t mg = 0; mg < m4; mg += 4) {
+    const float* x0 = xf + mg * K;
+    const float* x1 = x0 + K;
+    const float* x2 = x1 + K;
+    const float* x3 = x2 + K;
+    for (int64_t n = n0; n < n1; n += 2) {
+      const bool pair = n + 1 < n1;
+      const auto* wa = q + n * ldq;
+      const auto* wb = pair ? wa + ldq : wa;  // an odd last row is computed twice and written once
+      __m256 a[2][4];
+      for (auto& row : a) {
+        for (auto& v : row) v = _mm256_setzero_ps();
+      }
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 va = widen8(wa + k, widen.table);
+        const __m256 vb = widen8(wb + k, widen.table);
+        const __m256 xv0 = _mm256_loadu_ps(x0 + k);
+        const __m256 xv1 = _mm256_loadu_ps(x1 + k);
+        const __m256 xv2 = _mm256_loadu_ps(x2 + k);
+        const __m256 xv3 = _mm256_loadu_ps(x3 + k);
+        a[0][0] = _mm256_fmadd_ps(xv0, va, a[0][0]);
+        a[1][0] = _mm256_fmadd_ps(xv0, vb, a[1][0]);
+        a[0][1] = _mm256_fmadd_ps(xv1, va, a[0][1]);
+        a[1][1] = _mm256_fmadd_ps(xv1, vb, a[1][1]);
+        a[0][2] = _mm256_fmadd_ps(xv2, va, a[0][2]);
+        a[1][2] = _mm256_fmadd_ps(xv2, vb, a[1][2]);
+        a[0][3] = _mm256_fmadd_ps(xv3, va, a[0][3]);
+        a[1][3] = _mm256_fmadd_ps(xv3, vb, a[1][3]);
+      }
+      const float* xs[4] = {x0, x1, x2, x3};
+      for (int j = 0; j < 4; ++j) {
+        float sa = hsum(a[0][j]), sb = hsum(a[1][j]);
+        for (int64_t k = K8; k < K; ++k) {
+          sa += xs[j][k] * widen(wa[k]);
+          sb += xs[j][k] * widen(wb[k]);
+        }
+        dots[(n - n0) * M + mg + j] = sa;
+        if (pair) dots[(n + 1 - n0) * M + mg + j] = sb;
+      }
+    }
+  }
+  // The remaining M % 4 rows of x: four rows of Q per step, one chain each.
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const auto* w0 = q + n * ldq;
     const auto* w1 = w0 + ldq;
     const auto* w2 = w1 + ldq;
     const auto* w3 = w2 + ldq;
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = m4; m < M; ++m) {
       const float* xm = xf + m * K;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
       for (int64_t k = 0; k < K8; k += 8) {
@@ -158,7 +205,7 @@ LOWRANK_AVX2 void dot_rows_avx2(const float* xf, int64_t M, const typename Widen
   }
   for (; n < n1; ++n) {
     const auto* w = q + n * ldq;
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = m4; m < M; ++m) {
       const float* xm = xf + m * K;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
       int64_t k = 0;
@@ -239,28 +286,25 @@ void stream_pass(const float* xf, const T* A, const T* B, const T* bias, const t
 }
 
 // D (rows x K, row-major, dtype acc) = s[n0 + i] * Q[n0 + i, :] for i < rows, Q with strides (sq0, sq1).
+// Serial: the caller splits the blocks over the threads.
 template <typename acc_t, typename Widen>
 void dequant_block(const typename Widen::stored_t* q, int64_t sq0, int64_t sq1, const float* wscale, int64_t n0,
                    int64_t rows, int64_t K, Widen widen, acc_t* D) {
   if (sq1 == 1) {
-    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const auto* w = q + (n0 + i) * sq0;
-        const acc_t s = static_cast<acc_t>(wscale[n0 + i]);
-        acc_t* d = D + i * K;
+    for (int64_t i = 0; i < rows; ++i) {
+      const auto* w = q + (n0 + i) * sq0;
+      const acc_t s = static_cast<acc_t>(wscale[n0 + i]);
+      acc_t* d = D + i * K;
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k) d[k] = s * static_cast<acc_t>(widen(w[k]));
-      }
-    });
+      for (int64_t k = 0; k < K; ++k) d[k] = s * static_cast<acc_t>(widen(w[k]));
+    }
   } else {
     // Column-major Q (e.g. the transposed weight of the backward): read along n, contiguous for sq0 == 1.
-    at::parallel_for(0, K, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        for (int64_t i = 0; i < rows; ++i) {
-          D[i * K + k] = static_cast<acc_t>(wscale[n0 + i]) * static_cast<acc_t>(widen(q[(n0 + i) * sq0 + k * sq1]));
-        }
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = 0; i < rows; ++i) {
+        D[i * K + k] = static_cast<acc_t>(wscale[n0 + i]) * static_cast<acc_t>(widen(q[(n0 + i) * sq0 + k * sq1]));
       }
-    });
+    }
   }
 }
 
@@ -281,15 +325,22 @@ at::Tensor blocked_path(const at::Tensor& x2, const at::Tensor& qweight, const a
   const at::Tensor ws = weight_scale.contiguous();
   const auto* q = reinterpret_cast<const typename Widen::stored_t*>(qweight.const_data_ptr());
   const int64_t block = std::min<int64_t>(kBlockRows, N);
-  at::Tensor D = at::empty({block, K}, xa.options());
+  const int64_t num_blocks = (N + block - 1) / block;
+  // One parallel region: each thread dequantizes its blocks into its own buffer and runs a single-threaded
+  // GEMM (ATen ops inside at::parallel_for do not fork again). One region instead of two per block keeps the
+  // threads from meeting at a barrier 2 N / kBlockRows times, which costs dearly when cores are shared.
   AT_DISPATCH_FLOATING_TYPES(acc_type, "lora_linear_quantized_cpu_blocked", [&] {
-    for (int64_t n0 = 0; n0 < N; n0 += block) {
-      const int64_t rows = std::min(block, N - n0);
-      dequant_block<scalar_t, Widen>(q, qweight.stride(0), qweight.stride(1), ws.const_data_ptr<float>(), n0, rows, K,
-                                     widen, D.mutable_data_ptr<scalar_t>());
-      at::Tensor ys = ya.narrow(1, n0, rows);
-      ys.addmm_(xa, D.narrow(0, 0, rows).t());
-    }
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+      at::Tensor D = at::empty({block, K}, xa.options());
+      for (int64_t blk = b_begin; blk < b_end; ++blk) {
+        const int64_t n0 = blk * block;
+        const int64_t rows = std::min(block, N - n0);
+        dequant_block<scalar_t, Widen>(q, qweight.stride(0), qweight.stride(1), ws.const_data_ptr<float>(), n0, rows, K,
+                                       widen, D.mutable_data_ptr<scalar_t>());
+        at::Tensor ys = ya.narrow(1, n0, rows);
+        ys.addmm_(xa, D.narrow(0, 0, rows).t());
+      }
+    });
   });
   return ya.to(x2.scalar_type()).view(shape.out_sizes);
 }
