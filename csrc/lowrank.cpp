@@ -13,6 +13,7 @@
 
 #include "lora_linear.h"
 #include "lora_linear_multi.h"
+#include "lora_linear_quantized.h"
 
 #define LOWRANK_STR_(x) #x
 #define LOWRANK_STR(x) LOWRANK_STR_(x)
@@ -66,6 +67,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_bac
   return {grad(mask[0], x), grad(mask[1], lora_A), grad(mask[2], lora_B), grad(mask[3], scales)};
 }
 
+at::Tensor lora_linear_quantized_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& weight_scale,
+                                      const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                                      const c10::optional<at::Tensor>& bias) {
+  const auto shape = check_lora_linear_quantized_args(x, qweight, weight_scale, lora_A, lora_B, bias);
+  return at::empty(shape.out_sizes, x.options());
+}
+
 TORCH_LIBRARY(lowrank, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias) -> Tensor");
   m.def(
@@ -74,12 +82,16 @@ TORCH_LIBRARY(lowrank, m) {
   m.def(
       "lora_linear_multi_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor "
       "adapter_ids, Tensor scales, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lora_linear_quantized(Tensor x, Tensor qweight, Tensor weight_scale, Tensor lora_A, Tensor lora_B, float scale, "
+      "Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowrank, Meta, m) {
   m.impl("lora_linear", &lora_linear_meta);
   m.impl("lora_linear_multi", &lora_linear_multi_meta);
   m.impl("lora_linear_multi_backward", &lora_linear_multi_backward_meta);
+  m.impl("lora_linear_quantized", &lora_linear_quantized_meta);
 }
 
 }  // namespace lowrank

@@ -4,7 +4,7 @@ The public API is what this module exports; everything else is private.
 """
 
 from lowrank import distributed as distributed  # the submodule: lowrank.distributed.rsvd, ...
-from lowrank._ops import WITH_CUDA, lora_linear, lora_linear_multi
+from lowrank._ops import WITH_CUDA, lora_linear, lora_linear_multi, lora_linear_quantized
 from lowrank.budget import RankAllocation, allocate_ranks
 from lowrank.completion import als
 from lowrank.cur import cur, interpolation_matrix, interpolative
@@ -13,6 +13,7 @@ from lowrank.lora import (
     LoRAEmbedding,
     LoRALinear,
     LoRAMergedLinear,
+    QuantizedLoRALinear,
     adapter_size,
     combine_adapters,
     combine_lora,
@@ -23,6 +24,7 @@ from lowrank.lora import (
     mark_only_lora_trainable,
     merge_lora,
     mixed_adapter_batch,
+    quantize_base,
     remove_lora,
     save_adapter,
     truncate_adapter,
@@ -32,6 +34,7 @@ from lowrank.nmf import nmf
 from lowrank.nystrom import nystrom
 from lowrank.pca import PCAResult, pca, pca_inverse_transform, pca_transform
 from lowrank.qr import cholesky_qr
+from lowrank.quantize import dequantize, quantize_weight
 from lowrank.sketch import StreamingSVD
 from lowrank.svd import SVDResult, rsvd, svd, svd_error
 
@@ -78,4 +81,9 @@ __all__ = [
     "combine_adapters",
     "combine_lora",
     "truncate_adapter",
+    "lora_linear_quantized",
+    "quantize_weight",
+    "dequantize",
+    "QuantizedLoRALinear",
+    "quantize_base",
 ]

@@ -10,7 +10,7 @@ import torch
 
 import lowrank
 
-OPS = ["lora_linear", "lora_linear_multi", "lora_linear_multi_backward"]
+OPS = ["lora_linear", "lora_linear_multi", "lora_linear_multi_backward", "lora_linear_quantized"]
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -14,6 +14,7 @@ from lowrank.lora.model import (
     remove_lora,
     unmerge_lora,
 )
+from lowrank.lora.quantized import QuantizedLoRALinear, quantize_base
 
 __all__ = [
     "BASE_ADAPTER",
@@ -38,4 +39,6 @@ __all__ = [
     "combine_adapters",
     "combine_lora",
     "truncate_adapter",
+    "QuantizedLoRALinear",
+    "quantize_base",
 ]
