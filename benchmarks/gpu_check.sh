@@ -20,7 +20,7 @@ DRY=${GPU_CHECK_DRY:-0}
 
 # The kernel test files run first, without -x and with --maxfail, so one failure elsewhere cannot hide the
 # kernels' results; device-mismatch and registration tests are named explicitly (no "cuda" in their names).
-KERNEL_TESTS="tests/test_cuda_paths.py tests/test_lora_linear.py tests/test_lora_multi.py tests/test_registry.py"
+KERNEL_TESTS="tests/test_cuda_paths.py tests/test_lora_linear.py tests/test_lora_multi.py tests/test_lora_linear_quantized.py tests/test_registry.py"
 KERNEL_FILTER="cuda or CUDA or device or registered or extension"
 PYTEST="$PY -m pytest -q -p no:cacheprovider -rfE"
 

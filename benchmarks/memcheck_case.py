@@ -59,6 +59,13 @@ MULTI = [
     ("segments, ids sorted into runs (M=300, 2 adapters)", 300, 96, 24, 8, 2, "runs", 0),
     ("segments, shuffled ids (M=300, 2 adapters)", 300, 64, 40, 4, 2, "random", 0),
 ]
+# (label, M, in, out, r, qdtype): lora_linear_quantized, decode streaming kernel (M <= 16) and the blocked
+# dequantise + cuBLAS path (larger M)
+QUANT = [
+    ("quantized int8 decode (M=1)", 1, 512, 40, 8, "int8"),
+    ("quantized fp8 decode (M=16), odd in (scalar loads)", 16, 136, 24, 4, "float8_e4m3fn"),
+    ("quantized int8 blocked (M=40)", 40, 96, 17, 8, "int8"),
+]
 SMALL = {
     "decode, split-K shrink, 16-byte loads",
     "decode M=16, M*r = 4096 (shared-memory edge)",
@@ -99,6 +106,19 @@ def main(small: bool) -> None:
         for i, j in enumerate(ids.tolist()):
             if j >= 0:
                 ref[i] += scales[j].double() * (x[i].double() @ a[j].double().T) @ b[j].double().T
+        _check(y, ref, 3e-2, label)
+        ran += 1
+    for label, M, n_in, n_out, r, qdtype in QUANT:
+        if small:
+            continue
+        x = _tensor((M, n_in), torch.bfloat16)
+        w = _tensor((n_out, n_in), torch.float32, 0, n_in**-0.5)
+        q, s = lowrank.quantize_weight(w, qdtype)
+        a = _tensor((r, n_in), torch.bfloat16, 0, n_in**-0.5)
+        b = _tensor((n_out, r), torch.bfloat16)
+        y = lowrank.lora_linear_quantized(x, q, s, a, b, 0.5)
+        w_deq = lowrank.dequantize(q, s).double()
+        ref = x.double() @ w_deq.T + 0.5 * (x.double() @ a.double().T) @ b.double().T
         _check(y, ref, 3e-2, label)
         ran += 1
     torch.cuda.synchronize()

@@ -267,16 +267,17 @@ def _spectral_factors(matrix: torch.Tensor, k_cap: int, seed: int) -> tuple[torc
     return U, S, Vh
 
 
-def _tail_error(norm_sq: float, S: torch.Tensor, k: int) -> float:
-    """Relative error of ``U_k S_k Vh_k`` from ``||D||_F^2 - sum_{i<k} S_i^2``.
+def _tail_error(norm_sq: float, resid_sq: float, S: torch.Tensor, k: int) -> float:
+    """Relative error of ``U_k S_k Vh_k`` from the residual at the full computed rank ``K = len(S)``.
 
-    Exact for the truncations of an SVD and of a randomized SVD's projection (``U_k S_k Vh_k = U_k U_k^T D``
-    there), up to rounding: about ``sqrt(eps) ~ 3e-4`` absolute in float32 when the error is tiny.
+    ``||D - U_k S_k Vh_k||_F^2 = ||D - U S Vh||_F^2 + sum_{k <= i < K} S_i^2`` for the truncations of an
+    SVD and of a randomized SVD's projection (``U_k S_k Vh_k = U_k U_k^T D`` there): a sum of positive
+    terms, so no cancellation however small the error (``resid_sq`` is computed directly from ``D``).
     """
     if norm_sq <= 0:
         return 0.0
-    kept = float(S[:k].double().pow(2).sum())
-    return math.sqrt(max(norm_sq - kept, 0.0) / norm_sq)
+    dropped = float(S[k:].double().pow(2).sum())
+    return math.sqrt(min(resid_sq + dropped, norm_sq) / norm_sq)
 
 
 def _budget_ranks(
@@ -410,6 +411,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
             raise CLIError(
                 f"mismatched shapes for {name!r}: BASE {base.shape(name)} vs TUNED {tuned.shape(name)}"
             )
+        if base.dtype(name) != tuned.dtype(name):
+            _note(
+                f"{name}: BASE stores {base.dtype(name)} and TUNED {tuned.dtype(name)}; the delta includes "
+                "the rounding between the two formats"
+            )
 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -447,7 +453,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             else:
                 low_rank += 1
             B, A = _factor(delta, args.rank, None, args.seed)
-        error = _relative_error(delta, B, A)
+        error = _relative_error(delta, B.to(out_dtype).to(work), A.to(out_dtype).to(work))
         records[module] = _layer_record(tuple(delta.shape), int(B.shape[1]), math.sqrt(energy), error)
         captured = 1.0 - error * error
         total_captured += captured * energy
@@ -492,7 +498,9 @@ def _extract_budget(
 
     A layer's spectrum goes as far as the budget could ever give it (``budget // cost`` ranks, at most its
     smaller side); the triplets are kept so the checkpoints are read once. Memory: the kept triplets, each
-    at most the budget's size. Errors come from ``||D||_F^2 - sum S_k^2`` (see ``_tail_error``).
+    at most the budget's size. Errors from the residual at the computed rank plus the dropped values (see
+    ``_tail_error``), for the factors in the working precision: rounding them to a bf16/fp16 stored dtype
+    adds to it (the fixed-rank modes, which still hold the delta, record the stored factors' error).
     """
     spectra, costs, kept = [], [], {}
     for name in _progress(names, "spectra"):
@@ -515,7 +523,8 @@ def _extract_budget(
             S = delta.new_zeros(0)
         else:
             U, S, Vh = _spectral_factors(delta, k_cap, seed)
-        kept[name] = (module, tuple(delta.shape), out_dtype, embedding, norm_sq, U, S, Vh)
+        resid_sq = float((delta - (U * S) @ Vh).double().pow(2).sum()) if S.numel() else norm_sq
+        kept[name] = (module, tuple(delta.shape), out_dtype, embedding, norm_sq, resid_sq, U, S, Vh)
         spectra.append(S)
         costs.append(cost)
         del delta
@@ -525,7 +534,7 @@ def _extract_budget(
     records: dict[str, dict[str, Any]] = {}
     total_captured = total_energy = 0.0
     for name, k in zip(names, allocation):
-        module, shape, out_dtype, embedding, norm_sq, U, S, Vh = kept.pop(name)
+        module, shape, out_dtype, embedding, norm_sq, resid_sq, U, S, Vh = kept.pop(name)
         shape_text = f"{shape[0]}x{shape[1]}".rjust(11)
         if norm_sq == 0.0:
             _write_line(f"{module:<48} {shape_text}  unchanged, skipped")
@@ -535,7 +544,7 @@ def _extract_budget(
             _write_line(f"{module:<48} {shape_text}  rank    0  left out: the budget buys more elsewhere")
             continue
         B, A = _balanced_factors(U[:, :k], S[:k], Vh[:k])
-        error = _tail_error(norm_sq, S, k)
+        error = _tail_error(norm_sq, resid_sq, S, k)
         total_captured += (1.0 - error * error) * norm_sq
         ranks[module] = k
         records[module] = _layer_record(shape, k, math.sqrt(norm_sq), error)

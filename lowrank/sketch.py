@@ -132,6 +132,12 @@ class StreamingSVD:
     ``W - (Psi 1) mu^T``, ``Z - (Phi 1)(mu^T Xi)``, ``Y - 1 (mu^T Omega)`` and
     ``Y^T Y - m (Omega^T mu)(mu^T Omega)`` (as ``1^T Y = m mu^T Omega``).
 
+    Limits of one pass: when the stream's numerical rank far exceeds ``s`` (a flat spectrum), the core
+    solve is noisy and the leading singular values of the reconstruction can exceed the true ones (1.6x
+    seen for a rank-30 matrix at ``k = 5``) while the Frobenius error stays within the paper's bound; use a
+    wider ``sketch``, or :func:`lowrank.rsvd` on data that can be read more than once. In float32 with
+    column means far larger than the centred signal, centring loses accuracy (use float64).
+
     Error estimate (§6): ``||A - A_k||_F^2 ~ ||Theta (A - A_k)||_F^2 / q`` with ``Theta`` standard
     Gaussian; the ratio is a ``chi^2`` with at least ``q`` degrees of freedom over ``q``, so for ``q = 10``
     the estimate of the norm lies within a factor 2 of the truth with probability above 0.99.

@@ -386,3 +386,26 @@ def test_cuda_matches_cpu():
     Bc, Ac = lowrank.combine_lora(items, weights, r=6)
     torch.testing.assert_close(B.cpu(), Bc, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(A.cpu(), Ac, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-12, 1.0, 1e12, 1e30])
+def test_combine_lora_is_scale_invariant(scale):
+    g = torch.Generator().manual_seed(7)
+    fs = [(torch.randn(40, 4, generator=g), torch.randn(4, 30, generator=g)) for _ in range(2)]
+    ref = lowrank.combine_lora(fs, r=3)
+    got = lowrank.combine_lora([(B * scale, A * scale) for B, A in fs], r=3)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    # B, A are balanced (sqrt of the singular values on each side): each scales by `scale`
+    torch.testing.assert_close(got[0].double() / scale, ref[0].double(), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got[1].double() / scale, ref[1].double(), rtol=1e-3, atol=1e-4)
+
+
+def test_combine_lora_and_truncate_ignore_autocast():
+    g = torch.Generator().manual_seed(8)
+    fs = [(torch.randn(70, 4, generator=g), torch.randn(4, 50, generator=g)) for _ in range(2)]
+    ref = lowrank.combine_lora(fs, r=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lowrank.combine_lora(fs, r=3)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])

@@ -540,3 +540,21 @@ def test_main_bad_input(case, small, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lowrank: error: ") and err.count("\n") == 1 and message in err, err
     assert not (root / "o").exists()
+
+
+def test_budget_errors_have_no_cancellation_near_zero(checkpoints, tmp_path, capsys):
+    # A budget large enough for every layer at full rank: the recorded errors are ~0 (rounding), not the
+    # ~3e-4 noise of ||D||^2 - sum S^2.
+    root, base_state, tuned_state = checkpoints
+    out = tmp_path / "full"
+    assert (
+        in_process(capsys, "extract", root / "base", root / "tuned", "--budget", "64MiB", "--out", out)[0]
+        == 0
+    )
+    rows = info_table(in_process(capsys, "info", out)[1])
+    updates = adapter_factors(out)
+    assert rows
+    for module, (_, rel_err) in rows.items():
+        delta = delta64(base_state, tuned_state, module + ".weight")
+        true = np.linalg.norm(delta - updates[module]) / np.linalg.norm(delta)
+        assert rel_err < 1e-5 and true < 1e-5

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank._linop import no_autocast
 from lowrank.budget import allocate_ranks
 from lowrank.lora.init import LoRAFactors
 from lowrank.lora.layers import LoRALayer, LoRAMergedLinear
@@ -144,9 +145,22 @@ class _Factored:
     """The SVD of ``B @ A`` held as ``Q_b U``, ``S``, ``V^T Q_a^T`` (vectors formed for the kept k only)."""
 
     def __init__(self, B: torch.Tensor, A: torch.Tensor) -> None:
-        self.Qb, Rb = torch.linalg.qr(B)  # (..., m, p), (..., p, R): Householder, rank deficiency is fine
-        self.Qa, Ra = torch.linalg.qr(A.mT)  # (..., n, q), (..., q, R)
-        self.U, self.S, self.Vh = svd(Rb @ Ra.mT)  # the (p, q) core, S descending
+        # Scale invariance: the factors are normalised by their largest entries, whose product ``scale`` (a
+        # Python float, i.e. float64) multiplies the singular values back; factors of 1e-25 or 1e30 neither
+        # underflow nor overflow in the core product. ``S_n`` are the singular values of the normalised
+        # product (for ratios: ranks by tolerance, energy), ``S`` = ``S_n * scale`` in the work dtype.
+        b_max = float(B.abs().amax()) if B.numel() else 0.0
+        a_max = float(A.abs().amax()) if A.numel() else 0.0
+        b_max, a_max = b_max or 1.0, a_max or 1.0
+        self.scale = b_max * a_max
+        self.Qb, Rb = torch.linalg.qr(B / b_max)  # (..., m, p), (..., p, R): Householder, rank deficiency ok
+        self.Qa, Ra = torch.linalg.qr(A.mT / a_max)  # (..., n, q), (..., q, R)
+        self.U, self.S_n, self.Vh = svd(Rb @ Ra.mT)  # the (p, q) core, S descending
+        self.S = self.S_n * self.scale
+
+    def gains(self) -> torch.Tensor:
+        """``S^2`` in float64 (no overflow or underflow for any representable factors)."""
+        return self.S_n.double().square() * (self.scale * self.scale)
 
     def vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U_k, Vh_k)`` of the product; signs: the largest-magnitude entry of each column of U_k > 0."""
@@ -194,7 +208,7 @@ def _energy(S: torch.Tensor, k: int) -> float:
 def _balanced(core: _Factored, k: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U_k sqrt(S_k / scale), sqrt(S_k / scale) Vh_k)``."""
     left, right = core.vectors(k)
-    root = (core.S[..., :k] / scale).sqrt()
+    root = (core.S_n[..., :k] / scale).sqrt() * math.sqrt(core.scale)
     return left * root.unsqueeze(-2), root.unsqueeze(-1) * right
 
 
@@ -203,6 +217,7 @@ def _balanced(core: _Factored, k: int, scale: float = 1.0) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------------------------------
 
 
+@no_autocast
 @torch.no_grad()
 def combine_lora(
     factors: Sequence[tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, float]],
@@ -286,7 +301,7 @@ def combine_lora(
     if method == "exact":
         return LoRAFactors(Bs.to(out_dtype), As.to(out_dtype), 1.0)
     core = _Factored(Bs, As)
-    S = core.S
+    S = core.S_n  # ranks by tolerance and the energy are ratios: the normalised values suffice
     kmax = S.shape[-1]
     k = (
         kmax
@@ -335,6 +350,7 @@ def _check_model(model: object) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+@no_autocast
 @torch.no_grad()
 def combine_adapters(
     model: nn.Module,
@@ -480,6 +496,7 @@ def _budget_ranks(spectra: list[torch.Tensor], costs: list[int], caps: list[int]
     return [1 + k for k in extra]
 
 
+@no_autocast
 @torch.no_grad()
 def truncate_adapter(
     model: nn.Module,
@@ -562,7 +579,7 @@ def truncate_adapter(
         ranks = [min(r, cap) for cap in caps]
     elif tol is not None:
         ranks = [
-            min(cap, max(_tol_rank(part.S, tol) for part in parts)) for parts, cap in zip(decomposed, caps)
+            min(cap, max(_tol_rank(part.S_n, tol) for part in parts)) for parts, cap in zip(decomposed, caps)
         ]
     else:
         spectra = []
@@ -570,7 +587,7 @@ def truncate_adapter(
             length = max(part.S.shape[-1] for part in parts)
             gains = torch.zeros(length, dtype=torch.float64)
             for part in parts:
-                gains[: part.S.shape[-1]] += part.S.double().square().cpu()
+                gains[: part.S.shape[-1]] += part.gains().cpu()
             spectra.append(gains)
         costs = []
         for _, layer in layers:
