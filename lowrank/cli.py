@@ -459,17 +459,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         total_captured += captured * energy
         total_energy += energy
         ranks[module] = int(B.shape[1])
-        key = "base_model.model." + module
-        if embedding:
-            tensors[key + ".lora_embedding_A"] = A.to(out_dtype).contiguous()
-            tensors[key + ".lora_embedding_B"] = B.to(out_dtype).contiguous()
-        else:
-            tensors[key + ".lora_A.weight"] = A.to(out_dtype).contiguous()
-            tensors[key + ".lora_B.weight"] = B.to(out_dtype).contiguous()
-        _write_line(
-            f"{module:<48} {_shape(delta)}  rank {ranks[module]:>4}  energy {100 * captured:7.3f}%  "
-            f"rel.err {error:.3e}"
-        )
+        _add_layer(tensors, module, embedding, B, A, out_dtype, _shape(delta), error)
     if not ranks and total_energy > 0:
         raise CLIError("extract: the budget leaves no layer a rank (one rank of the smallest costs more)")
     if not ranks:
@@ -548,18 +538,29 @@ def _extract_budget(
         total_captured += (1.0 - error * error) * norm_sq
         ranks[module] = k
         records[module] = _layer_record(shape, k, math.sqrt(norm_sq), error)
-        key = "base_model.model." + module
-        if embedding:
-            tensors[key + ".lora_embedding_A"] = A.to(out_dtype).contiguous()
-            tensors[key + ".lora_embedding_B"] = B.to(out_dtype).contiguous()
-        else:
-            tensors[key + ".lora_A.weight"] = A.to(out_dtype).contiguous()
-            tensors[key + ".lora_B.weight"] = B.to(out_dtype).contiguous()
-        _write_line(
-            f"{module:<48} {shape_text}  rank {k:>4}  energy {100 * (1 - error * error):7.3f}%  "
-            f"rel.err {error:.3e}"
-        )
+        _add_layer(tensors, module, embedding, B, A, out_dtype, shape_text, error)
     return tensors, ranks, records, total_captured, total_energy
+
+
+def _add_layer(
+    tensors: dict[str, torch.Tensor],
+    module: str,
+    embedding: bool,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    out_dtype: torch.dtype,
+    shape_text: str,
+    error: float,
+) -> None:
+    """Adds one layer's factors under PEFT's keys (embeddings: lora_embedding_A/B) and prints its line."""
+    key = "base_model.model." + module
+    names = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
+    tensors[key + names[0]] = A.to(out_dtype).contiguous()
+    tensors[key + names[1]] = B.to(out_dtype).contiguous()
+    _write_line(
+        f"{module:<48} {shape_text}  rank {B.shape[1]:>4}  energy {100 * (1 - error * error):7.3f}%  "
+        f"rel.err {error:.3e}"
+    )
 
 
 def _shape(t: torch.Tensor) -> str:
