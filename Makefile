@@ -1,7 +1,7 @@
 # Two commands on a fresh machine (set-up included): `make bench` (the main job) and `make test`.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
-CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test bench lint format
 
@@ -24,9 +24,9 @@ bench: install
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	clang-format --dry-run --Werror $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+	clang-format --dry-run --Werror $(CSRC)
 
 format:
 	$(PYTHON) -m ruff format .
 	$(PYTHON) -m ruff check --fix .
-	clang-format -i $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+	clang-format -i $(CSRC)

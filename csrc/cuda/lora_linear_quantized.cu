@@ -31,21 +31,23 @@
 #include <type_traits>
 
 #include "lora_linear_quantized.h"
+#include "stream_kernel.cuh"
 
 namespace lowrank {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
-constexpr int kThreads = kWarpsPerBlock * 32;
+using streaming::aligned16;
+using streaming::ceil_div;
+using streaming::kThreads;
+using streaming::kWarpsPerBlock;
+using streaming::stream_min_blocks;
+using streaming::stream_rows_per_warp;
+using streaming::to_float;
+
 constexpr int64_t kMaxSmallM = 16;
 constexpr int64_t kMaxLoraSmem = 4096;  // floats of scale * u staged in shared memory (16 KiB)
 constexpr int kQVec = 16;               // weights per 16-byte load of Q
 constexpr int64_t kBlockRows = 2048;    // rows of Q dequantized per block on the large-M path
-
-template <typename T>
-__device__ __forceinline__ float to_float(T value) {
-  return static_cast<float>(value);
-}
 
 // N consecutive elements of x (type T) at p as floats; 16-byte loads when ALIGNED (caller guarantees it).
 template <typename T, int N, bool ALIGNED>
@@ -94,44 +96,18 @@ __device__ __forceinline__ float widen1<uint8_t>(uint8_t v) {
   return __half2float(*reinterpret_cast<const __half*>(&h));
 }
 
-// Shrink: partial[z][m][j] = sum_{k in slice z} x[m, k] A[j, k]; one warp per (j, z), lanes stride K.
-template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads)
-    shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, float* __restrict__ partial, int M, int r,
-                  int64_t K, int64_t k_chunk) {
-  const int lane = threadIdx.x & 31;
-  const int j = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (j >= r) return;
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
-  const int64_t k_end = k_begin + k_chunk < K ? k_begin + k_chunk : K;
-  float acc[MT];
-#pragma unroll
-  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-  for (int64_t k = k_begin + lane; k < k_end; k += 32) {
-    const float a = to_float(A[static_cast<int64_t>(j) * K + k]);
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < M) acc[m] = fmaf(a, to_float(x[static_cast<int64_t>(m) * K + k]), acc[m]);
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < MT; ++m) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
-  }
-  if (lane == 0) {
-    float* out = partial + static_cast<int64_t>(blockIdx.z) * M * r;
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < M) out[static_cast<int64_t>(m) * r + j] = acc[m];
-    }
-  }
+// Blocks per SM the register bound asks for: 2, as lora_linear's stream kernel (stream_min_blocks), except at
+// M = 16 with 16-byte loads, whose 4 x 16 accumulators plus 4 x 16 widened weights do not fit 128 registers
+// (ptxas spilled ~300 bytes there): that variant keeps one block per SM (up to 226 registers, no spills).
+template <int MT, int ROWS, int VEC>
+constexpr int quantized_min_blocks() {
+  return MT * VEC >= 256 ? 1 : stream_min_blocks<ROWS>();
 }
 
 // Stream: one warp per ROWS rows of Q (N x K, row-major, 1 byte per weight). VEC is kQVec (16-byte loads of
 // Q, 16-byte loads of x: needs K % 16 == 0 and 16-byte aligned Q, x) or 1 (scalar loads, any K).
 template <typename T, typename S, int MT, int ROWS, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, quantized_min_blocks<MT, ROWS, VEC>())
     stream_quantized_kernel(const T* __restrict__ x, const S* __restrict__ q, const float* __restrict__ wscale,
                             T* __restrict__ y, int M, int64_t N, int64_t K, const float* __restrict__ u_partials,
                             int num_partials, const T* __restrict__ lora_B, int r, float scale,
@@ -245,15 +221,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int MT>
-constexpr int rows_per_warp() {
-  return MT >= 8 ? 4 : (MT >= 2 ? 2 : 1);
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 template <typename T, typename S, int MT>
 void launch_small_m(const at::Tensor& x2, const at::Tensor& q, const at::Tensor& ws, const at::Tensor& a,
                     const at::Tensor& b, float scale, const T* bias, at::Tensor& y) {
@@ -262,20 +229,10 @@ void launch_small_m(const at::Tensor& x2, const at::Tensor& q, const at::Tensor&
   const int64_t N = q.size(0);
   const int r = static_cast<int>(a.size(0));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  // Split-K shrink: about two waves of warps over the SMs, each slice at least 32 columns.
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want = ceil_div(2 * sms * kWarpsPerBlock, r);
-  int64_t slices = std::min<int64_t>({want, std::max<int64_t>(1, ceil_div(K, 32)), 65535});
-  const int64_t k_chunk = ceil_div(K, slices);
-  slices = ceil_div(K, k_chunk);
-  at::Tensor partials = at::empty({slices, M, r}, x2.options().dtype(at::kFloat));
+  const at::Tensor partials = streaming::launch_shrink<T, MT>(x2, a);  // split-K u = x A^T
+  const int64_t slices = partials.size(0);
   const T* x_ptr = x2.const_data_ptr<T>();
-  shrink_kernel<T, MT>
-      <<<dim3(static_cast<unsigned>(ceil_div(r, kWarpsPerBlock)), 1, static_cast<unsigned>(slices)), kThreads, 0,
-         stream>>>(x_ptr, a.const_data_ptr<T>(), partials.mutable_data_ptr<float>(), M, r, K, k_chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  constexpr int kRows = rows_per_warp<MT>();
+  constexpr int kRows = stream_rows_per_warp<MT>();
   const size_t smem = static_cast<size_t>(M) * r * sizeof(float);
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kWarpsPerBlock * kRows)));
   const S* q_ptr = reinterpret_cast<const S*>(q.const_data_ptr());
