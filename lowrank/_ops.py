@@ -397,11 +397,25 @@ def lora_linear_quantized(
     >>> torch.allclose(y, x @ Wq.T + 2.0 * (x @ A.T) @ B.T, atol=1e-4)
     True
     """
+    tensors = (x, qweight, weight_scale, lora_A, lora_B)
+    if not (
+        all(isinstance(t, torch.Tensor) for t in tensors) and (bias is None or isinstance(bias, torch.Tensor))
+    ):
+        _raise_not_tensor(
+            "lora_linear_quantized",
+            x=x,
+            qweight=qweight,
+            weight_scale=weight_scale,
+            lora_A=lora_A,
+            lora_B=lora_B,
+            bias=bias,
+        )
+    scale = _check_scale("lora_linear_quantized", scale)
     op = torch.ops.lowrank.lora_linear_quantized.default
     if _no_grad_needed(x, weight_scale, lora_A, lora_B, bias):  # inference: past the autograd layer
         with torch._C._AutoDispatchBelowAutograd():
-            return op(x, qweight, weight_scale, lora_A, lora_B, float(scale), bias)
-    return op(x, qweight, weight_scale, lora_A, lora_B, float(scale), bias)
+            return op(x, qweight, weight_scale, lora_A, lora_B, scale, bias)
+    return op(x, qweight, weight_scale, lora_A, lora_B, scale, bias)
 
 
 def _lora_linear_quantized_setup_context(ctx, inputs, output):

@@ -173,3 +173,25 @@ def test_cuda_gradients_and_empty():
     for got, want in ((x.grad, xr.grad), (A.grad, Ar.grad), (B.grad, Br.grad)):
         assert ((got.double().cpu() - want).norm() / want.norm()).item() <= 1e-5
     assert lowrank.lora_linear_quantized(x[:0].detach(), q, s, A.detach(), B.detach()).shape == (0, 48)
+
+
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("x", None, "x must be a torch.Tensor"),
+        ("qweight", [[1]], "qweight must be a torch.Tensor, got list"),
+        ("weight_scale", 1.0, "weight_scale must be a torch.Tensor"),
+        ("bias", 0.5, "bias must be a torch.Tensor, got float"),
+        ("scale", "2", "scale must be a real number, got str"),
+    ],
+)
+def test_non_tensor_arguments_raise_type_error_naming_them(name, value, match):
+    W = torch.randn(8, 16)
+    q, s = lowrank.quantize_weight(W, "int8")
+    args = dict(
+        x=torch.randn(3, 16), qweight=q, weight_scale=s, lora_A=torch.randn(4, 16), lora_B=torch.randn(8, 4)
+    )
+    args.update(scale=1.0, bias=None)
+    args[name] = value
+    with pytest.raises(TypeError, match=match):
+        lowrank.lora_linear_quantized(**args)
