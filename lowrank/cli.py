@@ -35,8 +35,8 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -201,8 +201,13 @@ def _note(text: str) -> None:
 
 
 def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    # One reduction, no boolean temporary: a finite sum means finite entries (a NaN or an infinity makes
+    # the sum NaN/inf); only a non-finite sum (also reached by overflow of huge finite values) needs the
+    # element-wise count.
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
         raise CLIError(
             f"{source.label} tensor {name!r} holds {bad} NaN or infinite value(s); it cannot be factored"
         )
@@ -215,6 +220,72 @@ def _module_paths(names: Iterable[str]) -> set[str]:
         parts = name.split(".")[:-1]
         paths.update(".".join(parts[: i + 1]) for i in range(len(parts)))
     return paths
+
+
+# Same-shape layers are factored together in one batched SVD call (the engine takes (..., m, n)); a
+# group holds at most this many layers and bytes of deltas, so peak memory stays a few layers.
+GROUP_LAYERS = 8
+GROUP_BYTES = 256 << 20
+
+
+class _LayerDelta(NamedTuple):
+    name: str
+    module: str
+    delta: torch.Tensor  # (m, n) in the working dtype; embeddings transposed to PEFT's (dim, num)
+    out_dtype: torch.dtype
+    embedding: bool
+    norm_sq: float
+
+
+class _Bar:
+    """A per-layer progress bar on stderr with tqdm when it is installed, else nothing."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._bar = None
+        else:
+            self._bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, disable=None, leave=False)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _delta_groups(
+    base: TensorSource, tuned: TensorSource, names: list[str], max_layers: int = GROUP_LAYERS
+) -> Iterator[list[_LayerDelta]]:
+    """The deltas ``TUNED - BASE`` of ``names``, in groups of one shape, stored dtype and kind.
+
+    Each checkpoint is read once, tensor by tensor (memory-mapped); a group is yielded as soon as it is
+    full (``max_layers`` layers or ``GROUP_BYTES``) and the remainder at the end, so at most one partial
+    group per shape is held. Deltas are computed in fp32 (fp64 for fp64 checkpoints).
+    """
+    pending: dict[tuple, list[_LayerDelta]] = {}
+    for name in names:
+        module = name[: -len(".weight")]
+        out_dtype = tuned.dtype(name)
+        work = _work_dtype(out_dtype)
+        delta = tuned.get(name).to(work) - base.get(name).to(work)
+        if not bool(torch.isfinite(delta.sum(dtype=torch.float64))):
+            _check_finite(tuned, name, tuned.get(name))
+            _check_finite(base, name, base.get(name))
+            raise CLIError(f"the delta of {name!r} overflows {work} (TUNED - BASE is not finite)")
+        embedding = EMBEDDING_NAME.search(module) is not None
+        if embedding:
+            delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
+        norm_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+        key = (tuple(delta.shape), out_dtype, embedding)
+        group = pending.setdefault(key, [])
+        group.append(_LayerDelta(name, module, delta, out_dtype, embedding, norm_sq))
+        if len(group) >= max_layers or len(group) * delta.numel() * delta.element_size() >= GROUP_BYTES:
+            yield pending.pop(key)
+    yield from pending.values()
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -230,7 +301,7 @@ def _balanced_factors(
 
 def _factor(matrix: torch.Tensor, rank: int | None, tol: float | None, seed: int) -> tuple[torch.Tensor, ...]:
     """``(B, A)`` with ``matrix ~= B @ A`` of rank ``rank`` (clamped) or the smallest rank meeting ``tol``."""
-    from lowrank import rsvd
+    from lowrank.svd import rsvd
 
     if tol is not None:
         # Fixed precision (randQB_EI) bounds the rank; a fixed-rank rsvd at that rank, with power iterations,
@@ -249,20 +320,35 @@ def _factor(matrix: torch.Tensor, rank: int | None, tol: float | None, seed: int
     return _balanced_factors(U, S, Vh)
 
 
+def _factor_batch(
+    deltas: list[torch.Tensor], rank: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(B, A)]`` of rank ``min(rank, m, n)`` for same-shape matrices, by one batched :func:`rsvd` call."""
+    if len(deltas) == 1:
+        return [_factor(deltas[0], rank, None, seed)]
+    from lowrank.svd import rsvd
+
+    stack = torch.stack(deltas)
+    U, S, Vh = rsvd(stack, k=min(rank, *stack.shape[1:]), seed=seed)
+    del stack
+    return [_balanced_factors(U[i], S[i], Vh[i]) for i in range(len(deltas))]
+
+
 def _relative_error(matrix: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
     norm = float(torch.linalg.matrix_norm(matrix))
     return float(torch.linalg.matrix_norm(matrix - B @ A)) / norm if norm else 0.0
 
 
 def _spectral_factors(matrix: torch.Tensor, k_cap: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """``(U, S, Vh)`` of the leading ``k_cap`` triplets: exact SVD when ``k_cap`` is at least half the
-    smaller side (where a randomized SVD saves nothing), else the randomized SVD (whose trailing values
-    near ``k_cap`` may be slightly underestimated; the allocation then errs towards other layers)."""
+    """``(U, S, Vh)`` of the leading ``k_cap`` triplets of ``matrix`` (``(m, n)`` or a batch ``(b, m, n)``):
+    exact SVD when ``k_cap`` is at least half the smaller side (where a randomized SVD saves nothing),
+    else the randomized SVD (whose trailing values near ``k_cap`` may be slightly underestimated; the
+    allocation then errs towards other layers)."""
     from lowrank.svd import rsvd
 
-    if 2 * k_cap >= min(matrix.shape):
+    if 2 * k_cap >= min(matrix.shape[-2:]):
         U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-        return U[:, :k_cap], S[:k_cap], Vh[:k_cap]
+        return U[..., :k_cap], S[..., :k_cap], Vh[..., :k_cap, :]
     U, S, Vh = rsvd(matrix, k=k_cap, seed=seed)
     return U, S, Vh
 
@@ -426,40 +512,50 @@ def cmd_extract(args: argparse.Namespace) -> int:
         tensors, ranks, records, total_captured, total_energy = _extract_budget(
             base, tuned, names, *budget, args.seed
         )
-    for name in [] if budget is not None else _progress(names, "extract"):
-        module = name[: -len(".weight")]
-        out_dtype = tuned.dtype(name)
-        work = _work_dtype(out_dtype)
-        tuned_weight, base_weight = tuned.get(name), base.get(name)
-        _check_finite(tuned, name, tuned_weight)
-        _check_finite(base, name, base_weight)
-        delta = tuned_weight.to(work) - base_weight.to(work)
-        embedding = EMBEDDING_NAME.search(module) is not None
-        if embedding:
-            delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
-        energy = float(delta.pow(2).sum())
-        if energy == 0.0:
-            _write_line(f"{module:<48} {_shape(delta)}  unchanged, skipped")
+    bar = _Bar(0 if budget is not None else len(names), "extract")
+    groups = (
+        []
+        if budget is not None
+        else _delta_groups(base, tuned, names, 1 if args.rank == "auto" else GROUP_LAYERS)
+    )
+    for group in groups:
+        bar.update(len(group))
+        for layer in group:
+            if layer.norm_sq == 0.0:
+                _write_line(f"{layer.module:<48} {_shape(layer.delta)}  unchanged, skipped")
+        group = [layer for layer in group if layer.norm_sq > 0.0]
+        if not group:
             continue
         if args.rank == "auto":
-            B, A = _factor(delta, None, args.tol, args.seed)
+            factors = [_factor(group[0].delta, None, args.tol, args.seed)]
         else:
-            full = min(delta.shape)
-            if args.rank >= full:
+            shape = tuple(group[0].delta.shape)
+            if args.rank >= min(shape):
                 _note(
-                    f"{module}: --rank {args.rank} is not below min{tuple(delta.shape)} = {full}; kept at "
-                    f"full rank {full} (the adapter is no smaller than the dense delta)"
+                    f"{', '.join(layer.module for layer in group)}: --rank {args.rank} is not below "
+                    f"min{shape} = {min(shape)}; kept at full rank {min(shape)} (the adapter is no smaller "
+                    "than the dense delta)"
                 )
             else:
-                low_rank += 1
-            B, A = _factor(delta, args.rank, None, args.seed)
-        error = _relative_error(delta, B.to(out_dtype).to(work), A.to(out_dtype).to(work))
-        records[module] = _layer_record(tuple(delta.shape), int(B.shape[1]), math.sqrt(energy), error)
-        captured = 1.0 - error * error
-        total_captured += captured * energy
-        total_energy += energy
-        ranks[module] = int(B.shape[1])
-        _add_layer(tensors, module, embedding, B, A, out_dtype, _shape(delta), error)
+                low_rank += len(group)
+            factors = _factor_batch([layer.delta for layer in group], args.rank, args.seed)
+        for layer, (B, A) in zip(group, factors):
+            work = layer.delta.dtype
+            error = _relative_error(
+                layer.delta, B.to(layer.out_dtype).to(work), A.to(layer.out_dtype).to(work)
+            )
+            norm_sq = layer.norm_sq
+            records[layer.module] = _layer_record(
+                tuple(layer.delta.shape), int(B.shape[1]), math.sqrt(norm_sq), error
+            )
+            total_captured += (1.0 - error * error) * norm_sq
+            total_energy += norm_sq
+            ranks[layer.module] = int(B.shape[1])
+            _add_layer(
+                tensors, layer.module, layer.embedding, B, A, layer.out_dtype, _shape(layer.delta), error
+            )
+        del group, factors
+    bar.close()
     if not ranks and total_energy > 0:
         raise CLIError("extract: the budget leaves no layer a rank (one rank of the smallest costs more)")
     if not ranks:
@@ -492,32 +588,42 @@ def _extract_budget(
     ``_tail_error``), for the factors in the working precision: rounding them to a bf16/fp16 stored dtype
     adds to it (the fixed-rank modes, which still hold the delta, record the stored factors' error).
     """
-    spectra, costs, kept = [], [], {}
-    for name in _progress(names, "spectra"):
-        module = name[: -len(".weight")]
-        out_dtype = tuned.dtype(name)
-        work = _work_dtype(out_dtype)
-        tuned_weight, base_weight = tuned.get(name), base.get(name)
-        _check_finite(tuned, name, tuned_weight)
-        _check_finite(base, name, base_weight)
-        delta = tuned_weight.to(work) - base_weight.to(work)
-        del tuned_weight, base_weight
-        embedding = EMBEDDING_NAME.search(module) is not None
-        if embedding:
-            delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
-        cost = _rank_cost(tuple(delta.shape), out_dtype, unit)
-        k_cap = min(min(delta.shape), budget // cost)
-        norm_sq = float(delta.double().pow(2).sum())
-        if k_cap == 0 or norm_sq == 0.0:
-            U = Vh = delta.new_zeros(0)
-            S = delta.new_zeros(0)
-        else:
-            U, S, Vh = _spectral_factors(delta, k_cap, seed)
-        resid_sq = float((delta - (U * S) @ Vh).double().pow(2).sum()) if S.numel() else norm_sq
-        kept[name] = (module, tuple(delta.shape), out_dtype, embedding, norm_sq, resid_sq, U, S, Vh)
-        spectra.append(S)
-        costs.append(cost)
-        del delta
+    kept = {}
+    bar = _Bar(len(names), "spectra")
+    for group in _delta_groups(base, tuned, names):
+        bar.update(len(group))
+        first = group[0]
+        cost = _rank_cost(tuple(first.delta.shape), first.out_dtype, unit)
+        k_cap = min(min(first.delta.shape), budget // cost)
+        live = [layer for layer in group if layer.norm_sq > 0.0] if k_cap else []
+        triplets = (
+            _spectral_factors(torch.stack([layer.delta for layer in live]), k_cap, seed) if live else None
+        )
+        where = {id(layer): i for i, layer in enumerate(live)}
+        for layer in group:
+            if id(layer) in where:
+                U, S, Vh = (t[where[id(layer)]] for t in triplets)
+                resid = layer.delta - (U * S) @ Vh
+                resid_sq = float(torch.linalg.vector_norm(resid, dtype=torch.float64) ** 2)
+            else:
+                U = Vh = S = layer.delta.new_zeros(0)
+                resid_sq = layer.norm_sq
+            shape = tuple(layer.delta.shape)
+            kept[layer.name] = (
+                layer.module,
+                shape,
+                layer.out_dtype,
+                layer.embedding,
+                layer.norm_sq,
+                resid_sq,
+                U,
+                S,
+                Vh,
+            )
+        del group, live, triplets
+    bar.close()
+    spectra = [kept[name][7] for name in names]
+    costs = [_rank_cost(kept[name][1], kept[name][2], unit) for name in names]
     allocation = _budget_ranks(spectra, costs, budget, unit, min_rank=0)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

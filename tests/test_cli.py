@@ -558,3 +558,52 @@ def test_budget_errors_have_no_cancellation_near_zero(checkpoints, tmp_path, cap
         delta = delta64(base_state, tuned_state, module + ".weight")
         true = np.linalg.norm(delta - updates[module]) / np.linalg.norm(delta)
         assert rel_err < 1e-5 and true < 1e-5
+
+
+def test_same_shape_layers_factored_in_batches_match_per_layer_optimum(tmp_path, capsys, monkeypatch):
+    """Eleven same-shape layers (three batches of at most four), one unchanged in the middle, a bf16 group
+    of another shape and an infinite delta: each adapter equals the layer's own Eckart-Young truncation."""
+    import lowrank.cli as cli
+
+    monkeypatch.setattr(cli, "GROUP_LAYERS", 4)
+    g = torch.Generator().manual_seed(3)
+    base, tuned = {}, {}
+    for i in range(11):
+        w = torch.randn(20, 14, generator=g)
+        rank = 1 + i % 4
+        delta = torch.randn(20, rank, generator=g) @ torch.randn(rank, 14, generator=g) * (i + 1)
+        base[f"h.{i}.w.weight"], tuned[f"h.{i}.w.weight"] = w, w + (0 if i == 5 else 1) * delta
+    for i in range(3):
+        w = torch.randn(9, 30, generator=g).bfloat16()
+        base[f"h.{i}.b.weight"], tuned[f"h.{i}.b.weight"] = (
+            w,
+            (w.float() + torch.randn(9, 30, generator=g)).bfloat16(),
+        )
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    args = ["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--rank", "3"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "h.5.w" in out and "unchanged, skipped" in out
+    factors = load_file(tmp_path / "o" / "adapter_model.safetensors")
+    for name in base:
+        module = name[: -len(".weight")]
+        delta = tuned[name].double() - base[name].double()
+        if module == "h.5.w":
+            assert f"base_model.model.{module}.lora_A.weight" not in factors
+            continue
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        best = (U[:, :3] * S[:3]) @ Vh[:3]
+        B = factors[f"base_model.model.{module}.lora_B.weight"].double()
+        A = factors[f"base_model.model.{module}.lora_A.weight"].double()
+        assert factors[f"base_model.model.{module}.lora_B.weight"].dtype == base[name].dtype
+        rounding = 1e-2 if base[name].dtype == torch.bfloat16 else 1e-5
+        assert float((B @ A - best).norm() / delta.norm()) < rounding, module
+        optimum = float(S[3:].pow(2).sum().sqrt() / S.pow(2).sum().sqrt())
+        assert printed(out, module)[2] == pytest.approx(optimum, rel=0.02, abs=1e-5), module
+
+    tuned["h.6.w.weight"] = base["h.6.w.weight"] * 0 + float("inf")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    assert main([*args, "--out", str(tmp_path / "o2")]) == 2
+    assert "TUNED tensor 'h.6.w.weight' holds 280 NaN or infinite" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
