@@ -258,25 +258,35 @@ class _Bar:
 
 
 def _delta_groups(
-    base: TensorSource, tuned: TensorSource, names: list[str], max_layers: int = GROUP_LAYERS
+    base: TensorSource | None,
+    tuned: TensorSource,
+    names: list[str],
+    max_layers: int = GROUP_LAYERS,
+    *,
+    peft_embeddings: bool = True,
 ) -> Iterator[list[_LayerDelta]]:
-    """The deltas ``TUNED - BASE`` of ``names``, in groups of one shape, stored dtype and kind.
+    """The deltas ``TUNED - BASE`` of ``names`` (the weights themselves when ``base`` is None), in groups
+    of one shape, stored dtype and kind.
 
     Each checkpoint is read once, tensor by tensor (memory-mapped); a group is yielded as soon as it is
     full (``max_layers`` layers or ``GROUP_BYTES``) and the remainder at the end, so at most one partial
-    group per shape is held. Deltas are computed in fp32 (fp64 for fp64 checkpoints).
+    group per shape is held. Computed in fp32 (fp64 for fp64 checkpoints). With ``peft_embeddings``,
+    embedding deltas are transposed to PEFT's ``(dim, num)`` layout.
     """
     pending: dict[tuple, list[_LayerDelta]] = {}
     for name in names:
         module = name[: -len(".weight")]
         out_dtype = tuned.dtype(name)
         work = _work_dtype(out_dtype)
-        delta = tuned.get(name).to(work) - base.get(name).to(work)
+        delta = tuned.get(name).to(work)
+        if base is not None:
+            delta = delta - base.get(name).to(work)
         if not bool(torch.isfinite(delta.sum(dtype=torch.float64))):
             _check_finite(tuned, name, tuned.get(name))
-            _check_finite(base, name, base.get(name))
-            raise CLIError(f"the delta of {name!r} overflows {work} (TUNED - BASE is not finite)")
-        embedding = EMBEDDING_NAME.search(module) is not None
+            if base is not None:
+                _check_finite(base, name, base.get(name))
+                raise CLIError(f"the delta of {name!r} overflows {work} (TUNED - BASE is not finite)")
+        embedding = peft_embeddings and EMBEDDING_NAME.search(module) is not None
         if embedding:
             delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
         norm_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
@@ -689,45 +699,56 @@ def cmd_compress(args: argparse.Namespace) -> int:
     records: dict[str, dict[str, Any]] = {}
     bytes_before = bytes_after = 0
     planned = _plan_compress_budget(source, sorted(names), *budget, args.seed) if budget is not None else {}
-    for name in _progress(sorted(names), "compress"):
-        weight = source.get(name)
-        _check_finite(source, name, weight)
-        work = weight.to(_work_dtype(weight.dtype))
-        if name in planned:
-            B, A = planned.pop(name)
-        elif budget is not None:  # the budget keeps it dense: factors of any rank would not be smaller
-            B = work.new_zeros(weight.shape[0], min(weight.shape))
-            A = work.new_zeros(min(weight.shape), weight.shape[1])
-        else:
-            B, A = _factor(work, args.rank, args.tol, args.seed)
-        rank = int(B.shape[1])
-        m, n = weight.shape
-        dense = m * n * weight.element_size()
-        factored = rank * (m + n) * weight.element_size()
-        bytes_before += dense
-        if factored >= dense:
-            bytes_after += dense
-            why = (
-                f"--rank {args.rank} is not below min{tuple(weight.shape)} = {min(m, n)}"
-                if args.rank is not None and args.rank >= min(m, n)
-                else f"rank {rank} factors would take {rank * (m + n):,} numbers, the dense weight {m * n:,}"
-            )
-            _note(f"{name}: kept dense: {why}")
+    fixed_rank = args.rank is not None
+    bar = _Bar(len(names), "compress")
+    groups = _delta_groups(
+        None, source, sorted(names), GROUP_LAYERS if fixed_rank else 1, peft_embeddings=False
+    )
+    for group in groups:
+        bar.update(len(group))
+        if fixed_rank:
+            batch = _factor_batch([layer.delta for layer in group], args.rank, args.seed)
+        for i, layer in enumerate(group):
+            name, work, weight_dtype = layer.name, layer.delta, layer.out_dtype
+            if fixed_rank:
+                B, A = batch[i]
+            elif name in planned:
+                B, A = planned.pop(name)
+            elif budget is not None:  # the budget keeps it dense: factors of any rank would not be smaller
+                B = work.new_zeros(work.shape[0], min(work.shape))
+                A = work.new_zeros(min(work.shape), work.shape[1])
+            else:
+                B, A = _factor(work, None, args.tol, args.seed)
+            rank = int(B.shape[1])
+            m, n = work.shape
+            itemsize = torch.empty((), dtype=weight_dtype).element_size()
+            dense = m * n * itemsize
+            factored = rank * (m + n) * itemsize
+            bytes_before += dense
+            if factored >= dense:
+                bytes_after += dense
+                why = (
+                    f"--rank {args.rank} is not below min{tuple(work.shape)} = {min(m, n)}"
+                    if fixed_rank and args.rank >= min(m, n)
+                    else f"rank {rank} factors would take {rank * (m + n):,} numbers, the dense weight "
+                    f"{m * n:,}"
+                )
+                _note(f"{name}: kept dense: {why}")
+                _write_line(
+                    f"{name:<52} {_shape(work)}  rank {rank:>4}  kept dense (factors would not be smaller)"
+                )
+                continue
+            B, A = B.to(weight_dtype).contiguous(), A.to(weight_dtype).contiguous()
+            error = _relative_error(work, B.to(work.dtype), A.to(work.dtype))
+            records[layer.module] = _layer_record(tuple(work.shape), rank, math.sqrt(layer.norm_sq), error)
+            factors[name] = (B, A)
+            bytes_after += factored
             _write_line(
-                f"{name:<52} {_shape(weight)}  rank {rank:>4}  kept dense (factors would not be smaller)"
+                f"{name:<52} {_shape(work)}  rank {rank:>4}  {_human_bytes(dense):>10} -> "
+                f"{_human_bytes(factored):>10}  rel.err {error:.3e}"
             )
-            continue
-        B, A = B.to(weight.dtype).contiguous(), A.to(weight.dtype).contiguous()
-        error = _relative_error(work, B.to(work.dtype), A.to(work.dtype))
-        records[name[: -len(".weight")]] = _layer_record(
-            tuple(weight.shape), rank, float(torch.linalg.matrix_norm(work.double())), error
-        )
-        factors[name] = (B, A)
-        bytes_after += factored
-        _write_line(
-            f"{name:<52} {_shape(weight)}  rank {rank:>4}  {_human_bytes(dense):>10} -> "
-            f"{_human_bytes(factored):>10}  rel.err {error:.3e}"
-        )
+        del group
+    bar.close()
 
     if not factors:
         raise CLIError(
