@@ -109,7 +109,7 @@ class TensorSource:
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        from lowrank.lora.checkpoint import DTYPE_FROM_CODE
+        from lowrank.io import DTYPE_FROM_CODE
 
         code = self._handles[self._where[name]].get_slice(name).get_dtype()
         if code not in DTYPE_FROM_CODE:
@@ -684,7 +684,7 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from lowrank.lora.checkpoint import TensorEntry, write_safetensors
+    from lowrank.io import TensorEntry, write_safetensors
 
     budget = _budget_of(args)
     if (args.rank is not None) + (args.tol is not None) + (budget is not None) != 1:

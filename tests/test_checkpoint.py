@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowrank
+from lowrank import io as lowrank_io
 from lowrank.lora import checkpoint
 from lowrank.lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from lowrank.lora.model import lora_layers
@@ -317,6 +318,7 @@ KILLED_WRITER = """
 import os, sys, time, torch
 from torch import nn
 import lowrank
+from lowrank import io as lowrank_io
 from lowrank.lora import checkpoint
 
 torch.manual_seed(0)
@@ -333,7 +335,7 @@ def slow_entries(tensors):
     def stall():
         print("ready", flush=True)  # half the tensors are in the temporary file
         time.sleep(60)
-    entries[len(entries) // 2] = checkpoint.TensorEntry(
+    entries[len(entries) // 2] = lowrank_io.TensorEntry(
         entries[len(entries) // 2].name, entries[0].dtype, entries[len(entries) // 2].shape, stall)
     return entries
 
@@ -386,17 +388,17 @@ def test_streaming_writer_matches_safetensors_reader(tmp_path):
         "empty": torch.zeros(0, 4),
         "strided": torch.randn(6, 4, generator=gen).T,  # non-contiguous input
     }
-    entries = [checkpoint.TensorEntry(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()]
-    checkpoint.write_safetensors(tmp_path / "t.safetensors", entries, {"note": "x"})
+    entries = [lowrank_io.TensorEntry(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()]
+    lowrank_io.write_safetensors(tmp_path / "t.safetensors", entries, {"note": "x"})
     loaded = load_file(tmp_path / "t.safetensors")
     assert loaded.keys() == tensors.keys()
     for key, value in tensors.items():
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
     with safe_open(tmp_path / "t.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt", "note": "x"}
-    bad = [checkpoint.TensorEntry("x", torch.float32, (2,), lambda: torch.zeros(3))]
+    bad = [lowrank_io.TensorEntry("x", torch.float32, (2,), lambda: torch.zeros(3))]
     with pytest.raises(ValueError, match="declared"):
-        checkpoint.write_safetensors(tmp_path / "t.safetensors", bad)
+        lowrank_io.write_safetensors(tmp_path / "t.safetensors", bad)
     assert torch.equal(load_file(tmp_path / "t.safetensors")["f32"], tensors["f32"])  # old file kept
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []  # temporary removed
 
@@ -743,6 +745,7 @@ KILLED_BETWEEN_RENAMES = """
 import os, sys, time, torch
 from torch import nn
 import lowrank
+from lowrank import io as lowrank_io
 from lowrank.lora import checkpoint
 
 torch.manual_seed(0)
