@@ -6,9 +6,16 @@
     PEFT adapter (``B = U sqrt(S)``, ``A = sqrt(S) Vh``, ``lora_alpha = r`` so the scaling is 1).
     ``--rank auto --tol T`` picks, per layer, the smallest rank whose relative Frobenius error is at most
     ``T`` (randQB_EI fixed-precision mode, Yu, Gu & Li 2018), written as PEFT's ``rank_pattern``.
+    GPT-2-style checkpoints store ``Conv1D`` weights as (in, out): ``--fan-in-fan-out auto`` (the default)
+    reads ``config.json`` beside the checkpoint and, for the model types whose transformers code uses
+    ``Conv1D`` (``CONV1D_MODEL_TYPES``), factors ``delta.T`` of their ``c_attn`` / ``q_attn`` / ``c_proj`` /
+    ``c_fc`` weights, so the adapter has PEFT's ``nn.Linear`` layout (``lora_A`` (r, in), ``lora_B``
+    (out, r)) and ``fan_in_fan_out: true``; ``--fan-in-fan-out REGEX`` names such modules explicitly,
+    ``none`` treats every weight as (out, in).
 ``lowrank compress CKPT --rank R | --tol T --out OUT``
     Replaces matching 2-D weights ``W`` of a checkpoint by factors ``W ~= B @ A`` stored as ``<name>.B`` and
-    ``<name>.A``; other tensors are copied. A layer is kept dense when its factors would not be smaller.
+    ``<name>.A`` in the stored layout (a Conv1D's (in, out) weight gives B (in, r), A (r, out)); other
+    tensors are copied. A layer is kept dense when its factors would not be smaller.
 ``lowrank extract|compress ... --budget SIZE | --budget-params N``
     One size budget for all layers (bytes in the stored dtype, e.g. ``40MiB``, or parameters): per-layer
     ranks that minimise the total squared Frobenius error within it (:func:`lowrank.allocate_ranks`), from
@@ -42,6 +49,11 @@ import torch
 
 # Module names treated as embeddings (PEFT's lora_embedding_A/B layout) when --target selects them.
 EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|word_embeddings)$")
+
+# config.json model types whose transformers implementation uses Conv1D (weight stored (in, out)), and the
+# module names of those layers: what `extract --fan-in-fan-out auto` treats as (in, out).
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+CONV1D_NAME = r"(^|\.)(c_attn|q_attn|c_proj|c_fc)$"
 
 
 class CLIError(Exception):
@@ -390,6 +402,35 @@ def _parse_tol(text: str) -> float:
     return value
 
 
+def _conv1d_pattern(mode: str, sources: Sequence[TensorSource]) -> re.Pattern[str] | None:
+    """Which module paths hold (in, out) Conv1D weights: ``none``, a regex, or ``auto`` from config.json."""
+    if mode == "none":
+        return None
+    if mode != "auto":
+        try:
+            return re.compile(mode)
+        except re.error as exc:
+            raise CLIError(f"--fan-in-fan-out {mode!r}: invalid regular expression ({exc})") from None
+    for source in sources:
+        folder = source.path if os.path.isdir(source.path) else os.path.dirname(os.path.abspath(source.path))
+        config_file = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_file):
+            continue
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CLIError(f"{config_file}: unreadable config ({exc}); pass --fan-in-fan-out") from None
+        if model_type in CONV1D_MODEL_TYPES:
+            _note(
+                f"{config_file}: model_type {model_type!r} stores Conv1D weights as (in, out); factoring the "
+                "transpose of those layers (--fan-in-fan-out none to turn this off)"
+            )
+            return re.compile(CONV1D_NAME)
+        return None
+    return None
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from lowrank.lora.checkpoint import build_peft_config, write_adapter_dir
 
@@ -403,6 +444,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.rank != "auto" and args.tol is not None:
         raise CLIError("extract: --tol goes with --rank auto; pass either --rank R or --rank auto --tol T")
     base, tuned = TensorSource(args.base, "BASE"), TensorSource(args.tuned, "TUNED")
+    conv1d = _conv1d_pattern(args.fan_in_fan_out, (tuned, base))
     names = _select(tuned, _compile_target(args.target), embeddings=args.target is not None)
     for name in names:  # check everything that headers can tell before any arithmetic
         if name not in base:
@@ -424,7 +466,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     low_rank = 0
     if budget is not None:
         tensors, ranks, records, total_captured, total_energy = _extract_budget(
-            base, tuned, names, *budget, args.seed
+            base, tuned, names, *budget, args.seed, conv1d
         )
     for name in [] if budget is not None else _progress(names, "extract"):
         module = name[: -len(".weight")]
@@ -435,8 +477,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         _check_finite(base, name, base_weight)
         delta = tuned_weight.to(work) - base_weight.to(work)
         embedding = EMBEDDING_NAME.search(module) is not None
-        if embedding:
-            delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
+        if embedding or _is_conv1d_name(conv1d, module):
+            # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num); a Conv1D's is (B A)^T with
+            # B (out, r), A (r, in) for a weight stored (in, out).
+            delta = delta.T
         energy = float(delta.pow(2).sum())
         if energy == 0.0:
             _write_line(f"{module:<48} {_shape(delta)}  unchanged, skipped")
@@ -471,6 +515,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         )
     # lora_alpha = r: scaling 1, B @ A is the delta itself
     config = build_peft_config(ranks, dict(ranks), universe=_module_paths(tuned.names()))
+    config["fan_in_fan_out"] = any(_is_conv1d_name(conv1d, m) for m in ranks)
     config["base_model_name_or_path"] = args.base_model_name or os.path.abspath(args.base)
     write_adapter_dir(args.out, tensors, config, _metadata(records))
     size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -481,8 +526,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_conv1d_name(conv1d: re.Pattern[str] | None, module: str) -> bool:
+    return conv1d is not None and conv1d.search(module) is not None
+
+
 def _extract_budget(
-    base: TensorSource, tuned: TensorSource, names: list[str], budget: int, unit: str, seed: int
+    base: TensorSource,
+    tuned: TensorSource,
+    names: list[str],
+    budget: int,
+    unit: str,
+    seed: int,
+    conv1d: re.Pattern[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, dict[str, Any]], float, float]:
     """``extract --budget``: each delta's leading triplets in one pass, then the ranks within the budget.
 
@@ -503,8 +558,8 @@ def _extract_budget(
         delta = tuned_weight.to(work) - base_weight.to(work)
         del tuned_weight, base_weight
         embedding = EMBEDDING_NAME.search(module) is not None
-        if embedding:
-            delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
+        if embedding or _is_conv1d_name(conv1d, module):
+            delta = delta.T  # PEFT's update is (B A)^T for embeddings and for Conv1D's (in, out) weights
         cost = _rank_cost(tuple(delta.shape), out_dtype, unit)
         k_cap = min(min(delta.shape), budget // cost)
         norm_sq = float(delta.double().pow(2).sum())
@@ -853,6 +908,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget-params", type=_parse_size, help="like --budget, counted in parameters (e.g. 2M)")
     p.add_argument("--out", required=True, help="adapter directory to write (PEFT layout)")
+    p.add_argument(
+        "--fan-in-fan-out",
+        default="auto",
+        metavar="auto|none|REGEX",
+        help="modules whose weights are stored (in, out) (GPT-2's Conv1D): 'auto' (default) from config.json "
+        "beside the checkpoint, 'none', or a regex searched in module paths",
+    )
     p.add_argument("--base-model-name", help="base_model_name_or_path for the config (default: BASE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
     p.set_defaults(run=cmd_extract)
