@@ -82,6 +82,8 @@ def test_copy_is_trainable_switched_and_deleted_with_its_adapter(bert_state):
     assert "classifier.modules_to_save.default.weight" in trainable
     assert "classifier.original_module.weight" not in trainable
     assert set(lowrank.lora_state_dict(model)) == trainable
+    params = dict(model.named_parameters())
+    assert lowrank.adapter_size(model).adapter_params == sum(params[n].numel() for n in trainable)
 
     lowrank.inject_lora(model, TARGETS, r=2, adapter_name="other", modules_to_save=["classifier"])
     randomize(model, "default", 1)

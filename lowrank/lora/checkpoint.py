@@ -6,7 +6,10 @@ A checkpoint is a directory holding
   ``base_model.model.<module path>.lora_A.weight`` of shape ``(r, in_features)`` and
   ``base_model.model.<module path>.lora_B.weight`` of shape ``(out_features, r)`` for linear layers, and
   ``base_model.model.<module path>.lora_embedding_A`` ``(r, num_embeddings)`` /
-  ``lora_embedding_B`` ``(embedding_dim, r)`` for embeddings;
+  ``lora_embedding_B`` ``(embedding_dim, r)`` for embeddings (a GPT-2 ``Conv1D``, weight stored
+  ``(in, out)``, has the linear layout and ``fan_in_fan_out: true`` in the config, as PEFT writes it), and
+  the full state dict of each ``modules_to_save`` copy under ``base_model.model.<module path>.<key>``
+  (PEFT 0.21 drops the wrapper's ``modules_to_save.<adapter>.`` from these keys);
 * ``adapter_config.json``: PEFT's ``LoraConfig`` fields (``peft_type="LORA"``, ``r``, ``lora_alpha``,
   ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ...).
 
@@ -426,8 +429,11 @@ def save_adapter(
     modules (see :func:`build_peft_config`). Both files are staged in full and then renamed into place, and
     the weights carry the config they were saved with, so an interrupted save is read as the old or the new
     checkpoint, never a mix (see :func:`write_adapter_dir`). Fields of a config previously read by
-    :func:`load_adapter` that lowrank does not interpret are kept. Cost: one copy of the adapter tensors,
-    ``O(sum_l r_l (m_l + n_l))``.
+    :func:`load_adapter` that lowrank does not interpret are kept. ``fan_in_fan_out`` is true when the
+    adapter's layers are GPT-2 ``Conv1D`` (:class:`~lowrank.lora.layers.LoRAConv1D`); ``modules_to_save``
+    lists the modules holding a copy for ``adapter_name`` (their state dicts are written under PEFT's keys,
+    ``base_model.model.<path>.<key>``). Cost: one copy of the adapter tensors,
+    ``O(sum_l r_l (m_l + n_l))``, plus the ``modules_to_save`` copies.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -1310,7 +1316,15 @@ def load_adapter(
     interrupted between its two renames) is read with the weights' own config, with a warning. The whole
     config, including fields lowrank does not use, is kept on the model and written back by
     :func:`save_adapter`. An adapter added to layers that already hold other adapters is not activated (as in
-    PEFT); use the layers' ``set_adapter``.
+    PEFT); use :func:`lowrank.set_adapter`.
+
+    GPT-2's ``Conv1D`` modules become :class:`~lowrank.lora.layers.LoRAConv1D` whatever ``fan_in_fan_out``
+    says (PEFT, too, decides the layout by module type, warning when the flag disagrees). The modules the
+    config's ``modules_to_save`` names (PEFT's rule: the module path ends with the entry) are wrapped in a
+    :class:`~lowrank.lora.modules_to_save.ModulesToSaveWrapper` whose copy for ``adapter_name`` gets the
+    file's ``base_model.model.<path>.<key>`` tensors (the older ``<path>.modules_to_save.<name>.<key>``
+    form is read too); each key must be one of the module's state-dict keys with the same shape, and with
+    ``strict`` every one must be present.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -1387,16 +1401,25 @@ def adapter_size(model: nn.Module, adapter_name: str | None = None) -> AdapterSi
     Returns
     -------
     AdapterSize
-        ``adapter_params``/``adapter_bytes`` (the ``lora_A``/``lora_B`` factors, what :func:`save_adapter`
-        writes) and ``base_params``/``base_bytes`` (every other parameter, shared ones counted once), with
-        ``ratio`` = adapter bytes / base bytes. A rank-``r`` adapter of an ``m x n`` layer stores
-        ``r (m + n)`` numbers instead of ``m n``.
+        ``adapter_params``/``adapter_bytes`` (the ``lora_A``/``lora_B`` factors and the ``modules_to_save``
+        copies, what :func:`save_adapter` writes) and ``base_params``/``base_bytes`` (every other
+        parameter, shared ones counted once), with ``ratio`` = adapter bytes / base bytes. A rank-``r``
+        adapter of an ``m x n`` layer stores ``r (m + n)`` numbers instead of ``m n``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
     adapter_ids: set[int] = set()
+    all_copy_ids: set[int] = set()
     found = False
     for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):  # modules_to_save copies are saved with the adapter
+            for key, p in module.adapter_parameters():
+                all_copy_ids.add(id(p))
+                if adapter_name is None or key.split(".")[1] == adapter_name:
+                    adapter_ids.add(id(p))
+                    found = True
         for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
             params = getattr(module, attr, None)
             if isinstance(params, nn.ParameterDict):
@@ -1413,7 +1436,7 @@ def adapter_size(model: nn.Module, adapter_name: str | None = None) -> AdapterSi
         for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
         if isinstance(getattr(m, attr, None), nn.ParameterDict)
         for p in getattr(m, attr).values()
-    }
+    } | all_copy_ids
     for p in model.parameters():  # parameters() yields shared parameters once
         if id(p) in adapter_ids:
             adapter_params += p.numel()
