@@ -813,6 +813,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"{'lora_dropout':<24} {config.get('lora_dropout', 0.0)}")
     print(f"{'use_rslora':<24} {config.get('use_rslora', False)}")
+    print(f"{'fan_in_fan_out':<24} {config.get('fan_in_fan_out', False)}")
+    if config.get("modules_to_save"):
+        print(f"{'modules_to_save':<24} {', '.join(map(str, config['modules_to_save']))}")
     targets = config.get("target_modules")
     print(f"{'target_modules':<24} {targets if isinstance(targets, str) else ', '.join(targets or [])}")
     print(f"{'layers':<24} {len(layers)}   dtype {', '.join(sorted(set(dtypes.values())))}")

@@ -4,6 +4,7 @@ adapter, trained, saved and loaded in PEFT's layout, kept by remove_lora(merge=T
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lowrank
+from lowrank.cli import main
 from lowrank.lora.checkpoint import AdapterCheckpointError
 from lowrank.lora.model import delete_adapter, set_adapter
 from lowrank.lora.modules_to_save import ModulesToSaveWrapper
@@ -135,7 +137,7 @@ def test_remove_lora_merge_keeps_the_active_copy(bert_state):
     assert torch.equal(logits(model), logits(fresh_bert(bert_state)))
 
 
-def test_lowrank_checkpoint_is_peft_layout_and_loads_in_peft(bert_state, tmp_path):
+def test_lowrank_checkpoint_is_peft_layout_and_loads_in_peft(bert_state, tmp_path, capsys):
     model = lowrank.inject_lora(fresh_bert(bert_state), TARGETS, r=4, modules_to_save=["classifier"])
     randomize(model, "default", 4)
     expected = logits(model)
@@ -143,6 +145,8 @@ def test_lowrank_checkpoint_is_peft_layout_and_loads_in_peft(bert_state, tmp_pat
     lowrank.save_adapter(model, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"]
+    assert main(["info", str(tmp_path / "ours")]) == 0
+    assert re.search(r"^modules_to_save +classifier$", capsys.readouterr().out, re.M)
 
     peft_model = peft.PeftModel.from_pretrained(fresh_bert(bert_state), tmp_path / "ours").eval()
     assert rel(peft_model(input_ids=IDS).logits.detach(), expected) <= 1e-5
@@ -193,6 +197,8 @@ def test_bad_inputs_raise_clear_errors_and_change_nothing(bert_state, tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
     lowrank.inject_lora(model, TARGETS, r=2, modules_to_save=["classifier"])
+    with pytest.raises(ValueError, match="'classifier', which is in modules_to_save"):
+        lowrank.inject_lora(model, ["classifier"], r=2, adapter_name="second")
     with pytest.raises(NotImplementedError, match="modules_to_save"):
         with lowrank.mixed_adapter_batch(model, ["default"] * 3):
             pass

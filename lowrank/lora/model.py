@@ -183,6 +183,11 @@ def inject_lora(
             continue
         for p in matched:
             hits[p] += 1
+        if isinstance(module, ModulesToSaveWrapper):
+            raise ValueError(
+                f"target {matched[0]!r} matches module {name!r}, which is in modules_to_save (full copies per"
+                " adapter); a module is either adapted or copied, not both"
+            )
         if not isinstance(module, (nn.Linear, nn.Embedding, LoRALayer)) and not is_conv1d(module):
             raise TypeError(
                 f"target {matched[0]!r} matches module {name!r} of type {type(module).__name__}; "
