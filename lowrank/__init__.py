@@ -10,13 +10,16 @@ from lowrank.completion import als
 from lowrank.cur import cur, interpolation_matrix, interpolative
 from lowrank.factor import ConvergenceWarning, low_rank_factor
 from lowrank.lora import (
+    LoRAConv1D,
     LoRAEmbedding,
     LoRALinear,
     LoRAMergedLinear,
+    ModulesToSaveWrapper,
     QuantizedLoRALinear,
     adapter_size,
     combine_adapters,
     combine_lora,
+    delete_adapter,
     extract_lora,
     inject_lora,
     load_adapter,
@@ -27,6 +30,7 @@ from lowrank.lora import (
     quantize_base,
     remove_lora,
     save_adapter,
+    set_adapter,
     truncate_adapter,
     unmerge_lora,
 )
@@ -86,4 +90,8 @@ __all__ = [
     "dequantize",
     "QuantizedLoRALinear",
     "quantize_base",
+    "LoRAConv1D",
+    "ModulesToSaveWrapper",
+    "set_adapter",
+    "delete_adapter",
 ]

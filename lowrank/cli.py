@@ -6,9 +6,16 @@
     PEFT adapter (``B = U sqrt(S)``, ``A = sqrt(S) Vh``, ``lora_alpha = r`` so the scaling is 1).
     ``--rank auto --tol T`` picks, per layer, the smallest rank whose relative Frobenius error is at most
     ``T`` (randQB_EI fixed-precision mode, Yu, Gu & Li 2018), written as PEFT's ``rank_pattern``.
+    GPT-2-style checkpoints store ``Conv1D`` weights as (in, out): ``--fan-in-fan-out auto`` (the default)
+    reads ``config.json`` beside the checkpoint and, for the model types whose transformers code uses
+    ``Conv1D`` (``CONV1D_MODEL_TYPES``), factors ``delta.T`` of their ``c_attn`` / ``q_attn`` / ``c_proj`` /
+    ``c_fc`` weights, so the adapter has PEFT's ``nn.Linear`` layout (``lora_A`` (r, in), ``lora_B``
+    (out, r)) and ``fan_in_fan_out: true``; ``--fan-in-fan-out REGEX`` names such modules explicitly,
+    ``none`` treats every weight as (out, in).
 ``lowrank compress CKPT --rank R | --tol T --out OUT``
     Replaces matching 2-D weights ``W`` of a checkpoint by factors ``W ~= B @ A`` stored as ``<name>.B`` and
-    ``<name>.A``; other tensors are copied. A layer is kept dense when its factors would not be smaller.
+    ``<name>.A`` in the stored layout (a Conv1D's (in, out) weight gives B (in, r), A (r, out)); other
+    tensors are copied. A layer is kept dense when its factors would not be smaller.
 ``lowrank extract|compress ... --budget SIZE | --budget-params N``
     One size budget for all layers (bytes in the stored dtype, e.g. ``40MiB``, or parameters): per-layer
     ranks that minimise the total squared Frobenius error within it (:func:`lowrank.allocate_ranks`), from
@@ -42,6 +49,11 @@ import torch
 
 # Module names treated as embeddings (PEFT's lora_embedding_A/B layout) when --target selects them.
 EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|word_embeddings)$")
+
+# config.json model types whose transformers implementation uses Conv1D (weight stored (in, out)), and the
+# module names of those layers: what `extract --fan-in-fan-out auto` treats as (in, out).
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+CONV1D_NAME = r"(^|\.)(c_attn|q_attn|c_proj|c_fc)$"
 
 
 class CLIError(Exception):
@@ -264,6 +276,7 @@ def _delta_groups(
     max_layers: int = GROUP_LAYERS,
     *,
     peft_embeddings: bool = True,
+    conv1d: re.Pattern[str] | None = None,
 ) -> Iterator[list[_LayerDelta]]:
     """The deltas ``TUNED - BASE`` of ``names`` (the weights themselves when ``base`` is None), in groups
     of one shape, stored dtype and kind.
@@ -271,7 +284,8 @@ def _delta_groups(
     Each checkpoint is read once, tensor by tensor (memory-mapped); a group is yielded as soon as it is
     full (``max_layers`` layers or ``GROUP_BYTES``) and the remainder at the end, so at most one partial
     group per shape is held. Computed in fp32 (fp64 for fp64 checkpoints). With ``peft_embeddings``,
-    embedding deltas are transposed to PEFT's ``(dim, num)`` layout.
+    embedding deltas are transposed to PEFT's ``(dim, num)`` layout, and the modules ``conv1d`` matches
+    (weights stored ``(in, out)``) to ``(out, in)``.
     """
     pending: dict[tuple, list[_LayerDelta]] = {}
     for name in names:
@@ -287,8 +301,10 @@ def _delta_groups(
                 _check_finite(base, name, base.get(name))
                 raise CLIError(f"the delta of {name!r} overflows {work} (TUNED - BASE is not finite)")
         embedding = peft_embeddings and EMBEDDING_NAME.search(module) is not None
-        if embedding:
-            delta = delta.T  # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num)
+        if embedding or _is_conv1d_name(conv1d, module):
+            # PEFT's embedding update is (B A)^T with B (dim, r), A (r, num); a Conv1D's is (B A)^T with
+            # B (out, r), A (r, in) for a weight stored (in, out).
+            delta = delta.T
         norm_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
         key = (tuple(delta.shape), out_dtype, embedding)
         group = pending.setdefault(key, [])
@@ -486,6 +502,35 @@ def _parse_tol(text: str) -> float:
     return value
 
 
+def _conv1d_pattern(mode: str, sources: Sequence[TensorSource]) -> re.Pattern[str] | None:
+    """Which module paths hold (in, out) Conv1D weights: ``none``, a regex, or ``auto`` from config.json."""
+    if mode == "none":
+        return None
+    if mode != "auto":
+        try:
+            return re.compile(mode)
+        except re.error as exc:
+            raise CLIError(f"--fan-in-fan-out {mode!r}: invalid regular expression ({exc})") from None
+    for source in sources:
+        folder = source.path if os.path.isdir(source.path) else os.path.dirname(os.path.abspath(source.path))
+        config_file = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_file):
+            continue
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CLIError(f"{config_file}: unreadable config ({exc}); pass --fan-in-fan-out") from None
+        if model_type in CONV1D_MODEL_TYPES:
+            _note(
+                f"{config_file}: model_type {model_type!r} stores Conv1D weights as (in, out); factoring the "
+                "transpose of those layers (--fan-in-fan-out none to turn this off)"
+            )
+            return re.compile(CONV1D_NAME)
+        return None
+    return None
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from lowrank.lora.checkpoint import build_peft_config, write_adapter_dir
 
@@ -499,6 +544,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.rank != "auto" and args.tol is not None:
         raise CLIError("extract: --tol goes with --rank auto; pass either --rank R or --rank auto --tol T")
     base, tuned = TensorSource(args.base, "BASE"), TensorSource(args.tuned, "TUNED")
+    conv1d = _conv1d_pattern(args.fan_in_fan_out, (tuned, base))
     names = _select(tuned, _compile_target(args.target), embeddings=args.target is not None)
     for name in names:  # check everything that headers can tell before any arithmetic
         if name not in base:
@@ -520,13 +566,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
     low_rank = 0
     if budget is not None:
         tensors, ranks, records, total_captured, total_energy = _extract_budget(
-            base, tuned, names, *budget, args.seed
+            base, tuned, names, *budget, args.seed, conv1d
         )
     bar = _Bar(0 if budget is not None else len(names), "extract")
     groups = (
         []
         if budget is not None
-        else _delta_groups(base, tuned, names, 1 if args.rank == "auto" else GROUP_LAYERS)
+        else _delta_groups(base, tuned, names, 1 if args.rank == "auto" else GROUP_LAYERS, conv1d=conv1d)
     )
     for group in groups:
         bar.update(len(group))
@@ -577,6 +623,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         )
     # lora_alpha = r: scaling 1, B @ A is the delta itself
     config = build_peft_config(ranks, dict(ranks), universe=_module_paths(tuned.names()))
+    config["fan_in_fan_out"] = any(_is_conv1d_name(conv1d, m) for m in ranks)
     config["base_model_name_or_path"] = args.base_model_name or os.path.abspath(args.base)
     write_adapter_dir(args.out, tensors, config, _metadata(records))
     size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -587,8 +634,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_conv1d_name(conv1d: re.Pattern[str] | None, module: str) -> bool:
+    return conv1d is not None and conv1d.search(module) is not None
+
+
 def _extract_budget(
-    base: TensorSource, tuned: TensorSource, names: list[str], budget: int, unit: str, seed: int
+    base: TensorSource,
+    tuned: TensorSource,
+    names: list[str],
+    budget: int,
+    unit: str,
+    seed: int,
+    conv1d: re.Pattern[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, dict[str, Any]], float, float]:
     """``extract --budget``: each delta's leading triplets in one pass, then the ranks within the budget.
 
@@ -600,7 +657,7 @@ def _extract_budget(
     """
     kept = {}
     bar = _Bar(len(names), "spectra")
-    for group in _delta_groups(base, tuned, names):
+    for group in _delta_groups(base, tuned, names, conv1d=conv1d):
         bar.update(len(group))
         first = group[0]
         cost = _rank_cost(tuple(first.delta.shape), first.out_dtype, unit)
@@ -885,6 +942,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"{'lora_dropout':<24} {config.get('lora_dropout', 0.0)}")
     print(f"{'use_rslora':<24} {config.get('use_rslora', False)}")
+    print(f"{'fan_in_fan_out':<24} {config.get('fan_in_fan_out', False)}")
+    if config.get("modules_to_save"):
+        print(f"{'modules_to_save':<24} {', '.join(map(str, config['modules_to_save']))}")
     targets = config.get("target_modules")
     print(f"{'target_modules':<24} {targets if isinstance(targets, str) else ', '.join(targets or [])}")
     print(f"{'layers':<24} {len(layers)}   dtype {', '.join(sorted(set(dtypes.values())))}")
@@ -980,6 +1040,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget-params", type=_parse_size, help="like --budget, counted in parameters (e.g. 2M)")
     p.add_argument("--out", required=True, help="adapter directory to write (PEFT layout)")
+    p.add_argument(
+        "--fan-in-fan-out",
+        default="auto",
+        metavar="auto|none|REGEX",
+        help="modules whose weights are stored (in, out) (GPT-2's Conv1D): 'auto' (default) from config.json "
+        "beside the checkpoint, 'none', or a regex searched in module paths",
+    )
     p.add_argument("--base-model-name", help="base_model_name_or_path for the config (default: BASE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
     p.set_defaults(run=cmd_extract)

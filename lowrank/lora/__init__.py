@@ -3,8 +3,16 @@
 from lowrank.lora.algebra import combine_adapters, combine_lora, truncate_adapter
 from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
 from lowrank.lora.init import LoRAFactors, extract_lora, pissa_factors
-from lowrank.lora.layers import BASE_ADAPTER, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
+from lowrank.lora.layers import (
+    BASE_ADAPTER,
+    LoRAConv1D,
+    LoRAEmbedding,
+    LoRALayer,
+    LoRALinear,
+    LoRAMergedLinear,
+)
 from lowrank.lora.model import (
+    delete_adapter,
     inject_lora,
     lora_layers,
     lora_state_dict,
@@ -12,8 +20,10 @@ from lowrank.lora.model import (
     merge_lora,
     mixed_adapter_batch,
     remove_lora,
+    set_adapter,
     unmerge_lora,
 )
+from lowrank.lora.modules_to_save import ModulesToSaveWrapper
 from lowrank.lora.quantized import QuantizedLoRALinear, quantize_base
 
 __all__ = [
@@ -41,4 +51,8 @@ __all__ = [
     "truncate_adapter",
     "QuantizedLoRALinear",
     "quantize_base",
+    "LoRAConv1D",
+    "ModulesToSaveWrapper",
+    "set_adapter",
+    "delete_adapter",
 ]

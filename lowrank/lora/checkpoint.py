@@ -6,7 +6,10 @@ A checkpoint is a directory holding
   ``base_model.model.<module path>.lora_A.weight`` of shape ``(r, in_features)`` and
   ``base_model.model.<module path>.lora_B.weight`` of shape ``(out_features, r)`` for linear layers, and
   ``base_model.model.<module path>.lora_embedding_A`` ``(r, num_embeddings)`` /
-  ``lora_embedding_B`` ``(embedding_dim, r)`` for embeddings;
+  ``lora_embedding_B`` ``(embedding_dim, r)`` for embeddings (a GPT-2 ``Conv1D``, weight stored
+  ``(in, out)``, has the linear layout and ``fan_in_fan_out: true`` in the config, as PEFT writes it), and
+  the full state dict of each ``modules_to_save`` copy under ``base_model.model.<module path>.<key>``
+  (PEFT 0.21 drops the wrapper's ``modules_to_save.<adapter>.`` from these keys);
 * ``adapter_config.json``: PEFT's ``LoraConfig`` fields (``peft_type="LORA"``, ``r``, ``lora_alpha``,
   ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ...).
 
@@ -44,6 +47,7 @@ from lowrank.io import (
     write_safetensors_to,
     write_temporary,
 )
+from lowrank.lora.layers import is_conv1d
 
 __all__ = ["AdapterSize", "adapter_size", "load_adapter", "save_adapter"]
 
@@ -198,6 +202,8 @@ def _remember_config(model: nn.Module, adapter_name: str, config: dict[str, Any]
 
 def _module_universe(model: nn.Module) -> list[str]:
     """Module paths PEFT would see on ``model``: LoRA layers' own children (lora_A, ...) left out."""
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
     names: list[str] = []
     inside: tuple[str, ...] = ()
     for name, module in model.named_modules():
@@ -205,6 +211,9 @@ def _module_universe(model: nn.Module) -> list[str]:
             continue
         names.append(name)
         if _is_lora_linear(module) or _is_lora_embedding(module):
+            inside = (*inside, name + ".")
+        elif isinstance(module, ModulesToSaveWrapper):  # PEFT sees the original module's paths
+            names.extend(f"{name}.{sub}" for sub, _ in module.original_module.named_modules() if sub)
             inside = (*inside, name + ".")
     return names
 
@@ -270,8 +279,11 @@ def save_adapter(
     modules (see :func:`build_peft_config`). Both files are staged in full and then renamed into place, and
     the weights carry the config they were saved with, so an interrupted save is read as the old or the new
     checkpoint, never a mix (see :func:`write_adapter_dir`). Fields of a config previously read by
-    :func:`load_adapter` that lowrank does not interpret are kept. Cost: one copy of the adapter tensors,
-    ``O(sum_l r_l (m_l + n_l))``.
+    :func:`load_adapter` that lowrank does not interpret are kept. ``fan_in_fan_out`` is true when the
+    adapter's layers are GPT-2 ``Conv1D`` (:class:`~lowrank.lora.layers.LoRAConv1D`); ``modules_to_save``
+    lists the modules holding a copy for ``adapter_name`` (their state dicts are written under PEFT's keys,
+    ``base_model.model.<path>.<key>``). Cost: one copy of the adapter tensors,
+    ``O(sum_l r_l (m_l + n_l))``, plus the ``modules_to_save`` copies.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -308,6 +320,7 @@ def save_adapter(
         raise ValueError(
             f"adapter {adapter_name!r} mixes use_rslora=True and False across layers; a PEFT config holds one"
         )
+    saved_paths = _saved_module_tensors(model, adapter_name, tensors)
     if len(set(dropouts)) > 1:
         warnings.warn(
             f"adapter {adapter_name!r} uses different dropout rates per layer; saving the largest "
@@ -327,7 +340,28 @@ def save_adapter(
         config["base_model_name_or_path"] = base_model_name_or_path
     if task_type is not None:
         config["task_type"] = task_type
+    # PEFT sets fan_in_fan_out per layer (True for Conv1D, False for nn.Linear, with a warning otherwise);
+    # the config records whether the adapter's layers are Conv1D-laid-out.
+    config["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in modules)
+    config["modules_to_save"] = saved_paths or None
     write_adapter_dir(path, tensors, config)
+
+
+def _saved_module_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Add adapter ``adapter_name``'s ``modules_to_save`` copies to ``tensors`` under PEFT's keys.
+
+    PEFT (0.21) writes a copy's state dict under ``base_model.model.<module path>.<key>``, without the
+    wrapper's ``modules_to_save.<adapter>.`` part, and puts it back there on load. Returns the module paths.
+    """
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
+    paths = []
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.adapters:
+            paths.append(name)
+            for key, tensor in module.adapter_state(adapter_name).items():
+                tensors[f"{KEY_PREFIX}{name}.{key}"] = tensor.to("cpu").contiguous()
+    return paths
 
 
 def build_peft_config(
@@ -474,7 +508,7 @@ def _config_from_text(text: str, config_file: str) -> dict[str, Any]:
         )
     for field, ok, meaning in [
         ("use_dora", lambda v: not v, "DoRA"),
-        ("fan_in_fan_out", lambda v: not v, "fan_in_fan_out (Conv1D layouts)"),
+        ("fan_in_fan_out", lambda v: isinstance(v, bool), "fan_in_fan_out (must be true or false)"),
         ("bias", lambda v: v in (None, "none"), "trained biases"),
         ("lora_bias", lambda v: not v, "lora_bias"),
         ("layer_replication", lambda v: not v, "layer_replication"),
@@ -701,6 +735,9 @@ def _dims(module: nn.Module) -> tuple[bool, int, int] | None:
     """(is_embedding, rows of A's input side, rows of B's output side) for an adaptable module, else None."""
     if _is_lora_linear(module) or isinstance(module, nn.Linear):
         return False, int(module.in_features), int(module.out_features)
+    if is_conv1d(module):  # transformers Conv1D: weight (in, out); the adapters keep nn.Linear's layout
+        fan_in, fan_out = module.weight.shape
+        return False, int(fan_in), int(fan_out)
     if _is_lora_embedding(module) or isinstance(module, nn.Embedding):
         num, dim = module.weight.shape
         return True, int(num), int(dim)
@@ -884,11 +921,13 @@ def _wrap(
     module: nn.Module, plan: _Planned, adapter_name: str, dropout: float, use_rslora: bool
 ) -> nn.Module:
     """A LoRA layer around a plain ``nn.Linear`` / ``nn.Embedding`` with one adapter, ``adapter_name``."""
-    from lowrank.lora.layers import LoRAEmbedding, LoRALinear
+    from lowrank.lora.layers import LoRAConv1D, LoRAEmbedding, LoRALinear
 
     kwargs = {"alpha": plan.alpha, "dropout": dropout, "use_rslora": use_rslora, "init": "zeros"}
     if plan.embedding:
         layer = LoRAEmbedding.from_embedding(module, plan.rank, **kwargs)
+    elif is_conv1d(module):
+        layer = LoRAConv1D.from_conv1d(module, plan.rank, **kwargs)
     else:
         layer = LoRALinear.from_linear(module, plan.rank, **kwargs)
     if adapter_name != "default":  # the constructors name their first adapter "default"
@@ -934,6 +973,139 @@ def _apply(model: nn.Module, plans: list[_Planned], config: dict[str, Any], adap
         for step in reversed(undo):
             step()
         raise
+
+
+@dataclass
+class _SavedPlan:
+    module_path: str
+    tensors: dict[str, torch.Tensor]  # keys local to the module (its state-dict keys)
+
+
+def _saved_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Module path -> module for PEFT's ``modules_to_save`` rule (the qualified name ends with an entry),
+    outermost matches only, not inside LoRA layers; a wrapper already in the model counts as its module."""
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
+    found: dict[str, nn.Module] = {}
+    skip: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if not name or (skip and name.startswith(skip)):
+            continue
+        if isinstance(module, ModulesToSaveWrapper) or any(name.endswith(n) for n in names):
+            if not (_is_lora_linear(module) or _is_lora_embedding(module)):
+                found[name] = module
+            skip = (*skip, name + ".")
+        elif _is_lora_linear(module) or _is_lora_embedding(module):
+            skip = (*skip, name + ".")
+    return found
+
+
+def _plan_saved(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    adapter_name: str,
+    inject: bool,
+    strict: bool,
+    source: str,
+) -> list[_SavedPlan]:
+    """Take the ``modules_to_save`` tensors out of ``tensors`` and check them against the model.
+
+    A key ``base_model.model.<path>.<key>`` (PEFT 0.21) or ``base_model.model.<path>.modules_to_save.<any
+    adapter>.<key>`` (older PEFT) belongs to module ``<path>`` when the config's ``modules_to_save`` names
+    it; ``<key>`` must be one of the module's state-dict keys, with the same shape. Every module the config
+    names gets a copy (PEFT copies the original for a module the file has no tensors for).
+    """
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
+    names = config.get("modules_to_save") or []
+    if not names:
+        return []
+    modules = _saved_modules(model, names)
+    plans = {
+        path: _SavedPlan(path, {}) for path, m in modules.items() if any(path.endswith(n) for n in names)
+    }
+    for key in list(tensors):
+        stripped = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else ""
+        path = next((p for p in plans if stripped.startswith(p + ".")), None)
+        if path is None:
+            continue
+        local = stripped[len(path) + 1 :]
+        local = re.sub(r"^modules_to_save\.[^.]+\.", "", local)
+        plans[path].tensors[local] = tensors.pop(key)
+    for path, plan in plans.items():
+        module = modules[path]
+        if isinstance(module, ModulesToSaveWrapper):
+            if adapter_name in module.adapters and inject:
+                raise AdapterCheckpointError(
+                    f"adapter_name: module {path!r} already holds a modules_to_save copy named "
+                    f"{adapter_name!r}; pass inject=False to overwrite it or choose another adapter_name"
+                )
+            module = module.original_module
+        elif not inject:
+            raise AdapterCheckpointError(
+                f"{source}: module {path!r} has no modules_to_save copy named {adapter_name!r} "
+                "(pass inject=True to add it)"
+            )
+        expected = module.state_dict()
+        for local, tensor in plan.tensors.items():
+            key = f"{KEY_PREFIX}{path}.{local}"
+            if local not in expected:
+                raise AdapterCheckpointError(
+                    f"{source}: unexpected key {key!r}: module {path!r} (modules_to_save) has no "
+                    f"{local!r} (its keys: {sorted(expected)})"
+                )
+            want = expected[local]
+            if tuple(tensor.shape) != tuple(want.shape):
+                raise AdapterCheckpointError(
+                    f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model's "
+                    f"{path}.{local} is {tuple(want.shape)} (wrong base model?)"
+                )
+            if tensor.is_floating_point() != want.is_floating_point() or (
+                tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+            ):
+                raise AdapterCheckpointError(
+                    f"{source}: tensor {key!r} has dtype {tensor.dtype} or non-finite values; the model's "
+                    f"{path}.{local} is {want.dtype}"
+                )
+        missing = sorted(set(expected) - set(plan.tensors))
+        if plan.tensors and missing:
+            message = f"{source}: missing key {KEY_PREFIX}{path}.{missing[0]!r} of modules_to_save {path!r}"
+            if strict:
+                raise AdapterCheckpointError(message + " (pass strict=False to keep the original's values)")
+            warnings.warn(message + "; the copy keeps the original's values", stacklevel=3)
+    return list(plans.values())
+
+
+def _apply_saved(model: nn.Module, plans: list[_SavedPlan], adapter_name: str) -> list[Callable[[], object]]:
+    """Wrap (or add a copy to) each planned module and load its tensors; returns the undo steps."""
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
+    undo: list[Callable[[], object]] = []
+    try:
+        for plan in plans:
+            module = model.get_submodule(plan.module_path)
+            if isinstance(module, ModulesToSaveWrapper):
+                if adapter_name not in module.adapters:
+                    module.add_adapter(adapter_name)
+                    undo.append(lambda m=module: m.delete_adapter(adapter_name))
+                wrapper = module
+            else:
+                parent, child = _parent_and_child(model, plan.module_path)
+                grads = [(p, p.requires_grad) for p in module.parameters()]
+                undo.append(lambda g=grads: [p.requires_grad_(f) for p, f in g])
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                setattr(parent, child, wrapper)
+                undo.append(lambda p=parent, c=child, m=module: setattr(p, c, m))
+            held = wrapper.modules_to_save[adapter_name]
+            old = {k: v.detach().clone() for k, v in held.state_dict().items()}
+            undo.append(lambda c=held, o=old: c.load_state_dict(o))
+            held.load_state_dict(plan.tensors, strict=False)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    return undo
 
 
 def load_adapter(
@@ -994,7 +1166,15 @@ def load_adapter(
     interrupted between its two renames) is read with the weights' own config, with a warning. The whole
     config, including fields lowrank does not use, is kept on the model and written back by
     :func:`save_adapter`. An adapter added to layers that already hold other adapters is not activated (as in
-    PEFT); use the layers' ``set_adapter``.
+    PEFT); use :func:`lowrank.set_adapter`.
+
+    GPT-2's ``Conv1D`` modules become :class:`~lowrank.lora.layers.LoRAConv1D` whatever ``fan_in_fan_out``
+    says (PEFT, too, decides the layout by module type, warning when the flag disagrees). The modules the
+    config's ``modules_to_save`` names (PEFT's rule: the module path ends with the entry) are wrapped in a
+    :class:`~lowrank.lora.modules_to_save.ModulesToSaveWrapper` whose copy for ``adapter_name`` gets the
+    file's ``base_model.model.<path>.<key>`` tensors (the older ``<path>.modules_to_save.<name>.<key>``
+    form is read too); each key must be one of the module's state-dict keys with the same shape, and with
+    ``strict`` every one must be present.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -1010,8 +1190,15 @@ def load_adapter(
         )
     config = _read_consistent_config(path)
     tensors, source = _read_tensors(path)
+    saved = _plan_saved(model, tensors, config, adapter_name, inject, strict, source)
     plans = _plan(model, tensors, config, adapter_name, inject, strict, source)
-    _apply(model, plans, config, adapter_name)
+    undo_saved = _apply_saved(model, saved, adapter_name)
+    try:
+        _apply(model, plans, config, adapter_name)
+    except BaseException:
+        for step in reversed(undo_saved):
+            step()
+        raise
     _remember_config(model, adapter_name, config)
     return model
 
@@ -1064,16 +1251,25 @@ def adapter_size(model: nn.Module, adapter_name: str | None = None) -> AdapterSi
     Returns
     -------
     AdapterSize
-        ``adapter_params``/``adapter_bytes`` (the ``lora_A``/``lora_B`` factors, what :func:`save_adapter`
-        writes) and ``base_params``/``base_bytes`` (every other parameter, shared ones counted once), with
-        ``ratio`` = adapter bytes / base bytes. A rank-``r`` adapter of an ``m x n`` layer stores
-        ``r (m + n)`` numbers instead of ``m n``.
+        ``adapter_params``/``adapter_bytes`` (the ``lora_A``/``lora_B`` factors and the ``modules_to_save``
+        copies, what :func:`save_adapter` writes) and ``base_params``/``base_bytes`` (every other
+        parameter, shared ones counted once), with ``ratio`` = adapter bytes / base bytes. A rank-``r``
+        adapter of an ``m x n`` layer stores ``r (m + n)`` numbers instead of ``m n``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
     adapter_ids: set[int] = set()
+    all_copy_ids: set[int] = set()
     found = False
     for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):  # modules_to_save copies are saved with the adapter
+            for key, p in module.adapter_parameters():
+                all_copy_ids.add(id(p))
+                if adapter_name is None or key.split(".")[1] == adapter_name:
+                    adapter_ids.add(id(p))
+                    found = True
         for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
             params = getattr(module, attr, None)
             if isinstance(params, nn.ParameterDict):
@@ -1090,7 +1286,7 @@ def adapter_size(model: nn.Module, adapter_name: str | None = None) -> AdapterSi
         for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
         if isinstance(getattr(m, attr, None), nn.ParameterDict)
         for p in getattr(m, attr).values()
-    }
+    } | all_copy_ids
     for p in model.parameters():  # parameters() yields shared parameters once
         if id(p) in adapter_ids:
             adapter_params += p.numel()

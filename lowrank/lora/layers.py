@@ -15,6 +15,7 @@ D. Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -24,7 +25,15 @@ from torch import nn
 from lowrank._ops import lora_linear, lora_linear_multi
 from lowrank.lora.init import check_init, pissa_factors, reset_lora_factors_
 
-__all__ = ["BASE_ADAPTER", "LoRALayer", "LoRALinear", "LoRAMergedLinear", "LoRAEmbedding"]
+__all__ = [
+    "BASE_ADAPTER",
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAMergedLinear",
+    "LoRAConv1D",
+    "LoRAEmbedding",
+    "is_conv1d",
+]
 
 #: The adapter name that selects the base layer alone for a row of a mixed-adapter batch.
 BASE_ADAPTER = "__base__"
@@ -422,6 +431,10 @@ class LoRALinear(LoRALayer):
             B.copy_(B0)
             self.weight.copy_(residual)
 
+    def _linear_weight(self) -> torch.Tensor:
+        """The base weight in ``nn.Linear`` layout (out, in), as ``F.linear`` and the fused op take it."""
+        return self.weight
+
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` as the fused op takes them: (r_total, in) and (out, r_total)."""
         return self.lora_A[name], self.lora_B[name]
@@ -464,7 +477,7 @@ class LoRALinear(LoRALayer):
         """One :func:`lowrank.lora_linear_multi` call: each row of the batch uses its own adapter."""
         used, ids = self._row_adapter_ids(x)
         dtype = _compute_dtype(x, self.weight)
-        weight, bias = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        weight, bias = self._linear_weight().to(dtype), None if self.bias is None else self.bias.to(dtype)
         if not used:
             return F.linear(x.to(dtype), weight, bias)
         A_stack, B_stack, scales = self._adapter_stacks(used, dtype, x.device)
@@ -477,15 +490,17 @@ class LoRALinear(LoRALayer):
             return self._forward_mixed(x)
         name = self._active_unmerged()
         if name is None:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self._linear_weight(), self.bias)
         A, B = self._factors(name)
         scale = self.scaling[name]
         dropout = self.lora_dropout[name]
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             # The adapter sees dropout(x), the base sees x: two separate products (see class docstring).
-            return F.linear(x, self.weight, self.bias) + F.linear(F.linear(dropout(x), A), B) * scale
+            return (
+                F.linear(x, self._linear_weight(), self.bias) + F.linear(F.linear(dropout(x), A), B) * scale
+            )
         dtype = _compute_dtype(x, self.weight)
-        weight, bias = self.weight, self.bias
+        weight, bias = self._linear_weight(), self.bias
         if x.dtype != dtype:
             x = x.to(dtype)
         if weight.dtype != dtype:
@@ -639,6 +654,137 @@ class LoRAMergedLinear(LoRALinear):
         block_diagonal = torch.block_diag(*B.split(self._enabled_sizes, dim=0))  # (enabled out, k r)
         full = block_diagonal.new_zeros(self.out_features, block_diagonal.shape[1])
         return A, full.index_copy(0, self.lora_rows, block_diagonal)
+
+
+def is_conv1d(module: object) -> bool:
+    """True if ``module`` is a transformers ``Conv1D`` (GPT-2's c_attn / c_proj / c_fc; weight (in, out)).
+
+    Checked against ``transformers.pytorch_utils.Conv1D`` only when transformers is already imported (a
+    Conv1D instance cannot exist otherwise), so lowrank never imports transformers for this.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return isinstance(conv1d, type) and isinstance(module, conv1d)
+
+
+class LoRAConv1D(LoRALinear):
+    r"""transformers' ``Conv1D`` (GPT-2) with named low-rank adapters, PEFT's ``fan_in_fan_out=True``.
+
+    ``Conv1D`` stores its weight transposed, ``weight`` (in, out), and computes ``y = x W + b``. The
+    adapters keep the ``nn.Linear`` layout of :class:`LoRALinear` (and of PEFT): ``lora_A[name]`` (r, in),
+    ``lora_B[name]`` (out, r), so ``y = x W + b + scale * dropout(x) A^T B^T`` and the update of the stored
+    weight is ``scale * (B A)^T`` (PEFT's ``transpose(B A, fan_in_fan_out)``). The forward passes the
+    transposed *view* ``weight.T`` (out, in) to :func:`lowrank.lora_linear`: no copy of the weight per call
+    (the CPU op hands the view to BLAS as a transposed operand; the CUDA small-batch kernel, M <= 16 rows,
+    makes one contiguous copy of a non-contiguous weight per call). ``merge`` / ``unmerge`` / PiSSA write
+    into the (in, out) storage; :func:`lowrank.remove_lora` gives back a ``Conv1D``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        ``nx`` and ``nf`` of the ``Conv1D``; the new weight is (in_features, out_features), drawn from
+        ``N(0, 0.02^2)`` as transformers does, the bias zero.
+    r, alpha, dropout, bias, use_rslora, init, device, dtype
+        As :class:`LoRALinear` (``init="pissa"`` factors ``weight.T``).
+
+    Examples
+    --------
+    >>> from transformers.pytorch_utils import Conv1D
+    >>> layer = LoRAConv1D.from_conv1d(Conv1D(nf=192, nx=64), r=8)   # GPT-2's c_attn at n_embd=64
+    >>> layer(torch.randn(2, 5, 64)).shape
+    torch.Size([2, 5, 192])
+    """
+
+    fan_in_fan_out = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        init: str = "default",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        LoRALayer.__init__(self)
+        shape = (_check_dim("in_features", in_features), _check_dim("out_features", out_features))
+        weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02))
+        bias_p = nn.Parameter(torch.zeros(shape[1], device=device, dtype=dtype)) if bias else None
+        self._base_class: type | None = None
+        self._setup(weight, bias_p)
+        self.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super()._setup(weight, bias)
+        self.in_features, self.out_features = weight.shape  # Conv1D: (nx, nf)
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv1d: nn.Module,
+        r: int,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+    ) -> LoRAConv1D:
+        """Wrap a transformers ``Conv1D`` without copying: the layer holds its weight and bias (frozen)."""
+        if not is_conv1d(conv1d) or isinstance(conv1d, LoRALayer):
+            raise TypeError(f"conv1d must be a transformers Conv1D, got {type(conv1d).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._base_class = type(conv1d)
+        layer._setup(conv1d.weight, conv1d.bias)
+        layer._add_first_adapter(r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, **options) -> LoRALinear:  # type: ignore[override]
+        raise TypeError("LoRAConv1D wraps a transformers Conv1D: use LoRAConv1D.from_conv1d")
+
+    def to_conv1d(self) -> nn.Module:
+        """A plain ``Conv1D`` holding this layer's ``weight``/``bias`` Parameters (no copy)."""
+        conv1d = self._base_class
+        if conv1d is None:
+            try:
+                from transformers.pytorch_utils import Conv1D as conv1d
+            except ImportError as exc:  # pragma: no cover - transformers is a test dependency
+                raise RuntimeError(
+                    "giving back a Conv1D needs transformers (pip install transformers)"
+                ) from exc
+        plain = conv1d.__new__(conv1d)
+        nn.Module.__init__(plain)
+        plain.nf, plain.nx = self.out_features, self.in_features
+        plain.weight = self.weight
+        plain.bias = self.bias
+        return plain
+
+    def _shape_text(self) -> str:
+        return f"weight {tuple(self.weight.shape)} (in, out)"
+
+    def _linear_weight(self) -> torch.Tensor:
+        return self.weight.T  # a view: (out, in)
+
+    def _reset_factors(self, name: str, init: str) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if init != "pissa":
+            reset_lora_factors_(A, B, init)
+            return
+        with torch.no_grad():
+            B0, A0, residual = pissa_factors(self.weight.T, self.r[name], self.scaling[name])
+            A.copy_(A0)
+            B.copy_(B0)
+            self.weight.copy_(residual.T)
+
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """The adapter's update of ``weight`` in its (in, out) layout: ``scale * (B A)^T``."""
+        return super().delta_weight(name).T
 
 
 class LoRAEmbedding(LoRALayer):

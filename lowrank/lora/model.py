@@ -10,7 +10,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from lowrank.lora.layers import BASE_ADAPTER, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
+from lowrank.lora.layers import (
+    BASE_ADAPTER,
+    LoRAConv1D,
+    LoRAEmbedding,
+    LoRALayer,
+    LoRALinear,
+    LoRAMergedLinear,
+    is_conv1d,
+)
+from lowrank.lora.modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
     "inject_lora",
@@ -21,6 +30,8 @@ __all__ = [
     "remove_lora",
     "lora_layers",
     "mixed_adapter_batch",
+    "set_adapter",
+    "delete_adapter",
 ]
 
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -75,8 +86,10 @@ def inject_lora(
     adapter_name: str = "default",
     merged_modules: Mapping[str, Sequence[bool]] | None = None,
     freeze_base: bool = True,
+    modules_to_save: str | Sequence[str] | None = None,
 ) -> nn.Module:
-    r"""Replace matching ``nn.Linear`` / ``nn.Embedding`` modules of ``model`` by LoRA layers, in place.
+    r"""Replace matching ``nn.Linear`` / ``nn.Embedding`` / ``Conv1D`` modules of ``model`` by LoRA layers, in
+    place.
 
     Parameters
     ----------
@@ -86,7 +99,9 @@ def inject_lora(
         Each entry matches a module whose qualified name equals it, ends with ``"." + entry`` (so ``"q_proj"``
         matches every ``layers.N.self_attn.q_proj``), or fully matches it as a regular expression. Every
         entry must match at least one module (else ValueError listing the candidates). Matched modules
-        that are already LoRA layers get a new adapter ``adapter_name``.
+        that are already LoRA layers get a new adapter ``adapter_name``. transformers' ``Conv1D`` (GPT-2's
+        ``c_attn``, ``c_proj``, ``c_fc``; weight stored (in, out)) becomes :class:`LoRAConv1D`, PEFT's
+        ``fan_in_fan_out=True`` layout.
     r : int, default 8
         Rank (see :meth:`LoRALayer.add_adapter` for ``alpha``, ``dropout``, ``use_rslora``, ``init``).
     adapter_name : str, default "default"
@@ -96,6 +111,15 @@ def inject_lora(
         match like ``target_modules`` and are targets themselves.
     freeze_base : bool, default True
         Call :func:`mark_only_lora_trainable` afterwards, so only adapter parameters train.
+    modules_to_save : str or sequence of str, optional
+        Modules (e.g. ``["classifier"]``, ``["score"]``, ``["lm_head"]``) that get a full trainable copy
+        for this adapter, as PEFT's ``modules_to_save``: each module whose qualified name ends with an entry
+        (PEFT's rule, ``str.endswith``) is replaced by a
+        :class:`~lowrank.lora.modules_to_save.ModulesToSaveWrapper` holding the original (frozen) and one copy
+        per adapter (a module already wrapped gets a copy for ``adapter_name``). The copies are switched by
+        :func:`set_adapter`, trained under :func:`mark_only_lora_trainable`, and included in
+        :func:`lora_state_dict` and :func:`lowrank.save_adapter`. Memory: one copy of each module's
+        parameters per adapter.
 
     Returns
     -------
@@ -106,9 +130,12 @@ def inject_lora(
     ------
     TypeError
         ``model`` not an ``nn.Module``; ``target_modules`` not a str / sequence of str (e.g. ``None``); a
-        target matching a module that is not ``nn.Linear`` / ``nn.Embedding``; bad ``merged_modules``.
+        target matching a module that is not ``nn.Linear`` / ``nn.Embedding`` / ``Conv1D``; bad
+        ``merged_modules`` / ``modules_to_save``.
     ValueError
-        A target matching nothing; ``r`` out of range for a module; ``adapter_name`` already held by a
+        A target matching nothing; a ``modules_to_save`` entry matching nothing; a LoRA target that is (or
+        lies inside) a module of ``modules_to_save`` (a module is either adapted or copied, not both);
+        ``r`` out of range for a module; ``adapter_name`` already held by a
         matched LoRA layer; bad merged-module flags; ``init="pissa"`` on a weight with NaN/inf; bad
         ``alpha`` / ``dropout`` / ``init``.
 
@@ -140,6 +167,7 @@ def inject_lora(
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"merged_modules keys must be non-empty str, got {pattern!r}")
     all_patterns = patterns + [p for p in merged if p not in patterns]
+    saved_patterns = [] if modules_to_save is None else _as_patterns("modules_to_save", modules_to_save)
     options = {"alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "init": init}
 
     hits: dict[str, int] = dict.fromkeys(all_patterns, 0)
@@ -149,16 +177,21 @@ def inject_lora(
         if not name or (inside_lora and name.startswith(inside_lora)):
             continue
         matched = [p for p in all_patterns if _matches(p, name)]
-        if isinstance(module, LoRALayer):
+        if isinstance(module, (LoRALayer, ModulesToSaveWrapper)):
             inside_lora = (*inside_lora, name + ".")
         if not matched:
             continue
         for p in matched:
             hits[p] += 1
-        if not isinstance(module, (nn.Linear, nn.Embedding, LoRALayer)):
+        if isinstance(module, ModulesToSaveWrapper):
+            raise ValueError(
+                f"target {matched[0]!r} matches module {name!r}, which is in modules_to_save (full copies per"
+                " adapter); a module is either adapted or copied, not both"
+            )
+        if not isinstance(module, (nn.Linear, nn.Embedding, LoRALayer)) and not is_conv1d(module):
             raise TypeError(
                 f"target {matched[0]!r} matches module {name!r} of type {type(module).__name__}; "
-                "only nn.Linear and nn.Embedding modules can take LoRA adapters"
+                "only nn.Linear, nn.Embedding and transformers Conv1D modules can take LoRA adapters"
             )
         flags = next((merged[p] for p in matched if p in merged), None)
         plan.append((name, module, flags))
@@ -169,13 +202,15 @@ def inject_lora(
             {
                 n.rsplit(".", 1)[-1]
                 for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, nn.Embedding))
+                if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)
             }
         )
         raise ValueError(
             f"target_modules {missing} match no module of {type(model).__name__}; the nn.Linear/nn.Embedding "
             f"modules are named (last component): {candidates}"
         )
+
+    saved_plan = _plan_modules_to_save(model, saved_patterns, [name for name, _, _ in plan], adapter_name)
 
     # Check everything that can be checked first, so that bad input changes nothing ...
     for name, module, flags in plan:
@@ -218,6 +253,8 @@ def inject_lora(
             undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
             if isinstance(module, nn.Embedding):
                 new: LoRALayer = LoRAEmbedding.from_embedding(module, r, **options)
+            elif is_conv1d(module):
+                new = LoRAConv1D.from_conv1d(module, r, **options)
             elif flags is not None:
                 new = LoRAMergedLinear.from_linear(module, r, enable_lora=flags, **options)
             else:
@@ -225,6 +262,15 @@ def inject_lora(
             if adapter_name != "default":
                 _rename_adapter(new, "default", adapter_name)
             _replace(model, name, new)
+            undo.append(lambda n=name, m=module: _replace(model, n, m))
+        for name, module in saved_plan:
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name)
+                undo.append(lambda m=module: m.delete_adapter(adapter_name))
+                continue
+            grads = [(p, p.requires_grad) for p in module.parameters()]
+            undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
+            _replace(model, name, ModulesToSaveWrapper(module, adapter_name))
             undo.append(lambda n=name, m=module: _replace(model, n, m))
         if freeze_base:
             grads = [(p, p.requires_grad) for p in model.parameters()]
@@ -235,6 +281,57 @@ def inject_lora(
             step()
         raise
     return model
+
+
+def _plan_modules_to_save(
+    model: nn.Module, patterns: list[str], targets: list[str], adapter_name: str
+) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module ``modules_to_save`` names (PEFT's rule: the qualified name ends
+    with the entry), outermost only; modules inside LoRA layers or wrappers are not candidates."""
+    if not patterns:
+        return []
+    hits = dict.fromkeys(patterns, 0)
+    chosen: list[tuple[str, nn.Module]] = []
+    skip: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if not name or (skip and name.startswith(skip)):
+            continue
+        matched = [p for p in patterns if name.endswith(p)]
+        if isinstance(module, LoRALayer) and not matched:
+            skip = (*skip, name + ".")
+            continue
+        if not matched:
+            continue
+        for p in matched:
+            hits[p] += 1
+        if isinstance(module, LoRALayer):
+            raise ValueError(
+                f"modules_to_save {matched[0]!r} matches {name!r}, a LoRA layer; a module is either adapted "
+                "(target_modules) or copied (modules_to_save), not both"
+            )
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            raise ValueError(
+                f"adapter_name: module {name!r} already holds a modules_to_save copy named {adapter_name!r}; "
+                "choose another adapter_name"
+            )
+        chosen.append((name, module))
+        skip = (*skip, name + ".")
+    missing = [p for p, count in hits.items() if count == 0]
+    if missing:
+        raise ValueError(
+            f"modules_to_save {missing} match no module of {type(model).__name__} (a module matches when its "
+            "qualified name ends with the entry, e.g. 'classifier' or 'bert.pooler')"
+        )
+    for target in targets:
+        for name, _ in chosen:
+            if target == name or target.startswith(name + "."):
+                raise ValueError(
+                    f"module {target!r} is a LoRA target (target_modules) and "
+                    + ("is" if target == name else f"lies inside {name!r}, which is")
+                    + " in modules_to_save; a module is either adapted or copied, not both: remove it from "
+                    "one of the two"
+                )
+    return chosen
 
 
 def _drop_adapter(layer: LoRALayer, name: str) -> None:
@@ -282,7 +379,8 @@ def _check_bias(bias: str) -> None:
 
 
 def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Freeze every parameter of ``model`` except the LoRA factors (and, optionally, biases).
+    """Freeze every parameter of ``model`` except the LoRA factors, the ``modules_to_save`` copies (every
+    adapter's; only the active one gets gradients) and, optionally, biases.
 
     Parameters
     ----------
@@ -306,6 +404,9 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
             param.requires_grad_(True)
         if bias == "lora_only" and getattr(layer, "bias", None) is not None:
             layer.bias.requires_grad_(True)
+    for _, wrapper in _wrappers(model):
+        for _, param in wrapper.adapter_parameters():
+            param.requires_grad_(True)
     if bias == "all":
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
@@ -316,7 +417,8 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
 def lora_state_dict(
     model: nn.Module, bias: str = "none", adapter_name: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """The adapter part of ``model.state_dict()``: keys like ``"layers.0.q_proj.lora_A.default"``.
+    """The adapter part of ``model.state_dict()``: keys like ``"layers.0.q_proj.lora_A.default"``, and the
+    ``modules_to_save`` copies' keys (``"classifier.modules_to_save.default.weight"``).
 
     Parameters
     ----------
@@ -324,7 +426,7 @@ def lora_state_dict(
     bias : {"none", "all", "lora_only"}, default "none"
         Also include every ``bias`` (``"all"``) or the LoRA layers' biases (``"lora_only"``).
     adapter_name : str, optional
-        Only this adapter's factors (default: all adapters).
+        Only this adapter's factors and copies (default: all adapters).
 
     Returns
     -------
@@ -336,14 +438,21 @@ def lora_state_dict(
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers; call inject_lora first")
-    if adapter_name is not None and not any(adapter_name in layer.r for _, layer in layers):
-        names = sorted({n for _, layer in layers for n in layer.r})
-        raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {names}")
+    wrappers = list(_wrappers(model))
+    if adapter_name is not None and adapter_name not in _adapter_names(model):
+        raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
     state: dict[str, torch.Tensor] = {}
     for name, layer in layers:
         prefix = f"{name}." if name else ""
         for key, param in layer.lora_parameters(adapter_name):
             state[prefix + key] = param.detach()
+    for name, wrapper in wrappers:
+        for adapter in wrapper.adapters:
+            if adapter_name is None or adapter == adapter_name:
+                for key, tensor in wrapper.adapter_state(adapter).items():
+                    state[f"{name}.modules_to_save.{adapter}.{key}"] = tensor
+    for name, layer in layers:
+        prefix = f"{name}." if name else ""
         if bias == "lora_only" and getattr(layer, "bias", None) is not None:
             state[prefix + "bias"] = layer.bias.detach()
     if bias == "all":
@@ -391,6 +500,10 @@ def _plain_module(layer: LoRALayer) -> nn.Module:
             sparse=layer.sparse,
             device="meta",
         )
+    elif isinstance(layer, LoRAConv1D):
+        plain = layer.to_conv1d()
+        if layer.bias is not None:
+            layer.bias.requires_grad_(layer._base_requires_grad)
     else:
         assert isinstance(layer, LoRALinear)
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -403,14 +516,17 @@ def _plain_module(layer: LoRALayer) -> nn.Module:
 
 
 def remove_lora(model: nn.Module, *, merge: bool = False) -> nn.Module:
-    """Replace every LoRA layer by the plain ``nn.Linear`` / ``nn.Embedding`` holding its base Parameters.
+    """Replace every LoRA layer by the plain ``nn.Linear`` / ``nn.Embedding`` / ``Conv1D`` holding its base
+    Parameters, and every ``modules_to_save`` wrapper by a plain module.
 
     Parameters
     ----------
     model : nn.Module
     merge : bool, default False
-        Fold the active adapter in first (layers already merged keep their merged weight either way). With
-        False, unmerged adapters are dropped and the original model comes back.
+        Fold the active adapter in first (layers already merged keep their merged weight either way), and
+        keep the active adapter's ``modules_to_save`` copy in place of each wrapped module. With False,
+        unmerged adapters and the copies are dropped and the original model comes back (PEFT's ``unload``
+        keeps the active copy either way; pass ``merge=True`` for that).
 
     Returns
     -------
@@ -421,6 +537,10 @@ def remove_lora(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers to remove")
+    for name, wrapper in list(_wrappers(model)):
+        if not merge:
+            wrapper.set_adapter(None)
+        _replace(model, name, wrapper.unwrap())
     for name, layer in layers:
         if merge and not layer.merged_adapters and layer.active_adapter is not None:
             layer.merge()
@@ -428,6 +548,69 @@ def remove_lora(model: nn.Module, *, merge: bool = False) -> nn.Module:
         if not name:
             return plain
         _replace(model, name, plain)
+    return model
+
+
+def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    """``(qualified name, wrapper)`` of every ``modules_to_save`` wrapper in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
+def _adapter_names(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for _, layer in lora_layers(model):
+        names.update(layer.r)
+    for _, wrapper in _wrappers(model):
+        names.update(wrapper.adapters)
+    return names
+
+
+def set_adapter(model: nn.Module, adapter_name: str | None) -> nn.Module:
+    """Make ``adapter_name`` active in every LoRA layer and ``modules_to_save`` wrapper of ``model``.
+
+    Layers and wrappers that do not hold it run their base module (as PEFT does); ``None`` runs the base
+    model everywhere. No weight is copied. Returns ``model``.
+
+    Raises
+    ------
+    ValueError
+        ``adapter_name`` held by no layer or wrapper.
+    RuntimeError
+        A layer has another adapter merged (unmerge first); nothing is changed then.
+    """
+    if adapter_name is not None and adapter_name not in _adapter_names(model):
+        raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
+    layers = list(lora_layers(model))
+    merged = [n for n, layer in layers if layer.merged_adapters and adapter_name not in layer.merged_adapters]
+    if merged:
+        raise RuntimeError(f"another adapter is merged in {merged[:5]}; call unmerge_lora first")
+    for _, layer in layers:
+        layer.set_adapter(adapter_name if adapter_name in layer.r else None)
+    for _, wrapper in _wrappers(model):
+        wrapper.set_adapter(adapter_name if adapter_name in wrapper.adapters else None)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Delete adapter ``adapter_name`` from every LoRA layer and ``modules_to_save`` wrapper (its copies).
+
+    Where it was active, the first remaining adapter of that layer becomes active (as
+    :meth:`LoRALayer.delete_adapter`). Returns ``model``. Raises ValueError for an unknown name and
+    RuntimeError (changing nothing) if it is merged somewhere.
+    """
+    if adapter_name not in _adapter_names(model):
+        raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
+    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.r]
+    merged = [layer for layer in layers if adapter_name in layer.merged_adapters]
+    if merged:
+        raise RuntimeError(f"adapter {adapter_name!r} is merged; call unmerge_lora before deleting it")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    for _, wrapper in _wrappers(model):
+        if adapter_name in wrapper.adapters:
+            wrapper.delete_adapter(adapter_name)
     return model
 
 
@@ -465,6 +648,12 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Itera
     unknown = sorted(set(names) - known)
     if unknown:
         raise ValueError(f"unknown adapter names {unknown}; adapters: {sorted(known - {BASE_ADAPTER})}")
+    wrapped = [name for name, _ in _wrappers(model)]
+    if wrapped:
+        raise NotImplementedError(
+            f"mixed_adapter_batch does not route rows through modules_to_save copies (the model has "
+            f"{wrapped[:3]}); run one adapter per batch with set_adapter"
+        )
     previous = [layer._row_adapters for layer in layers]
     for layer in layers:
         layer._row_adapters = names
