@@ -30,6 +30,7 @@ from lowrank.lora import (
     truncate_adapter,
     unmerge_lora,
 )
+from lowrank.lora.calibrate import calibrate_lora
 from lowrank.nmf import nmf
 from lowrank.nystrom import nystrom
 from lowrank.pca import PCAResult, pca, pca_inverse_transform, pca_transform
@@ -86,4 +87,5 @@ __all__ = [
     "dequantize",
     "QuantizedLoRALinear",
     "quantize_base",
+    "calibrate_lora",
 ]

@@ -1,8 +1,16 @@
 """LoRA on the fused op: layers with named adapters, initialisations, and model-level integration."""
 
 from lowrank.lora.algebra import combine_adapters, combine_lora, truncate_adapter
+from lowrank.lora.calibrate import calibrate_lora
 from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
-from lowrank.lora.init import LoRAFactors, extract_lora, pissa_factors
+from lowrank.lora.init import (
+    LoRAFactors,
+    corda_factors,
+    eva_components,
+    extract_lora,
+    olora_factors,
+    pissa_factors,
+)
 from lowrank.lora.layers import BASE_ADAPTER, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
 from lowrank.lora.model import (
     inject_lora,
@@ -41,4 +49,8 @@ __all__ = [
     "truncate_adapter",
     "QuantizedLoRALinear",
     "quantize_base",
+    "calibrate_lora",
+    "olora_factors",
+    "corda_factors",
+    "eva_components",
 ]
