@@ -78,15 +78,15 @@ def _check_svd_method(method: str) -> None:
 
 
 def _top_singular_triplets(
-    matrix: torch.Tensor, r: int, method: str
+    matrix: torch.Tensor, r: int, method: str, n_iter: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading ``r`` singular triplets ``(U_r, S_r, Vh_r)`` of a 2-D float tensor (lowrank's SVD engine)."""
     from lowrank.svd import rsvd, svd
 
     if method == "svd":
         U, S, Vh = svd(matrix, r)
-    else:
-        U, S, Vh = rsvd(matrix, r, seed=0)  # fixed seed: the same weight gives the same adapter
+    else:  # fixed seed: the same weight gives the same adapter
+        U, S, Vh = rsvd(matrix, r, seed=0, n_iter=n_iter)
     return U[:, :r], S[:r], Vh[:r]
 
 
@@ -115,7 +115,7 @@ def _check_r(r: object, shape: tuple[int, ...]) -> int:
 @no_autocast
 @torch.no_grad()
 def pissa_factors(
-    weight: torch.Tensor, r: int, scale: float, *, method: str = "rsvd"
+    weight: torch.Tensor, r: int, scale: float, *, method: str = "rsvd", n_iter: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""PiSSA initialisation: LoRA factors from the principal singular triplets of ``weight``.
 
@@ -138,6 +138,10 @@ def pissa_factors(
         ``"rsvd"`` (``lowrank.rsvd``): ``O(out * in * r)``, the choice for large layers; ``"svd"``
         (``lowrank.svd``): exact, ``O(out * in * min(out, in))``. The output is unchanged either way; only
         how principal the starting subspace is depends on the method.
+    n_iter : int, optional
+        Power/Krylov iterations of ``"rsvd"`` (default: the engine's, see :func:`lowrank.rsvd`). Weights
+        with a flat spectrum (random init) need more for accurate top singular values:
+        ``benchmarks/bench_init.py`` measures the accuracy per ``n_iter``.
 
     Returns
     -------
@@ -164,7 +168,7 @@ def pissa_factors(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a finite number > 0 for PiSSA, got {scale!r}")
     work = weight.detach().to(_work_dtype(weight.dtype))
-    U, S, Vh = _top_singular_triplets(work, r, method)
+    U, S, Vh = _top_singular_triplets(work, r, method, n_iter)
     root = (S / scale).sqrt()
     B = U * root
     A = root[:, None] * Vh
@@ -333,6 +337,7 @@ def corda_factors(
     mode: str = "ipm",
     damping: float = 0.01,
     method: str = "rsvd",
+    n_iter: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""CorDA initialisation: LoRA factors from the SVD of ``W C`` (PEFT's ``init_lora_weights="corda"``).
 
@@ -372,6 +377,8 @@ def corda_factors(
         badly conditioned that PEFT had to double it.
     method : {"rsvd", "svd"}, default "rsvd"
         SVD of ``W C~`` in ``"ipm"`` mode.
+    n_iter : int, optional
+        Iterations of ``"rsvd"`` (default: the engine's).
 
     Returns
     -------
@@ -413,7 +420,7 @@ def corda_factors(
     C_damped = C + (float(damping) * level) * eye
     W_C = W @ C_damped.to(work_dtype)
     if mode == "ipm":
-        U, S, _ = _top_singular_triplets(W_C, r, method)
+        U, S, _ = _top_singular_triplets(W_C, r, method, n_iter)
         if bool((S > 0).all()):
             A = (U.T @ W) / (scale * S).sqrt()[:, None]
             B = U * (S / scale).sqrt()
