@@ -21,6 +21,7 @@ from lowrank.lora import (
     inject_lora,
     load_adapter,
     olora_factors,
+    pissa_factors,
     remove_lora,
     save_adapter,
 )
@@ -390,3 +391,16 @@ def test_bad_tensors_to_the_factor_functions():
         eva_components(torch.full((3, 3), 8.0), torch.full((3,), 4.0), 2, 2)  # two equal rows
     with pytest.raises(ValueError, match="k must be an int"):
         eva_components(torch.eye(3), torch.zeros(3), 5, 4)
+
+
+def test_n_iter_reaches_exact_top_singular_values():
+    """pissa_factors / corda_factors pass n_iter to the randomized engine: more iterations, exact top-r."""
+    g = torch.Generator().manual_seed(9)
+    U = torch.linalg.qr(torch.randn(120, 8, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(90, 8, generator=g, dtype=torch.float64))[0]
+    W = 0.05 * torch.randn(120, 90, generator=g, dtype=torch.float64) + (U * torch.linspace(3, 2, 8)) @ V.T
+    exact = np.linalg.svd(W.numpy(), compute_uv=False)[:4]
+    B, A, _ = pissa_factors(W, 4, 1.0, n_iter=8)
+    np.testing.assert_allclose(np.linalg.svd((B @ A).numpy(), compute_uv=False)[:4], exact, rtol=1e-10)
+    B, A, _ = corda_factors(W, torch.eye(90, dtype=torch.float64), 4, 1.0, n_iter=8)
+    np.testing.assert_allclose(np.linalg.svd((B @ A).numpy(), compute_uv=False)[:4], exact, rtol=1e-10)
