@@ -404,3 +404,14 @@ def test_n_iter_reaches_exact_top_singular_values():
     np.testing.assert_allclose(np.linalg.svd((B @ A).numpy(), compute_uv=False)[:4], exact, rtol=1e-10)
     B, A, _ = corda_factors(W, torch.eye(90, dtype=torch.float64), 4, 1.0, n_iter=8)
     np.testing.assert_allclose(np.linalg.svd((B @ A).numpy(), compute_uv=False)[:4], exact, rtol=1e-10)
+
+
+def test_quantized_base_refuses_olora():
+    from lowrank.lora import quantize_base
+
+    model = inject_lora(nn.Sequential(nn.Linear(16, 16)), "0", r=2)
+    quantize_base(model)
+    codes = model[0].qweight.clone()
+    with pytest.raises(ValueError, match="init='olora' rewrites the base weight"):
+        model[0].add_adapter("o", 2, init="olora")
+    assert torch.equal(model[0].qweight, codes)
