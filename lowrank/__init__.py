@@ -34,6 +34,7 @@ from lowrank.lora import (
     truncate_adapter,
     unmerge_lora,
 )
+from lowrank.lora.calibrate import calibrate_lora
 from lowrank.nmf import nmf
 from lowrank.nystrom import nystrom
 from lowrank.pca import PCAResult, pca, pca_inverse_transform, pca_transform
@@ -94,4 +95,5 @@ __all__ = [
     "ModulesToSaveWrapper",
     "set_adapter",
     "delete_adapter",
+    "calibrate_lora",
 ]

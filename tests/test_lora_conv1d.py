@@ -144,6 +144,26 @@ def test_pissa_factors_the_transposed_weight_like_float64_svd():
     np.testing.assert_allclose(layer(x).detach().numpy(), y0.detach().numpy(), rtol=0, atol=1e-12)
 
 
+def test_olora_factors_the_transposed_weight_like_float64_qr():
+    torch.manual_seed(1)
+    W_out_in = torch.randn(40, 24, dtype=torch.float64)
+    conv = Conv1D(40, 24).double()
+    with torch.no_grad():
+        conv.weight.copy_(W_out_in.T)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    y0 = conv(x)
+    layer = LoRAConv1D.from_conv1d(conv, 5, alpha=10, init="olora")  # scaling 2
+    A, B = layer.lora_A["default"].detach().numpy(), layer.lora_B["default"].detach().numpy()
+    q, r = np.linalg.qr(
+        W_out_in.numpy()
+    )  # OLoRA: B = Q[:, :r], A = R[:r] (LAPACK's signs) of the (out, in) W
+    signs = np.sign(np.diag(r)[:5]) * np.sign(np.diag(A[:, :5]))
+    np.testing.assert_allclose(B, q[:, :5] * signs, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(A, r[:5] * signs[:, None], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer.weight.numpy(), (W_out_in.numpy() - 2.0 * B @ A).T, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer(x).detach().numpy(), y0.detach().numpy(), rtol=0, atol=1e-12)
+
+
 def test_inject_pissa_and_remove_lora_give_back_conv1d(gpt2_state):
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     reference = fresh_gpt2(gpt2_state)(ids).logits

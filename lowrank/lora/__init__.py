@@ -1,8 +1,16 @@
 """LoRA on the fused op: layers with named adapters, initialisations, and model-level integration."""
 
 from lowrank.lora.algebra import combine_adapters, combine_lora, truncate_adapter
+from lowrank.lora.calibrate import calibrate_lora
 from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
-from lowrank.lora.init import LoRAFactors, extract_lora, pissa_factors
+from lowrank.lora.init import (
+    LoRAFactors,
+    corda_factors,
+    eva_components,
+    extract_lora,
+    olora_factors,
+    pissa_factors,
+)
 from lowrank.lora.layers import (
     BASE_ADAPTER,
     LoRAConv1D,
@@ -55,4 +63,8 @@ __all__ = [
     "ModulesToSaveWrapper",
     "set_adapter",
     "delete_adapter",
+    "calibrate_lora",
+    "olora_factors",
+    "corda_factors",
+    "eva_components",
 ]

@@ -13,13 +13,28 @@ import torch
 from lowrank._linop import check_tensor, no_autocast
 
 #: Initialisation methods understood by :func:`reset_lora_factors_` and the LoRA layers.
-INIT_METHODS = ("default", "gaussian", "pissa", "zeros")
+INIT_METHODS = ("default", "gaussian", "pissa", "olora", "zeros")
+
+#: Initialisations that rewrite the base weight to a residual (the layer's output is unchanged).
+WEIGHT_INITS = ("pissa", "olora")
+
+#: Data-driven initialisations (PEFT's names): they need calibration batches, see
+#: :func:`lowrank.lora.calibrate.calibrate_lora`.
+CALIBRATED_INITS = ("corda", "eva")
+
+#: The two modes of CorDA (Yang et al. 2024): instruction-previewed and knowledge-preserved.
+CORDA_MODES = ("ipm", "kpm")
 
 _SVD_METHODS = ("rsvd", "svd")
 
 
 def check_init(init: str) -> str:
     """Validate an ``init=`` argument and return it."""
+    if isinstance(init, str) and init in CALIBRATED_INITS:
+        raise ValueError(
+            f"init={init!r} needs calibration batches: use lowrank.lora.calibrate_lora(model, targets, "
+            f"batches, init={init!r}) instead of init= on a layer or inject_lora"
+        )
     if not isinstance(init, str) or init not in INIT_METHODS:
         raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
     return init
@@ -46,8 +61,8 @@ def reset_lora_factors_(down: torch.Tensor, up: torch.Tensor, init: str) -> None
     ``"pissa"`` needs the base weight; it is handled by :func:`pissa_factors`.
     """
     check_init(init)
-    if init == "pissa":
-        raise ValueError("init='pissa' needs the base weight: use pissa_factors(weight, r, scale)")
+    if init in WEIGHT_INITS:
+        raise ValueError(f"init={init!r} needs the base weight: use {init}_factors(weight, r, scale)")
     up.zero_()
     if init == "default":
         torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
@@ -63,15 +78,15 @@ def _check_svd_method(method: str) -> None:
 
 
 def _top_singular_triplets(
-    matrix: torch.Tensor, r: int, method: str
+    matrix: torch.Tensor, r: int, method: str, n_iter: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading ``r`` singular triplets ``(U_r, S_r, Vh_r)`` of a 2-D float tensor (lowrank's SVD engine)."""
     from lowrank.svd import rsvd, svd
 
     if method == "svd":
         U, S, Vh = svd(matrix, r)
-    else:
-        U, S, Vh = rsvd(matrix, r, seed=0)  # fixed seed: the same weight gives the same adapter
+    else:  # fixed seed: the same weight gives the same adapter
+        U, S, Vh = rsvd(matrix, r, seed=0, n_iter=n_iter)
     return U[:, :r], S[:r], Vh[:r]
 
 
@@ -100,7 +115,7 @@ def _check_r(r: object, shape: tuple[int, ...]) -> int:
 @no_autocast
 @torch.no_grad()
 def pissa_factors(
-    weight: torch.Tensor, r: int, scale: float, *, method: str = "rsvd"
+    weight: torch.Tensor, r: int, scale: float, *, method: str = "rsvd", n_iter: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""PiSSA initialisation: LoRA factors from the principal singular triplets of ``weight``.
 
@@ -123,6 +138,10 @@ def pissa_factors(
         ``"rsvd"`` (``lowrank.rsvd``): ``O(out * in * r)``, the choice for large layers; ``"svd"``
         (``lowrank.svd``): exact, ``O(out * in * min(out, in))``. The output is unchanged either way; only
         how principal the starting subspace is depends on the method.
+    n_iter : int, optional
+        Power/Krylov iterations of ``"rsvd"`` (default: the engine's, see :func:`lowrank.rsvd`). Weights
+        with a flat spectrum (random init) need more for accurate top singular values:
+        ``benchmarks/bench_init.py`` measures the accuracy per ``n_iter``.
 
     Returns
     -------
@@ -149,7 +168,7 @@ def pissa_factors(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a finite number > 0 for PiSSA, got {scale!r}")
     work = weight.detach().to(_work_dtype(weight.dtype))
-    U, S, Vh = _top_singular_triplets(work, r, method)
+    U, S, Vh = _top_singular_triplets(work, r, method, n_iter)
     root = (S / scale).sqrt()
     B = U * root
     A = root[:, None] * Vh
@@ -232,3 +251,269 @@ def extract_lora(
     A = (root[:, None] * Vh).to(base_weight.dtype)
     energy = 1.0 if total == 0.0 else min(1.0, float(S.pow(2).sum()) / total)
     return LoRAFactors(B, A, energy)
+
+
+def _check_scale(scale: object, what: str) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite number > 0 for {what}, got {scale!r}")
+    return float(scale)
+
+
+@no_autocast
+@torch.no_grad()
+def olora_factors(
+    weight: torch.Tensor, r: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""OLoRA initialisation: LoRA factors from the QR decomposition of ``weight`` (PEFT's ``"olora"``).
+
+    With the Householder QR ``W = Q R`` (no pivoting), returns ``B = Q[:, :r]``, ``A = R[:r]`` and
+    ``W_res = W - scale * B @ A``, exactly PEFT's ``olora_init`` (no ``1/scale`` in the factors, so
+    ``scale * B A`` is ``scale`` times the projection ``Q_r Q_r^T W``; the layer's output is unchanged).
+
+    Only the first ``r`` columns of ``W`` determine ``Q[:, :r]`` (the first ``r`` Householder reflectors
+    act on them alone), and ``R[:r] = Q_r^T W``. So this takes the thin Householder QR of the
+    ``(out, r)`` panel (same LAPACK/cuSOLVER routine as a full QR, hence the same signs: ``R``'s diagonal
+    as LAPACK leaves it) plus one GEMM for the rest of ``R[:r]``: ``O(out * in * r)`` instead of the full
+    QR's ``O(out * in * min(out, in))``.
+
+    Parameters
+    ----------
+    weight : Tensor, shape (out_features, in_features)
+        Base weight (float32 work for fp16/bf16/fp32, float64 for float64; PEFT refuses float64).
+    r : int
+        Rank, ``1 <= r <= min(weight.shape)``.
+    scale : float
+        The layer's LoRA scaling (``alpha / r`` or ``alpha / sqrt(r)``), > 0.
+
+    Returns
+    -------
+    B : Tensor, shape (out_features, r)
+        Orthonormal columns.
+    A : Tensor, shape (r, in_features)
+        Upper trapezoidal in its first ``r`` columns.
+    residual : Tensor, shape (out_features, in_features)
+        All in ``weight``'s dtype and device.
+
+    Raises
+    ------
+    TypeError
+        ``weight`` not a dense real floating tensor.
+    ValueError
+        ``weight`` not 2-D, with NaN/Inf entries or on the meta device; bad ``r`` or ``scale``.
+
+    References
+    ----------
+    K. Büyükakyüz, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models", arXiv:2406.01775.
+    """
+    _check_weight(weight, "weight")
+    _check_r(r, tuple(weight.shape))
+    scale = _check_scale(scale, "OLoRA")
+    work = weight.detach().to(_work_dtype(weight.dtype))
+    Q, R_panel = torch.linalg.qr(work[:, :r])  # Householder (geqrf + orgqr), the full QR's first r columns
+    A = torch.cat([R_panel, Q.T @ work[:, r:]], dim=1)
+    residual = work - scale * (Q @ A)
+    return Q.to(weight.dtype), A.to(weight.dtype), residual.to(weight.dtype)
+
+
+def _check_covariance(covariance: object, n: int) -> torch.Tensor:
+    check_tensor(covariance, "covariance", complex_ok=False)
+    if tuple(covariance.shape) != (n, n):
+        raise ValueError(
+            f"covariance must have shape ({n}, {n}) (in_features squared), got {tuple(covariance.shape)}"
+        )
+    if not bool(torch.isfinite(covariance).all()):
+        raise ValueError("covariance contains NaN or Inf entries")
+    return covariance
+
+
+@no_autocast
+@torch.no_grad()
+def corda_factors(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    r: int,
+    scale: float,
+    *,
+    mode: str = "ipm",
+    damping: float = 0.01,
+    method: str = "rsvd",
+    n_iter: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""CorDA initialisation: LoRA factors from the SVD of ``W C`` (PEFT's ``init_lora_weights="corda"``).
+
+    PEFT's formulas (``peft.tuners.lora.corda``, PEFT 0.21): with the damped covariance
+    ``C~ = C + damping * mean(diag C) * I`` and the SVD ``W C~ = U S V^T``, the adapter takes the
+    components ``i`` of the chosen mode, ``B = U_i sqrt(S_i / scale)``,
+    ``A = sqrt(S_i / scale) V_i^T C~^{-1}`` and ``W_res = W - scale * B A`` (output unchanged, since
+    ``sum_i U_i S_i V_i^T C~^{-1} = W``).
+
+    * ``"ipm"`` (instruction-previewed): the ``r`` largest. Here ``V_r^T C~^{-1} = S_r^{-1} U_r^T W``
+      (from ``U_r^T W C~ = S_r V_r^T``), so no inverse is formed: ``A = U_r^T W / sqrt(scale S_r)``, and
+      ``scale B A = U_r U_r^T W``. The top-``r`` triplets come from :func:`lowrank.rsvd` (``method="rsvd"``,
+      ``O(out in^2 + out in r)`` with the product ``W C~``) or the exact :func:`lowrank.svd`.
+    * ``"kpm"`` (knowledge-preserved): the ``r`` smallest (of ``min(out, in)``), in PEFT's order. A
+      randomized range finder converges to the *dominant* subspace, the smallest singular values are the
+      ones it resolves worst, so this mode always takes the exact SVD (``method`` is ignored), and
+      ``V_r^T C~^{-1}`` is a Cholesky solve with ``C~`` in float64 (dividing by the small ``S_r`` as in the
+      ipm shortcut would amplify rounding).
+
+    Parameters
+    ----------
+    weight : Tensor, shape (out_features, in_features)
+        Base weight (float32 work for fp16/bf16/fp32, float64 for float64).
+    covariance : Tensor, shape (in_features, in_features)
+        Symmetric positive semi-definite input covariance, as :func:`lowrank.lora.calibrate_lora` collects
+        it (PEFT's: the mean over calibration batches of ``X^T X`` with each batch's ``X`` divided by
+        ``|max(X)|``). Its scale only changes how ``S`` is split between ``A`` and ``B``.
+    r : int
+        Rank, ``1 <= r <= min(weight.shape)``.
+    scale : float
+        The layer's LoRA scaling, > 0.
+    mode : {"ipm", "kpm"}, default "ipm"
+    damping : float, default 0.01
+        Relative damping of ``C`` (PEFT starts at 0.01 and doubles it only while its float32 inverse of
+        ``C~`` is inaccurate, ``||C~ C~^{-1} - I||_F >= 0.05``; no inverse is formed here, ``C~`` is
+        factored in float64 only in "kpm" mode). Pass PEFT's final value to match it on a covariance so
+        badly conditioned that PEFT had to double it.
+    method : {"rsvd", "svd"}, default "rsvd"
+        SVD of ``W C~`` in ``"ipm"`` mode.
+    n_iter : int, optional
+        Iterations of ``"rsvd"`` (default: the engine's).
+
+    Returns
+    -------
+    B : Tensor, shape (out_features, r)
+    A : Tensor, shape (r, in_features)
+    residual : Tensor, shape (out_features, in_features)
+        All in ``weight``'s dtype and device.
+
+    Raises
+    ------
+    TypeError
+        ``weight`` or ``covariance`` not a dense real floating tensor.
+    ValueError
+        Bad shapes, NaN/Inf entries, a zero covariance, bad ``r``, ``scale``, ``mode``, ``damping`` or
+        ``method``.
+
+    References
+    ----------
+    Y. Yang et al., "CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for
+    Task-Aware Parameter-Efficient Fine-tuning", NeurIPS 2024, arXiv:2406.05223.
+    """
+    _check_weight(weight, "weight")
+    n = weight.shape[1]
+    _check_covariance(covariance, n)
+    _check_r(r, tuple(weight.shape))
+    scale = _check_scale(scale, "CorDA")
+    if mode not in CORDA_MODES:
+        raise ValueError(f"mode must be one of {CORDA_MODES}, got {mode!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < math.inf:
+        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+    _check_svd_method(method)
+    work_dtype = _work_dtype(weight.dtype)
+    W = weight.detach().to(work_dtype)
+    C = covariance.detach().to(weight.device, torch.float64)
+    level = float(torch.diagonal(C).mean())
+    if not level > 0:
+        raise ValueError("covariance is zero (or has a non-positive diagonal): the layer saw no input signal")
+    eye = torch.eye(n, dtype=torch.float64, device=C.device)
+    C_damped = C + (float(damping) * level) * eye
+    W_C = W @ C_damped.to(work_dtype)
+    if mode == "ipm":
+        U, S, _ = _top_singular_triplets(W_C, r, method, n_iter)
+        if bool((S > 0).all()):
+            A = (U.T @ W) / (scale * S).sqrt()[:, None]
+            B = U * (S / scale).sqrt()
+            residual = W - scale * (B @ A)
+            return B.to(weight.dtype), A.to(weight.dtype), residual.to(weight.dtype)
+        U, S, Vh = _top_singular_triplets(W_C, r, "svd")  # W has rank < r: take the solve below
+    else:
+        from lowrank.svd import svd
+
+        U_all, S_all, Vh_all = svd(W_C)
+        U, S, Vh = U_all[:, -r:], S_all[-r:], Vh_all[-r:]
+    L, info = torch.linalg.cholesky_ex(C_damped)
+    if int(info) != 0:  # C~ is PD in exact arithmetic; a failure means C is far from PSD
+        raise ValueError("covariance + damping is not positive definite: pass a symmetric PSD covariance")
+    VhCinv = torch.cholesky_solve(Vh.to(torch.float64).T, L).T.to(work_dtype)  # V_r^T C~^{-1}
+    root = (S / scale).sqrt()
+    A = root[:, None] * VhCinv
+    B = U * root
+    residual = W - scale * (B @ A)
+    return B.to(weight.dtype), A.to(weight.dtype), residual.to(weight.dtype)
+
+
+def _flip_to_largest_positive(Vh: torch.Tensor) -> torch.Tensor:
+    """Rows of ``Vh`` signed so that each row's largest-magnitude entry is positive (PEFT's svd_flip)."""
+    idx = Vh.abs().argmax(dim=1)
+    signs = torch.sign(Vh.gather(1, idx[:, None]))
+    return Vh * torch.where(signs == 0, 1.0, signs).to(Vh.dtype)
+
+
+@no_autocast
+@torch.no_grad()
+def eva_components(
+    gram: torch.Tensor, col_sum: torch.Tensor, n_rows: int, k: int, *, method: str = "svd"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""EVA's statistics of a layer's inputs: top-``k`` principal directions and explained-variance ratios.
+
+    For the ``n_rows x d`` matrix ``X`` of all the inputs a layer saw (never stored), given
+    ``gram = X^T X`` and ``col_sum = X^T 1``: the centred scatter ``M = X^T X - col_sum col_sum^T / n``
+    equals ``X_c^T X_c`` for the column-centred ``X_c = X - 1 mu^T``; its top-``k`` eigenvectors are the
+    top right singular vectors of ``X_c`` (PEFT's incremental PCA components), its eigenvalues ``lambda``
+    the squared singular values, and ``lambda / trace(M)`` the explained-variance ratios PEFT
+    redistributes ranks by. ``M`` is symmetric PSD, so its SVD (lowrank's engine) is its eigen-decomposition.
+
+    Parameters
+    ----------
+    gram : Tensor, shape (d, d)
+        ``X^T X`` (float64 recommended; accumulated by :func:`lowrank.lora.calibrate_lora`).
+    col_sum : Tensor, shape (d,)
+    n_rows : int
+        Number of rows of ``X``, >= 2.
+    k : int
+        Number of components, ``1 <= k <= d``.
+    method : {"svd", "rsvd"}, default "svd"
+        Exact SVD of ``M`` (``O(d^3)``) or :func:`lowrank.rsvd` (``O(d^2 k)``).
+
+    Returns
+    -------
+    components : Tensor, shape (k, d)
+        Orthonormal rows, each signed so that its largest-magnitude entry is positive (PEFT's
+        ``svd_flip(u_based_decision=False)``), float64.
+    ratio : Tensor, shape (k,)
+        Explained-variance ratios ``lambda_i / trace(M)``, descending.
+    singular_values : Tensor, shape (k,)
+        ``sqrt(lambda_i)``, the singular values of ``X_c`` (EVA's whitening divides by their square root).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad tensors, shapes, ``n_rows`` or ``k``.
+
+    References
+    ----------
+    F. Paischer et al., "One Initialization to Rule them All: Fine-tuning via Explained Variance
+    Adaptation", arXiv:2410.07170.
+    """
+    check_tensor(gram, "gram", complex_ok=False)
+    check_tensor(col_sum, "col_sum", complex_ok=False)
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}")
+    d = gram.shape[0]
+    if tuple(col_sum.shape) != (d,):
+        raise ValueError(f"col_sum must have shape ({d},), got {tuple(col_sum.shape)}")
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 2:
+        raise ValueError(f"n_rows must be an int >= 2, got {n_rows!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
+        raise ValueError(f"k must be an int in [1, {d}], got {k!r}")
+    _check_svd_method(method)
+    G = gram.detach().to(torch.float64)
+    s = col_sum.detach().to(G.device, torch.float64)
+    M = G - torch.outer(s, s) / n_rows
+    M = 0.5 * (M + M.T)
+    total = float(torch.diagonal(M).sum())
+    if not total > 1e-13 * float(torch.diagonal(G).sum()):  # below the rounding of G - s s^T / n
+        raise ValueError("the inputs have zero variance: EVA has no direction to take")
+    _, lam, Vh = _top_singular_triplets(M, k, method)
+    return _flip_to_largest_positive(Vh), lam / total, lam.clamp_min(0).sqrt()

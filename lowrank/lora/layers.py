@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank._ops import lora_linear, lora_linear_multi
-from lowrank.lora.init import check_init, pissa_factors, reset_lora_factors_
+from lowrank.lora.init import WEIGHT_INITS, check_init, olora_factors, pissa_factors, reset_lora_factors_
 
 __all__ = [
     "BASE_ADAPTER",
@@ -63,6 +63,8 @@ class LoRALayer(nn.Module):
 
     # names of the two nn.ParameterDict attributes holding (first-applied, second-applied) factors
     _factor_names: tuple[str, str] = ("lora_A", "lora_B")
+    # initialisations from the base weight that this layer supports
+    _weight_inits: tuple[str, ...] = WEIGHT_INITS
     weight: nn.Parameter
     # Per-row adapter names of a mixed-adapter batch (set by lowrank.mixed_adapter_batch), else None.
     _row_adapters: tuple[str, ...] | None = None
@@ -124,9 +126,11 @@ class LoRALayer(nn.Module):
         dropout : float, default 0.0
             Dropout probability on the adapter's input, in [0, 1).
         use_rslora : bool, default False
-        init : {"default", "gaussian", "pissa", "zeros"}
-            See :func:`lowrank.lora.init.reset_lora_factors_` and :func:`lowrank.lora.init.pissa_factors`.
-            ``"pissa"`` rewrites ``weight`` to the residual of its top-``r`` part (output unchanged).
+        init : {"default", "gaussian", "pissa", "olora", "zeros"}
+            See :func:`lowrank.lora.init.reset_lora_factors_`, :func:`lowrank.lora.init.pissa_factors` and
+            :func:`lowrank.lora.init.olora_factors`. ``"pissa"`` / ``"olora"`` rewrite ``weight`` to the
+            residual of its top-``r`` SVD / QR part (output unchanged); ``"olora"`` is for linear layers.
+            The data-driven ``"corda"`` / ``"eva"`` go through :func:`lowrank.lora.calibrate_lora`.
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
@@ -151,8 +155,14 @@ class LoRALayer(nn.Module):
         if not isinstance(use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
         check_init(init)
-        if init == "pissa" and self.merged_adapters:
-            raise RuntimeError("cannot add a PiSSA adapter while an adapter is merged; call unmerge() first")
+        if init in WEIGHT_INITS and init not in self._weight_inits:
+            raise ValueError(
+                f"init={init!r} is not supported by {type(self).__name__} (use {self._weight_inits})"
+            )
+        if init in WEIGHT_INITS and self.merged_adapters:
+            raise RuntimeError(
+                f"cannot add an init={init!r} adapter while an adapter is merged; call unmerge() first"
+            )
         first_shape, second_shape = self._factor_shapes(r)
         kwargs = {"device": self.weight.device, "dtype": self.weight.dtype}
         getattr(self, self._factor_names[0])[name] = nn.Parameter(torch.empty(first_shape, **kwargs))
@@ -422,11 +432,12 @@ class LoRALinear(LoRALayer):
 
     def _reset_factors(self, name: str, init: str) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
-        if init != "pissa":
+        if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
+        factors = pissa_factors if init == "pissa" else olora_factors
         with torch.no_grad():
-            B0, A0, residual = pissa_factors(self.weight, self.r[name], self.scaling[name])
+            B0, A0, residual = factors(self.weight, self.r[name], self.scaling[name])
             A.copy_(A0)
             B.copy_(B0)
             self.weight.copy_(residual)
@@ -636,14 +647,15 @@ class LoRAMergedLinear(LoRALinear):
 
     def _reset_factors(self, name: str, init: str) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
-        if init != "pissa":
+        if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
         r, scale = self.r[name], self.scaling[name]
+        factors = pissa_factors if init == "pissa" else olora_factors
         with torch.no_grad():
             offset = 0
             for i, (start, size) in enumerate(zip(self._enabled_starts, self._enabled_sizes)):
-                B0, A0, residual = pissa_factors(self.weight[start : start + size], r, scale)
+                B0, A0, residual = factors(self.weight[start : start + size], r, scale)
                 A[i * r : (i + 1) * r].copy_(A0)
                 B[offset : offset + size].copy_(B0)
                 self.weight[start : start + size].copy_(residual)
@@ -685,7 +697,8 @@ class LoRAConv1D(LoRALinear):
         ``nx`` and ``nf`` of the ``Conv1D``; the new weight is (in_features, out_features), drawn from
         ``N(0, 0.02^2)`` as transformers does, the bias zero.
     r, alpha, dropout, bias, use_rslora, init, device, dtype
-        As :class:`LoRALinear` (``init="pissa"`` factors ``weight.T``).
+        As :class:`LoRALinear` (``init="pissa"`` / ``"olora"`` factor ``weight.T``, the (out, in) view,
+        as for ``nn.Linear``; PEFT's OLoRA code does not transpose a Conv1D weight).
 
     Examples
     --------
@@ -773,11 +786,12 @@ class LoRAConv1D(LoRALinear):
 
     def _reset_factors(self, name: str, init: str) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
-        if init != "pissa":
+        if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
-        with torch.no_grad():
-            B0, A0, residual = pissa_factors(self.weight.T, self.r[name], self.scaling[name])
+        factors = pissa_factors if init == "pissa" else olora_factors
+        with torch.no_grad():  # on the (out, in) view, as for nn.Linear; the residual goes back as (in, out)
+            B0, A0, residual = factors(self.weight.T, self.r[name], self.scaling[name])
             A.copy_(A0)
             B.copy_(B0)
             self.weight.copy_(residual.T)
@@ -810,6 +824,7 @@ class LoRAEmbedding(LoRALayer):
     """
 
     _factor_names = ("lora_embedding_A", "lora_embedding_B")
+    _weight_inits = ("pissa",)  # PEFT's OLoRA is for linear layers
 
     def __init__(
         self,

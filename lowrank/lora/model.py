@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from lowrank.lora.init import WEIGHT_INITS
 from lowrank.lora.layers import (
     BASE_ADAPTER,
     LoRAConv1D,
@@ -231,18 +232,18 @@ def inject_lora(
                 f"r must be an int in [1, {min(dims)}] for module {name!r} (weight "
                 f"{tuple(module.weight.shape)}), got {r!r}"
             )
-    if init == "pissa":
+    if init in WEIGHT_INITS:
         for name, module, _ in plan:
             if module.weight.device.type != "meta" and not bool(torch.isfinite(module.weight).all()):
                 raise ValueError(
-                    f"init='pissa': the weight of module {name!r} holds NaN or infinite values; PiSSA "
-                    "factors the weight itself"
+                    f"init={init!r}: the weight of module {name!r} holds NaN or infinite values; this "
+                    "initialisation factors the weight itself"
                 )
     # ... then change the model with an undo log: a failure in a later target restores every earlier one.
     undo: list[Callable[[], object]] = []
     try:
         for name, module, flags in plan:
-            if init == "pissa":
+            if init in WEIGHT_INITS:
                 saved = module.weight.detach().clone()
                 undo.append(lambda w=module.weight, o=saved: w.data.copy_(o))
             if isinstance(module, LoRALayer):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank._ops import lora_linear_quantized
+from lowrank.lora.init import WEIGHT_INITS
 from lowrank.lora.layers import LoRALayer, LoRALinear
 from lowrank.quantize import QUANT_DTYPES, _resolve_dtype, dequantize, quantize_weight
 
@@ -124,9 +125,9 @@ class QuantizedLoRALinear(LoRALinear):
         return (B.to(work) @ A.to(work)) * self.scaling[name]
 
     def _reset_factors(self, name: str, init: str) -> None:
-        if init == "pissa":
+        if init in WEIGHT_INITS:
             raise ValueError(
-                "init='pissa' rewrites the base weight, which is quantized here: add the PiSSA adapter "
+                f"init={init!r} rewrites the base weight, which is quantized here: add the {init} adapter "
                 "before quantize_base"
             )
         super()._reset_factors(name, init)
