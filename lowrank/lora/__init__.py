@@ -2,6 +2,7 @@
 
 from lowrank.lora.algebra import combine_adapters, combine_lora, truncate_adapter
 from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
+from lowrank.lora.dora import dora_row_norms
 from lowrank.lora.init import LoRAFactors, extract_lora, pissa_factors
 from lowrank.lora.layers import BASE_ADAPTER, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMergedLinear
 from lowrank.lora.model import (
@@ -24,6 +25,7 @@ __all__ = [
     "LoRALinear",
     "LoRAMergedLinear",
     "extract_lora",
+    "dora_row_norms",
     "inject_lora",
     "lora_layers",
     "lora_state_dict",

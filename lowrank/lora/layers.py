@@ -529,7 +529,8 @@ class LoRALinear(LoRALayer):
             super()._fold(name, sign)
             return
         weight = self.weight
-        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # float64 (one-time cost): unmerge then loses only the two roundings to weight.dtype
+        work = torch.float32 if weight.device.type == "mps" else torch.float64
         delta = self.delta_weight(name).to(work)
         if sign > 0:
             factor = self._dora_factor(name).detach().to(work)
@@ -541,18 +542,23 @@ class LoRALinear(LoRALayer):
             weight.copy_(weight.to(work).add_(delta).mul_(factor[:, None]))
             self.__dict__.setdefault("_dora_merge_factor", {})[name] = factor
         else:
-            factor = self.__dict__.get("_dora_merge_factor", {}).pop(name)
+            factor = self.__dict__.get("_dora_merge_factor", {}).pop(name, None)
+            if factor is None:
+                raise RuntimeError(
+                    f"DoRA adapter {name!r} is marked merged but its merge factor is unknown (set by merge())"
+                )
             weight.copy_(weight.to(work).div_(factor[:, None]).sub_(delta))
 
     def unmerge(self) -> None:
         """Take the merged adapter out of ``weight`` again.
 
         LoRA adapters: see :meth:`LoRALayer.unmerge` (each entry back to within one ulp of the merged
-        weight). DoRA adapters: ``merge`` stored the factor ``f = m / n`` it used (float32; float64 for
-        float64 weights) and unmerging computes ``W_merged / f - scale B A`` in that precision, so an entry
-        comes back to within about one ulp of ``f (W + scale B A)`` divided by ``f``, i.e. one ulp (in
-        ``weight.dtype``) of ``max(|W|, |W + scale B A|)`` plus a float32 rounding; exact up to float64
-        rounding for float64 weights. Measured in tests/test_lora_dora.py.
+        weight). DoRA adapters: ``merge`` computes ``f (W + scale B A)`` with ``f = m / n`` in float64 and
+        keeps ``f``; unmerging computes ``W_merged / f - scale B A`` in float64. Only the two roundings to
+        ``weight.dtype`` remain: the merged entry's (half an ulp of ``f (W + scale B A)``, i.e. half an ulp
+        of ``W + scale B A`` after dividing by ``f``) and the final one (half an ulp of ``W``), so each entry
+        comes back to within one ulp of ``max(|W|, |W + scale B A|)`` in ``weight.dtype``. Checked on
+        float32 and bfloat16 layers in tests/test_lora_dora.py.
         """
         super().unmerge()
 
