@@ -323,6 +323,11 @@ def test_bad_inputs_refused_clearly(tmp_path):
     mixed = lowrank.inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0"], r=2, use_dora=True)
     lowrank.inject_lora(mixed, ["1"], r=2)
     with pytest.raises(ValueError, match="use_dora"):
+        lowrank.truncate_adapter(mixed, "default", r=1)
+    with pytest.raises(ValueError, match="use_dora"):
+        lowrank.combine_adapters(mixed, ["default"], None, "sum")
+    assert mixed[0].r == {"default": 2}
+    with pytest.raises(ValueError, match="use_dora"):
         lowrank.save_adapter(mixed, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
 
