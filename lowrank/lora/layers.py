@@ -15,6 +15,7 @@ D. Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -260,6 +261,12 @@ class LoRALayer(nn.Module):
     def _init_magnitude(self, name: str) -> None:
         raise NotImplementedError
 
+    def __getstate__(self) -> dict:
+        # the DoRA cache holds weak references (not picklable) and is rebuilt on demand
+        state = self.__dict__.copy()
+        state.pop("_dora_cache", None)
+        return state
+
     def clear_dora_cache(self) -> None:
         """Forget cached DoRA row norms (see :class:`LoRALinear`); needed only after changing ``weight``
         or a factor through ``.data`` (which bypasses the version counters the cache is keyed on)."""
@@ -329,6 +336,28 @@ class LoRALayer(nn.Module):
         )
         merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
         return f"{self._shape_text()}, adapters={{{adapters}}}, active={self.active_adapter!r}{merged}"
+
+
+def _tensor_state(*tensors: torch.Tensor) -> list[tuple]:
+    """What a cached value computed from ``tensors`` depends on: each tensor's identity (a weak reference,
+    so the cache keeps nothing alive), storage, version counter (bumped by every in-place change, e.g. an
+    optimizer step or ``copy_``), dtype, device and shape."""
+    return [(weakref.ref(t), t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors]
+
+
+def _same_state(state: list[tuple], tensors: tuple[torch.Tensor, ...]) -> bool:
+    if len(state) != len(tensors):
+        return False
+    for (ref, ptr, version, dtype, device, shape), t in zip(state, tensors):
+        if ref() is not t or (ptr, version, dtype, device, shape) != (
+            t.data_ptr(),
+            t._version,
+            t.dtype,
+            t.device,
+            t.shape,
+        ):
+            return False
+    return True
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -500,22 +529,16 @@ class LoRALinear(LoRALayer):
         weight = self.weight
         if torch.compiler.is_compiling():
             return dora_row_norms(weight, A, B, self.scaling[name])
-        cache = self.__dict__.setdefault("_dora_cache", {})
-        wkey = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
-        sq = cache.get("weight_sq")
-        if sq is None or sq[0] != wkey:
-            sq = (wkey, weight_row_sq_norms(weight))
-            cache["weight_sq"] = sq
-        key = (
-            wkey,
-            self.scaling[name],
-            *((p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for p in (A, B)),
-        )
-        hit = cache.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+        cache = self.__dict__.setdefault("_dora_cache", {"weight": None, "norms": {}})
+        sq = cache["weight"]
+        if sq is None or not _same_state(sq[0], (weight,)):
+            sq = (_tensor_state(weight), weight_row_sq_norms(weight))
+            cache["weight"] = sq
+        hit = cache["norms"].get(name)
+        if hit is not None and hit[1] == self.scaling[name] and _same_state(hit[0], (weight, A, B)):
+            return hit[2]
         norms = dora_row_norms(weight, A, B, self.scaling[name], weight_sq_norms=sq[1])
-        cache[name] = (key, norms)
+        cache["norms"][name] = (_tensor_state(weight, A, B), self.scaling[name], norms)
         return norms
 
     def _dora_factor(self, name: str) -> torch.Tensor:
