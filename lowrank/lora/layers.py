@@ -530,22 +530,36 @@ class LoRALinear(LoRALayer):
         if torch.compiler.is_compiling():
             return dora_row_norms(weight, A, B, self.scaling[name])
         cache = self.__dict__.setdefault("_dora_cache", {"weight": None, "norms": {}})
+        return self._dora_cached(name, A, B, weight, cache)[0]
+
+    def _dora_cached(
+        self, name: str, A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor, cache: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, 1 / max(n, tiny))`` of adapter ``name``, from the cache when still valid."""
         sq = cache["weight"]
         if sq is None or not _same_state(sq[0], (weight,)):
-            sq = (_tensor_state(weight), weight_row_sq_norms(weight))
+            work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            sq = (_tensor_state(weight), weight_row_sq_norms(weight).to(work))
             cache["weight"] = sq
         hit = cache["norms"].get(name)
         if hit is not None and hit[1] == self.scaling[name] and _same_state(hit[0], (weight, A, B)):
             return hit[2]
         norms = dora_row_norms(weight, A, B, self.scaling[name], weight_sq_norms=sq[1])
-        cache["norms"][name] = (_tensor_state(weight, A, B), self.scaling[name], norms)
-        return norms
+        value = (norms, norms.clamp_min(torch.finfo(norms.dtype).tiny).reciprocal_())
+        cache["norms"][name] = (_tensor_state(weight, A, B), self.scaling[name], value)
+        return value
 
     def _dora_factor(self, name: str) -> torch.Tensor:
         """``m / n`` (out,) in the norm's dtype, differentiable in ``m`` only (``n`` is a constant)."""
-        norms = self.dora_weight_norm(name)
         magnitude = self.lora_magnitude_vector[name]
-        return magnitude.to(norms.dtype) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        if torch.compiler.is_compiling():
+            norms = self.dora_weight_norm(name)
+            return magnitude.to(norms.dtype) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        cache = self.__dict__.setdefault("_dora_cache", {"weight": None, "norms": {}})
+        _, inverse = self._dora_cached(name, self.lora_A[name], self.lora_B[name], self.weight, cache)
+        return (
+            magnitude * inverse if magnitude.dtype == inverse.dtype else magnitude.to(inverse.dtype) * inverse
+        )
 
     def _fold(self, name: str, sign: float) -> None:
         if not self.use_dora.get(name, False):
