@@ -3,6 +3,7 @@
 from lowrank.lora.algebra import combine_adapters, combine_lora, truncate_adapter
 from lowrank.lora.calibrate import calibrate_lora
 from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
+from lowrank.lora.dora import dora_row_norms
 from lowrank.lora.init import (
     LoRAFactors,
     corda_factors,
@@ -42,6 +43,7 @@ __all__ = [
     "LoRALinear",
     "LoRAMergedLinear",
     "extract_lora",
+    "dora_row_norms",
     "inject_lora",
     "lora_layers",
     "lora_state_dict",

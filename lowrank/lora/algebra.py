@@ -317,6 +317,16 @@ def combine_lora(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _refuse_dora(path: str, layer: LoRALayer, names: Sequence[str]) -> None:
+    """DoRA adapters scale rows by ``m / ‖W + s B A‖``: algebra on ``s B A`` alone would drop that."""
+    dora = [n for n in names if getattr(layer, "use_dora", {}).get(n, False)]
+    if dora:
+        raise ValueError(
+            f"adapters {dora} of {path!r} are DoRA adapters (use_dora=True); combining or truncating acts on "
+            "s B A alone and would drop their magnitude, so they are not supported here"
+        )
+
+
 def _factor_params(layer: LoRALayer, name: str) -> tuple[nn.Parameter, nn.Parameter]:
     first, second = layer._factor_names
     return getattr(layer, first)[name], getattr(layer, second)[name]
@@ -440,6 +450,8 @@ def combine_adapters(
     for path, layer in lora_layers(model):
         if new_name in layer.r:
             raise ValueError(f"new_name: {path!r} already holds an adapter named {new_name!r}")
+    for path, layer in layers:
+        _refuse_dora(path, layer, adapters)
 
     plans = []
     for path, layer in layers:
@@ -564,6 +576,7 @@ def truncate_adapter(
     for path, layer in layers:
         if name in layer.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into {path!r}; unmerge it before truncating")
+        _refuse_dora(path, layer, [name])
 
     decomposed = []
     for _, layer in layers:

@@ -9,7 +9,9 @@ A checkpoint is a directory holding
   ``lora_embedding_B`` ``(embedding_dim, r)`` for embeddings (a GPT-2 ``Conv1D``, weight stored
   ``(in, out)``, has the linear layout and ``fan_in_fan_out: true`` in the config, as PEFT writes it), and
   the full state dict of each ``modules_to_save`` copy under ``base_model.model.<module path>.<key>``
-  (PEFT 0.21 drops the wrapper's ``modules_to_save.<adapter>.`` from these keys);
+  (PEFT 0.21 drops the wrapper's ``modules_to_save.<adapter>.`` from these keys); DoRA adapters
+  (``use_dora: true`` in the config) add ``base_model.model.<module path>.lora_magnitude_vector`` of shape
+  ``(out_features,)``;
 * ``adapter_config.json``: PEFT's ``LoraConfig`` fields (``peft_type="LORA"``, ``r``, ``lora_alpha``,
   ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ...).
 
@@ -300,6 +302,7 @@ def save_adapter(
     ranks: dict[str, int] = {}
     alphas: dict[str, int | float] = {}
     rslora: set[bool] = set()
+    dora: set[bool] = set()
     dropouts: list[float] = []
     for module_path, module in modules:
         if hasattr(module, "enable_lora"):
@@ -313,6 +316,11 @@ def save_adapter(
         ranks[module_path] = int(module.r[adapter_name])
         alphas[module_path] = _number(module.lora_alpha[adapter_name])
         rslora.add(bool(module.use_rslora[adapter_name]))
+        use_dora = bool(getattr(module, "use_dora", {}).get(adapter_name, False))
+        dora.add(use_dora)
+        if use_dora:
+            magnitude = module.lora_magnitude_vector[adapter_name]
+            tensors[KEY_PREFIX + module_path + "." + _MAGNITUDE] = magnitude.detach().to("cpu").contiguous()
         dropout = getattr(module, "lora_dropout", {})
         if adapter_name in dropout:
             dropouts.append(float(getattr(dropout[adapter_name], "p", 0.0)))
@@ -321,6 +329,10 @@ def save_adapter(
             f"adapter {adapter_name!r} mixes use_rslora=True and False across layers; a PEFT config holds one"
         )
     saved_paths = _saved_module_tensors(model, adapter_name, tensors)
+    if len(dora) > 1:
+        raise ValueError(
+            f"adapter {adapter_name!r} mixes use_dora=True and False across layers; a PEFT config holds one"
+        )
     if len(set(dropouts)) > 1:
         warnings.warn(
             f"adapter {adapter_name!r} uses different dropout rates per layer; saving the largest "
@@ -332,6 +344,7 @@ def save_adapter(
         ranks,
         alphas,
         use_rslora=rslora.pop(),
+        use_dora=dora.pop(),
         dropout=max(dropouts, default=0.0),
         base=_stored_config(model, adapter_name),
         universe=_module_universe(model),
@@ -369,6 +382,7 @@ def build_peft_config(
     alphas: dict[str, int | float],
     *,
     use_rslora: bool = False,
+    use_dora: bool = False,
     dropout: float = 0.0,
     base: dict[str, Any] | None = None,
     universe: Iterable[str] | None = None,
@@ -401,7 +415,7 @@ def build_peft_config(
             "use_rslora": use_rslora,
             "fan_in_fan_out": False,
             "bias": "none",
-            "use_dora": False,
+            "use_dora": use_dora,
             "modules_to_save": None,
             "layers_to_transform": None,
             "layers_pattern": None,
@@ -507,7 +521,6 @@ def _config_from_text(text: str, config_file: str) -> dict[str, Any]:
             f"{config_file}: peft_type is {config.get('peft_type')!r}, only LORA is read"
         )
     for field, ok, meaning in [
-        ("use_dora", lambda v: not v, "DoRA"),
         ("fan_in_fan_out", lambda v: isinstance(v, bool), "fan_in_fan_out (must be true or false)"),
         ("bias", lambda v: v in (None, "none"), "trained biases"),
         ("lora_bias", lambda v: not v, "lora_bias"),
@@ -564,8 +577,9 @@ def _check_config_values(config: dict[str, Any], config_file: str) -> None:
         isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0
     ):
         raise bad("lora_dropout", "a number in [0, 1)")
-    if given("use_rslora") and not isinstance(config["use_rslora"], bool):
-        raise bad("use_rslora", "true or false (a JSON boolean)")
+    for field in ("use_rslora", "use_dora"):
+        if given(field) and not isinstance(config[field], bool):
+            raise bad(field, "true or false (a JSON boolean)")
     for field, ok, want in (
         ("rank_pattern", _is_int, "positive integers"),
         ("alpha_pattern", _is_positive_number, "positive finite numbers"),
@@ -616,6 +630,7 @@ def _check_config_values(config: dict[str, Any], config_file: str) -> None:
 
 # Config fields that give the weights their meaning: a torn save shows as a difference in one of them.
 _MEANINGFUL_FIELDS = (
+    "use_dora",
     "r",
     "lora_alpha",
     "rank_pattern",
@@ -723,10 +738,16 @@ class _Planned:
     rank: int
     alpha: float
     base_weight: torch.Tensor | None = None  # PEFT saves embedding base weights when embeddings are targeted
+    magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector (out,), when the config has use_dora
+
+
+# PEFT's checkpoint key (and lowrank's ParameterDict name) of DoRA's magnitude vector.
+_MAGNITUDE = "lora_magnitude_vector"
 
 
 _KEY_RE = re.compile(
-    r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
+    r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector)$"
 )
 _BASE_KEY_RE = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
 
@@ -780,6 +801,7 @@ def _plan(
 
     default_r = config.get("r", 8)
     default_alpha = config.get("lora_alpha", 8)
+    use_dora = bool(config.get("use_dora", False))
     modules = dict(model.named_modules())
     plans: list[_Planned] = []
     for module_path in sorted(grouped):
@@ -788,7 +810,7 @@ def _plan(
         names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         key_a, key_b = (KEY_PREFIX + module_path + "." + n for n in names)
         for kind in kinds:
-            if kind not in names:
+            if kind not in names and kind != _MAGNITUDE:
                 raise AdapterCheckpointError(
                     f"{source}: key {KEY_PREFIX + module_path + '.' + kind!r} mixes "
                     "linear and embedding LoRA names for one module"
@@ -796,6 +818,18 @@ def _plan(
         for key, kind in ((key_a, names[0]), (key_b, names[1])):
             if kind not in kinds:
                 raise AdapterCheckpointError(f"{source}: missing key {key!r}")
+        key_m = KEY_PREFIX + module_path + "." + _MAGNITUDE
+        if use_dora and embedding:
+            raise AdapterCheckpointError(
+                f"{source}: key {key_a!r}: DoRA (use_dora=true) on embedding {module_path!r} is not "
+                "supported by lowrank (DoRA is available on linear layers only)"
+            )
+        if use_dora and _MAGNITUDE not in kinds:
+            raise AdapterCheckpointError(f"{source}: missing key {key_m!r} (the config has use_dora=true)")
+        if not use_dora and _MAGNITUDE in kinds:
+            raise AdapterCheckpointError(
+                f"{source}: key {key_m!r} is a DoRA magnitude but the config has use_dora=false"
+            )
         (_, lora_a), (_, lora_b) = kinds[names[0]], kinds[names[1]]
         module = modules.get(module_path)
         if module is None:
@@ -825,6 +859,16 @@ def _plan(
                 raise AdapterCheckpointError(
                     f"{source}: tensor {key!r} has shape {tuple(t.shape)}, expected 2-D"
                 )
+        magnitude = kinds[_MAGNITUDE][1] if use_dora else None
+        if magnitude is not None and (
+            not magnitude.is_floating_point()
+            or tuple(magnitude.shape) != (fan_out,)
+            or not bool(torch.isfinite(magnitude).all())
+        ):
+            raise AdapterCheckpointError(
+                f"{source}: tensor {key_m!r} has dtype {magnitude.dtype} and shape {tuple(magnitude.shape)}; "
+                f"the model needs finite floating values of shape ({fan_out},) for {module_path!r}"
+            )
         rank = int(lora_a.shape[0])
         if tuple(lora_a.shape) != (rank, fan_in) or tuple(lora_b.shape) != (fan_out, rank) or rank == 0:
             bad_key, bad, want = (
@@ -864,6 +908,16 @@ def _plan(
                 raise AdapterCheckpointError(
                     f"adapter {adapter_name!r} is merged into {module_path!r}; unmerge it before loading"
                 )
+            if bool(getattr(module, "use_dora", {}).get(adapter_name, False)) != use_dora:
+                raise AdapterCheckpointError(
+                    f"{source}: the config has use_dora={str(use_dora).lower()} but adapter "
+                    f"{adapter_name!r} of {module_path!r} was made with use_dora={not use_dora}"
+                )
+        elif use_dora and not getattr(module, "_supports_dora", isinstance(module, nn.Linear)):
+            raise AdapterCheckpointError(
+                f"{source}: key {key_m!r}: module {module_path!r} ({type(module).__name__}) cannot take a "
+                "DoRA adapter (use_dora=true)"
+            )
         elif not inject:
             raise AdapterCheckpointError(
                 f"{source}: module {module_path!r} has no adapter named {adapter_name!r} "
@@ -878,7 +932,11 @@ def _plan(
                     f"{tuple(module.weight.shape)} (wrong base model?)"
                 )
             base_weight = bw
-        plans.append(_Planned(module_path, embedding, key_a, key_b, lora_a, lora_b, rank, alpha, base_weight))
+        plans.append(
+            _Planned(
+                module_path, embedding, key_a, key_b, lora_a, lora_b, rank, alpha, base_weight, magnitude
+            )
+        )
     if base_weights:
         key = next(iter(base_weights.values()))[0]
         if strict:
@@ -923,7 +981,14 @@ def _wrap(
     """A LoRA layer around a plain ``nn.Linear`` / ``nn.Embedding`` with one adapter, ``adapter_name``."""
     from lowrank.lora.layers import LoRAConv1D, LoRAEmbedding, LoRALinear
 
-    kwargs = {"alpha": plan.alpha, "dropout": dropout, "use_rslora": use_rslora, "init": "zeros"}
+    kwargs: dict[str, Any] = {
+        "alpha": plan.alpha,
+        "dropout": dropout,
+        "use_rslora": use_rslora,
+        "init": "zeros",
+    }
+    if plan.magnitude is not None:
+        kwargs["use_dora"] = True
     if plan.embedding:
         layer = LoRAEmbedding.from_embedding(module, plan.rank, **kwargs)
     elif is_conv1d(module):
@@ -945,8 +1010,14 @@ def _apply(model: nn.Module, plans: list[_Planned], config: dict[str, Any], adap
             module = model.get_submodule(plan.module_path)
             if _lora_pair(module, adapter_name) is None:
                 if _is_lora_linear(module) or _is_lora_embedding(module):
+                    extra = {"use_dora": True} if plan.magnitude is not None else {}
                     module.add_adapter(
-                        adapter_name, plan.rank, alpha=plan.alpha, dropout=dropout, use_rslora=use_rslora
+                        adapter_name,
+                        plan.rank,
+                        alpha=plan.alpha,
+                        dropout=dropout,
+                        use_rslora=use_rslora,
+                        **extra,
                     )
                     undo.append(lambda m=module: m.delete_adapter(adapter_name))
                 else:
@@ -963,6 +1034,12 @@ def _apply(model: nn.Module, plans: list[_Planned], config: dict[str, Any], adap
             with torch.no_grad():
                 lora_a.copy_(plan.lora_a.to(dtype=lora_a.dtype, device=lora_a.device))
                 lora_b.copy_(plan.lora_b.to(dtype=lora_b.dtype, device=lora_b.device))
+            if plan.magnitude is not None:
+                magnitude = module.lora_magnitude_vector[adapter_name]
+                old_m = magnitude.detach().clone()
+                undo.append(lambda p=magnitude, o=old_m: p.data.copy_(o))
+                with torch.no_grad():
+                    magnitude.copy_(plan.magnitude.to(dtype=magnitude.dtype, device=magnitude.device))
             if plan.base_weight is not None:
                 weight = module.weight
                 old_weight = weight.detach().clone()
@@ -1238,6 +1315,9 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+_ADAPTER_ATTRS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", _MAGNITUDE)
+
+
 def adapter_size(model: nn.Module, adapter_name: str | None = None) -> AdapterSize:
     """Storage of a model's LoRA adapters compared with its base model.
 
@@ -1251,10 +1331,11 @@ def adapter_size(model: nn.Module, adapter_name: str | None = None) -> AdapterSi
     Returns
     -------
     AdapterSize
-        ``adapter_params``/``adapter_bytes`` (the ``lora_A``/``lora_B`` factors and the ``modules_to_save``
-        copies, what :func:`save_adapter` writes) and ``base_params``/``base_bytes`` (every other
-        parameter, shared ones counted once), with ``ratio`` = adapter bytes / base bytes. A rank-``r``
-        adapter of an ``m x n`` layer stores ``r (m + n)`` numbers instead of ``m n``.
+        ``adapter_params``/``adapter_bytes`` (the ``lora_A``/``lora_B`` factors, DoRA magnitudes and the
+        ``modules_to_save`` copies, what
+        :func:`save_adapter` writes) and ``base_params``/``base_bytes`` (every other parameter, shared ones
+        counted once), with ``ratio`` = adapter bytes / base bytes. A rank-``r`` adapter of an ``m x n``
+        layer stores ``r (m + n)`` numbers instead of ``m n`` (DoRA: ``m`` more).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -1270,7 +1351,7 @@ def adapter_size(model: nn.Module, adapter_name: str | None = None) -> AdapterSi
                 if adapter_name is None or key.split(".")[1] == adapter_name:
                     adapter_ids.add(id(p))
                     found = True
-        for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+        for attr in _ADAPTER_ATTRS:
             params = getattr(module, attr, None)
             if isinstance(params, nn.ParameterDict):
                 for name, p in params.items():
@@ -1283,7 +1364,7 @@ def adapter_size(model: nn.Module, adapter_name: str | None = None) -> AdapterSi
     all_adapter_ids = {
         id(p)
         for m in model.modules()
-        for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+        for attr in _ADAPTER_ATTRS
         if isinstance(getattr(m, attr, None), nn.ParameterDict)
         for p in getattr(m, attr).values()
     } | all_copy_ids

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank._ops import lora_linear, lora_linear_multi
+from lowrank.lora.dora import dora_row_norms, weight_row_sq_norms
 from lowrank.lora.init import WEIGHT_INITS, check_init, olora_factors, pissa_factors, reset_lora_factors_
 
 __all__ = [
@@ -50,9 +52,9 @@ class LoRALayer(nn.Module):
 
     Attributes
     ----------
-    r, lora_alpha, scaling, use_rslora : dict[str, ...]
+    r, lora_alpha, scaling, use_rslora, use_dora : dict[str, ...]
         Per adapter name: rank, alpha, the LoRA multiplier (``alpha / r``, or ``alpha / sqrt(r)`` with
-        rsLoRA) and whether rsLoRA scaling is used.
+        rsLoRA), whether rsLoRA scaling is used and whether the adapter is a DoRA adapter.
     lora_dropout : nn.ModuleDict
         Per adapter name: ``nn.Dropout`` (``dropout > 0``) or ``nn.Identity``.
     active_adapter : str or None
@@ -68,6 +70,8 @@ class LoRALayer(nn.Module):
     weight: nn.Parameter
     # Per-row adapter names of a mixed-adapter batch (set by lowrank.mixed_adapter_batch), else None.
     _row_adapters: tuple[str, ...] | None = None
+    # Whether this layer type takes DoRA adapters (use_dora=True); LoRALinear does.
+    _supports_dora: bool = False
 
     def _init_adapter_state(self) -> None:
         self.lora_dropout = nn.ModuleDict()
@@ -75,6 +79,7 @@ class LoRALayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self._base_requires_grad = True
@@ -109,6 +114,7 @@ class LoRALayer(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        use_dora: bool = False,
     ) -> None:
         """Create adapter ``name`` of rank ``r`` and make it active (when no adapter is active yet).
 
@@ -131,6 +137,11 @@ class LoRALayer(nn.Module):
             :func:`lowrank.lora.init.olora_factors`. ``"pissa"`` / ``"olora"`` rewrite ``weight`` to the
             residual of its top-``r`` SVD / QR part (output unchanged); ``"olora"`` is for linear layers.
             The data-driven ``"corda"`` / ``"eva"`` go through :func:`lowrank.lora.calibrate_lora`.
+        use_dora : bool, default False
+            Make it a DoRA adapter (Liu et al. 2024, arXiv:2402.09353; :class:`LoRALinear` only): a
+            trainable magnitude ``lora_magnitude_vector[name]`` (out,), initialised to the row norms of
+            ``W + scale B A`` after the factors' init, rescales each output row (see :class:`LoRALinear`).
+            Other layer types raise ValueError naming ``use_dora``.
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
@@ -154,6 +165,13 @@ class LoRALayer(nn.Module):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+        if use_dora and not self._supports_dora:
+            raise ValueError(
+                f"use_dora=True is not supported by {type(self).__name__} (DoRA adapters are available on "
+                "LoRALinear layers only)"
+            )
         check_init(init)
         if init in WEIGHT_INITS and init not in self._weight_inits:
             raise ValueError(
@@ -172,7 +190,10 @@ class LoRALayer(nn.Module):
         self.lora_alpha[name] = float(alpha)
         self.use_rslora[name] = use_rslora
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        self.use_dora[name] = use_dora
         self._reset_factors(name, init)
+        if use_dora:
+            self._init_magnitude(name)
         if self.active_adapter is None:
             self.active_adapter = name
 
@@ -212,6 +233,9 @@ class LoRALayer(nn.Module):
             )
         for attr in (*self._factor_names, "lora_dropout"):
             del getattr(self, attr)[name]
+        if self.use_dora.pop(name, False):
+            del self.lora_magnitude_vector[name]
+            self.clear_dora_cache()
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del table[name]
         if self.active_adapter == name:
@@ -229,7 +253,7 @@ class LoRALayer(nn.Module):
             raise RuntimeError(f"adapter {self.merged_adapters[0]!r} is already merged; call unmerge() first")
         if self.active_adapter is None:
             raise RuntimeError("no active adapter to merge")
-        self._add_to_weight(self.delta_weight(self.active_adapter), sign=1.0)
+        self._fold(self.active_adapter, sign=1.0)
         self.merged_adapters.append(self.active_adapter)
 
     @torch.no_grad()
@@ -247,7 +271,25 @@ class LoRALayer(nn.Module):
         if not self.merged_adapters:
             raise RuntimeError("no adapter is merged; nothing to unmerge")
         name = self.merged_adapters.pop()
-        self._add_to_weight(self.delta_weight(name), sign=-1.0)
+        self._fold(name, sign=-1.0)
+
+    def _fold(self, name: str, sign: float) -> None:
+        """Add (``sign=1``) or subtract (``-1``) adapter ``name``'s update to ``weight``."""
+        self._add_to_weight(self.delta_weight(name), sign=sign)
+
+    def _init_magnitude(self, name: str) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        # the DoRA cache holds weak references (not picklable) and is rebuilt on demand
+        state = self.__dict__.copy()
+        state.pop("_dora_cache", None)
+        return state
+
+    def clear_dora_cache(self) -> None:
+        """Forget cached DoRA row norms (see :class:`LoRALinear`); needed only after changing ``weight``
+        or a factor through ``.data`` (which bypasses the version counters the cache is keyed on)."""
+        self.__dict__.pop("_dora_cache", None)
 
     def _add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
         weight = self.weight
@@ -261,6 +303,9 @@ class LoRALayer(nn.Module):
             for adapter, param in getattr(self, attr).items():
                 if name is None or adapter == name:
                     yield f"{attr}.{adapter}", param
+        for adapter, param in getattr(self, "lora_magnitude_vector", {}).items():
+            if name is None or adapter == name:
+                yield f"lora_magnitude_vector.{adapter}", param
 
     def _row_adapter_ids(self, x: torch.Tensor, min_dim: int = 2) -> tuple[list[str], torch.Tensor]:
         """For a mixed-adapter batch: the adapters this layer serves and each row's index into them.
@@ -280,6 +325,12 @@ class LoRALayer(nn.Module):
                 "mixed-adapter batch"
             )
         used = [n for n in dict.fromkeys(names) if n in self.r]
+        dora = [n for n in used if self.use_dora.get(n, False)]
+        if dora:
+            raise ValueError(
+                f"mixed-adapter batches do not support DoRA adapters (use_dora=True): {dora}; run them "
+                "with set_adapter instead"
+            )
         index = {n: i for i, n in enumerate(used)}
         ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64).to(
             x.device, non_blocking=True
@@ -298,9 +349,34 @@ class LoRALayer(nn.Module):
         return self.active_adapter
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}: r={self.r[n]} scale={self.scaling[n]:g}" for n in self.r)
+        adapters = ", ".join(
+            f"{n}: r={self.r[n]} scale={self.scaling[n]:g}" + (" dora" if self.use_dora.get(n) else "")
+            for n in self.r
+        )
         merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
         return f"{self._shape_text()}, adapters={{{adapters}}}, active={self.active_adapter!r}{merged}"
+
+
+def _tensor_state(*tensors: torch.Tensor) -> list[tuple]:
+    """What a cached value computed from ``tensors`` depends on: each tensor's identity (a weak reference,
+    so the cache keeps nothing alive), storage, version counter (bumped by every in-place change, e.g. an
+    optimizer step or ``copy_``), dtype, device and shape."""
+    return [(weakref.ref(t), t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors]
+
+
+def _same_state(state: list[tuple], tensors: tuple[torch.Tensor, ...]) -> bool:
+    if len(state) != len(tensors):
+        return False
+    for (ref, ptr, version, dtype, device, shape), t in zip(state, tensors):
+        if ref() is not t or (ptr, version, dtype, device, shape) != (
+            t.data_ptr(),
+            t._version,
+            t.dtype,
+            t.device,
+            t.shape,
+        ):
+            return False
+    return True
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -348,12 +424,29 @@ class LoRALinear(LoRALayer):
     Under ``torch.autocast`` the fused op runs in the autocast dtype (inputs and parameters cast, like
     ``nn.Linear``); otherwise the adapter factors are cast to the weight's dtype when they differ.
 
+    **DoRA** (``use_dora=True``; Liu et al. 2024, arXiv:2402.09353, with PEFT's conventions): the adapter
+    also holds a magnitude ``lora_magnitude_vector[name]`` (out,) and the layer computes
+
+    ``y = (m / n) * (x W^T + scale * (x A^T) B^T) + b``,  ``n_i = ‖W_i + scale B_i A‖`` (row norms),
+
+    with ``n`` treated as a constant in backward (detached, as the paper's section 4.3 and PEFT) and the
+    bias added after the rescaling (as PEFT). The bracket is one :func:`lowrank.lora_linear` call and the
+    rescaling one ``addcmul`` epilogue: no second pass over ``W`` per batch. ``n`` comes from the factors
+    (:func:`lowrank.lora.dora.dora_row_norms`: one ``A W^T`` product, never ``W + scale B A``), with
+    ``‖W_i‖²`` cached, and the whole ``n`` is cached until ``weight``, ``lora_A`` or ``lora_B`` change
+    (keyed on their storage and version counters: an optimizer step or any in-place update invalidates it;
+    after writing through ``.data`` call :meth:`clear_dora_cache`). In eval mode it is therefore computed
+    once. With dropout > 0 in training, as PEFT: ``y = x W^T + b + (m/n - 1) * (d W^T) + (m/n) scale
+    (d A^T) B^T`` with ``d = dropout(x)`` (two passes over ``W``). Merging folds
+    ``W <- (m/n) * (W + scale B A)``; unmerging divides by the same stored factor and subtracts
+    ``scale B A`` (see :meth:`unmerge` for the rounding).
+
     Parameters
     ----------
     in_features, out_features : int
     r : int
         Rank of the ``"default"`` adapter, ``1 <= r <= min(in_features, out_features)``.
-    alpha, dropout, use_rslora, init
+    alpha, dropout, use_rslora, init, use_dora
         See :meth:`add_adapter`.
     bias : bool, default True
     device, dtype
@@ -362,6 +455,8 @@ class LoRALinear(LoRALayer):
     Complexity
     ----------
     Forward ``2 M in out + 2 M r (in + out)`` FLOPs for ``M`` tokens; ``r (in + out)`` trainable parameters.
+    DoRA adds ``out`` parameters, ``2 M out`` FLOPs (epilogue) and, when the factors changed, ``2 r in out``
+    FLOPs for the norms.
 
     Examples
     --------
@@ -369,6 +464,8 @@ class LoRALinear(LoRALayer):
     >>> layer(torch.randn(4, 64)).shape
     torch.Size([4, 32])
     """
+
+    _supports_dora = True
 
     def __init__(
         self,
@@ -381,6 +478,7 @@ class LoRALinear(LoRALayer):
         bias: bool = True,
         use_rslora: bool = False,
         init: str = "default",
+        use_dora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -393,7 +491,9 @@ class LoRALinear(LoRALayer):
             dtype=dtype,
         )
         self._setup(base.weight, base.bias)
-        self.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        self.add_adapter(
+            "default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora
+        )
 
     def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         self._init_adapter_state()
@@ -403,6 +503,7 @@ class LoRALinear(LoRALayer):
         self.bias = bias
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (PEFT's name)
 
     @classmethod
     def from_linear(
@@ -414,6 +515,7 @@ class LoRALinear(LoRALayer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        use_dora: bool = False,
     ) -> LoRALinear:
         """Wrap ``linear`` without copying: the layer holds its ``weight``/``bias`` Parameters (frozen)."""
         if not isinstance(linear, nn.Linear) or isinstance(linear, LoRALayer):
@@ -421,8 +523,100 @@ class LoRALinear(LoRALayer):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(linear.weight, linear.bias)
-        layer._add_first_adapter(r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        layer._add_first_adapter(
+            r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora
+        )
         return layer
+
+    # -- DoRA ------------------------------------------------------------------------------------
+    def _init_magnitude(self, name: str) -> None:
+        """``lora_magnitude_vector[name] = ‖W + scale B A‖`` row-wise, in the weight's dtype (as PEFT)."""
+        norms = self.dora_weight_norm(name)
+        self.lora_magnitude_vector[name] = nn.Parameter(norms.to(self.weight.dtype))
+
+    def dora_weight_norm(self, name: str | None = None) -> torch.Tensor:
+        """Row norms ``‖W_i + scale B_i A‖`` (out,) of DoRA adapter ``name`` (default: the active one).
+
+        float32 (float64 for float64 weights), detached; cached until ``weight``, ``lora_A[name]`` or
+        ``lora_B[name]`` change (see the class notes). See :func:`lowrank.lora.dora.dora_row_norms`.
+        """
+        name = self.active_adapter if name is None else name
+        if name is None:
+            raise RuntimeError("no active adapter")
+        self._check_name(name)
+        A, B = self.lora_A[name], self.lora_B[name]
+        weight = self.weight
+        if torch.compiler.is_compiling():
+            return dora_row_norms(weight, A, B, self.scaling[name])
+        cache = self.__dict__.setdefault("_dora_cache", {"weight": None, "norms": {}})
+        return self._dora_cached(name, A, B, weight, cache)[0]
+
+    def _dora_cached(
+        self, name: str, A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor, cache: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, 1 / max(n, tiny))`` of adapter ``name``, from the cache when still valid."""
+        sq = cache["weight"]
+        if sq is None or not _same_state(sq[0], (weight,)):
+            work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            sq = (_tensor_state(weight), weight_row_sq_norms(weight).to(work))
+            cache["weight"] = sq
+        hit = cache["norms"].get(name)
+        if hit is not None and hit[1] == self.scaling[name] and _same_state(hit[0], (weight, A, B)):
+            return hit[2]
+        norms = dora_row_norms(weight, A, B, self.scaling[name], weight_sq_norms=sq[1])
+        value = (norms, norms.clamp_min(torch.finfo(norms.dtype).tiny).reciprocal_())
+        cache["norms"][name] = (_tensor_state(weight, A, B), self.scaling[name], value)
+        return value
+
+    def _dora_factor(self, name: str) -> torch.Tensor:
+        """``m / n`` (out,) in the norm's dtype, differentiable in ``m`` only (``n`` is a constant)."""
+        magnitude = self.lora_magnitude_vector[name]
+        if torch.compiler.is_compiling():
+            norms = self.dora_weight_norm(name)
+            return magnitude.to(norms.dtype) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        cache = self.__dict__.setdefault("_dora_cache", {"weight": None, "norms": {}})
+        _, inverse = self._dora_cached(name, self.lora_A[name], self.lora_B[name], self.weight, cache)
+        return (
+            magnitude * inverse if magnitude.dtype == inverse.dtype else magnitude.to(inverse.dtype) * inverse
+        )
+
+    def _fold(self, name: str, sign: float) -> None:
+        if not self.use_dora.get(name, False):
+            super()._fold(name, sign)
+            return
+        weight = self.weight
+        # float64 (one-time cost): unmerge then loses only the two roundings to weight.dtype
+        work = torch.float32 if weight.device.type == "mps" else torch.float64
+        delta = self.delta_weight(name).to(work)
+        if sign > 0:
+            factor = self._dora_factor(name).detach().to(work)
+            if not bool(torch.isfinite(factor).all()) or not bool((factor != 0).all()):
+                raise ValueError(
+                    f"cannot merge DoRA adapter {name!r}: lora_magnitude_vector / row norm is zero or not "
+                    "finite in some row, so unmerge could not restore the weight"
+                )
+            weight.copy_(weight.to(work).add_(delta).mul_(factor[:, None]))
+            self.__dict__.setdefault("_dora_merge_factor", {})[name] = factor
+        else:
+            factor = self.__dict__.get("_dora_merge_factor", {}).pop(name, None)
+            if factor is None:
+                raise RuntimeError(
+                    f"DoRA adapter {name!r} is marked merged but its merge factor is unknown (set by merge())"
+                )
+            weight.copy_(weight.to(work).div_(factor[:, None]).sub_(delta))
+
+    def unmerge(self) -> None:
+        """Take the merged adapter out of ``weight`` again.
+
+        LoRA adapters: see :meth:`LoRALayer.unmerge` (each entry back to within one ulp of the merged
+        weight). DoRA adapters: ``merge`` computes ``f (W + scale B A)`` with ``f = m / n`` in float64 and
+        keeps ``f``; unmerging computes ``W_merged / f - scale B A`` in float64. Only the two roundings to
+        ``weight.dtype`` remain: the merged entry's (half an ulp of ``f (W + scale B A)``, i.e. half an ulp
+        of ``W + scale B A`` after dividing by ``f``) and the final one (half an ulp of ``W``), so each entry
+        comes back to within one ulp of ``max(|W|, |W + scale B A|)`` in ``weight.dtype``. Checked on
+        float32 and bfloat16 layers in tests/test_lora_dora.py.
+        """
+        super().unmerge()
 
     def _max_rank(self) -> int:
         return min(self.in_features, self.out_features)
@@ -505,6 +699,8 @@ class LoRALinear(LoRALayer):
         A, B = self._factors(name)
         scale = self.scaling[name]
         dropout = self.lora_dropout[name]
+        if self.use_dora.get(name, False):
+            return self._forward_dora(x, name, A, B, scale, dropout)
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             # The adapter sees dropout(x), the base sees x: two separate products (see class docstring).
             return (
@@ -520,6 +716,28 @@ class LoRALinear(LoRALayer):
         if A.dtype != dtype:
             A, B = A.to(dtype), B.to(dtype)
         return lora_linear(x, weight, A, B, scale, bias)
+
+    def _forward_dora(
+        self, x: torch.Tensor, name: str, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: nn.Module
+    ) -> torch.Tensor:
+        """``(m/n) * lora_linear(x, W, A, B, scale) + b`` (see the class notes; PEFT's formula)."""
+        dtype = _compute_dtype(x, self.weight)
+        factor = self._dora_factor(name).to(dtype)
+        weight, bias = self.weight, self.bias
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if A.dtype != dtype:
+            A, B = A.to(dtype), B.to(dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            dropped = dropout(x)
+            base_dropped = F.linear(dropped, weight)
+            lora = F.linear(F.linear(dropped, A), B) * scale
+            return torch.addcmul(F.linear(x, weight, bias) - base_dropped, factor, base_dropped + lora)
+        out = lora_linear(x, weight, A, B, scale, None)
+        return out * factor if bias is None else torch.addcmul(bias, out, factor)
 
 
 class LoRAMergedLinear(LoRALinear):
@@ -544,6 +762,8 @@ class LoRAMergedLinear(LoRALinear):
     alpha, dropout, bias, use_rslora, init, device, dtype
         As :class:`LoRALinear` (``init="pissa"`` factors each enabled slice of the weight separately).
     """
+
+    _supports_dora = False
 
     def __init__(
         self,
@@ -707,6 +927,8 @@ class LoRAConv1D(LoRALinear):
     >>> layer(torch.randn(2, 5, 64)).shape
     torch.Size([2, 5, 192])
     """
+
+    _supports_dora = False  # DoRA on the (in, out) storage is not built: refused by name
 
     fan_in_fan_out = True
 

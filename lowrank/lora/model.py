@@ -84,6 +84,7 @@ def inject_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     init: str = "default",
+    use_dora: bool = False,
     adapter_name: str = "default",
     merged_modules: Mapping[str, Sequence[bool]] | None = None,
     freeze_base: bool = True,
@@ -105,6 +106,10 @@ def inject_lora(
         ``fan_in_fan_out=True`` layout.
     r : int, default 8
         Rank (see :meth:`LoRALayer.add_adapter` for ``alpha``, ``dropout``, ``use_rslora``, ``init``).
+    use_dora : bool, default False
+        DoRA adapters (Liu et al. 2024, arXiv:2402.09353; see :class:`LoRALinear`) on the ``nn.Linear``
+        targets. Targets that cannot take DoRA (``nn.Embedding``, ``merged_modules``) raise ValueError
+        naming ``use_dora`` before anything changes.
     adapter_name : str, default "default"
     merged_modules : mapping of pattern -> sequence of bool, optional
         Fused projections (e.g. ``{"qkv": [True, False, True]}``): matching ``nn.Linear`` modules become
@@ -169,7 +174,11 @@ def inject_lora(
             raise ValueError(f"merged_modules keys must be non-empty str, got {pattern!r}")
     all_patterns = patterns + [p for p in merged if p not in patterns]
     saved_patterns = [] if modules_to_save is None else _as_patterns("modules_to_save", modules_to_save)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
     options = {"alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "init": init}
+    if use_dora:
+        options["use_dora"] = True
 
     hits: dict[str, int] = dict.fromkeys(all_patterns, 0)
     plan: list[tuple[str, nn.Module, Sequence[bool] | None]] = []
@@ -215,6 +224,17 @@ def inject_lora(
 
     # Check everything that can be checked first, so that bad input changes nothing ...
     for name, module, flags in plan:
+        if use_dora and (
+            flags is not None
+            or isinstance(module, nn.Embedding)
+            or is_conv1d(module)
+            or (isinstance(module, LoRALayer) and not module._supports_dora)
+        ):
+            raise ValueError(
+                f"use_dora=True: module {name!r} ({type(module).__name__}"
+                f"{', merged_modules' if flags is not None else ''}) cannot take a DoRA adapter; DoRA is "
+                "available on nn.Linear targets only"
+            )
         if isinstance(module, LoRALayer):
             if isinstance(adapter_name, str) and adapter_name in module.r:
                 raise ValueError(
@@ -368,8 +388,13 @@ def _rename_adapter(layer: LoRALayer, old: str, new: str) -> None:
         table = getattr(layer, attr)
         table[new] = table[old]
         del table[old]
-    for table in (layer.r, layer.lora_alpha, layer.scaling, layer.use_rslora):
+    for table in (layer.r, layer.lora_alpha, layer.scaling, layer.use_rslora, layer.use_dora):
         table[new] = table.pop(old)
+    magnitudes = getattr(layer, "lora_magnitude_vector", None)
+    if magnitudes is not None and old in magnitudes:
+        magnitudes[new] = magnitudes[old]
+        del magnitudes[old]
+        layer.clear_dora_cache()
     if layer.active_adapter == old:
         layer.active_adapter = new
 
@@ -432,7 +457,8 @@ def lora_state_dict(
     Returns
     -------
     dict[str, Tensor]
-        Detached tensors sharing storage with the parameters (as ``state_dict``); loads back with
+        Detached tensors sharing storage with the parameters (as ``state_dict``), DoRA magnitudes included
+        (``"<path>.lora_magnitude_vector.<adapter>"``); loads back with
         ``model.load_state_dict(sd, strict=False)``.
     """
     _check_bias(bias)

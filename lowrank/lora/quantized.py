@@ -49,6 +49,7 @@ class QuantizedLoRALinear(LoRALinear):
     """
 
     quant_dtype: str
+    _supports_dora = False
 
     @classmethod
     def from_lora_linear(cls, layer: LoRALinear, dtype: str | torch.dtype = "int8") -> QuantizedLoRALinear:
@@ -62,6 +63,12 @@ class QuantizedLoRALinear(LoRALinear):
         if layer.merged_adapters:
             raise ValueError(
                 f"adapter {layer.merged_adapters[0]!r} is merged into the weight; unmerge() before quantizing"
+            )
+        dora = [n for n, flag in layer.use_dora.items() if flag]
+        if dora:
+            raise ValueError(
+                f"adapters {dora} are DoRA adapters (use_dora=True), which the quantized layer does not "
+                "support; delete them or keep the layer unquantized"
             )
         name, _, _ = _resolve_dtype(dtype)
         new = cls.__new__(cls)
@@ -196,7 +203,8 @@ def quantize_base(model: nn.Module, dtype: str | torch.dtype = "int8") -> nn.Mod
     TypeError
         ``model`` is not an ``nn.Module``.
     ValueError
-        Unknown ``dtype``, no ``LoRALinear`` layer in ``model``, or a layer has a merged adapter.
+        Unknown ``dtype``, no ``LoRALinear`` layer in ``model``, a layer has a merged adapter or a DoRA
+        adapter (``use_dora=True``: not supported on a quantized base).
 
     Notes
     -----
@@ -222,6 +230,11 @@ def quantize_base(model: nn.Module, dtype: str | torch.dtype = "int8") -> nn.Mod
     for name, layer in targets:
         if layer.merged_adapters:
             raise ValueError(f"quantize_base: layer {name!r} has a merged adapter; unmerge_lora(model) first")
+        if any(layer.use_dora.values()):
+            raise ValueError(
+                f"quantize_base: layer {name!r} holds DoRA adapters (use_dora=True), which the quantized "
+                "layer does not support"
+            )
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
