@@ -458,7 +458,6 @@ def _small_and_sparse_table(quick: bool, result: BenchResult) -> None:
                 "lowrank block_size=24, n_iter=3": dict(block_size=24, n_iter=3),
                 "lowrank block_size=16, n_iter=5": dict(block_size=16, n_iter=5),
                 "lowrank block_size=16, n_iter=7": dict(block_size=16, n_iter=7),
-                "lowrank block_size=24, n_iter=5": dict(block_size=24, n_iter=5),
             },
             [("torch.svd_lowrank(q=k+10, niter=2)", 1.5), ("sklearn randomized_svd (defaults)", 4.0)],
         ),
