@@ -22,7 +22,16 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lowrank._linop import CenteredOp, LinOp, TransposedOp, as_linop, check_seed, check_tensor, no_autocast
+from lowrank._linop import (
+    CenteredOp,
+    LinOp,
+    SparseOp,
+    TransposedOp,
+    as_linop,
+    check_seed,
+    check_tensor,
+    no_autocast,
+)
 from lowrank.qr import cholqr_pass, matmul_like, orthonormalize
 
 __all__ = ["SVDResult", "rsvd", "svd", "svd_error"]
@@ -634,13 +643,18 @@ def _scaled(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _short_side_ritz(op: LinOp, image: torch.Tensor, basis: torch.Tensor) -> bool:
     """Whether the Krylov Rayleigh-Ritz step works on the short side (:func:`_ritz_short_side`): real
-    fp32 sparse or implicit 2-D operators on CPU whose images ``A^H Q`` are at least 4 times longer than
-    the basis ``Q`` (tall sparse inputs, which :func:`rsvd` factors as ``A^H``; wide ones). There the
+    fp32 ``torch.sparse`` / scipy.sparse 2-D matrices (centred or not) on CPU whose images ``A^H Q`` are
+    at least 4 times longer than the basis ``Q`` (tall ones, which :func:`rsvd` factors as ``A^H``; wide
+    ones). Implicit operators keep the long-side step: their products may cost as much as a dense
+    matrix's, and the short side needs two more of them. There the
     dense work on the long images (the fp64 Gram of ``[W_0 ... W_q]``, ``m s^2`` flops, and
     ``V = W Z``) dominated the whole call: 2/3 of it on a 30000 x 2500 sparse matrix with 5 entries per
     row (k = 40, 8 blocks of 16), while products with a sparse A of that width cost ``O(nnz s)``."""
+    base = op
+    while isinstance(base, (TransposedOp, CenteredOp)):
+        base = base.base
     return (
-        not op.is_dense
+        isinstance(base, SparseOp)
         and op.dtype == torch.float32
         and op.device.type == "cpu"
         and not len(op.batch_shape)

@@ -740,3 +740,15 @@ def test_short_side_ritz_scales_with_the_matrix(monkeypatch, c):
     S = lowrank.rsvd(_sparse_torch(A) * c, 10, block_size=8, n_iter=6, seed=0).S
     assert taken == [True]
     np.testing.assert_allclose(S.double().numpy() / c, s[:10], rtol=1e-3)
+
+
+def test_short_side_ritz_not_for_implicit_operators(monkeypatch):
+    """An implicit operator keeps the long-side Rayleigh-Ritz (its products may cost a dense pass each)."""
+    from scipy.sparse.linalg import aslinearoperator
+
+    A = _tall_sparse()
+    taken = _count_short_side(monkeypatch)
+    s = np.linalg.svd(A.toarray().astype(np.float64), compute_uv=False)
+    S = lowrank.rsvd(aslinearoperator(A), 10, block_size=8, n_iter=6, seed=0).S
+    assert taken == []
+    np.testing.assert_allclose(S.double().numpy(), s[:10], rtol=1e-3)
