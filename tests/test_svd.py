@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -597,3 +599,156 @@ def test_seeds_at_the_edges_of_the_range_work():
         U, S, Vh = lowrank.rsvd(_A, 3, seed=seed)
         assert torch.isfinite(S).all()
     assert torch.equal(lowrank.rsvd(_A, 3, seed=np.int64(7)).S, lowrank.rsvd(_A, 3, seed=7).S)
+
+
+# ---------------------------------------------------------------- issue 19: narrow Krylov blocks, short side
+
+_svd_module = importlib.import_module("lowrank.svd")
+
+
+def _tall_sparse(m=2000, n=200, density=0.01, decay=0.99, seed=0, dtype=np.float32):
+    """Tall scipy CSR with power-law (Zipf) row/column degrees and slowly decaying column scales."""
+    rng = np.random.default_rng(seed)
+    nnz = int(density * m * n)
+    pr = 1.0 / np.arange(1, m + 1)
+    pc = 1.0 / np.arange(1, n + 1)
+    rows = rng.permutation(m)[rng.choice(m, nnz, p=pr / pr.sum())]
+    cols = rng.permutation(n)[rng.choice(n, nnz, p=pc / pc.sum())]
+    A = sp.coo_array((rng.standard_normal(nnz), (rows, cols)), shape=(m, n)).tocsr()
+    A = (A @ sp.diags(decay ** np.arange(n))).tocsr()
+    return A.astype(dtype)
+
+
+def _sparse_torch(A):
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(A.indptr.astype(np.int64)),
+        torch.from_numpy(A.indices.astype(np.int64)),
+        torch.from_numpy(A.data),
+        size=A.shape,
+    )
+
+
+@pytest.mark.parametrize("block_size,n_iter", [(8, 5), (16, None)])
+def test_narrow_krylov_block_near_optimal(block_size, n_iter):
+    """block_size < k: (n_iter + 1) narrow blocks still give a near-optimal rank-k approximation."""
+    A, s = make_matrix(400, 300, slow_decay, seed=3)
+    k = 20
+    res = lowrank.rsvd(torch.from_numpy(A), k, block_size=block_size, n_iter=n_iter, seed=0)
+    assert res.U.shape == (400, k) and res.S.shape == (k,) and res.Vh.shape == (k, 300)
+    optimal = np.sqrt(np.sum(s[k:] ** 2))
+    assert recon_error(A, res) / optimal < 1.01
+    np.testing.assert_allclose(res.S.numpy(), s[:k], rtol=2e-2)
+    assert_orthonormal(res.U, 1e-10)
+    assert_orthonormal(res.Vh.T, 1e-10)
+
+
+def test_block_size_default_n_iter_rule():
+    """Default n_iter with block_size: smallest with (n_iter + 1) * block >= 2.5 k, at least 2."""
+    rule = _svd_module._narrow_block_iters
+    assert rule(64, 32, None) == 4  # 5 blocks of 32 = 160 >= 160
+    assert rule(40, 16, None) == 6  # 7 blocks of 16 = 112 >= 100
+    assert rule(10, 64, None) == 2
+    assert rule(40, 16, 3) == 3
+    with pytest.raises(ValueError, match="block_size=8 with n_iter=1 spans 16 columns, fewer than k=20"):
+        rule(20, 8, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(block_size=8, n_iter=1), ValueError, "fewer than k=20"),
+        (dict(block_size=8, oversample=2), ValueError, "block_size"),
+        (dict(block_size=8, method="subspace"), ValueError, "block_size"),
+        (dict(block_size=0), ValueError, "block_size must be >= 1"),
+        (dict(block_size=500), ValueError, "block_size=500 exceeds"),
+        (dict(block_size=4.0), TypeError, "block_size must be an int"),
+    ],
+)
+def test_block_size_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lowrank.rsvd(torch.randn(300, 200), 20, **kwargs)
+    with pytest.raises(ValueError, match="block_size"):
+        lowrank.rsvd(torch.randn(300, 200), tol=0.1, block_size=8)
+
+
+def test_block_size_rejected_for_row_streams():
+    blocks = [np.random.default_rng(0).standard_normal((50, 30)).astype(np.float32) for _ in range(3)]
+    with pytest.raises(ValueError, match="block_size"):
+        lowrank.rsvd(iter(blocks), 5, block_size=4)
+
+
+def _count_short_side(monkeypatch):
+    taken = []
+    original = _svd_module._ritz_short_side
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_svd_module, "_ritz_short_side", spy)
+    return taken
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_short_side_ritz_matches_long_side_and_exact(monkeypatch, center):
+    """Tall sparse fp32 (factored as A^H, images 10x longer than the bases): the short-side Rayleigh-Ritz
+    is taken and agrees with the long-side one (forced) and with the exact float64 SVD."""
+    A = _tall_sparse()
+    k = 12
+    D = A.toarray().astype(np.float64)
+    if center:
+        D = D - D.mean(axis=0)
+    s = np.linalg.svd(D, compute_uv=False)
+    taken = _count_short_side(monkeypatch)
+    res = lowrank.rsvd(_sparse_torch(A), k, block_size=8, n_iter=6, seed=0, center=center)
+    assert taken == [True]
+    monkeypatch.setattr(_svd_module, "_short_side_ritz", lambda *a: False)
+    ref = lowrank.rsvd(_sparse_torch(A), k, block_size=8, n_iter=6, seed=0, center=center)
+    assert taken == [True]  # the forced run did not take it
+    np.testing.assert_allclose(res.S.numpy(), ref.S.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(res.S.numpy(), s[:k], rtol=1e-3)
+    opt = np.sqrt(np.sum(s[k:] ** 2))
+    assert np.linalg.norm(D - (res.U.double().numpy() * res.S.double().numpy()) @ res.Vh.double().numpy()) < (
+        1.001 * opt
+    )
+    assert_orthonormal(res.U, 1e-5)
+    assert_orthonormal(res.Vh.T, 1e-5)
+    # the same subspace up to signs: |U^T U_ref| is the identity
+    cross = np.abs(res.U.double().numpy().T @ ref.U.double().numpy())
+    np.testing.assert_allclose(np.diag(cross)[:6], 1, atol=1e-3)
+
+
+def test_short_side_ritz_falls_back_on_wide_spectra(monkeypatch):
+    """sigma_1 / sigma_k > 100: the fp32 short-side Gram is not accurate enough; the long-side fp64 Gram is
+    used (None from _ritz_short_side) and the small singular values keep their accuracy."""
+    A = _tall_sparse(decay=0.6)  # column scales 0.6^j: sigma_1 / sigma_12 = 300
+    k = 12
+    s = np.linalg.svd(A.toarray().astype(np.float64), compute_uv=False)
+    assert s[0] / s[k - 1] > 100
+    taken = _count_short_side(monkeypatch)
+    res = lowrank.rsvd(_sparse_torch(A), k, block_size=8, n_iter=6, seed=0)
+    assert taken == [False]
+    np.testing.assert_allclose(res.S.numpy(), s[:k], rtol=1e-4)
+
+
+@pytest.mark.parametrize("c", [1e-30, 1e30])
+def test_short_side_ritz_scales_with_the_matrix(monkeypatch, c):
+    A = _tall_sparse()
+    s = np.linalg.svd(A.toarray().astype(np.float64), compute_uv=False)
+    taken = _count_short_side(monkeypatch)
+    S = lowrank.rsvd(_sparse_torch(A) * c, 10, block_size=8, n_iter=6, seed=0).S
+    assert taken == [True]
+    np.testing.assert_allclose(S.double().numpy() / c, s[:10], rtol=1e-3)
+
+
+def test_short_side_ritz_not_for_implicit_operators(monkeypatch):
+    """An implicit operator keeps the long-side Rayleigh-Ritz (its products may cost a dense pass each)."""
+    from scipy.sparse.linalg import aslinearoperator
+
+    A = _tall_sparse()
+    taken = _count_short_side(monkeypatch)
+    s = np.linalg.svd(A.toarray().astype(np.float64), compute_uv=False)
+    S = lowrank.rsvd(aslinearoperator(A), 10, block_size=8, n_iter=6, seed=0).S
+    assert taken == []
+    np.testing.assert_allclose(S.double().numpy(), s[:10], rtol=1e-3)
