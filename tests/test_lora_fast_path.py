@@ -63,6 +63,16 @@ def test_cache_is_built_and_used_without_grad_only():
         torch.testing.assert_close(layer(x), y)
 
 
+def test_layer_without_bias():
+    torch.manual_seed(2)
+    layer = LoRALinear.from_linear(nn.Linear(24, 16, bias=False), r=4).eval()
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(3, 24)
+    _assert_ref(_run(layer, x), layer, x, "default")
+    assert layer._fast is not None
+
+
 def test_set_adapter_delete_adapter_and_none():
     layer, x = _layer(), torch.randn(2, 5, 24)
     _assert_ref(_run(layer, x), layer, x, "default")

@@ -496,7 +496,7 @@ class LoRALinear(LoRALayer):
         if name is None or self.merged_adapters or self._row_adapters is not None:
             return None
         params = self._parameters
-        weight, bias = params["weight"], params["bias"]
+        weight, bias = params["weight"], params.get("bias")
         A = self._modules[self._factor_names[0]]._parameters.get(name)
         B = self._modules[self._factor_names[1]]._parameters.get(name)
         if A is None or B is None:
