@@ -5,7 +5,9 @@ Candidates, all computing y = x W^T + s (x A^T) B^T + bias under ``torch.no_grad
 - ``F.linear``: the base layer alone (the floor: a LoRA layer can at best cost this);
 - ``unfused``: plain PyTorch, ``F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)``;
 - ``peft``: PEFT's LoRA layer around an ``nn.Linear`` (when peft is installed).
-A second table times a training step (forward + backward with A, B trainable, W frozen).
+A second table times a training step (forward + backward with A, B trainable, W frozen). On CPU a decode
+table (issue 19) times ``lowrank.lora_linear`` against ``F.linear`` at M = 1 (quick; M = 1..4 in --full),
+4096 x 4096, r = 16, float32 and bfloat16, with warm and with flushed caches, goal <= 1.02x.
 On CUDA each case also reports achieved bandwidth and TFLOP/s against measured ceilings (a large
 device-to-device copy, a large bf16 matmul).
 """
@@ -215,8 +217,76 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
             logy=True,
         )
     )
+    if not cuda:
+        result.tables.append(_decode_table(quick, result))
     result.tables.append(_training_table(device, dtype, quick, result))
     return result
+
+
+#: Goal of issue 19 for one-token decode on CPU: lora_linear at most this many times F.linear's time.
+DECODE_GOAL = 1.02
+
+
+def _decode_table(quick: bool, result: BenchResult) -> Table:
+    """lowrank.lora_linear / F.linear at M = 1..4 rows, 4096 x 4096, r = 16, warm and cold caches (CPU)."""
+    size, r, scale = 4096, 16, 2.0
+    flush = cache_flusher()
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(19)
+        weight = (torch.randn(size, size, generator=g) * size**-0.5).to(dtype)
+        bias = torch.randn(size, generator=g).to(dtype)
+        lora_A = (torch.randn(r, size, generator=g) * size**-0.5).to(dtype)
+        lora_B = (torch.randn(size, r, generator=g) * r**-0.5).to(dtype)
+        for M in [1] if quick else [1, 2, 3, 4]:
+            xs = _inputs(M, size, dtype, "cpu", count=4)
+            candidates = _forward_candidates(weight, bias, lora_A, lora_B, scale, None, xs)
+            del candidates["unfused"]
+            for cache in ("warm", "cold"):
+                with torch.no_grad():
+                    times = measure(
+                        candidates,
+                        warmup=3,
+                        repeats=21 if quick else 61,
+                        before_each=flush if cache == "cold" else None,
+                    )
+                ratio = times["lowrank"].median / times["F.linear"].median
+                rows.append(
+                    [
+                        str(dtype).removeprefix("torch."),
+                        M,
+                        cache,
+                        fmt_time(times["lowrank"].median),
+                        fmt_time(times["F.linear"].median),
+                        f"{ratio:.3f}",
+                        f"<= {DECODE_GOAL:.2f}",
+                        "met" if ratio <= DECODE_GOAL else "not met",
+                    ]
+                )
+                for name, timing in times.items():
+                    result.records.append(
+                        {
+                            "table": "decode",
+                            "M": M,
+                            "r": r,
+                            "dtype": str(dtype).removeprefix("torch."),
+                            "cache": cache,
+                            "candidate": name,
+                            **timing.as_dict(),
+                            "goal": DECODE_GOAL,
+                        }
+                    )
+                print(f"  lora decode {dtype} M={M} {cache}: ratio {ratio:.3f}", file=sys.stderr)
+    return Table(
+        title=f"Decode (few rows), {size}x{size}, r={r}, cpu: lowrank.lora_linear vs F.linear",
+        columns=["dtype", "M", "caches", "lowrank", "F.linear", "lowrank / F.linear", "goal", "goal met"],
+        rows=rows,
+        notes=[
+            "Few rows take one threaded pass over W that adds the LoRA term per output row "
+            "(csrc/cpu/lora_linear.cpp); floor ~1.01x (A and B are 0.8% of W's bytes at r = 16).",
+            "Interleaved, rotated inputs, medians; cold: 256 MiB streamed before each timed call.",
+        ],
+    )
 
 
 def _training_table(device, dtype, quick, result) -> Table:

@@ -1,9 +1,16 @@
-"""A LoRA fine-tuning step of a small transformer block stack: lowrank against PEFT, same model, same r.
+"""A LoRA fine-tuning step of a small transformer block stack, and unmerged inference of a small BERT.
+
+Training table: lowrank against PEFT, same model, same r.
 
 The model is a Hugging Face ``LlamaModel`` built from a config (no download): ``layers`` decoder blocks,
 adapters on every projection (q, k, v, o, gate, up, down), base frozen. One step is
 ``zero_grad -> forward -> loss (mean square of the last hidden state) -> backward -> AdamW step`` on the
 adapter parameters. Both candidates start from the same base weights (deep copies of one model).
+
+Inference table (issue 19): a BERT of MiniLM's size (``BertConfig``: 6 layers, hidden 384, 12 heads,
+intermediate 1536; random init, vocabulary 1000 as it costs only a gather), adapters of rank 8 on ``query``
+and ``value`` with non-zero B, eval mode, ``torch.no_grad()``, unmerged; time of the forward against the
+base model's (goal: <= 1.05x at both 1 x 16 and 8 x 128 tokens) and PEFT's.
 
 Time: ``benchmarks.common.measure`` (interleaved rounds after warm-up; median, min-max).
 Peak memory: the largest rise of allocated tensor bytes during one step over the bytes allocated when it
@@ -92,8 +99,96 @@ def _candidates(base, r: int, alpha: float, dropout: float):
     return models, None
 
 
+#: Goal of issue 19: unmerged LoRA inference at most this many times the base model's time.
+INFERENCE_GOAL = 1.05
+
+
+def _inference_table(quick: bool, device: str, result: BenchResult) -> Table:
+    """Unmerged eval inference of a MiniLM-sized BERT with LoRA on query/value: base vs lowrank vs PEFT."""
+    try:
+        from transformers import BertConfig, BertModel
+    except ImportError as error:
+        raise SkipBenchmark(f"transformers is not installed ({error})") from error
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+    )
+    torch.manual_seed(0)
+    base = BertModel(config).to(device).eval()
+    for param in base.parameters():
+        param.requires_grad_(False)
+    r, targets = 8, ["query", "value"]
+    models = {"base": base, "lowrank": lowrank.inject_lora(copy.deepcopy(base), targets, r=r, alpha=2 * r)}
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        config_peft = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
+        models["peft"] = get_peft_model(copy.deepcopy(base), config_peft)
+    except ImportError:
+        result.notes.append("peft is not installed: inference table without peft")
+    with torch.no_grad():
+        for model in models.values():
+            model.eval()
+            gen = torch.Generator().manual_seed(1)
+            for pname, param in model.named_parameters():
+                if "lora_B" in pname:  # same non-zero B for both: the adapters change the output
+                    param.copy_(torch.randn(param.shape, generator=gen).to(param) * 0.02)
+    rows = []
+    for batch, seq in [(1, 16), (8, 128)]:
+        gen = torch.Generator().manual_seed(batch)
+        ids = torch.randint(0, 1000, (batch, seq), generator=gen).to(device)
+        calls = {name: (lambda m=model, ids=ids: m(input_ids=ids)) for name, model in models.items()}
+        small = batch * seq <= 64
+        with torch.no_grad():
+            timings = measure(
+                calls,
+                device=device,
+                warmup=3,
+                repeats=(41 if small else 9) if quick else (101 if small else 21),
+                min_time=0.02 if small else 0.0,
+            )
+        base_time = timings["base"].median
+        for name in models:
+            ratio = timings[name].median / base_time
+            rows.append(
+                [
+                    f"{batch} x {seq}",
+                    name,
+                    fmt_timing(timings[name]),
+                    f"{ratio:.3f}",
+                    "" if name == "base" else f"<= {INFERENCE_GOAL:.2f}",
+                    "" if name == "base" else ("met" if ratio <= INFERENCE_GOAL else "not met"),
+                ]
+            )
+            result.records.append(
+                {
+                    "table": "inference",
+                    "model": "bert-minilm-size",
+                    "tokens": f"{batch}x{seq}",
+                    "r": r,
+                    "candidate": name,
+                    "time_s": timings[name].as_dict(),
+                    "ratio_to_base": ratio,
+                    "goal": INFERENCE_GOAL,
+                }
+            )
+    return Table(
+        title=f"Unmerged LoRA inference, BERT of MiniLM's size (6 x 384, r = 8 on query/value), {device}",
+        columns=["tokens", "candidate", "forward time", "/ base", "goal", "goal met"],
+        rows=rows,
+        notes=[
+            "Eval mode, torch.no_grad(), adapters not merged; candidates interleaved (medians).",
+            "/ base: forward time over the base model's (no adapters); issue 19's goal is <= 1.05x.",
+        ],
+    )
+
+
 def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
     result = BenchResult(name="lora_model")
+    result.tables.append(_inference_table(quick, device, result))
     on_cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
     if on_cuda:

@@ -1,23 +1,41 @@
 // CPU kernel of lowrank::lora_linear: y = x W^T + scale (x A^T) B^T (+ bias).
 //
-// The rank-r LoRA term (with the bias) is written into y first, then the base GEMM (MKL/OpenBLAS through
-// ATen) accumulates into it with beta = 1: no (M x out) temporary is written or read beyond what F.linear
-// with a bias does, and the extra FLOPs are 2 M r (in + out), r/out of the base (benchmarks/bench_lora.py).
+// Many rows (M > kStreamMaxRows): the rank-r LoRA term (with the bias) is written into y first, then the base
+// GEMM (MKL/OpenBLAS through ATen) accumulates into it with beta = 1: no (M x out) temporary is written or read
+// beyond what F.linear with a bias does, and the extra FLOPs are 2 M r (in + out), r/out of the base
+// (benchmarks/bench_lora.py).
 //
-// For a few rows (decode, M <= kStreamMaxRows) the LoRA term is computed here rather than by two BLAS
-// calls: A and B arrive cold from memory (the previous layer's weights evicted them), and BLAS runs such
-// thin products at a fraction of the memory bandwidth (measured: ~200 us for the two at 4096 x 4096,
-// r = 16, i.e. 4% of the 4 ms base GEMV; ~100 us with the loops below, which split each factor over the
-// threads).
+// Few rows (decode, M <= kStreamMaxRows = 4) in float32 / bfloat16 / float16 on x86-64 with AVX2+FMA+F16C
+// (checked at run time): ONE threaded pass over W. x is widened to fp32 once (M x in, in cache; fp32 x is used in
+// place), u = scale x A^T (M x r, fp32) is computed first, then the threads split the output rows: each streams
+// its block of rows of W once, dotting them with the M rows of x (8 columns per vector, up to four rows of W
+// per step so that four or more FMA chains hide the latency and each load of x is shared), and adds
+// u B[n]^T + bias[n] before the single store of y[:, n]. The product is bound by W's bytes: the LoRA factors
+// add r (in + out) elements (0.8% of W's at 4096 x 4096, r = 16), read once; the previous design (LoRA term
+// into y, then a BLAS GEMV with beta = 1) read y twice and paid a second threaded region, measured 1.03-1.05x
+// F.linear there (issue 19; figures of this pass in benchmarks/bench_lora.py).
+//
+// float64, or a CPU without AVX2/FMA/F16C, keeps that previous few-rows design: the LoRA term by the loops of
+// lora_term_few_rows (which split each factor over the threads; BLAS runs such thin products at a fraction of
+// the memory bandwidth), then the BLAS GEMV accumulates into it.
 #include "lora_linear.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 namespace lowrank {
 namespace {
@@ -57,6 +75,145 @@ void lora_term_few_rows(const T* x, const T* A, const T* B, const T* bias, T* y,
   });
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
+#define LOWRANK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LOWRANK_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+// Eight stored values at p widened to floats.
+LOWRANK_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+LOWRANK_AVX2_INLINE __m256 load8(const c10::BFloat16* p) {  // bf16 is the high half of an fp32
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+LOWRANK_AVX2_INLINE __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+LOWRANK_AVX2_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// dots[i * MB + m] = sum_k xf[m, k] W[n + i, k] for i < RB, m < MB: RB rows of W against MB rows of x (fp32,
+// M x K row-major), RB * MB independent FMA chains; each vector of W feeds MB chains, each of x feeds RB.
+template <int MB, int RB, typename T>
+LOWRANK_AVX2_INLINE void dot_block(const float* xf, int64_t K, const T* W, int64_t ldw, int64_t n, float* dots) {
+  __m256 acc[RB][MB];
+  const T* w[RB];
+  for (int i = 0; i < RB; ++i) {
+    w[i] = W + (n + i) * ldw;
+    for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_ps();
+  }
+  const int64_t K8 = K - K % 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(xf + m * K + k);
+    for (int i = 0; i < RB; ++i) {
+      const __m256 wv = load8(w[i] + k);
+      for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_fmadd_ps(xv[m], wv, acc[i][m]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int m = 0; m < MB; ++m) {
+      float s = hsum(acc[i][m]);
+      for (int64_t k = K8; k < K; ++k) s += xf[m * K + k] * static_cast<float>(w[i][k]);
+      dots[i * MB + m] = s;
+    }
+  }
+}
+
+// dots[(n - n0) * MB + m] for the rows [n0, n1) of W: RB rows per step (four for one or two rows of x, two
+// for three or four: at most 8 accumulators + MB vectors of x in the 16 ymm registers), then one by one.
+template <int MB, typename T>
+LOWRANK_AVX2 void dot_rows_avx2(const float* xf, int64_t K, const T* W, int64_t ldw, int64_t n0, int64_t n1,
+                                float* dots) {
+  constexpr int RB = MB <= 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + RB <= n1; n += RB) dot_block<MB, RB>(xf, K, W, ldw, n, dots + (n - n0) * MB);
+  for (; n < n1; ++n) dot_block<MB, 1>(xf, K, W, ldw, n, dots + (n - n0) * MB);
+}
+
+bool cpu_has_avx2_fma_f16c() {
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return has;
+}
+
+// The single pass described at the top: y (M x N, dtype T) from xf (M x K fp32), W, the factors, the bias.
+template <int MB, typename T>
+void stream_pass(const float* xf, const T* W, const T* A, const T* B, const T* bias, T* y, int64_t K, int64_t r,
+                 int64_t N, double scale) {
+  // u = scale * x A^T (MB x r), fp32. Small (MB r K <= 2^18 products, e.g. one row at r = 16, in = 4096): in the
+  // calling thread, as a second parallel region would cost a thread hand-off; larger: rows of A over threads.
+  std::vector<float> u(static_cast<size_t>(MB * r));
+  const int64_t u_grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, MB * K));
+  at::parallel_for(0, r, u_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const T* a = A + j * K;
+      for (int m = 0; m < MB; ++m) {
+        const float* xm = xf + m * K;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < K; ++k) sum += xm[k] * static_cast<float>(a[k]);
+        u[m * r + j] = sum * static_cast<float>(scale);
+      }
+    }
+  });
+  // Threads split the output rows; a task is at least 2^15 weights (one thread below that) and a multiple of 4.
+  const int64_t grain = std::max<int64_t>(4, ((int64_t{1} << 15) / std::max<int64_t>(1, K) + 3) / 4 * 4);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kChunk = 64;
+    std::array<float, kChunk * MB> dots;
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t c1 = std::min(end, c0 + kChunk);
+      dot_rows_avx2<MB, T>(xf, K, W, K, c0, c1, dots.data());
+      for (int64_t n = c0; n < c1; ++n) {
+        const T* b = B + n * r;
+        const float bn = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+        for (int m = 0; m < MB; ++m) {
+          const float* um = u.data() + m * r;
+          float lora = 0.f;
+          for (int64_t j = 0; j < r; ++j) lora += um[j] * static_cast<float>(b[j]);
+          y[m * N + n] = static_cast<T>(dots[(n - c0) * MB + m] + lora + bn);
+        }
+      }
+    }
+  });
+}
+
+// The fused pass for one of float / BFloat16 / Half: x (M x K contiguous, 1 <= M <= 4) widened to fp32 unless fp32.
+template <typename T>
+void fused_few_rows(const T* x, const T* W, const T* A, const T* B, const T* bias, T* y, int64_t M, int64_t K,
+                    int64_t r, int64_t N, double scale) {
+  std::vector<float> widened;
+  const float* xf;
+  if constexpr (std::is_same_v<T, float>) {
+    xf = x;
+  } else {
+    widened.resize(static_cast<size_t>(M * K));
+    for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(x[i]);
+    xf = widened.data();
+  }
+  switch (M) {
+    case 1:
+      return stream_pass<1, T>(xf, W, A, B, bias, y, K, r, N, scale);
+    case 2:
+      return stream_pass<2, T>(xf, W, A, B, bias, y, K, r, N, scale);
+    case 3:
+      return stream_pass<3, T>(xf, W, A, B, bias, y, K, r, N, scale);
+    default:
+      return stream_pass<4, T>(xf, W, A, B, bias, y, K, r, N, scale);
+  }
+}
+#else
+bool cpu_has_avx2_fma_f16c() { return false; }
+template <typename T>
+void fused_few_rows(const T*, const T*, const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, double) {
+  TORCH_CHECK(false, "lora_linear: the fused few-rows pass needs x86-64 with AVX2");
+}
+#endif
+
 }  // namespace
 
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
@@ -73,13 +230,28 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   c10::optional<at::Tensor> bias_c;
   if (bias.has_value()) bias_c = bias->contiguous();
   at::Tensor y = at::empty(shape.out_sizes, x.options());
+  // The fused pass reads W's rows in place; any other layout (e.g. the transposed view of a GPT-2 Conv1D
+  // weight) takes the BLAS path, which reads it as a transposed operand: never a per-call weight copy.
+  const bool fused = cpu_has_avx2_fma_f16c() && x.scalar_type() != at::kDouble && weight.is_contiguous();
+  const at::Tensor& w = weight;
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_cpu", [&] {
-    lora_term_few_rows<scalar_t>(
-        x2.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-        bias_c.has_value() ? bias_c->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), shape.rows,
-        shape.in_features, shape.rank, shape.out_features, scale);
+    const scalar_t* bias_p = bias_c.has_value() ? bias_c->const_data_ptr<scalar_t>() : nullptr;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (fused) {
+        fused_few_rows<scalar_t>(x2.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                 a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), bias_p,
+                                 y.mutable_data_ptr<scalar_t>(), shape.rows, shape.in_features, shape.rank,
+                                 shape.out_features, scale);
+        done = true;
+        return;
+      }
+    }
+    lora_term_few_rows<scalar_t>(x2.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
+                                 b.const_data_ptr<scalar_t>(), bias_p, y.mutable_data_ptr<scalar_t>(), shape.rows,
+                                 shape.in_features, shape.rank, shape.out_features, scale);
   });
-  y.view({shape.rows, shape.out_features}).addmm_(x2, weight.t());
+  if (!done) y.view({shape.rows, shape.out_features}).addmm_(x2, weight.t());
   return y;
 }
 
