@@ -140,13 +140,14 @@ def test_sketches_equal_dense_products_of_the_sparse_sign_maps():
     assert bool((maps[:, :s] != 0).sum(1).eq(8).all()) and bool((maps[:, s:] != 0).sum(1).eq(8).all())
     Ad = A.double()
     acc = sk._acc
-    torch.testing.assert_close(acc["WPhiA"], maps.mT @ Ad, rtol=1e-12, atol=1e-12)
+    # sums over one block are rounded in float32 (the block's dtype), then added in float64
+    torch.testing.assert_close(acc["WPhiA"], maps.mT @ Ad, rtol=1e-5, atol=1e-5)
     theta = R["theta"].double()
     torch.testing.assert_close(acc["E"], theta[:, :q].mT @ Ad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(acc["colsum"], Ad.sum(0), rtol=1e-5, atol=1e-4)
     formed = sk._factors()[0]  # Phi Y = (Phi A) Omega, Theta Y = (Theta A) Omega at result time
     Y = Ad @ sk._omega().double()
-    torch.testing.assert_close(formed["PhiY"], maps[:, s:].mT @ Y, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(formed["PhiY"], maps[:, s:].mT @ Y, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(formed["ThetaY"], theta[:, :q].mT @ Y, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(acc["rowsum"][: s + c], maps.sum(0), rtol=0, atol=0)
 
