@@ -224,9 +224,11 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
                 f"default sizes: sketch s={s} (4k+1), core c={c} (2s+1), n_test=10; error "
                 f"||A - U S Vh||_F / optimal = {err / opt:.4f}; "
                 f"error_estimate / true error = {estimate / err:.3f}",
-                "GEMM width of StreamingSVD per row: s + c (A @ [Omega, Xi]) + s + q + 1 "
-                "(A^T @ [Psi; Theta; 1]) "
-                f"= {2 * s + c + 11} columns, against s = {s} for the floor.",
+                "Dense GEMM width of StreamingSVD per row: s (A @ Omega) + q + 1 ([Theta; 1] @ A) "
+                f"= {s + 11} columns, against s = {s} for the floor; plus the sparse sign maps "
+                "Psi, Phi (zeta = 8 signed adds of the row each, lowrank._ops.sparse_sign_add_) and "
+                "the float64 Gram Y^T Y (s^2 per row). Before the sparse maps: 2s + c + q + 1 = "
+                f"{2 * s + c + 11} columns.",
             ],
         )
     )

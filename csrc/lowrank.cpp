@@ -14,6 +14,7 @@
 #include "lora_linear.h"
 #include "lora_linear_multi.h"
 #include "lora_linear_quantized.h"
+#include "sparse_sign.h"
 
 #define LOWRANK_STR_(x) #x
 #define LOWRANK_STR(x) LOWRANK_STR_(x)
@@ -74,6 +75,12 @@ at::Tensor lora_linear_quantized_meta(const at::Tensor& x, const at::Tensor& qwe
   return at::empty(shape.out_sizes, x.options());
 }
 
+at::Tensor& sparse_sign_add_meta(at::Tensor& out, const at::Tensor& block, const at::Tensor& rows,
+                                 const at::Tensor& signs) {
+  check_sparse_sign_add_args(out, block, rows, signs);
+  return out;
+}
+
 TORCH_LIBRARY(lowrank, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias) -> Tensor");
   m.def(
@@ -85,6 +92,7 @@ TORCH_LIBRARY(lowrank, m) {
   m.def(
       "lora_linear_quantized(Tensor x, Tensor qweight, Tensor weight_scale, Tensor lora_A, Tensor lora_B, float scale, "
       "Tensor? bias) -> Tensor");
+  m.def("sparse_sign_add_(Tensor(a!) out, Tensor block, Tensor rows, Tensor signs) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(lowrank, Meta, m) {
@@ -92,6 +100,7 @@ TORCH_LIBRARY_IMPL(lowrank, Meta, m) {
   m.impl("lora_linear_multi", &lora_linear_multi_meta);
   m.impl("lora_linear_multi_backward", &lora_linear_multi_backward_meta);
   m.impl("lora_linear_quantized", &lora_linear_quantized_meta);
+  m.impl("sparse_sign_add_", &sparse_sign_add_meta);
 }
 
 }  // namespace lowrank

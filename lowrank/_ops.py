@@ -471,3 +471,68 @@ torch.library.register_autograd(
     _lora_linear_quantized_backward,
     setup_context=_lora_linear_quantized_setup_context,
 )
+
+
+def sparse_sign_add_(
+    out: torch.Tensor, block: torch.Tensor, rows: torch.Tensor, signs: torch.Tensor
+) -> torch.Tensor:
+    r"""``out[rows[i, t], :] += signs[i, t] * block[i, :]`` for all ``i < b``, ``t < zeta``, in place.
+
+    The product ``S @ block`` of a sparse ``d x b`` matrix ``S`` with ``zeta`` nonzeros per column (row
+    ``rows[i, t]`` of column ``i`` holds ``signs[i, t]``) and a dense block, accumulated into ``out``: the
+    sparse sign test matrices of Tropp, Yurtsever, Udell & Cevher (2019, §3.3) applied to streamed rows
+    (:class:`lowrank.StreamingSVD`).
+
+    Parameters
+    ----------
+    out : Tensor, shape (d, n), float64, contiguous
+        Accumulator, updated in place.
+    block : Tensor, shape (b, n), float32 or float64
+        Dense rows (any strides; rows that are not unit-stride are copied once).
+    rows : Tensor, shape (b, zeta), int64
+        Target rows of ``out``, each in ``[0, d)``; repeats within a row of ``rows`` add twice.
+    signs : Tensor, shape (b, zeta), float64
+        Weights (``+-1`` for a sign map).
+
+    Returns
+    -------
+    Tensor
+        ``out``.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match, an entry of ``rows`` outside ``[0, d)``, a non-contiguous ``out``, or
+        tensors on different devices.
+    TypeError
+        A non-tensor argument or a dtype other than the above.
+
+    Notes
+    -----
+    Cost ``zeta b n`` multiply-adds, one read of ``block``. On CPU the compiled kernel
+    (``csrc/cpu/sparse_sign.cpp``) tiles the columns so that a tile of ``out`` stays in L2 while the rows
+    of ``block`` stream through L1, with threads over column tiles (so each entry of ``out`` receives its
+    terms in row order, independent of the thread count and of how the rows are split into calls). Other
+    devices use ``zeta`` calls of ``index_add_`` (float64 products; on CUDA the atomic adds make the
+    order, hence the last bits, vary from run to run).
+    """
+    _raise_not_tensor("sparse_sign_add_", out=out, block=block, rows=rows, signs=signs)
+    if out.device.type == "cpu":
+        return torch.ops.lowrank.sparse_sign_add_.default(out, block, rows, signs)
+    # other devices: the op's checks through the Meta kernel, then the torch fallback
+    torch.ops.lowrank.sparse_sign_add_.default(
+        *(t.to("meta") if t.device.type != "meta" else t for t in (out, block, rows, signs))
+    )
+    if out.device.type == "meta":
+        return out
+    if not (block.device == rows.device == signs.device == out.device):
+        raise ValueError(
+            f"sparse_sign_add_: all tensors must be on one device, got out on {out.device}, block on "
+            f"{block.device}, rows on {rows.device}, signs on {signs.device}"
+        )
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out.shape[0]):
+        raise ValueError(f"sparse_sign_add_: every entry of rows must lie in [0, {out.shape[0]})")
+    src = block.to(torch.float64)
+    for t in range(rows.shape[1]):
+        out.index_add_(0, rows[:, t], src * signs[:, t, None])
+    return out

@@ -598,9 +598,9 @@ def reduce_sketch(sketch: StreamingSVD, group=None) -> StreamingSVD:
     with a different but equally distributed draw). After the call, ``result()`` gives ``S`` and ``Vh``
     of the whole matrix on every rank and ``U`` for this rank's rows; ``update()`` is refused.
 
-    One ``all_reduce`` of a float64 buffer of ``(2s + 2q + s + c) n``-ish entries: the co-range and test
-    sketches (``(s + q) x n``), the core and the small products (``c^2 + (c + q + s) s``), the column sums
-    and a configuration check (two numbers).
+    One ``all_reduce`` of a float64 buffer of about ``(s + c + q + 1) n + s^2`` entries: the co-range, core
+    (``Phi A``) and test sketches (``(s + c + q) x n``), the column sums, the Gram matrix ``Y^T Y`` and a
+    configuration check (two numbers).
 
     Raises
     ------

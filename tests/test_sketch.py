@@ -126,6 +126,32 @@ def test_stream_cut_invariance_across_row_chunks():
     assert float((other.Vh - one.Vh).abs().max()) > 1e-12 or float((other.S - one.S).abs().max()) > 1e-14
 
 
+def test_sketches_equal_dense_products_of_the_sparse_sign_maps():
+    """[Psi A; Phi A], Phi Y, Theta A, 1^T A as dense float64 products of the maps the stream drew."""
+    m, n = ROW_CHUNK + 300, 37
+    A = _decaying(m, n, 0.8, seed=4, dtype=torch.float32)
+    sk = _stream(A, [1000, ROW_CHUNK + 5], k=3, sketch=13, core=27, seed=6)
+    s, c, q = 13, 27, sk.n_test
+    R = sk._row_test(0, m)
+    maps = torch.zeros(m, s + c, dtype=torch.float64)
+    maps.scatter_(1, R["rows"], R["signs"])
+    # zeta = min(8, d) distinct targets per row, with signs +-1, in each map
+    assert R["rows"].shape == (m, 16) and set(R["signs"].unique().tolist()) == {-1.0, 1.0}
+    assert bool((maps[:, :s] != 0).sum(1).eq(8).all()) and bool((maps[:, s:] != 0).sum(1).eq(8).all())
+    Ad = A.double()
+    acc = sk._acc
+    # sums over one block are rounded in float32 (the block's dtype), then added in float64
+    torch.testing.assert_close(acc["WPhiA"], maps.mT @ Ad, rtol=1e-5, atol=1e-5)
+    theta = R["theta"].double()
+    torch.testing.assert_close(acc["E"], theta[:, :q].mT @ Ad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acc["colsum"], Ad.sum(0), rtol=1e-5, atol=1e-4)
+    formed = sk._factors()[0]  # Phi Y = (Phi A) Omega, Theta Y = (Theta A) Omega at result time
+    Y = Ad @ sk._omega().double()
+    torch.testing.assert_close(formed["PhiY"], maps[:, s:].mT @ Y, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(formed["ThetaY"], theta[:, :q].mT @ Y, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(acc["rowsum"][: s + c], maps.sum(0), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_centring_equals_explicit_centring(dtype):
     A = _decaying(700, 60, 0.85, seed=6, offset=3.0, dtype=dtype)
@@ -168,6 +194,9 @@ def test_state_dict_resume(tmp_path):
         StreamingSVD(50, 5, seed=13, center=True).load_state_dict(first.state_dict())
     with pytest.raises(ValueError, match="state"):
         StreamingSVD(50, 5, seed=12).load_state_dict({"junk": 1})
+    old = {**first.state_dict(), "version": 1}  # dense Gaussian Psi/Phi: another sketch of the same rows
+    with pytest.raises(ValueError, match="version 1.*cannot resume"):
+        StreamingSVD(50, 5, seed=12, center=True).load_state_dict(old)
 
 
 # ------------------------------------------------------------------------------------------- input kinds
@@ -252,7 +281,8 @@ def test_bad_input():
     before = sk.state_dict()
     with pytest.raises(ValueError, match="NaN"):
         sk.update(bad)
-    assert sk.n_rows == 50 and torch.equal(sk.state_dict()["sketches"]["W"], before["sketches"]["W"])
+    after = sk.state_dict()["sketches"]
+    assert sk.n_rows == 50 and all(torch.equal(after[key], before["sketches"][key]) for key in after)
     inf = A.clone()
     inf[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):

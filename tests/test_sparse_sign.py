@@ -1,0 +1,117 @@
+"""lowrank._ops.sparse_sign_add_ (csrc/cpu/sparse_sign.cpp and the index_add_ fallback) against a float64
+dense reference: out + S @ block with S the d x b matrix holding signs[i, t] at (rows[i, t], i)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank._ops import sparse_sign_add_
+
+
+def _case(d, b, n, zeta, dtype, seed=0, distinct=True):
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(b, n, generator=gen, dtype=torch.float64).to(dtype)
+    if distinct:
+        rows = torch.stack([torch.randperm(d, generator=gen)[:zeta] for _ in range(b)]).reshape(b, zeta)
+    else:
+        rows = torch.randint(0, d, (b, zeta), generator=gen)
+    signs = torch.randint(0, 2, (b, zeta), generator=gen).double() * 2 - 1
+    out = torch.randn(d, n, generator=gen, dtype=torch.float64)
+    return out, block, rows, signs
+
+
+def _reference(out, block, rows, signs):
+    d, b = out.shape[0], block.shape[0]
+    S = torch.zeros(d, b, dtype=torch.float64)
+    for t in range(rows.shape[1]):
+        S.index_put_((rows[:, t], torch.arange(b)), signs[:, t], accumulate=True)
+    return out + S @ block.double()
+
+
+@pytest.mark.parametrize(
+    ("d", "b", "n", "zeta", "dtype"),
+    [
+        (1, 1, 1, 1, torch.float64),
+        (7, 1, 5, 1, torch.float32),
+        (13, 37, 1, 8, torch.float64),
+        (50, 101, 333, 8, torch.float32),
+        (9, 64, 1001, 8, torch.float64),
+        (600, 19, 70, 1, torch.float32),  # d * 8 bytes > the tile budget for wide n: narrow tiles
+        (20, 30, 17, 3, torch.float32),
+    ],
+)
+def test_matches_dense_reference(d, b, n, zeta, dtype):
+    out, block, rows, signs = _case(d, b, n, zeta, dtype)
+    ref = _reference(out, block, rows, signs)
+    got = sparse_sign_add_(out, block, rows, signs)
+    assert got is out
+    # one call's sums are rounded in the block's dtype (float32: ~1e-7 of the terms' size), then float64
+    tol = 1e-13 if dtype == torch.float64 else 1e-6 * (1 + b * zeta / d)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_repeated_targets_weights_and_strided_inputs():
+    out, block, rows, signs = _case(11, 40, 300, 6, torch.float32, seed=1, distinct=False)
+    signs = signs * torch.rand(signs.shape, dtype=torch.float64)  # general weights, repeats add twice
+    ref = _reference(out, block, rows, signs)
+    wide = torch.zeros(40, 600)
+    wide[:, ::2] = block
+    strided = wide[:, ::2]  # column stride 2: copied once
+    rows_t, signs_t = rows.T.contiguous().T, signs.T.contiguous().T  # non-contiguous index tensors
+    sparse_sign_add_(out, strided, rows_t, signs_t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # empty block and zeta = 0 leave out as it was
+    before = out.clone()
+    sparse_sign_add_(out, block[:0], rows[:0], signs[:0])
+    sparse_sign_add_(out, block, rows[:, :0], signs[:, :0])
+    assert torch.equal(out, before)
+
+
+def test_split_rows_and_thread_count():
+    out, block, rows, signs = _case(40, 200, 257, 8, torch.float64, seed=2)
+    one = sparse_sign_add_(out.clone(), block, rows, signs)
+    two = out.clone()
+    sparse_sign_add_(two, block[:77], rows[:77], signs[:77])
+    sparse_sign_add_(two, block[77:], rows[77:], signs[77:])
+    torch.testing.assert_close(one, two, rtol=1e-14, atol=1e-14)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = sparse_sign_add_(out.clone(), block, rows, signs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, single)
+
+
+def test_meta_and_fallback_paths_match():
+    out, block, rows, signs = _case(12, 25, 31, 4, torch.float32, seed=3)
+    meta = sparse_sign_add_(out.to("meta"), block.to("meta"), rows.to("meta"), signs.to("meta"))
+    assert meta.device.type == "meta" and meta.shape == out.shape
+    if torch.cuda.is_available():
+        ref = _reference(out, block, rows, signs)
+        got = sparse_sign_add_(out.cuda(), block.cuda(), rows.cuda(), signs.cuda())
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-13, atol=1e-13)
+
+
+def test_bad_arguments_name_them():
+    out, block, rows, signs = _case(10, 6, 8, 2, torch.float32)
+    cases = [
+        ((out[:, :7], block, rows, signs), ValueError, "block has 8 columns"),
+        ((out, block[:5], rows, signs), ValueError, "rows has 6 rows but block has 5"),
+        ((out, block, rows, signs[:, :1]), ValueError, "signs has shape"),
+        ((out.T.contiguous().T, block, rows, signs), ValueError, "out must be contiguous"),
+        ((out.float(), block, rows, signs), TypeError, "out must be float64"),
+        ((out, block.half(), rows, signs), TypeError, "block must be float32 or float64"),
+        ((out, block, rows.int(), signs), TypeError, "rows must be int64"),
+        ((out, block, rows, signs.float()), TypeError, "signs must be float64"),
+        ((out, block[0], rows, signs), ValueError, "block must be 2-D"),
+        ((out, block, rows + 10, signs), ValueError, r"rows holds 1\d.*\[0, 10\)"),
+        ((out, block, rows - 20, signs), ValueError, "rows holds -"),
+        ((out, block.numpy(), rows, signs), TypeError, "block must be a torch.Tensor"),
+    ]
+    for args, error, match in cases:
+        before = out.clone()
+        with pytest.raises(error, match=match):
+            sparse_sign_add_(*args)
+        assert torch.equal(out, before)
