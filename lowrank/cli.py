@@ -532,7 +532,8 @@ def _conv1d_pattern(mode: str, sources: Sequence[TensorSource]) -> re.Pattern[st
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from lowrank.lora.checkpoint import build_peft_config, write_adapter_dir
+    from lowrank.lora.checkpoint import write_adapter_dir
+    from lowrank.lora.peft_format import build_peft_config
 
     budget = _budget_of(args)
     if (args.rank is None) == (budget is None):
@@ -879,13 +880,8 @@ def _plan_compress_budget(
 def cmd_info(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError, safe_open
 
-    from lowrank.lora.checkpoint import (
-        CONFIG_NAME,
-        WEIGHTS_NAME,
-        AdapterCheckpointError,
-        _pattern_value,
-        _read_consistent_config,
-    )
+    from lowrank.lora.checkpoint import _read_consistent_config
+    from lowrank.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterCheckpointError, pattern_value
 
     if os.path.isfile(args.dir):
         if args.dir.endswith(".safetensors"):
@@ -952,7 +948,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print()
     print(f"{'module':<48} {'kind':<9} {'in':>6} {'out':>6} {'rank':>5} {'alpha':>7} {'scaling':>8}")
     for module, info in sorted(layers.items()):
-        a = _pattern_value(config.get("alpha_pattern"), module, alpha)
+        a = pattern_value(config.get("alpha_pattern"), module, alpha)
         rank = info["rank"]
         scaling = (
             f"{a / (math.sqrt(rank) if config.get('use_rslora') else rank):>8.4g}"

@@ -12,7 +12,7 @@ from torch import nn
 
 import lowrank
 from lowrank.lora.algebra import factored_svd
-from lowrank.lora.checkpoint import CONFIG_NAME
+from lowrank.lora.peft_format import CONFIG_NAME
 
 
 def _factors(out=40, n_in=30, ranks=(3, 5, 4), seed=0, dtype=torch.float32, batch=()):

@@ -19,9 +19,9 @@ from torch import nn
 
 import lowrank
 from lowrank import io as lowrank_io
-from lowrank.lora import checkpoint
-from lowrank.lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from lowrank.lora import checkpoint, peft_format
 from lowrank.lora.model import lora_layers
+from lowrank.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -521,7 +521,7 @@ def test_target_rules_agree_with_peft(fields):
 
     config = peft.LoraConfig(**fields)
     for key in PEFT_KEYS:
-        assert bool(check_target_module_exists(config, key)) is checkpoint._matches_targets(fields, key), key
+        assert bool(check_target_module_exists(config, key)) is peft_format.matches_targets(fields, key), key
 
 
 @pytest.mark.parametrize(
@@ -534,7 +534,7 @@ def test_pattern_lookup_agrees_with_peft(patterns):
 
     for key in PEFT_KEYS:
         expected = patterns.get(get_pattern_key(patterns.keys(), key), "default")
-        assert checkpoint._pattern_value(patterns, key, "default") == expected, key
+        assert peft_format.pattern_value(patterns, key, "default") == expected, key
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import lowrank
 from lowrank.cli import main
-from lowrank.lora.checkpoint import AdapterCheckpointError
 from lowrank.lora.layers import LoRAConv1D, is_conv1d
+from lowrank.lora.peft_format import AdapterCheckpointError
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

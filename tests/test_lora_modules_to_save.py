@@ -13,9 +13,9 @@ from torch import nn
 
 import lowrank
 from lowrank.cli import main
-from lowrank.lora.checkpoint import AdapterCheckpointError
 from lowrank.lora.model import delete_adapter, set_adapter
 from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+from lowrank.lora.peft_format import AdapterCheckpointError
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
