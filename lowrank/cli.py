@@ -560,6 +560,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 "the rounding between the two formats"
             )
 
+    left_out = _changed_elsewhere(base, tuned, set(names))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     records: dict[str, dict[str, Any]] = {}
@@ -630,9 +631,39 @@ def cmd_extract(args: argparse.Namespace) -> int:
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     _write_line(
         f"wrote {args.out}: {len(ranks)} layers, {_human_bytes(size)}, captured energy "
-        f"{100 * total_captured / total_energy:.3f}% of the total delta"
+        f"{100 * total_captured / total_energy:.3f}% of the selected layers' delta"
     )
+    if left_out:
+        shown = ", ".join(left_out[:8]) + (f" and {len(left_out) - 8} more" if len(left_out) > 8 else "")
+        _note(
+            f"{len(left_out)} changed tensor(s) of TUNED are not in the adapter (not selected, or not 2-D "
+            f"weights; a LoRA adapter cannot carry biases, norms or unselected layers): {shown}. The adapter "
+            "on BASE does not reproduce TUNED there; select them with --target, or ship those tensors."
+        )
     return 0
+
+
+def _changed_elsewhere(base: TensorSource, tuned: TensorSource, selected: set[str]) -> list[str]:
+    """Tensors of TUNED outside ``selected`` that differ from BASE (or are absent there), each named with
+    its relative change; one read of each (biases and norms are small; an unselected embedding is read
+    once)."""
+    changed = []
+    for name in tuned.names():
+        if name in selected:
+            continue
+        if name not in base or base.shape(name) != tuned.shape(name):
+            changed.append(f"{name} (not in BASE with this shape)")
+            continue
+        new, old = tuned.get(name), base.get(name)
+        if torch.equal(new, old):
+            continue
+        if not (new.is_floating_point() and old.is_floating_point()):
+            changed.append(f"{name} ({new.dtype})")
+            continue
+        diff = torch.linalg.vector_norm((new.double() - old.double()).reshape(-1))
+        norm = torch.linalg.vector_norm(old.double().reshape(-1))
+        changed.append(f"{name} (rel. change {float(diff / norm) if norm > 0 else float('inf'):.2e})")
+    return changed
 
 
 def _is_conv1d_name(conv1d: re.Pattern[str] | None, module: str) -> bool:

@@ -607,3 +607,38 @@ def test_same_shape_layers_factored_in_batches_match_per_layer_optimum(tmp_path,
     assert main([*args, "--out", str(tmp_path / "o2")]) == 2
     assert "TUNED tensor 'h.6.w.weight' holds 280 NaN or infinite" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_extract_names_changed_tensors_the_adapter_cannot_carry(tmp_path, capsys):
+    """A changed bias, norm and unselected embedding are listed (with their relative change); unchanged
+    ones are not; the energy line says it covers the selected layers only."""
+    g = torch.Generator().manual_seed(5)
+    base = {
+        "embed_tokens.weight": torch.randn(30, 8, generator=g),
+        "layer.proj.weight": torch.randn(12, 8, generator=g),
+        "layer.proj.bias": torch.randn(12, generator=g),
+        "layer.norm.weight": torch.ones(8),
+        "layer.other.weight": torch.randn(6, 8, generator=g),
+    }
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["layer.proj.weight"] += torch.randn(12, 1, generator=g) @ torch.randn(1, 8, generator=g)
+    tuned["layer.proj.bias"] += 0.5
+    tuned["layer.norm.weight"] *= 2
+    tuned["embed_tokens.weight"][3] += 1.0
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    args = ["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--rank", "1"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert "of the selected layers' delta" in captured.out
+    note = next(line for line in captured.err.splitlines() if "changed tensor(s)" in line)
+    assert note.startswith("lowrank: note: 3 changed tensor(s)")
+    bias_change = float((0.5 * torch.ones(12)).norm() / base["layer.proj.bias"].norm())
+    assert f"layer.proj.bias (rel. change {bias_change:.2e})" in note
+    assert "layer.norm.weight (rel. change 1.00e+00)" in note and "embed_tokens.weight" in note
+    assert "layer.other.weight" not in note and "layer.proj.weight" not in note
+
+    assert main([*args, "--target", "proj|norm|embed", "--out", str(tmp_path / "o2")]) == 0
+    note = next(line for line in capsys.readouterr().err.splitlines() if "changed tensor(s)" in line)
+    assert note.startswith("lowrank: note: 2 changed tensor(s)")  # the embedding is in the adapter now
+    assert "layer.proj.bias" in note and "layer.norm.weight" in note and "embed_tokens" not in note
