@@ -227,6 +227,7 @@ class StreamingSVD:
                 raise TypeError(
                     f"dtype must be float32 or float64 (or fp16/bf16, computed in fp32), got {dtype}"
                 )
+        self._seed_drawn = seed is None  # a drawn seed is no setting: load_state_dict adopts the state's
         if seed is None:
             seed = secrets.randbits(62)
         seed = check_seed(seed, allow_generator=False)
@@ -379,8 +380,15 @@ class StreamingSVD:
         ysum = Y.sum(dim=0, dtype=torch.float64)
         if not bool(torch.isfinite(ysum.sum())):  # NaN/Inf in A reach A Omega (Gaussian: no zero entry)
             raise ValueError("block contains NaN or Inf entries (or its products overflow)")
-        theta = R["theta"]  # b x (q + 1): [Theta^T, 1]
         acc = self._acc
+        Yd = Y.double()
+        G = acc["G"] + Yd.mT @ Yd  # Y^T Y squares the entries: checked before anything is added
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError(
+                "block entries are too large: the sketch's Gram matrix Y^T Y overflows float64 (entries "
+                "beyond ~1e150); rescale the data (the SVD of c A is c times that of A)"
+            )
+        theta = R["theta"]  # b x (q + 1): [Theta^T, 1]
         if dense:
             ET = (theta.mT @ A).double()  # (q + 1) x n: [Theta A; 1^T A]
             sparse_sign_add_(acc["WPhiA"], A, R["rows"], R["signs"])  # [Psi A; Phi A], zeta b n adds
@@ -392,8 +400,7 @@ class StreamingSVD:
             ET = RA[:, s + c :].mT
         acc["E"] += ET[:q]
         acc["colsum"] += ET[q]
-        Yd = Y.double()
-        acc["G"] += Yd.mT @ Yd
+        acc["G"] = G
         rowsum = acc["rowsum"]
         rowsum[: s + c].index_add_(0, R["rows"].reshape(-1), R["signs"].reshape(-1))
         rowsum[s + c :] += theta[:, :q].sum(dim=0).double()
@@ -530,6 +537,9 @@ class StreamingSVD:
     def load_state_dict(self, state: dict[str, Any]) -> StreamingSVD:
         """Resume from :meth:`state_dict` (this instance's configuration must match; device is kept).
 
+        An instance made with ``seed=None`` takes the state's seed (its own was a random draw, not a
+        setting); a seed given explicitly must match.
+
         Raises
         ------
         ValueError
@@ -545,8 +555,13 @@ class StreamingSVD:
         for name in self._CONFIG:
             if name not in state:
                 raise ValueError(f"state lacks {name!r}")
+            if name == "seed" and self._seed_drawn:
+                continue
             if name != "row_offset" and state[name] != getattr(self, name):
                 raise ValueError(f"state has {name}={state[name]!r}, this instance {getattr(self, name)!r}")
+        if self._seed_drawn and state["seed"] != self.seed:
+            self.seed = check_seed(state["seed"], allow_generator=False)
+            self._cols, self._chunk_cache = None, {}
         if state["sketches"] is None:
             self._acc, self._Y, self.n_rows = None, [], 0
             return self

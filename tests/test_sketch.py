@@ -192,6 +192,12 @@ def test_state_dict_resume(tmp_path):
     assert abs(whole.error_estimate() - resumed.error_estimate()) < 1e-10
     with pytest.raises(ValueError, match="seed"):
         StreamingSVD(50, 5, seed=13, center=True).load_state_dict(first.state_dict())
+    drawn = StreamingSVD(50, 5, center=True)  # seed=None: a random draw, replaced by the state's
+    drawn.update(A[:10])  # its own test matrices were used once: the state replaces them too
+    drawn.load_state_dict(first.state_dict())
+    drawn.update(A[450:600]).update(A[600:])
+    assert drawn.seed == 12
+    torch.testing.assert_close(drawn.result().S, a.S, rtol=1e-11, atol=0)
     with pytest.raises(ValueError, match="state"):
         StreamingSVD(50, 5, seed=12).load_state_dict({"junk": 1})
     old = {**first.state_dict(), "version": 1}  # dense Gaussian Psi/Phi: another sketch of the same rows
@@ -281,6 +287,11 @@ def test_bad_input():
     before = sk.state_dict()
     with pytest.raises(ValueError, match="NaN"):
         sk.update(bad)
+    after = sk.state_dict()["sketches"]
+    assert sk.n_rows == 50 and all(torch.equal(after[key], before["sketches"][key]) for key in after)
+    huge = 1e200 * torch.randn(2, 10, dtype=torch.float64)  # finite, but Y^T Y overflows float64
+    with pytest.raises(ValueError, match="too large"):
+        sk.update(huge)
     after = sk.state_dict()["sketches"]
     assert sk.n_rows == 50 and all(torch.equal(after[key], before["sketches"][key]) for key in after)
     inf = A.clone()
