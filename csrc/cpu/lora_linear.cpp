@@ -33,6 +33,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_few_rows.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -48,19 +50,7 @@ template <typename T>
 void lora_term_few_rows(const T* x, const T* A, const T* B, const T* bias, T* y, int64_t M, int64_t K, int64_t r,
                         int64_t N, double scale) {
   using acc_t = at::opmath_type<T>;
-  std::vector<acc_t> u(static_cast<size_t>(M * r));
-  at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const T* a = A + j * K;
-      for (int64_t m = 0; m < M; ++m) {
-        const T* xm = x + m * K;
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < K; ++k) sum += static_cast<acc_t>(xm[k]) * static_cast<acc_t>(a[k]);
-        u[m * r + j] = sum * static_cast<acc_t>(scale);
-      }
-    }
-  });
+  const std::vector<acc_t> u = scaled_down_projection<acc_t>(x, A, M, K, r, scale);
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const T* b = B + n * r;
@@ -144,22 +134,7 @@ bool cpu_has_avx2_fma_f16c() {
 template <int MB, typename T>
 void stream_pass(const float* xf, const T* W, const T* A, const T* B, const T* bias, T* y, int64_t K, int64_t r,
                  int64_t N, double scale) {
-  // u = scale * x A^T (MB x r), fp32. Small (MB r K <= 2^18 products, e.g. one row at r = 16, in = 4096): in the
-  // calling thread, as a second parallel region would cost a thread hand-off; larger: rows of A over threads.
-  std::vector<float> u(static_cast<size_t>(MB * r));
-  const int64_t u_grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, MB * K));
-  at::parallel_for(0, r, u_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const T* a = A + j * K;
-      for (int m = 0; m < MB; ++m) {
-        const float* xm = xf + m * K;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < K; ++k) sum += xm[k] * static_cast<float>(a[k]);
-        u[m * r + j] = sum * static_cast<float>(scale);
-      }
-    }
-  });
+  const std::vector<float> u = scaled_down_projection<float>(xf, A, MB, K, r, scale);  // MB x r, fp32
   // Threads split the output rows; a task is at least 2^15 weights (one thread below that) and a multiple of 4.
   const int64_t grain = std::max<int64_t>(4, ((int64_t{1} << 15) / std::max<int64_t>(1, K) + 3) / 4 * 4);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {

@@ -34,6 +34,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_few_rows.h"
+
 namespace lowrank {
 namespace {
 
@@ -244,22 +246,7 @@ void dot_rows_default(const float* xf, int64_t M, const typename Widen::stored_t
 template <typename T, typename Widen>
 void stream_pass(const float* xf, const T* A, const T* B, const T* bias, const typename Widen::stored_t* q, int64_t ldq,
                  const float* wscale, T* y, int64_t M, int64_t K, int64_t r, int64_t N, double scale, Widen widen) {
-  // u = scale * x A^T (M x r), fp32. Small (M r K <= 2^18 products, e.g. one row at r = 16, in = 4096): in the
-  // calling thread, as a second parallel region would cost a thread hand-off; larger: rows of A over threads.
-  std::vector<float> u(static_cast<size_t>(M * r));
-  const int64_t u_grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, M * K));
-  at::parallel_for(0, r, u_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const T* a = A + j * K;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xf + m * K;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < K; ++k) sum += xm[k] * static_cast<float>(a[k]);
-        u[m * r + j] = sum * static_cast<float>(scale);
-      }
-    }
-  });
+  const std::vector<float> u = scaled_down_projection<float>(xf, A, M, K, r, scale);  // M x r, fp32
   const bool avx2 = cpu_has_avx2_fma();
   // Grain: 64 rows of Q per task (64 x in bytes), a multiple of the 4-row step.
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
