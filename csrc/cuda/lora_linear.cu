@@ -98,12 +98,14 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t M = x2.size(0);
   if (M == 0 || shape.out_features == 0) return at::empty(shape.out_sizes, x.options());
 
-  const bool small_m =
-      M <= kMaxSmallM && shape.in_features > 0 && M * shape.rank <= kMaxLoraSmem && x.scalar_type() != at::kDouble;
+  // A weight that is not row-major (a transposed view, e.g. a GPT-2 Conv1D weight stored (in, out)) goes to
+  // cuBLAS, which reads it in place: the streaming kernels would need a copy of W on every call.
+  const bool small_m = M <= kMaxSmallM && shape.in_features > 0 && M * shape.rank <= kMaxLoraSmem &&
+                       x.scalar_type() != at::kDouble && weight.is_contiguous();
   if (!small_m) return lora_linear_composite(x2, weight, lora_A, lora_B, scale, bias, shape.out_sizes);
 
   x2 = x2.contiguous();
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor& w = weight;  // row-major (checked above)
   const at::Tensor a = lora_A.contiguous();
   const at::Tensor b = lora_B.contiguous();
   c10::optional<at::Tensor> bias_c;
