@@ -613,7 +613,9 @@ def _plan(
                     f"{source}: the config has use_dora={str(use_dora).lower()} but adapter "
                     f"{adapter_name!r} of {module_path!r} was made with use_dora={not use_dora}"
                 )
-        elif use_dora and not getattr(module, "_supports_dora", isinstance(module, nn.Linear)):
+        elif use_dora and not getattr(
+            module, "_supports_dora", isinstance(module, nn.Linear) or is_conv1d(module)
+        ):
             raise AdapterCheckpointError(
                 f"{source}: key {key_m!r}: module {module_path!r} ({type(module).__name__}) cannot take a "
                 "DoRA adapter (use_dora=true)"
