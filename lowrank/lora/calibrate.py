@@ -384,6 +384,7 @@ def calibrate_lora(
                 if B is not None:
                     layer.lora_B[adapter_name].copy_(B)
                     _linear_view(layer).copy_(residual)  # Conv1D: into the (in, out) storage
+                    layer.__dict__.setdefault("weight_init", {})[adapter_name] = "corda"
         if freeze_base:
             from lowrank.lora.model import mark_only_lora_trainable
 

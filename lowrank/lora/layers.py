@@ -64,6 +64,11 @@ class LoRALayer(nn.Module):
         The adapter used by ``forward``; ``None`` runs the base layer alone.
     merged_adapters : list[str]
         Adapters currently folded into ``weight`` (at most one).
+    weight_init : dict[str, str]
+        Adapters whose initialisation rewrote ``weight`` to a residual (``"pissa"``, ``"olora"``, and
+        ``"corda"`` from :func:`lowrank.lora.calibrate_lora`) -> that init's name. Such an adapter is relative
+        to the residual weight: :func:`lowrank.lora.save_adapter` warns when it saves one without
+        ``convert_to_lora_from``.
     """
 
     # names of the two nn.ParameterDict attributes holding (first-applied, second-applied) factors
@@ -85,6 +90,7 @@ class LoRALayer(nn.Module):
         self.use_dora: dict[str, bool] = {}
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
+        self.weight_init: dict[str, str] = {}
         self._base_requires_grad = True
 
     def _freeze_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
@@ -196,6 +202,8 @@ class LoRALayer(nn.Module):
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
         self.use_dora[name] = use_dora
         self._reset_factors(name, init)
+        if init in WEIGHT_INITS:
+            self.__dict__.setdefault("weight_init", {})[name] = init
         if use_dora:
             self._init_magnitude(name)
         if self.active_adapter is None:
@@ -242,6 +250,7 @@ class LoRALayer(nn.Module):
             self.clear_dora_cache()
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del table[name]
+        getattr(self, "weight_init", {}).pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.r), None)
 

@@ -394,6 +394,9 @@ def _rename_adapter(layer: LoRALayer, old: str, new: str) -> None:
         magnitudes[new] = magnitudes[old]
         del magnitudes[old]
         layer.clear_dora_cache()
+    inits = getattr(layer, "weight_init", None)
+    if inits is not None and old in inits:
+        inits[new] = inits.pop(old)
     if layer.active_adapter == old:
         layer.active_adapter = new
 
