@@ -153,6 +153,24 @@ def test_gpt2_conv1d_pissa_and_dora_conversion(tmp_path):
         assert rel(lowrank.load_adapter(copy.deepcopy(base), out)(ids).logits, tuned) <= 1e-5
 
 
+def test_conversion_keeps_modules_to_save(tmp_path):
+    base = mlp()
+    model = lowrank.inject_lora(
+        copy.deepcopy(base), ["0", "2"], r=2, alpha=4, init="pissa", modules_to_save=["4"]
+    )
+    snapshot = {k: v.clone() for k, v in lowrank.lora_state_dict(model).items()}
+    train_step(model)
+    with torch.no_grad():
+        model[4].modules_to_save["default"].weight.mul_(1.5)  # the trained copy of the head
+    x = torch.randn(5, 24)
+    tuned = model(x)
+    lowrank.save_adapter(model, tmp_path, convert_to_lora_from=snapshot)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["4"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert rel(theirs(x), tuned) <= 1e-5
+    assert rel(lowrank.load_adapter(copy.deepcopy(base), tmp_path)(x), tuned) <= 1e-5
+
+
 def test_corda_conversion_with_another_adapter_present(tmp_path):
     base = mlp()
     model = copy.deepcopy(base)
@@ -236,8 +254,17 @@ def test_peft_unconverted_adapter_loads_on_the_original_base_as_in_peft(tmp_path
     # an adapter that already exists is only overwritten (no second rewrite), as in PEFT
     lowrank.load_adapter(ours, tmp_path, inject=False)
     assert rel(ours(x), expected) <= 1e-5
-    with pytest.warns(ResidualBaseWarning):  # still relative to the residual: saving it warns
+    # saved again with its config (init_lora_weights: pissa/olora), it still loads on the original base
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         lowrank.save_adapter(ours, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
+    assert rel(again(x), expected) <= 1e-5
+    # but a lowrank-made PiSSA/OLoRA adapter (config init_lora_weights: true) warns
+    made = lowrank.inject_lora(copy.deepcopy(base), ["0"], r=2, init=init)
+    with pytest.warns(ResidualBaseWarning, match=init):
+        lowrank.save_adapter(made, tmp_path / "made")
 
 
 def test_peft_unconverted_pissa_on_gpt2_and_the_inits_that_cannot_be_reproduced(tmp_path):

@@ -212,7 +212,9 @@ def save_adapter(
     ResidualBaseWarning
         When a layer's adapter was initialised by rewriting its base weight (``LoRALayer.weight_init``:
         PiSSA, OLoRA, CorDA) and ``convert_to_lora_from`` is not given: the saved factors reproduce the
-        fine-tuned model only on the residual weights.
+        fine-tuned model only on the residual weights. Not for an adapter :func:`load_adapter` read from a
+        PEFT config with ``init_lora_weights`` ``"pissa"`` / ``"olora"``: that config is written again, and
+        PEFT and :func:`load_adapter` re-run the init on the original base when they read it.
 
     Notes
     -----
@@ -241,10 +243,15 @@ def save_adapter(
     if convert_to_lora_from is not None:
         initial = _initial_factors(convert_to_lora_from, modules, adapter_name)
     else:
+        # An adapter loaded from a PEFT config that says init_lora_weights "pissa" / "olora" is written with
+        # that config again, which makes PEFT and load_adapter re-derive the residual from the original base:
+        # that file is right as it is. Every other rewritten layer makes the file a trap.
+        stored = _stored_config(model, adapter_name).get("init_lora_weights")
         rewritten = [
             (p, getattr(m, "weight_init", {})[adapter_name])
             for p, m in modules
             if adapter_name in getattr(m, "weight_init", {})
+            and not (stored in ("pissa", "olora") and getattr(m, "weight_init", {})[adapter_name] == stored)
         ]
         if rewritten:
             warnings.warn(
