@@ -303,3 +303,17 @@ def test_peft_unconverted_pissa_on_gpt2_and_the_inits_that_cannot_be_reproduced(
         assert type(model.transformer.h[0].attn.c_attn) is transformers.pytorch_utils.Conv1D  # unchanged
         with pytest.warns(ResidualBaseWarning, match="loaded as is"):
             lowrank.load_adapter(model, folder, strict=False)
+
+
+def test_peft_pissa_adapter_is_refused_on_a_quantized_base(tmp_path):
+    base = mlp()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights="pissa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path)
+    model = lowrank.quantize_base(lowrank.inject_lora(copy.deepcopy(base), ["0"], r=2, adapter_name="q"))
+    codes = model[0].state_dict()
+    with pytest.raises(lowrank.lora.peft_format.AdapterCheckpointError, match="quantize_base"):
+        lowrank.load_adapter(model, tmp_path)
+    assert set(model[0].r) == {"q"}
+    assert all(torch.equal(v, model[0].state_dict()[k]) for k, v in codes.items())

@@ -879,6 +879,14 @@ def _base_rewrite(
                 "not fit its own (out, r) lora_B; convert the adapter to a plain LoRA adapter before "
                 "loading it"
             )
+        from lowrank.lora.quantized import QuantizedLoRALinear
+
+        if isinstance(module, QuantizedLoRALinear):
+            raise AdapterCheckpointError(
+                f"{source}: key {plan.key_a!r}: init_lora_weights={init!r} makes the loader rewrite the base "
+                f"weight of {plan.module_path!r} (as PEFT does), which is quantized here; load the adapter "
+                "before lowrank.quantize_base"
+            )
         rewritten.append(plan.module_path)
     if rewritten and name.startswith("pissa_niter_"):
         warnings.warn(

@@ -7,7 +7,9 @@ DoRA (Liu et al. 2024) writes the adapted weight as a magnitude times a directio
 with ``m`` (out,) a trained magnitude vector (PEFT's ``lora_magnitude_vector``), initialised to the row
 norms of ``W + s B A`` (that is ``‖W‖`` row-wise when ``B = 0``), and the norm treated as a constant in
 backward (the paper's section 4.3, as PEFT does). The norm is taken over each output row of the
-``(out, in)`` weight (PEFT: ``torch.linalg.norm(W + s B A, dim=1)``).
+``(out, in)`` weight (PEFT: ``torch.linalg.norm(W + s B A, dim=1)``); for a GPT-2 ``Conv1D`` (weight stored
+``(in, out)``, PEFT's ``fan_in_fan_out``) PEFT transposes first, so the norms are over the stored weight's
+columns: pass the transposed view ``weight.T`` here (no copy; every function below takes any strides).
 
 This module computes those norms from the factors:
 
