@@ -281,3 +281,203 @@ def test_bad_inputs_raise_clear_errors():
     assert layer.weight.shape == (8, 6) and type(layer.to_conv1d()) is Conv1D
     with pytest.raises(ValueError, match="quantize_base|LoRALinear"):
         lowrank.quantize_base(nn.Sequential(layer))
+
+
+# --------------------------------------------------------------------------------------------------
+# DoRA on Conv1D (PEFT's fan_in_fan_out convention: norms over the output features, i.e. the columns of
+# the stored (in, out) weight)
+# --------------------------------------------------------------------------------------------------
+
+
+def dense_dora_conv1d(x, W_in_out, A, B, m, s, bias):
+    """float64 reference: PEFT's formula on the transposed weight, W + s (B A)^T formed explicitly."""
+    V = W_in_out + s * (B @ A).T  # (in, out)
+    factor = m / torch.linalg.norm(V, dim=0).detach()  # one norm per output feature (column)
+    out = factor * (x @ V)
+    return out if bias is None else out + bias
+
+
+def dora_conv1d64(nx=24, nf=36, r=3, alpha=5, seed=0):
+    layer = LoRAConv1D.from_conv1d(conv1d64(nx, nf, seed), r, alpha=alpha, use_dora=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        layer.lora_B["default"].copy_(0.3 * torch.randn(nf, r, generator=g, dtype=torch.float64))
+        layer.lora_magnitude_vector["default"].mul_(0.5 + torch.rand(nf, generator=g, dtype=torch.float64))
+    return layer
+
+
+def test_dora_magnitude_is_the_column_norm_and_forward_gradients_match_float64():
+    conv = conv1d64(24, 36)
+    W0 = conv.weight.detach().clone()
+    layer = LoRAConv1D.from_conv1d(conv, 3, alpha=5, use_dora=True)
+    m0 = layer.lora_magnitude_vector["default"]
+    assert m0.shape == (36,)  # one entry per output feature
+    np.testing.assert_allclose(m0.detach().numpy(), np.linalg.norm(W0.numpy(), axis=0), rtol=1e-13)
+    layer = dora_conv1d64()
+    names = ("lora_A.default", "lora_B.default", "lora_magnitude_vector.default")
+    x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 36, dtype=torch.float64)
+    y = layer(x)
+    (y * g).sum().backward()
+    got = [x.grad] + [dict(layer.named_parameters())[n].grad for n in names]
+    ref = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+    xr = x.detach().clone().requires_grad_(True)
+    want_y = dense_dora_conv1d(xr, ref["weight"], *(ref[n] for n in names), 5 / 3, ref["bias"])
+    assert rel(y, want_y) < 1e-13
+    (want_y * g).sum().backward()
+    want = [xr.grad] + [ref[n].grad for n in names]
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-12
+    assert layer.weight.grad is None  # the base stays frozen
+
+    # float64 gradcheck of the layer in x and m, and of the factors with the norm held constant (PEFT)
+    def f(x, m):
+        return torch.func.functional_call(layer, {"lora_magnitude_vector.default": m}, (x,))
+
+    m = layer.lora_magnitude_vector["default"].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x.detach()[:, :2].clone().requires_grad_(True), m))
+    norms = layer.dora_weight_norm().clone()
+
+    def h(A, B):
+        return torch.func.functional_call(layer, {"lora_A.default": A, "lora_B.default": B}, (x.detach(),))
+
+    def h_ref(A, B):
+        V = ref["weight"].detach() + (5 / 3) * (B @ A).T
+        m = ref["lora_magnitude_vector.default"].detach()
+        return (m / norms) * (x.detach() @ V) + ref["bias"].detach()
+
+    A = layer.lora_A["default"].detach().clone().requires_grad_(True)
+    B = layer.lora_B["default"].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(h_ref, (A, B))
+    jac = torch.autograd.functional.jacobian(h, (A, B))
+    jac_ref = torch.autograd.functional.jacobian(h_ref, (A, B))
+    for a, b in zip(jac, jac_ref):
+        assert rel(a, b) < 1e-12
+
+
+def test_dora_norms_read_the_weight_in_place():
+    torch.manual_seed(0)
+    layer = LoRAConv1D.from_conv1d(Conv1D(1024, 512), 8, use_dora=True)
+    weight_bytes = layer.weight.numel() * layer.weight.element_size()
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    layer.clear_dora_cache()
+    assert _largest_allocation(lambda: layer.dora_weight_norm()) < weight_bytes  # no W + s(BA)^T, no copy
+    x = torch.randn(4, 512)
+    assert _largest_allocation(lambda: layer(x)) < weight_bytes // 4  # eval: the cached norms
+    want = torch.linalg.norm(layer.weight.double() + 1.0 * (layer.delta_weight().double()), dim=0)
+    assert rel(layer.dora_weight_norm(), want) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dora_merge_unmerge_scale_the_columns(dtype):
+    layer = dora_conv1d64().to(dtype).eval()
+    W0 = layer.weight.detach().clone()
+    p = {k: v.detach().double() for k, v in layer.named_parameters()}
+    x = torch.randn(7, 24, dtype=dtype)
+    before = layer(x).detach()
+    layer.merge()
+    V = W0.double() + (5 / 3) * (p["lora_B.default"] @ p["lora_A.default"]).T
+    merged_want = V * (p["lora_magnitude_vector.default"] / torch.linalg.norm(V, dim=0))[None, :]
+    eps = torch.finfo(dtype).eps
+    assert layer.weight.shape == (24, 36)
+    assert rel(layer.weight, merged_want) < 4 * eps
+    assert rel(layer(x), before) < 16 * eps
+    layer.unmerge()
+    # float32: one ulp of max(|W|, |V|) (the float64 work loses nothing, see LoRALinear.unmerge); float64
+    # weights are worked on in float64 itself, so a few roundings of that size remain
+    ulps = 1.01 if dtype == torch.float32 else 4.0
+    bound = ulps * eps * torch.maximum(W0.double().abs(), V.abs()) + 1e-300
+    assert bool(((layer.weight.double() - W0.double()).abs() <= bound).all())
+    assert rel(layer(x), before) < 16 * eps
+
+
+def test_dora_gpt2_matches_peft_forward_and_gradients(gpt2_state):
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, fan_in_fan_out=True, lora_dropout=0.2
+    )
+    theirs = peft.get_peft_model(fresh_gpt2(gpt2_state), config)
+    ours = lowrank.inject_lora(fresh_gpt2(gpt2_state), TARGETS, r=4, alpha=8, dropout=0.2, use_dora=True)
+    layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, LoRAConv1D)]
+    assert len(layers) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in 2 blocks
+    gen = torch.Generator().manual_seed(3)
+    for name, o in layers:
+        t = theirs.base_model.model.get_submodule(name)
+        magnitude = t.lora_magnitude_vector["default"].weight
+        assert rel(o.lora_magnitude_vector["default"], magnitude) < 1e-6  # both initialised from ‖W^T‖
+        with torch.no_grad():
+            B = t.lora_B["default"].weight
+            B.copy_(0.2 * torch.randn(B.shape, generator=gen))
+            magnitude.mul_(0.7 + 0.6 * torch.rand(magnitude.shape, generator=gen))
+            o.lora_A["default"].copy_(t.lora_A["default"].weight)
+            o.lora_B["default"].copy_(t.lora_B["default"].weight)
+            o.lora_magnitude_vector["default"].copy_(magnitude)
+    ids = torch.randint(0, 100, (2, 9), generator=gen)
+    for train in (False, True):  # train: dropout on the adapter's input, as PEFT
+        theirs.train(train)
+        ours.train(train)
+        theirs.zero_grad()
+        ours.zero_grad()
+        torch.manual_seed(7)
+        out_t = theirs(input_ids=ids).logits
+        torch.manual_seed(7)
+        out_o = ours(ids).logits
+        assert rel(out_o, out_t) < 1e-5
+        out_t.square().mean().backward()
+        out_o.square().mean().backward()
+        for name, o in layers:
+            t = theirs.base_model.model.get_submodule(name)
+            assert rel(o.lora_A["default"].grad, t.lora_A["default"].weight.grad) < 1e-5
+            assert rel(o.lora_B["default"].grad, t.lora_B["default"].weight.grad) < 1e-5
+            m_grad = t.lora_magnitude_vector["default"].weight.grad
+            assert rel(o.lora_magnitude_vector["default"].grad, m_grad) < 1e-5
+    # merged, both give the same outputs again
+    theirs.eval()
+    ours.eval()
+    expected = theirs(input_ids=ids).logits
+    lowrank.merge_lora(ours)
+    assert rel(ours(ids).logits, expected) < 1e-5
+    theirs.merge_adapter()
+    for name, o in layers:
+        t = theirs.base_model.model.get_submodule(name)
+        assert rel(o.weight, t.base_layer.weight) < 1e-6
+
+
+def test_dora_gpt2_checkpoints_both_ways_with_peft(gpt2_state, tmp_path):
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(8))
+    # PEFT -> lowrank
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS, use_dora=True, fan_in_fan_out=True)
+    theirs = peft.get_peft_model(fresh_gpt2(gpt2_state), config).eval()
+    randomize_adapters(theirs, seed=9)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.add_(1.0)  # magnitudes away from ‖W‖ (randomize_adapters drew them near 0)
+    expected = theirs(input_ids=ids).logits
+    assert rel(expected, fresh_gpt2(gpt2_state)(ids).logits) > 1e-2
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lowrank.load_adapter(fresh_gpt2(gpt2_state), tmp_path / "peft")
+    layer = ours.transformer.h[1].attn.c_attn
+    assert isinstance(layer, LoRAConv1D) and layer.use_dora["default"]
+    assert rel(ours(ids).logits, expected) <= 1e-5
+    # lowrank -> PEFT: the same keys and tensors, and PEFT reads it back to the same outputs
+    lowrank.save_adapter(ours, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and saved["fan_in_fan_out"] is True
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    again = peft.PeftModel.from_pretrained(fresh_gpt2(gpt2_state), tmp_path / "ours").eval()
+    assert rel(again(input_ids=ids).logits, expected) <= 1e-5
+    # a DoRA adapter made by lowrank on GPT-2, loaded by PEFT
+    made = lowrank.inject_lora(fresh_gpt2(gpt2_state), TARGETS, r=2, alpha=4, use_dora=True).eval()
+    randomize_adapters(made, seed=10)
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.add_(1.0)
+    lowrank.save_adapter(made, tmp_path / "made")
+    loaded = peft.PeftModel.from_pretrained(fresh_gpt2(gpt2_state), tmp_path / "made").eval()
+    assert rel(loaded(input_ids=ids).logits, made(ids).logits) <= 1e-5

@@ -2,7 +2,7 @@
 
 from lowrank.lora.algebra import combine_adapters, combine_lora, truncate_adapter
 from lowrank.lora.calibrate import calibrate_lora
-from lowrank.lora.checkpoint import adapter_size, load_adapter, save_adapter
+from lowrank.lora.checkpoint import ResidualBaseWarning, adapter_size, load_adapter, save_adapter
 from lowrank.lora.dora import dora_row_norms
 from lowrank.lora.init import (
     LoRAFactors,
@@ -69,4 +69,5 @@ __all__ = [
     "olora_factors",
     "corda_factors",
     "eva_components",
+    "ResidualBaseWarning",
 ]

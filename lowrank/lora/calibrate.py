@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lowrank.lora.init import CALIBRATED_INITS, CORDA_MODES, corda_factors, eva_components
-from lowrank.lora.layers import LoRALinear
+from lowrank.lora.layers import LoRAConv1D, LoRALinear, is_conv1d
 from lowrank.lora.model import _as_patterns, _matches, _replace, inject_lora
 
 __all__ = ["calibrate_lora"]
@@ -66,6 +66,14 @@ class _Stats:
         self.gram += x.T @ x
         self.rows += x.shape[0]
         self.calls += 1
+
+
+def _linear_view(module: nn.Module) -> torch.Tensor:
+    """The target's weight in ``nn.Linear`` layout (out, in): a transposed *view* for a GPT-2 ``Conv1D`` /
+    :class:`LoRAConv1D` (weight stored (in, out)), so a write into it lands in the stored weight."""
+    if isinstance(module, LoRAConv1D) or is_conv1d(module):
+        return module.weight.T
+    return module.weight
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -136,10 +144,10 @@ def calibrate_lora(
 ) -> dict[str, int]:
     r"""Inject LoRA adapters initialised from calibration data: CorDA (both modes) or EVA, as PEFT.
 
-    The target ``nn.Linear`` layers get forward hooks that accumulate float64 statistics of their inputs
-    (``d x d`` per layer, ``d = in_features``; the inputs are never stored), the model runs on ``batches``
-    in eval mode under ``no_grad``, the hooks are removed (also when a batch raises), the training mode is
-    restored, and the adapters are injected with :func:`lowrank.lora.inject_lora` and set:
+    The target ``nn.Linear`` / GPT-2 ``Conv1D`` layers get forward hooks that accumulate float64 statistics
+    of their inputs (``d x d`` per layer, ``d = in_features``; the inputs are never stored), the model runs
+    on ``batches`` in eval mode under ``no_grad``, the hooks are removed (also when a batch raises), the
+    training mode is restored, and the adapters are injected with :func:`lowrank.lora.inject_lora` and set:
 
     * ``init="corda"`` (Yang et al. 2024, PEFT's ``preprocess_corda`` + ``init_lora_weights="corda"``):
       ``C`` = mean over the forward calls of ``X^T X``, each call's ``X`` divided by ``|max(X)|`` as PEFT
@@ -159,8 +167,12 @@ def calibrate_lora(
     ----------
     model : nn.Module
     target_modules : str or sequence of str
-        As :func:`lowrank.lora.inject_lora`; every matched module must be an ``nn.Linear`` (or a
-        :class:`LoRALinear`, which gets a new adapter ``adapter_name``; none merged).
+        As :func:`lowrank.lora.inject_lora`; every matched module must be an ``nn.Linear`` or a
+        transformers ``Conv1D`` (or a :class:`LoRALinear` / :class:`LoRAConv1D`, which gets a new adapter
+        ``adapter_name``; none merged). A ``Conv1D`` (weight stored (in, out)) is handled as PEFT does: its
+        input ``x`` has the ``in`` features either way, the factors are computed for the (out, in) view and
+        come out in the ``nn.Linear`` layout PEFT's ``fan_in_fan_out`` adapters use (``lora_A`` (r, in),
+        ``lora_B`` (out, r)), and CorDA's residual is written back into the (in, out) storage.
     batches : iterable of batches, or callable
         An iterable (list, DataLoader, generator) of batches, each run as ``forward(model, batch)``; or a
         callable taking no argument that runs the model itself (PEFT's ``run_model`` for CorDA). Read once.
@@ -194,8 +206,8 @@ def calibrate_lora(
     Raises
     ------
     TypeError
-        ``model`` not a module; ``batches`` neither iterable nor callable; a target not ``nn.Linear``;
-        a non-tensor layer input.
+        ``model`` not a module; ``batches`` neither iterable nor callable; a target not ``nn.Linear`` /
+        ``Conv1D``; a non-tensor layer input.
     ValueError
         Bad ``init``, ``r``, ``corda_mode``, ``damping``, ``rho``, ``method``; a target matching nothing;
         a target that received no input (or, for EVA, fewer than 2 rows); NaN/Inf inputs.
@@ -253,10 +265,13 @@ def calibrate_lora(
             continue
         for p in matched:
             hits[p] += 1
-        if not isinstance(module, nn.Linear) and type(module) is not LoRALinear:
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)) and type(module) not in (
+            LoRALinear,
+            LoRAConv1D,
+        ):
             raise TypeError(
                 f"target {matched[0]!r} matches module {name!r} of type {type(module).__name__}; "
-                f"init={init!r} takes nn.Linear layers"
+                f"init={init!r} takes nn.Linear and transformers Conv1D layers"
             )
         if isinstance(module, LoRALinear) and module.merged_adapters:
             raise ValueError(f"module {name!r} has a merged adapter; unmerge it before calibrate_lora")
@@ -271,7 +286,9 @@ def calibrate_lora(
         raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
 
     # -- statistics ------------------------------------------------------------------------------
-    stats = {name: _Stats(name, m.weight.shape[1], m.weight.device, init) for name, m in targets.items()}
+    stats = {
+        name: _Stats(name, _linear_view(m).shape[1], m.weight.device, init) for name, m in targets.items()
+    }
     handles = []
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -309,7 +326,7 @@ def calibrate_lora(
         for name, module in targets.items():
             s = stats[name]
             B, A, residual = corda_factors(
-                module.weight,
+                _linear_view(module),
                 s.gram / s.calls,
                 r,
                 scale_of(alpha, r),
@@ -325,7 +342,7 @@ def calibrate_lora(
         comps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for name, module in targets.items():
             s = stats[name]
-            d = module.weight.shape[1]
+            d = _linear_view(module).shape[1]
             k = max(1, min(round(r * rho), d, min(module.weight.shape)))
             comps[name] = eva_components(s.gram, s.col_sum, s.rows, k, method=method)
         ranks = _eva_ranks({n: c[1] for n, c in comps.items()}, r * len(targets), list(targets))
@@ -366,7 +383,8 @@ def calibrate_lora(
                 layer.lora_A[adapter_name].copy_(A)
                 if B is not None:
                     layer.lora_B[adapter_name].copy_(B)
-                    layer.weight.copy_(residual)
+                    _linear_view(layer).copy_(residual)  # Conv1D: into the (in, out) storage
+                    layer.__dict__.setdefault("weight_init", {})[adapter_name] = "corda"
         if freeze_base:
             from lowrank.lora.model import mark_only_lora_trainable
 

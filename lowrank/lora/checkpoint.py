@@ -34,7 +34,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +63,18 @@ from lowrank.lora.peft_format import (
     read_config,
 )
 
-__all__ = ["AdapterSize", "adapter_size", "load_adapter", "save_adapter"]
+__all__ = ["AdapterSize", "ResidualBaseWarning", "adapter_size", "load_adapter", "save_adapter"]
+
+
+class ResidualBaseWarning(UserWarning):
+    """An adapter that only fits *residual* base weights is saved or loaded as if it fitted the original ones.
+
+    PiSSA, OLoRA and CorDA initialisations rewrite the base weight ``W`` to ``W - scale B0 A0``; the trained
+    factors are relative to that residual. Saved as they are, they reproduce the fine-tuned model only on the
+    residual weights (ship them too), so :func:`save_adapter` warns unless ``convert_to_lora_from`` turns
+    the adapter into a plain LoRA adapter relative to the original weights (PEFT's
+    ``path_initial_model_for_weight_conversion``). Silence it with ``warnings.filterwarnings``.
+    """
 
 
 # Config read from disk, per adapter, kept on the model so that a later save keeps unknown fields.
@@ -150,6 +161,7 @@ def save_adapter(
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    convert_to_lora_from: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Save one adapter of a LoRA-injected model as a PEFT checkpoint directory.
 
@@ -168,14 +180,41 @@ def save_adapter(
         Recorded in the config (PEFT's ``AutoPeftModel`` uses it to find the base model).
     task_type : str, optional
         PEFT task type (e.g. ``"CAUSAL_LM"``); recorded in the config.
+    convert_to_lora_from : str, PathLike or mapping of str to Tensor, optional
+        For an adapter whose initialisation rewrote the base weights (PiSSA, OLoRA, CorDA: ``W_res = W -
+        s B0 A0``): the adapter *as initialised*, before training, either a folder saved by
+        :func:`save_adapter` (or PEFT's ``save_pretrained``) right after the init, or a mapping holding its
+        factors (e.g. ``{k: v.clone() for k, v in lowrank.lora_state_dict(model).items()}`` taken right
+        after the init; keys ``<module path>.lora_A.<adapter>`` or PEFT's ``base_model.model.<module
+        path>.lora_A.weight``). The adapter is then saved as a plain LoRA adapter relative to the
+        *original* weights, as PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=...)``
+        does: ``W_res + s B A = W + s (B A - B0 A0) = W + s [B, -B0] [A; A0]``, a rank-``2r`` adapter with
+        ``lora_alpha`` doubled (``alpha / r`` unchanged; with rsLoRA ``alpha * sqrt(2)``, so that
+        ``alpha / sqrt(r)`` is unchanged), ``rank_pattern`` / ``alpha_pattern`` likewise per layer, and
+        ``init_lora_weights: true``; it loads on the original base model (in PEFT or lowrank) with no
+        residual weights to ship. DoRA magnitudes and ``modules_to_save`` copies are kept as they are (the
+        adapted weight ``W + s B' A'`` equals ``W_res + s B A``, so the DoRA norms are unchanged; PEFT's
+        conversion drops them). Exact up to rounding: ``W_res`` was rounded to the weight's dtype at init.
 
     Raises
     ------
     TypeError
-        If ``model`` is not an ``nn.Module`` or ``path`` is not a str / PathLike.
+        If ``model`` is not an ``nn.Module``, ``path`` is not a str / PathLike, or ``convert_to_lora_from``
+        is neither a path nor a mapping.
     ValueError
-        If no layer holds ``adapter_name``, ``path`` is a regular file, or the layers use settings one PEFT
-        config cannot express (mixed ``use_rslora``).
+        If no layer holds ``adapter_name``, ``path`` is a regular file, the layers use settings one PEFT
+        config cannot express (mixed ``use_rslora``), or ``convert_to_lora_from`` lacks a layer of the
+        adapter, holds a layer the adapter does not have, or a factor of another shape (the error names the
+        key).
+
+    Warns
+    -----
+    ResidualBaseWarning
+        When a layer's adapter was initialised by rewriting its base weight (``LoRALayer.weight_init``:
+        PiSSA, OLoRA, CorDA) and ``convert_to_lora_from`` is not given: the saved factors reproduce the
+        fine-tuned model only on the residual weights. Not for an adapter :func:`load_adapter` read from a
+        PEFT config with ``init_lora_weights`` ``"pissa"`` / ``"olora"``: that config is written again, and
+        PEFT and :func:`load_adapter` re-run the init on the original base when they read it.
 
     Notes
     -----
@@ -200,6 +239,34 @@ def save_adapter(
     modules = _lora_modules(model, adapter_name)
     if not modules:
         raise ValueError(f"adapter_name: no LoRA layer of the model holds an adapter named {adapter_name!r}")
+    initial = None
+    if convert_to_lora_from is not None:
+        initial = _initial_factors(convert_to_lora_from, modules, adapter_name)
+    else:
+        # An adapter loaded from a PEFT config that says init_lora_weights "pissa" / "olora" is written with
+        # that config again, which makes PEFT and load_adapter re-derive the residual from the original base:
+        # that file is right as it is. Every other rewritten layer makes the file a trap.
+        stored = _stored_config(model, adapter_name).get("init_lora_weights")
+        rewritten = [
+            (p, getattr(m, "weight_init", {})[adapter_name])
+            for p, m in modules
+            if adapter_name in getattr(m, "weight_init", {})
+            and not (stored in ("pissa", "olora") and getattr(m, "weight_init", {})[adapter_name] == stored)
+        ]
+        if rewritten:
+            warnings.warn(
+                f"adapter {adapter_name!r} was initialised with init={rewritten[0][1]!r} on "
+                f"{rewritten[0][0]!r}"
+                + (f" and {len(rewritten) - 1} more layers" if len(rewritten) > 1 else "")
+                + ", which rewrote the base weights to a residual: the saved adapter reproduces the "
+                "fine-tuned model only together with those residual weights. Pass convert_to_lora_from=<the "
+                "adapter as "
+                "initialised> to save a plain LoRA adapter for the original weights (PEFT's "
+                "path_initial_model_for_weight_conversion), or ship the residual base "
+                "(lowrank.remove_lora(copy.deepcopy(model)))",
+                ResidualBaseWarning,
+                stacklevel=2,
+            )
 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -214,10 +281,18 @@ def save_adapter(
             )
         lora_a, lora_b = _lora_pair(module, adapter_name)
         key_a, key_b = key_names(module_path, embedding=not _is_lora_linear(module))
-        tensors[key_a] = lora_a.detach().to("cpu").contiguous()
-        tensors[key_b] = lora_b.detach().to("cpu").contiguous()
+        lora_a, lora_b = lora_a.detach().to("cpu"), lora_b.detach().to("cpu")
         ranks[module_path] = int(module.r[adapter_name])
         alphas[module_path] = _number(module.lora_alpha[adapter_name])
+        if initial is not None:  # s B A - s B0 A0 = s [B, -B0] [A; A0]: rank 2r, the same s
+            a0, b0 = initial[module_path]
+            lora_a = torch.cat([lora_a, a0.to(lora_a.dtype)], dim=0)
+            lora_b = torch.cat([lora_b, -b0.to(lora_b.dtype)], dim=1)
+            ranks[module_path] *= 2
+            factor = 2.0**0.5 if module.use_rslora[adapter_name] else 2.0
+            alphas[module_path] = _number(float(module.lora_alpha[adapter_name]) * factor)
+        tensors[key_a] = lora_a.contiguous()
+        tensors[key_b] = lora_b.contiguous()
         rslora.add(bool(module.use_rslora[adapter_name]))
         use_dora = bool(getattr(module, "use_dora", {}).get(adapter_name, False))
         dora.add(use_dora)
@@ -256,11 +331,88 @@ def save_adapter(
         config["base_model_name_or_path"] = base_model_name_or_path
     if task_type is not None:
         config["task_type"] = task_type
+    if initial is not None:
+        config["init_lora_weights"] = True  # a plain LoRA adapter now (as PEFT writes the converted one)
     # PEFT sets fan_in_fan_out per layer (True for Conv1D, False for nn.Linear, with a warning otherwise);
     # the config records whether the adapter's layers are Conv1D-laid-out.
     config["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in modules)
     config["modules_to_save"] = saved_paths or None
     write_adapter_dir(path, tensors, config)
+
+
+def _initial_factors(
+    source: Any, modules: list[tuple[str, nn.Module]], adapter_name: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``module path -> (A0, B0)`` of the adapter as initialised, for ``save_adapter(convert_to_lora_from=)``.
+
+    ``source`` is an adapter folder (PEFT keys) or a mapping with PEFT keys or ``lora_state_dict`` keys
+    (``<path>.lora_A.<adapter_name>``). Every layer of the adapter must be there with factors of the same
+    shapes, and nothing else.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        folder = _check_path(source)
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"convert_to_lora_from: {folder!r} is not a folder; pass the adapter folder saved right "
+                "after "
+                "the initialisation (or a mapping of its factors)"
+            )
+        tensors, label = _read_tensors(folder)
+    elif isinstance(source, Mapping):
+        tensors, label = dict(source), "convert_to_lora_from"
+        bad = next(
+            (k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None
+        )
+        if bad is not None:
+            raise TypeError(f"convert_to_lora_from: entry {bad!r} is not a str key with a Tensor value")
+    else:
+        raise TypeError(
+            "convert_to_lora_from must be an adapter folder (str / PathLike) or a mapping of the initial "
+            f"factors, got {type(source).__name__}"
+        )
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    used: set[str] = set()
+    for module_path, module in modules:
+        embedding = not _is_lora_linear(module)
+        names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        current = _lora_pair(module, adapter_name)
+        pair = []
+        for name, now in zip(names, current):
+            candidates = [
+                KEY_PREFIX + module_path + "." + name + ("" if embedding else ".weight"),
+                module_path + "." + name + "." + adapter_name,
+            ]
+            key = next((k for k in candidates if k in tensors), None)
+            if key is None:
+                raise ValueError(
+                    f"convert_to_lora_from ({label}): no initial factor for layer {module_path!r} (looked "
+                    f"for {candidates[0]!r} and {candidates[1]!r}); it must be adapter {adapter_name!r} as "
+                    "initialised"
+                )
+            t = tensors[key]
+            if tuple(t.shape) != tuple(now.shape) or not t.is_floating_point():
+                raise ValueError(
+                    f"convert_to_lora_from ({label}): tensor {key!r} has shape {tuple(t.shape)} and dtype "
+                    f"{t.dtype}; adapter {adapter_name!r} of {module_path!r} has {tuple(now.shape)} (not the "
+                    "same adapter as initialised?)"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"convert_to_lora_from ({label}): tensor {key!r} holds NaN or infinite values"
+                )
+            used.add(key)
+            pair.append(t.detach().to("cpu"))
+        found[module_path] = (pair[0], pair[1])
+    factor_key = re.compile(r"(^|\.)(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.|$)")
+    extra = sorted(k for k in tensors if k not in used and factor_key.search(k))
+    if isinstance(source, Mapping):  # a lora_state_dict holds every adapter: only this one's keys count
+        extra = [k for k in extra if k.endswith("." + adapter_name) or k.startswith(KEY_PREFIX)]
+    if extra:
+        raise ValueError(
+            f"convert_to_lora_from ({label}): {extra[0]!r} is a LoRA factor of a layer that adapter "
+            f"{adapter_name!r} does not have (another adapter or model?)"
+        )
+    return found
 
 
 def _saved_module_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -613,7 +765,9 @@ def _plan(
                     f"{source}: the config has use_dora={str(use_dora).lower()} but adapter "
                     f"{adapter_name!r} of {module_path!r} was made with use_dora={not use_dora}"
                 )
-        elif use_dora and not getattr(module, "_supports_dora", isinstance(module, nn.Linear)):
+        elif use_dora and not getattr(
+            module, "_supports_dora", isinstance(module, nn.Linear) or is_conv1d(module)
+        ):
             raise AdapterCheckpointError(
                 f"{source}: key {key_m!r}: module {module_path!r} ({type(module).__name__}) cannot take a "
                 "DoRA adapter (use_dora=true)"
@@ -670,6 +824,83 @@ def _plan(
     return plans
 
 
+def _base_rewrite(
+    model: nn.Module,
+    plans: list[_Planned],
+    config: dict[str, Any],
+    adapter_name: str,
+    strict: bool,
+    source: str,
+) -> str | None:
+    """What PEFT does to the base weights when it loads this config: ``"pissa"`` / ``"olora"`` (re-run that
+    initialisation on each newly adapted linear layer, whose weight becomes the residual), or None.
+
+    PEFT (0.21) builds the layers with the config's ``init_lora_weights`` before it loads the factors, so a
+    PiSSA / OLoRA adapter saved without conversion is meant for the ORIGINAL base: the init rewrites it to
+    the residual again. ``"pissa_niter_K"`` (randomized in PEFT, not reproducible even there) is re-derived
+    with the exact SVD, with a :class:`ResidualBaseWarning`. ``"corda"`` (needs the calibration data) and
+    ``"loftq"`` (needs LoftQ's quantized base) cannot be reproduced: refused, or with ``strict=False`` loaded
+    as they are (right on the residual base weights they were trained with) with a warning.
+    """
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, str):
+        return None
+    name = init.lower()
+    if name.startswith(("corda", "loftq")):
+        message = (
+            f"{source}: init_lora_weights={init!r}: the factors are relative to base weights that "
+            + ("CorDA derived from calibration data" if name.startswith("corda") else "LoftQ quantized")
+            + ", which "
+            "loading cannot reproduce; convert the adapter to a plain LoRA (PEFT: save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...); lowrank: save_adapter(..., "
+            "convert_to_lora_from=...))"
+        )
+        if strict:
+            raise AdapterCheckpointError(message + ", or pass strict=False to load it onto its residual base")
+        warnings.warn(
+            message + "; loaded as is (right only on its residual base)", ResidualBaseWarning, stacklevel=3
+        )
+        return None
+    if name == "olora":
+        kind = "olora"
+    elif name == "pissa" or name.startswith("pissa_niter_"):
+        kind = "pissa"
+    else:
+        return None
+    rewritten = []
+    for plan in plans:
+        module = model.get_submodule(plan.module_path)
+        if plan.embedding or _lora_pair(module, adapter_name) is not None:
+            continue  # PEFT's embeddings take no PiSSA/OLoRA; an existing adapter is only overwritten
+        if kind == "olora" and (is_conv1d(module) or getattr(module, "fan_in_fan_out", False)):
+            raise AdapterCheckpointError(
+                f"{source}: key {plan.key_a!r}: init_lora_weights='olora' on the Conv1D "
+                f"{plan.module_path!r}: PEFT's OLoRA factors the (in, out) storage untransposed, which does "
+                "not fit its own (out, r) lora_B; convert the adapter to a plain LoRA adapter before "
+                "loading it"
+            )
+        from lowrank.lora.quantized import QuantizedLoRALinear
+
+        if isinstance(module, QuantizedLoRALinear):
+            raise AdapterCheckpointError(
+                f"{source}: key {plan.key_a!r}: init_lora_weights={init!r} makes the loader rewrite the base "
+                f"weight of {plan.module_path!r} (as PEFT does), which is quantized here; load the adapter "
+                "before lowrank.quantize_base"
+            )
+        rewritten.append(plan.module_path)
+    if rewritten and name.startswith("pissa_niter_"):
+        warnings.warn(
+            f"{source}: init_lora_weights={init!r} is randomized in PEFT: the residual base weights the "
+            "adapter was trained on cannot be reproduced exactly (PEFT's own reload draws new ones); "
+            "re-derived with the exact SVD, so outputs differ from the fine-tuned model by about the "
+            "randomized SVD's error. Convert such adapters to plain LoRA when saving "
+            "(path_initial_model_for_weight_conversion)",
+            ResidualBaseWarning,
+            stacklevel=3,
+        )
+    return kind if rewritten else None
+
+
 def _parent_and_child(model: nn.Module, module_path: str) -> tuple[nn.Module, str]:
     parent_path, _, child = module_path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), child
@@ -701,7 +932,13 @@ def _wrap(
     return layer
 
 
-def _apply(model: nn.Module, plans: list[_Planned], config: dict[str, Any], adapter_name: str) -> None:
+def _apply(
+    model: nn.Module,
+    plans: list[_Planned],
+    config: dict[str, Any],
+    adapter_name: str,
+    rewrite: str | None = None,
+) -> None:
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_rslora = bool(config.get("use_rslora", False))
     undo: list[Callable[[], None]] = []
@@ -728,6 +965,8 @@ def _apply(model: nn.Module, plans: list[_Planned], config: dict[str, Any], adap
                     setattr(parent, child, layer)
                     undo.append(lambda p=parent, c=child, m=module: setattr(p, c, m))
                     module = layer
+                if rewrite is not None and not plan.embedding:
+                    _rewrite_base(module, plan, adapter_name, rewrite, use_rslora, undo)
             lora_a, lora_b = _lora_pair(module, adapter_name)
             old = (lora_a.detach().clone(), lora_b.detach().clone())
             undo.append(lambda a=lora_a, b=lora_b, o=old: (a.data.copy_(o[0]), b.data.copy_(o[1])))
@@ -750,6 +989,33 @@ def _apply(model: nn.Module, plans: list[_Planned], config: dict[str, Any], adap
         for step in reversed(undo):
             step()
         raise
+
+
+def _rewrite_base(
+    module: nn.Module, plan: _Planned, adapter_name: str, kind: str, use_rslora: bool, undo: list
+) -> None:
+    """PEFT's load-time PiSSA / OLoRA: the base weight becomes ``W - scale B0 A0`` (:func:`_base_rewrite`).
+
+    PiSSA by the exact SVD (PEFT: ``torch.linalg.svd``), OLoRA by the QR of the (out, in) weight, both on
+    the ``nn.Linear``-layout view (a ``Conv1D``'s residual goes back into its (in, out) storage).
+    """
+    from lowrank.lora.init import olora_factors, pissa_factors
+
+    scale = plan.alpha / (plan.rank**0.5 if use_rslora else plan.rank)
+    view = module._linear_weight()
+    weight = module.weight
+    old = weight.detach().clone()
+    undo.append(lambda w=weight, o=old: w.data.copy_(o))
+    with torch.no_grad():
+        if kind == "pissa":
+            _, _, residual = pissa_factors(view, plan.rank, scale, method="svd")
+        else:
+            _, _, residual = olora_factors(view, plan.rank, scale)
+        view.copy_(residual)
+    module.clear_dora_cache()
+    inits = module.__dict__.setdefault("weight_init", {})
+    inits[adapter_name] = kind
+    undo.append(lambda d=inits: d.pop(adapter_name, None))
 
 
 @dataclass
@@ -928,7 +1194,8 @@ def load_adapter(
         (:class:`AdapterCheckpointError`) naming the key or config field: ``path`` is a regular file, a config
         field without PEFT's type (e.g. ``use_rslora: "no"``, a pattern that is not a valid regular
         expression), a module the file adapts that the config's ``target_modules`` does not select (or the
-        reverse), a wrong base model (missing module, shape mismatch),
+        reverse), a wrong base model (missing module, shape mismatch), ``init_lora_weights`` ``"corda"`` /
+        ``"loftq"`` with ``strict`` (see the notes),
         a rank that disagrees with the config, a missing ``lora_A``/``lora_B`` partner, a truncated or corrupt
         file, non-finite values. Every tensor is checked before the model is touched, so on error the model is
         unchanged.
@@ -952,6 +1219,18 @@ def load_adapter(
     file's ``base_model.model.<path>.<key>`` tensors (the older ``<path>.modules_to_save.<name>.<key>``
     form is read too); each key must be one of the module's state-dict keys with the same shape, and with
     ``strict`` every one must be present.
+
+    A config with ``init_lora_weights`` ``"pissa"`` or ``"olora"`` (an adapter PEFT saved without
+    ``path_initial_model_for_weight_conversion``) is loaded as PEFT loads it: PEFT builds each new layer
+    with that initialisation before it loads the factors, so the base weight becomes the residual ``W - s B0
+    A0`` again (exact SVD / QR of the (out, in) weight, here as there) and the adapter reproduces the
+    fine-tuned model on the *original* base (checked against PEFT to 1e-5); the layer then records it in
+    ``weight_init``. ``"pissa_niter_K"`` is re-derived with the exact SVD and a
+    :class:`ResidualBaseWarning` (PEFT's randomized init cannot be reproduced, not even by PEFT).
+    ``"corda"`` and ``"loftq"`` adapters need base weights that loading cannot rebuild (calibration data,
+    LoftQ's quantization): refused, or with ``strict=False`` loaded as they are, with a warning (right on
+    the residual base they were trained with). An adapter that already exists (``inject=False``) is only
+    overwritten, as in PEFT.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -969,9 +1248,10 @@ def load_adapter(
     tensors, source = _read_tensors(path)
     saved = _plan_saved(model, tensors, config, adapter_name, inject, strict, source)
     plans = _plan(model, tensors, config, adapter_name, inject, strict, source)
+    rewrite = _base_rewrite(model, plans, config, adapter_name, strict, source)
     undo_saved = _apply_saved(model, saved, adapter_name)
     try:
-        _apply(model, plans, config, adapter_name)
+        _apply(model, plans, config, adapter_name, rewrite)
     except BaseException:
         for step in reversed(undo_saved):
             step()

@@ -7,7 +7,9 @@ DoRA (Liu et al. 2024) writes the adapted weight as a magnitude times a directio
 with ``m`` (out,) a trained magnitude vector (PEFT's ``lora_magnitude_vector``), initialised to the row
 norms of ``W + s B A`` (that is ``‖W‖`` row-wise when ``B = 0``), and the norm treated as a constant in
 backward (the paper's section 4.3, as PEFT does). The norm is taken over each output row of the
-``(out, in)`` weight (PEFT: ``torch.linalg.norm(W + s B A, dim=1)``).
+``(out, in)`` weight (PEFT: ``torch.linalg.norm(W + s B A, dim=1)``); for a GPT-2 ``Conv1D`` (weight stored
+``(in, out)``, PEFT's ``fan_in_fan_out``) PEFT transposes first, so the norms are over the stored weight's
+columns: pass the transposed view ``weight.T`` here (no copy; every function below takes any strides).
 
 This module computes those norms from the factors:
 
@@ -33,6 +35,9 @@ __all__ = ["dora_row_norms", "weight_row_sq_norms"]
 # to cancellation in the expanded formula; it is recomputed densely in float64.
 _CANCELLATION = 1.0 / 16.0
 
+# Entries per block of weight_row_sq_norms (its float64 temporary: 1 MiB).
+_BLOCK_ENTRIES = 1 << 17
+
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -42,12 +47,24 @@ def weight_row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
     """``‖W_i‖²`` for every output row of ``weight`` (out, in), accumulated in float64.
 
     Returns a float64 tensor of shape (out,) on ``weight``'s device (float32 on devices without float64,
-    e.g. MPS). Cost: one pass over ``weight``.
+    e.g. MPS). Cost: one pass over ``weight``; any strides (a transposed view, e.g. a ``Conv1D`` weight seen
+    as (out, in), is read in place). ``vector_norm(..., dtype=float64)`` converts its whole input first, so
+    the rows go through in blocks of at most ``2**17`` entries: the float64 temporary stays at 1 MiB
+    whatever the size of ``weight``.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor (out, in), got {getattr(weight, 'shape', weight)!r}")
     dtype = torch.float32 if weight.device.type == "mps" else torch.float64
-    return torch.linalg.vector_norm(weight.detach(), dim=1, dtype=dtype).square()
+    weight = weight.detach()
+    rows, cols = weight.shape
+    step = max(1, _BLOCK_ENTRIES // max(cols, 1))
+    if step >= rows:
+        return torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square()
+    out = torch.empty(rows, dtype=dtype, device=weight.device)
+    for start in range(0, rows, step):
+        block = weight[start : start + step]
+        torch.linalg.vector_norm(block, dim=1, dtype=dtype, out=out[start : start + step])
+    return out.square_()
 
 
 @torch.no_grad()

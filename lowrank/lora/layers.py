@@ -64,6 +64,11 @@ class LoRALayer(nn.Module):
         The adapter used by ``forward``; ``None`` runs the base layer alone.
     merged_adapters : list[str]
         Adapters currently folded into ``weight`` (at most one).
+    weight_init : dict[str, str]
+        Adapters whose initialisation rewrote ``weight`` to a residual (``"pissa"``, ``"olora"``, and
+        ``"corda"`` from :func:`lowrank.lora.calibrate_lora`) -> that init's name. Such an adapter is relative
+        to the residual weight: :func:`lowrank.lora.save_adapter` warns when it saves one without
+        ``convert_to_lora_from``.
     """
 
     # names of the two nn.ParameterDict attributes holding (first-applied, second-applied) factors
@@ -85,6 +90,7 @@ class LoRALayer(nn.Module):
         self.use_dora: dict[str, bool] = {}
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
+        self.weight_init: dict[str, str] = {}
         self._base_requires_grad = True
 
     def _freeze_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
@@ -141,9 +147,10 @@ class LoRALayer(nn.Module):
             residual of its top-``r`` SVD / QR part (output unchanged); ``"olora"`` is for linear layers.
             The data-driven ``"corda"`` / ``"eva"`` go through :func:`lowrank.lora.calibrate_lora`.
         use_dora : bool, default False
-            Make it a DoRA adapter (Liu et al. 2024, arXiv:2402.09353; :class:`LoRALinear` only): a
-            trainable magnitude ``lora_magnitude_vector[name]`` (out,), initialised to the row norms of
-            ``W + scale B A`` after the factors' init, rescales each output row (see :class:`LoRALinear`).
+            Make it a DoRA adapter (Liu et al. 2024, arXiv:2402.09353; :class:`LoRALinear` and
+            :class:`LoRAConv1D`): a trainable magnitude ``lora_magnitude_vector[name]`` (out,), initialised
+            to the row norms of ``W + scale B A`` (``W`` in the (out, in) layout) after the factors' init,
+            rescales each output row (see :class:`LoRALinear`).
             Other layer types raise ValueError naming ``use_dora``.
         """
         if not isinstance(name, str) or not name or "." in name:
@@ -173,7 +180,7 @@ class LoRALayer(nn.Module):
         if use_dora and not self._supports_dora:
             raise ValueError(
                 f"use_dora=True is not supported by {type(self).__name__} (DoRA adapters are available on "
-                "LoRALinear layers only)"
+                "LoRALinear and LoRAConv1D layers only)"
             )
         check_init(init)
         if init in WEIGHT_INITS and init not in self._weight_inits:
@@ -195,6 +202,8 @@ class LoRALayer(nn.Module):
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
         self.use_dora[name] = use_dora
         self._reset_factors(name, init)
+        if init in WEIGHT_INITS:
+            self.__dict__.setdefault("weight_init", {})[name] = init
         if use_dora:
             self._init_magnitude(name)
         if self.active_adapter is None:
@@ -241,6 +250,7 @@ class LoRALayer(nn.Module):
             self.clear_dora_cache()
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del table[name]
+        getattr(self, "weight_init", {}).pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.r), None)
 
@@ -550,23 +560,29 @@ class LoRALinear(LoRALayer):
         A, B = self.lora_A[name], self.lora_B[name]
         weight = self.weight
         if torch.compiler.is_compiling():
-            return dora_row_norms(weight, A, B, self.scaling[name])
+            return dora_row_norms(self._linear_weight(), A, B, self.scaling[name])
         cache = self.__dict__.setdefault("_dora_cache", {"weight": None, "norms": {}})
         return self._dora_cached(name, A, B, weight, cache)[0]
 
     def _dora_cached(
         self, name: str, A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor, cache: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(n, 1 / max(n, tiny))`` of adapter ``name``, from the cache when still valid."""
+        """``(n, 1 / max(n, tiny))`` of adapter ``name``, from the cache when still valid.
+
+        ``weight`` is the stored Parameter (the cache key); the norms are taken over the output rows of its
+        ``nn.Linear``-layout view :meth:`_linear_weight` (for :class:`LoRAConv1D`, the columns of the
+        (in, out) storage, read in place through the transposed view).
+        """
         sq = cache["weight"]
+        linear = self._linear_weight()
         if sq is None or not _same_state(sq[0], (weight,)):
             work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            sq = (_tensor_state(weight), weight_row_sq_norms(weight).to(work))
+            sq = (_tensor_state(weight), weight_row_sq_norms(linear).to(work))
             cache["weight"] = sq
         hit = cache["norms"].get(name)
         if hit is not None and hit[1] == self.scaling[name] and _same_state(hit[0], (weight, A, B)):
             return hit[2]
-        norms = dora_row_norms(weight, A, B, self.scaling[name], weight_sq_norms=sq[1])
+        norms = dora_row_norms(linear, A, B, self.scaling[name], weight_sq_norms=sq[1])
         value = (norms, norms.clamp_min(torch.finfo(norms.dtype).tiny).reciprocal_())
         cache["norms"][name] = (_tensor_state(weight, A, B), self.scaling[name], value)
         return value
@@ -587,10 +603,10 @@ class LoRALinear(LoRALayer):
         if not self.use_dora.get(name, False):
             super()._fold(name, sign)
             return
-        weight = self.weight
+        weight = self._linear_weight()  # (out, in); a view of the (in, out) storage for LoRAConv1D
         # float64 (one-time cost): unmerge then loses only the two roundings to weight.dtype
         work = torch.float32 if weight.device.type == "mps" else torch.float64
-        delta = self.delta_weight(name).to(work)
+        delta = LoRALinear.delta_weight(self, name).to(work)  # (out, in) as well
         if sign > 0:
             factor = self._dora_factor(name).detach().to(work)
             if not bool(torch.isfinite(factor).all()) or not bool((factor != 0).all()):
@@ -795,7 +811,7 @@ class LoRALinear(LoRALayer):
         """``(m/n) * lora_linear(x, W, A, B, scale) + b`` (see the class notes; PEFT's formula)."""
         dtype = _compute_dtype(x, self.weight)
         factor = self._dora_factor(name).to(dtype)
-        weight, bias = self.weight, self.bias
+        weight, bias = self._linear_weight(), self.bias
         if weight.dtype != dtype:
             weight = weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
@@ -983,12 +999,19 @@ class LoRAConv1D(LoRALinear):
     makes one contiguous copy of a non-contiguous weight per call). ``merge`` / ``unmerge`` / PiSSA write
     into the (in, out) storage; :func:`lowrank.remove_lora` gives back a ``Conv1D``.
 
+    **DoRA** (``use_dora=True``) works as on :class:`LoRALinear`, with PEFT's ``fan_in_fan_out`` convention
+    (PEFT's ``DoraLinearLayer.get_weight_norm`` transposes the stored weight first): the magnitude
+    ``lora_magnitude_vector[name]`` has one entry per *output* feature (``out_features``), the norms are
+    ``‖W^T_i + scale B_i A‖`` over the output rows of the (out, in) view, i.e. the columns of the stored
+    (in, out) weight, computed from the factors through the transposed view (no copy of the weight, never
+    ``W + scale (B A)^T``), and merging scales the stored weight's columns.
+
     Parameters
     ----------
     in_features, out_features : int
         ``nx`` and ``nf`` of the ``Conv1D``; the new weight is (in_features, out_features), drawn from
         ``N(0, 0.02^2)`` as transformers does, the bias zero.
-    r, alpha, dropout, bias, use_rslora, init, device, dtype
+    r, alpha, dropout, bias, use_rslora, init, use_dora, device, dtype
         As :class:`LoRALinear` (``init="pissa"`` / ``"olora"`` factor ``weight.T``, the (out, in) view,
         as for ``nn.Linear``; PEFT's OLoRA code does not transpose a Conv1D weight).
 
@@ -1000,7 +1023,7 @@ class LoRAConv1D(LoRALinear):
     torch.Size([2, 5, 192])
     """
 
-    _supports_dora = False  # DoRA on the (in, out) storage is not built: refused by name
+    _supports_dora = True  # norms over the output rows of the (out, in) view, as PEFT's fan_in_fan_out
 
     fan_in_fan_out = True
 
@@ -1015,6 +1038,7 @@ class LoRAConv1D(LoRALinear):
         bias: bool = True,
         use_rslora: bool = False,
         init: str = "default",
+        use_dora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -1024,7 +1048,9 @@ class LoRAConv1D(LoRALinear):
         bias_p = nn.Parameter(torch.zeros(shape[1], device=device, dtype=dtype)) if bias else None
         self._base_class: type | None = None
         self._setup(weight, bias_p)
-        self.add_adapter("default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        self.add_adapter(
+            "default", r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora
+        )
 
     def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         super()._setup(weight, bias)
@@ -1040,6 +1066,7 @@ class LoRAConv1D(LoRALinear):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        use_dora: bool = False,
     ) -> LoRAConv1D:
         """Wrap a transformers ``Conv1D`` without copying: the layer holds its weight and bias (frozen)."""
         if not is_conv1d(conv1d) or isinstance(conv1d, LoRALayer):
@@ -1048,7 +1075,9 @@ class LoRAConv1D(LoRALinear):
         nn.Module.__init__(layer)
         layer._base_class = type(conv1d)
         layer._setup(conv1d.weight, conv1d.bias)
-        layer._add_first_adapter(r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        layer._add_first_adapter(
+            r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora
+        )
         return layer
 
     @classmethod

@@ -108,8 +108,8 @@ def inject_lora(
         Rank (see :meth:`LoRALayer.add_adapter` for ``alpha``, ``dropout``, ``use_rslora``, ``init``).
     use_dora : bool, default False
         DoRA adapters (Liu et al. 2024, arXiv:2402.09353; see :class:`LoRALinear`) on the ``nn.Linear``
-        targets. Targets that cannot take DoRA (``nn.Embedding``, ``merged_modules``) raise ValueError
-        naming ``use_dora`` before anything changes.
+        and ``Conv1D`` targets. Targets that cannot take DoRA (``nn.Embedding``, ``merged_modules``) raise
+        ValueError naming ``use_dora`` before anything changes.
     adapter_name : str, default "default"
     merged_modules : mapping of pattern -> sequence of bool, optional
         Fused projections (e.g. ``{"qkv": [True, False, True]}``): matching ``nn.Linear`` modules become
@@ -227,13 +227,12 @@ def inject_lora(
         if use_dora and (
             flags is not None
             or isinstance(module, nn.Embedding)
-            or is_conv1d(module)
             or (isinstance(module, LoRALayer) and not module._supports_dora)
         ):
             raise ValueError(
                 f"use_dora=True: module {name!r} ({type(module).__name__}"
                 f"{', merged_modules' if flags is not None else ''}) cannot take a DoRA adapter; DoRA is "
-                "available on nn.Linear targets only"
+                "available on nn.Linear and Conv1D targets only"
             )
         if isinstance(module, LoRALayer):
             if isinstance(adapter_name, str) and adapter_name in module.r:
@@ -395,6 +394,9 @@ def _rename_adapter(layer: LoRALayer, old: str, new: str) -> None:
         magnitudes[new] = magnitudes[old]
         del magnitudes[old]
         layer.clear_dora_cache()
+    inits = getattr(layer, "weight_init", None)
+    if inits is not None and old in inits:
+        inits[new] = inits.pop(old)
     if layer.active_adapter == old:
         layer.active_adapter = new
 
