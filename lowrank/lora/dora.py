@@ -141,9 +141,9 @@ def dora_row_norms(
     sq = torch.linalg.vecdot(B, C).add_(t1)
     # Size of the terms: ‖W_i‖² + s² ‖B_i‖² ‖A‖_F² bounds |cross| and the quadratic term (Cauchy-Schwarz),
     # so a row below 1/16 of it lost more than 4 bits to cancellation.
-    size = torch.add(t1, torch.linalg.vecdot(B, B), alpha=s * s * float(G.trace()))
+    size = torch.linalg.vecdot(B, B).mul_(G.trace() * (s * s)).add_(t1)  # no host sync on a GPU
     bad = sq < size.mul_(_CANCELLATION)
-    if bool(bad.any()):
+    if bool(bad.any()):  # the one host sync per recomputation on a GPU (rows are cached between changes)
         rows = bad.nonzero().flatten()
         exact = torch.float32 if weight.device.type == "mps" else torch.float64
         dense = weight.detach()[rows].to(exact) + s * (
