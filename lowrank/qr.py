@@ -55,14 +55,21 @@ def fukaya_shift(X: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Ten
     return 11.0 * (m * n + n * (n + 1)) * _unit_roundoff(X.dtype) * fro_sq
 
 
-def cholqr_pass(X: torch.Tensor, shift: torch.Tensor | float | None = None, *, by_inverse: bool = False):
+def cholqr_pass(
+    X: torch.Tensor,
+    shift: torch.Tensor | float | None = None,
+    *,
+    by_inverse: bool = False,
+    out: torch.Tensor | None = None,
+):
     """One CholeskyQR pass: returns ``(Q, R, info)`` with ``X = Q R`` (no host synchronisation).
 
     ``shift`` (scalar or per-batch tensor) is added to the Gram diagonal. ``info > 0`` where the
     Cholesky factorization broke down (then ``Q``/``R`` are meaningless). ``by_inverse=True`` applies
     ``R^{-1}`` as a GEMM with the explicit (small) inverse instead of a triangular solve: use it only when
     ``X`` is known to be well conditioned (e.g. already LU-normalised or nearly orthonormal), where the
-    two agree to rounding.
+    two agree to rounding. ``out`` (with ``by_inverse``): a buffer of ``X``'s shape, not ``X`` itself, that
+    receives ``Q`` when both are row-major (a long ``Q`` then needs no fresh pages).
     """
     gram = _adjoint(X) @ X
     if shift is not None:
@@ -76,7 +83,11 @@ def cholqr_pass(X: torch.Tensor, shift: torch.Tensor | float | None = None, *, b
         # X R^{-1} = X (L^{-1})^H: one small triangular inverse and a GEMM, faster than a triangular
         # solve with a tall right-hand side (measured 2x on CPU); accurate when R is well conditioned
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        Q = matmul_like(X, _adjoint(torch.linalg.solve_triangular(lower, eye, upper=False)), X)
+        inverse = _adjoint(torch.linalg.solve_triangular(lower, eye, upper=False))
+        if out is not None and X.is_contiguous() and out.is_contiguous() and out.shape == X.shape:
+            Q = torch.matmul(X, inverse, out=out)
+        else:
+            Q = matmul_like(X, inverse, X)
     else:
         Q = torch.linalg.solve_triangular(upper, X, upper=True, left=False)
     return Q, upper, info
