@@ -296,6 +296,7 @@ class SparseOp(LinOp):
             self.At = _csr_adjoint(csr)
         self.A = csr
         self._input = A  # the stored values are coalesced only when the Frobenius norm is asked for
+        self._coo: torch.Tensor | None = None
         self.shape = (A.shape[0], A.shape[1])
         self.batch_shape = torch.Size()
         self.dtype = A.dtype
@@ -314,8 +315,15 @@ class SparseOp(LinOp):
         return torch.mm(self.At, Y, out=out)
 
     def fro_norm_sq(self) -> torch.Tensor:
-        values = self._input.to_sparse_coo().coalesce().values()
+        values = self.coalesced().values()
         return torch.linalg.vector_norm(values.to(torch.float64)).square()
+
+    def coalesced(self) -> torch.Tensor:
+        """The input as a coalesced COO tensor (duplicates summed), built once per operator (PCA asks
+        for it twice: the centred sum of squares and the Frobenius norm)."""
+        if self._coo is None:
+            self._coo = self._input.to_sparse_coo().coalesce()
+        return self._coo
 
     def to_dense(self) -> torch.Tensor:
         return self.A.to_dense()
@@ -505,6 +513,8 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
     ValueError
         Wrong number of dimensions, empty dimensions, NaN/Inf entries.
     """
+    if isinstance(A, LinOp):  # already adapted (a routine handing its operator on to another)
+        return A
     if isinstance(A, np.ndarray) or _is_scipy_sparse(A):
         A = _from_numpy_or_scipy(A, name)
     if isinstance(A, torch.Tensor):

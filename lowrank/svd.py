@@ -388,12 +388,14 @@ def rsvd(
         randQB_EI (Yu, Gu & Li 2018). In fp32, ``tol`` below about ``1e-3`` is at the mercy of rounding.
         Only for 2-D inputs.
     oversample : int, optional
-        Extra random vectors. ``"subspace"``: the sketch has ``k + oversample`` columns (default
+        Extra random vectors (giving it selects the wide block of ``"auto"``, see Notes).
+        ``"subspace"``: the sketch has ``k + oversample`` columns (default
         ``max(10, k // 4)``). ``"krylov"``: the block has ``k + oversample`` columns (default
         ``max(4, k // 8)``, or ``14 + k // 8`` when ``n_iter=1``). Fixed precision: block size (default
         ``min(64, max(8, k_cap // 8))``).
     n_iter : int, optional
-        Power iterations (``"subspace"``, default 4) or extra Krylov blocks (``"krylov"``, default 2);
+        Power iterations (``"subspace"``, default 4) or extra Krylov blocks (``"krylov"``, default 2;
+        ``"auto"``'s narrow branch: 4 or more, see Notes; giving ``n_iter`` selects the wide block);
         each costs two passes over A. This is the quality knob: with the Krylov method, ``n_iter=1``
         (4 passes) is at least as accurate as ``torch.svd_lowrank(q=k+10, niter=2)`` (6 passes), the
         default ``n_iter=2`` (6 passes) at least as accurate as scikit-learn's ``randomized_svd`` defaults
@@ -428,7 +430,12 @@ def rsvd(
     ``b = k + oversample``; Krylov ``2 n_iter + 2`` with ``b = k + oversample`` but a final subspace of
     ``(n_iter + 1) b`` columns. Other work is ``O((m + n) b^2)`` per pass.
 
-    ``method="auto"`` rule (from ``benchmarks/bench_svd.py``, 2-core CPU, fp32): block Krylov with
+    ``method="auto"`` rule (from ``benchmarks/bench_svd.py``, 2-core CPU, fp32). Narrow branch, when
+    neither ``oversample`` nor ``n_iter`` is given, on CPU, 2-D, ``k >= 16``, for sparse matrices and
+    dense ones of at most ``2^22`` entries, as long as the subspace fits in half of ``min(m, n)``: block
+    Krylov with blocks of ``ceil(k/2)`` columns and ``n_iter=4`` (dense; subspace 2.5k) or
+    ``ceil(k/2.5)`` columns and the smallest ``n_iter`` spanning ``3k`` (sparse); figures in
+    ``lowrank.svd._auto_narrow``. Wide branch otherwise: block Krylov with
     ``n_iter=2`` and a block of ``k + max(4, k // 8)`` columns whenever its final subspace
     (``3 (k + oversample)`` columns) fits in half of ``min(m, n)``; otherwise subspace iteration with
     ``n_iter=4``, ``oversample=max(10, k // 4)``. Measured (``python -m benchmarks.bench_svd --full
@@ -572,12 +579,17 @@ def _auto_narrow(op: LinOp, k: int) -> tuple[int, int] | None:
     of :func:`_default_params`; the rule is in :func:`rsvd`'s Notes.
 
     Narrow blocks (``b < k``) with more iterations reach a given accuracy with fewer column-passes over A
-    than a block of ``k + p`` columns (Musco & Musco 2015, Sec. 7): on 1500 x 1500 with
-    ``sigma_i = i^-0.7``, k = 64, blocks of 24 with 5 iterations (288 column-passes) gave excess 8.8e-4,
-    the wide default (432) 7.2e-4, ``torch.svd_lowrank(q=k+10, niter=2)`` (444) 6.7e-3. They pay where a
-    pass is cheap next to its fixed costs: sparse matrices, and dense ones that fit in cache (CPU).
-    Sparse ones get a wider subspace (3k instead of 2.25k columns): their passes cost ``O(nnz b)``, so
-    accuracy is cheap there (30000 x 2500 Zipf, k = 40: 8 blocks of 16, excess 5e-5; 6 of 16: 2.3e-3).
+    than a block of ``k + p`` columns (Musco & Musco 2015, Sec. 7). Dense: ``b = ceil(k/2)``, 4
+    iterations (10 passes of ``k/2`` columns, subspace 2.5k; the wide rule makes 6 passes of ``9k/8``).
+    Measured (bench_svd matrices, fp32, CPU time of interleaved runs, 1 thread, loaded 2-core machine;
+    excess as in the Notes of :func:`rsvd`): 1500 x 1500 with ``sigma_i = i^-0.7``, k = 64: 45.5 ms,
+    excess 4.8e-4, against the wide rule's 57.3 ms, 7.6e-4 (``torch.svd_lowrank(q=k+10, niter=2)``:
+    54.4 ms, 6.7e-3); 2048 x 2048 with ``sigma_i = 0.99^i + 1e-3``, k = 64: 76.5 ms, 1.5e-3 against 94.5
+    ms, 3.0e-4 (torch: 96.5 ms, 1.6e-2). Narrower blocks with as many column-passes measured no faster
+    (narrow GEMMs, per-block QR and projections). Sparse: ``b = ceil(k/2.5)``, subspace >= 3k: their
+    passes cost ``O(nnz b)``, so accuracy is cheap (30000 x 2500 Zipf, k = 40: 8 blocks of 16, 54 ms,
+    excess 5e-5; the wide rule 95 ms, 2.1e-3; scikit-learn's ``randomized_svd`` 137 ms, 1.4e-4). They
+    pay where a pass is cheap next to its fixed costs: sparse matrices and dense ones that stay in cache.
     """
     if op.device.type != "cpu" or k < _NARROW_MIN_K or len(op.batch_shape):
         return None
@@ -588,7 +600,7 @@ def _auto_narrow(op: LinOp, k: int) -> tuple[int, int] | None:
     if isinstance(base, SparseOp):
         block, span = -(-2 * k // 5), 3 * k
     elif isinstance(base, DenseOp) and m * n <= _NARROW_DENSE_MAX_ENTRIES:
-        block, span = -(-3 * k // 8), -(-9 * k // 4)
+        block, span = -(-k // 2), -(-5 * k // 2)
     else:
         return None
     n_iter = max(2, -(-span // block) - 1)
