@@ -697,8 +697,9 @@ def _block_krylov(
     ``u ||A|| ||w_j||``, is of the same order whatever the conditioning of ``W``; normalising ``W`` first
     cannot recover more (the subspace method differs: its iterates are not orthonormal). The LU of
     ``W`` was the largest single cost of sparse inputs with few entries per row, where ``W`` is the long
-    side (30000 x 16: 8 ms against a 2 ms sparse product, 1 thread). The scaling by ``max |W|`` keeps
-    ``A W`` inside the fp32 range for any scale of ``A``.
+    side (30000 x 16: 8 ms against a 2 ms sparse product, 1 thread). Every image is divided by one scale,
+    ``c = max |A^H Q_0|`` (about ``||A||``: the images of orthonormal blocks are no larger), which keeps
+    ``A W`` inside the fp32 range for any scale of ``A``; the singular values are multiplied back.
     """
     m, n = op.shape
     Y = op.matmul(_gaussian(op, n, block, gen))
