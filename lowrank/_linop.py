@@ -197,6 +197,16 @@ class LinOp:
     def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def matmul_into(self, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``A @ X`` written into ``out`` (shape ``(*batch, m, b)``) where the operator can, else a fresh
+        tensor: use the returned one. Loops that make one long product per iteration pass the same buffer
+        every time; a fresh long buffer per product cost more in page faults than a sparse product."""
+        return self.matmul(X)
+
+    def rmatmul_into(self, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``A^H @ Y`` into ``out`` where the operator can (see :meth:`matmul_into`)."""
+        return self.rmatmul(Y)
+
     def column_mean(self) -> torch.Tensor:
         """Column means, shape ``(*batch, n, 1)``: ``A^T 1 / m`` (one product for implicit matrices)."""
         m = self.shape[0]
@@ -286,6 +296,7 @@ class SparseOp(LinOp):
             self.At = _csr_adjoint(csr)
         self.A = csr
         self._input = A  # the stored values are coalesced only when the Frobenius norm is asked for
+        self._coo: torch.Tensor | None = None
         self.shape = (A.shape[0], A.shape[1])
         self.batch_shape = torch.Size()
         self.dtype = A.dtype
@@ -297,9 +308,22 @@ class SparseOp(LinOp):
     def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
         return self.At @ Y
 
+    def matmul_into(self, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(self.A, X, out=out)
+
+    def rmatmul_into(self, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(self.At, Y, out=out)
+
     def fro_norm_sq(self) -> torch.Tensor:
-        values = self._input.to_sparse_coo().coalesce().values()
+        values = self.coalesced().values()
         return torch.linalg.vector_norm(values.to(torch.float64)).square()
+
+    def coalesced(self) -> torch.Tensor:
+        """The input as a coalesced COO tensor (duplicates summed), built once per operator (PCA asks
+        for it twice: the centred sum of squares and the Frobenius norm)."""
+        if self._coo is None:
+            self._coo = self._input.to_sparse_coo().coalesce()
+        return self._coo
 
     def to_dense(self) -> torch.Tensor:
         return self.A.to_dense()
@@ -402,6 +426,16 @@ class CenteredOp(LinOp):
         # A^T Y - mu (1^T Y)
         return self.base.rmatmul(Y) - self.mean @ Y.sum(dim=-2, keepdim=True)
 
+    def matmul_into(self, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        Y = self.base.matmul_into(X, out)
+        shift = _adjoint(self.mean) @ X
+        return Y.sub_(shift) if Y is out else Y - shift
+
+    def rmatmul_into(self, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        Z = self.base.rmatmul_into(Y, out)
+        shift = self.mean @ Y.sum(dim=-2, keepdim=True)
+        return Z.sub_(shift) if Z is out else Z - shift
+
     def column_mean(self) -> torch.Tensor:
         return torch.zeros_like(self.mean)
 
@@ -438,6 +472,12 @@ class TransposedOp(LinOp):
     def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
         return self.base.matmul(Y)
 
+    def matmul_into(self, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.base.rmatmul_into(X, out)
+
+    def rmatmul_into(self, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.base.matmul_into(Y, out)
+
     def fro_norm_sq(self) -> torch.Tensor:
         return self.base.fro_norm_sq()
 
@@ -473,6 +513,8 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
     ValueError
         Wrong number of dimensions, empty dimensions, NaN/Inf entries.
     """
+    if isinstance(A, LinOp):  # already adapted (a routine handing its operator on to another)
+        return A
     if isinstance(A, np.ndarray) or _is_scipy_sparse(A):
         A = _from_numpy_or_scipy(A, name)
     if isinstance(A, torch.Tensor):

@@ -72,7 +72,7 @@ def _centred_ss(op) -> torch.Tensor:
             total = total + block.square().sum()
         return total
     if isinstance(op, SparseOp):
-        coo = op._input.to_sparse_coo().coalesce()
+        coo = op.coalesced()
         cols = coo.indices()[1]
         values = coo.values().to(torch.float64)
         mean = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, cols, values) / m
@@ -135,6 +135,26 @@ def pca_inverse_transform(result: PCAResult, Z: torch.Tensor) -> torch.Tensor:
     return Z.to(result.components.dtype) @ result.components + result.mean
 
 
+def _narrow_blocks(op, k: int) -> tuple[int, int] | None:
+    """``(block_size, n_iter)`` of the randomized PCA of fp32 sparse data on CPU with ``k >= 16``: Krylov
+    blocks of ``ceil(3k/5)`` columns spanning at least ``4k`` (``None``: the wide defaults 4 and 10).
+
+    Narrow blocks with more iterations reach a given accuracy with fewer passes (Musco & Musco 2015);
+    sparse passes are cheap next to the per-block dense work, so the saving is in the subspace width.
+    PCA asks for variances to fp32 accuracy (scikit-learn's ARPACK PCA reaches ~8e-7 of the top variance
+    on bench_svd's sparse 20000 x 2000 at 0.5%, k = 20); measured there (CPU time, 1 thread,
+    interleaved): blocks of 12 with 6 iterations 42 ms, variance error 8e-7; the wide defaults 69-82 ms,
+    7e-7; ARPACK 56-63 ms. fp64 data keep the wide defaults (their accuracy goes to ~1e-10).
+    """
+    if not isinstance(op, SparseOp) or op.dtype != torch.float32 or op.device.type != "cpu" or k < 16:
+        return None
+    block = -(-3 * k // 5)
+    n_iter = max(2, -(-4 * k // block) - 1)
+    if (n_iter + 1) * block > min(op.shape) // 2:
+        return None
+    return block, n_iter
+
+
 @no_autocast
 def pca(
     X: Any,
@@ -175,7 +195,9 @@ def pca(
         ``method="krylov"``, Musco & Musco 2015). Defaults 4 and 10: variances accurate to ~1e-10 relative
         on spectra decaying as slowly as 1000x over 400 components, at about the cost of scikit-learn's
         randomized PCA (which is ~1e-3 accurate there; see benchmarks/bench_factorize.py). Lower them
-        (e.g. 2 and 2) for speed when a few digits suffice.
+        (e.g. 2 and 2) for speed when a few digits suffice. When neither is given, fp32 sparse data on
+        CPU with ``k >= 16`` use narrow Krylov blocks instead: ``block_size=ceil(3k/5)`` and the
+        smallest ``n_iter`` spanning ``4k`` columns (variances to fp32 accuracy, ~1.5x faster).
 
     Returns
     -------
@@ -219,15 +241,16 @@ def pca(
             dense = dense.to(op.dtype)
         _, S, Vh = svd(dense, k)
     else:
-        _, S, Vh = rsvd(
-            op.A if hasattr(op, "A") else X,
-            k,
-            center=center,
-            seed=seed,
-            method="krylov",
-            n_iter=4 if n_iter is None else n_iter,
-            oversample=10 if oversample is None else oversample,
-        )
+        narrow = _narrow_blocks(op, k) if n_iter is None and oversample is None else None
+        if narrow is not None:
+            options = dict(block_size=narrow[0], n_iter=narrow[1])
+        else:
+            options = dict(
+                method="krylov",
+                n_iter=4 if n_iter is None else n_iter,
+                oversample=10 if oversample is None else oversample,
+            )
+        _, S, Vh = rsvd(op, k, center=center, seed=seed, **options)  # op: its transpose is built once
     S, Vh = S[:k], Vh[:k]
     # scikit-learn's sign convention (svd_flip with u_based_decision=False): largest |entry| of each axis > 0
     pick = Vh.abs().argmax(dim=1, keepdim=True)

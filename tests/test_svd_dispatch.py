@@ -1,0 +1,247 @@
+"""Issue 19: the narrow-block branch of rsvd(method="auto") and of pca on sparse fp32 data.
+
+Every branch of ``lowrank.svd._auto_narrow`` / ``_resolve`` and ``lowrank.pca._narrow_blocks`` is taken
+here; which one ran is read from the Krylov routine's arguments (a spy), and each result is checked against
+the exact SVD (NumPy, float64): near-optimal reconstruction, singular values, orthonormal factors.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import lowrank
+
+svd_module = importlib.import_module("lowrank.svd")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Records ``(routine, block columns, n_iter)`` of every fixed-rank run."""
+    calls: list[tuple[str, int, int]] = []
+    krylov, subspace = svd_module._block_krylov, svd_module._subspace
+
+    def spy_krylov(op, gen, k, block, n_iter, **kw):
+        calls.append(("krylov", block, n_iter))
+        return krylov(op, gen, k, block, n_iter, **kw)
+
+    def spy_subspace(op, gen, k, width, n_iter, **kw):
+        calls.append(("subspace", width, n_iter))
+        return subspace(op, gen, k, width, n_iter, **kw)
+
+    monkeypatch.setattr(svd_module, "_block_krylov", spy_krylov)
+    monkeypatch.setattr(svd_module, "_subspace", spy_subspace)
+    return calls
+
+
+def _dense(m, n, decay=0.97, floor=1e-3, seed=0):
+    rng = np.random.default_rng(seed)
+    r = min(m, n)
+    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    s = decay ** np.arange(r) + floor
+    return (U * s) @ V.T
+
+
+def _sparse(m=1500, n=300, density=0.03, seed=0, dtype=np.float32):
+    """Sparse with Zipf row/column degrees and decaying column scales (a spectrum that decays)."""
+    rng = np.random.default_rng(seed)
+    nnz = int(density * m * n)
+    pr, pc = 1.0 / np.arange(1, m + 1), 1.0 / np.arange(1, n + 1)
+    rows = rng.permutation(m)[rng.choice(m, nnz, p=pr / pr.sum())]
+    cols = rng.permutation(n)[rng.choice(n, nnz, p=pc / pc.sum())]
+    A = sp.coo_array((rng.standard_normal(nnz), (rows, cols)), shape=(m, n)).tocsr()
+    A.sum_duplicates()
+    return (A @ sp.diags(0.98 ** np.arange(n))).tocsr().astype(dtype)
+
+
+def _torch_csr(A):
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(A.indptr.astype(np.int64)),
+        torch.from_numpy(A.indices.astype(np.int64)),
+        torch.from_numpy(A.data),
+        size=A.shape,
+    )
+
+
+def _check_against_exact(A, res, k, excess, sv_rtol, orth_atol, center=False):
+    """Reconstruction within ``1 + excess`` of the optimal rank-k error, singular values and orthonormal
+    factors, all against the exact SVD of (the centred) A in float64."""
+    A = np.asarray(A, dtype=np.float64)
+    if center:
+        A = A - A.mean(axis=0)
+    s = np.linalg.svd(A, compute_uv=False)
+    U, S, Vh = (t.double().numpy() for t in res)
+    error = np.linalg.norm(A - (U * S) @ Vh)
+    optimal = np.sqrt(np.sum(s[k:] ** 2))
+    assert error / optimal - 1 < excess, error / optimal - 1
+    np.testing.assert_allclose(S, s[:k], rtol=sv_rtol)
+    np.testing.assert_allclose(U.T @ U, np.eye(k), atol=orth_atol)
+    np.testing.assert_allclose(Vh @ Vh.T, np.eye(k), atol=orth_atol)
+
+
+def test_dense_small_takes_narrow_blocks(runs):
+    """Dense, CPU, k >= 16, at most 2^22 entries: blocks of ceil(k/2), n_iter=4 (subspace 2.5k)."""
+    A = _dense(300, 250)
+    k = 21
+    res = lowrank.rsvd(torch.from_numpy(A).float(), k, seed=0)
+    assert runs == [("krylov", 11, 4)]
+    _check_against_exact(A, res, k, excess=3e-3, sv_rtol=2e-2, orth_atol=1e-5)
+
+
+def test_dense_fp64_narrow_is_near_exact(runs):
+    A = _dense(500, 400, decay=0.9, floor=0.0)
+    k = 16
+    res = lowrank.rsvd(torch.from_numpy(A), k, seed=1)
+    assert runs == [("krylov", 8, 4)]
+    _check_against_exact(A, res, k, excess=1e-6, sv_rtol=1e-6, orth_atol=1e-12)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_sparse_takes_narrow_blocks(runs, center):
+    """Sparse (tall: factored as A^T, short-side Rayleigh-Ritz): blocks of ceil(k/2.5) spanning 3k."""
+    A = _sparse()
+    k = 20
+    res = lowrank.rsvd(_torch_csr(A), k, seed=0, center=center)
+    assert runs == [("krylov", 8, 7)]
+    _check_against_exact(A.toarray(), res, k, excess=3e-3, sv_rtol=2e-2, orth_atol=1e-5, center=center)
+
+
+def test_large_dense_keeps_the_wide_rule(runs, monkeypatch):
+    """Above 2^22 entries (here: the limit lowered) dense matrices keep k + max(4, k // 8), n_iter=2."""
+    monkeypatch.setattr(svd_module, "_NARROW_DENSE_MAX_ENTRIES", 300 * 250 - 1)
+    A = _dense(300, 250)
+    k = 21
+    res = lowrank.rsvd(torch.from_numpy(A).float(), k, seed=0)
+    assert runs == [("krylov", k + 4, 2)]
+    _check_against_exact(A, res, k, excess=3e-3, sv_rtol=2e-2, orth_atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["small_k", "oversample", "n_iter", "method_krylov", "batched", "operator", "wide_subspace"],
+)
+def test_wide_rule_everywhere_else(runs, case):
+    """k < 16, an explicit oversample / n_iter / method, batched input, an implicit operator, or a narrow
+    subspace over half of min(m, n): the wide rule, unchanged."""
+    A = _dense(300, 250)
+    X = torch.from_numpy(A).float()
+    k, kwargs = 21, {}
+    expected = ("krylov", 25, 2)
+    if case == "small_k":
+        k, expected = 15, ("krylov", 19, 2)
+    elif case == "oversample":
+        kwargs, expected = dict(oversample=6), ("krylov", 27, 2)
+    elif case == "n_iter":
+        kwargs, expected = dict(n_iter=3), ("krylov", 25, 3)
+    elif case == "method_krylov":
+        kwargs = dict(method="krylov")
+    elif case == "batched":
+        X = torch.stack([X, 2 * X])
+    elif case == "operator":
+        from scipy.sparse.linalg import aslinearoperator
+
+        X = aslinearoperator(A.astype(np.float32))
+    elif case == "wide_subspace":
+        # 2.5 k = 100 > min(m, n) // 2 = 90 columns: the narrow subspace is too large; the wide rule's
+        # 3 (k + 5) = 135 does not fit either, so it is subspace iteration
+        A = _dense(300, 180)
+        X = torch.from_numpy(A).float()
+        k, expected = 40, ("subspace", 50, 4)
+    res = lowrank.rsvd(X, k, seed=0, **kwargs)
+    assert runs == [expected]
+    if case == "batched":
+        for i, scale in enumerate((1.0, 2.0)):
+            one = tuple(t[i] for t in res)
+            _check_against_exact(scale * A, one, k, excess=3e-3, sv_rtol=2e-2, orth_atol=1e-5)
+    else:
+        _check_against_exact(A, res, k, excess=3e-3, sv_rtol=2e-2, orth_atol=1e-5)
+
+
+def test_auto_narrow_rule_on_cuda_keeps_the_wide_rule():
+    """The narrow branch is CPU-only (on GPUs wide blocks keep the device busy)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lowrank._linop import as_linop
+
+    op = as_linop(torch.randn(300, 200, device="cuda"))
+    assert svd_module._auto_narrow(op, 20) is None
+    assert svd_module._auto_narrow(as_linop(torch.randn(300, 200)), 20) == (10, 4)
+
+
+# ----------------------------------------------------------------------------------------- pca
+
+
+@pytest.fixture
+def pca_runs(monkeypatch):
+    """Records the keyword arguments pca hands to rsvd."""
+    calls: list[dict] = []
+    pca_module = importlib.import_module("lowrank.pca")
+    rsvd = pca_module.rsvd
+
+    def spy(*args, **kwargs):
+        calls.append({key: kwargs[key] for key in ("block_size", "n_iter", "oversample") if key in kwargs})
+        return rsvd(*args, **kwargs)
+
+    monkeypatch.setattr(pca_module, "rsvd", spy)
+    return calls
+
+
+def _pca_check(X_dense, result, k, rtol):
+    D = np.asarray(X_dense, dtype=np.float64)
+    D = D - D.mean(axis=0)
+    s = np.linalg.svd(D, compute_uv=False)[:k]
+    np.testing.assert_allclose(result.explained_variance.double().numpy(), s**2 / (D.shape[0] - 1), rtol=rtol)
+    C = result.components.double().numpy()
+    np.testing.assert_allclose(C @ C.T, np.eye(k), atol=1e-5)
+    # the components span the top-k right singular subspace: projecting D on them keeps its energy
+    captured = np.linalg.norm(D @ C.T) ** 2
+    assert captured / np.sum(s**2) > 1 - 1e-4
+
+
+def test_pca_sparse_fp32_takes_narrow_blocks(pca_runs):
+    """Sparse fp32, k >= 16, no n_iter/oversample: blocks of ceil(3k/5) spanning 4k."""
+    A = _sparse()
+    k = 20
+    result = lowrank.pca(A, k, seed=0)
+    assert pca_runs == [dict(block_size=12, n_iter=6)]
+    _pca_check(A.toarray(), result, k, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["fp64", "small_k", "given_n_iter", "dense"])
+def test_pca_wide_defaults_elsewhere(pca_runs, case):
+    A = _sparse()
+    k, kwargs, expected = 20, {}, dict(n_iter=4, oversample=10)
+    X = A
+    if case == "fp64":
+        X = A.astype(np.float64)
+    elif case == "small_k":
+        k = 12
+    elif case == "given_n_iter":
+        kwargs, expected = dict(n_iter=3), dict(n_iter=3, oversample=10)
+    elif case == "dense":
+        X = torch.from_numpy(A.toarray())
+    result = lowrank.pca(X, k, seed=0, method="randomized", **kwargs)
+    assert pca_runs == [expected]
+    _pca_check(A.toarray(), result, k, rtol=1e-4)
+
+
+def test_pca_narrow_subspace_too_large_keeps_wide_defaults(pca_runs):
+    """4k columns over half of min(m, n): the wide defaults."""
+    A = _sparse(m=1000, n=150)
+    k = 20
+    result = lowrank.pca(A, k, seed=0)
+    assert pca_runs == [dict(n_iter=4, oversample=10)]
+    _pca_check(A.toarray(), result, k, rtol=1e-4)
