@@ -66,6 +66,24 @@ def _check_float(value: Any, name: str) -> float:
     return float(value)
 
 
+def _scale_exponent(largest: float) -> int:
+    """An even power-of-two exponent e near ``log2(largest)``, or 0 when the data are within ``2**±20``
+    of unit scale (no rescaling, no copy of the data). Used by nmf and als, which are scale-equivariant:
+    data divided by ``2**e`` (exact) keep fp32 products and objectives in range; the factors are then
+    multiplied by ``2**(e/2)``."""
+    if not largest > 0 or 2.0**-20 <= largest <= 2.0**20:
+        return 0
+    exponent = math.frexp(largest)[1]
+    return exponent - (exponent % 2)
+
+
+def _times_power_of_two(value: float, exponent: int) -> float:
+    try:
+        return math.ldexp(value, exponent)
+    except OverflowError:  # the objective of data near float64's limit: its square is out of range
+        return math.inf
+
+
 def _is_sparse(X: torch.Tensor) -> bool:
     return X.layout != torch.strided
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
 
 from lowrank._linop import DenseOp, SparseOp, as_linop, check_seed, no_autocast
-from lowrank.factor import ConvergenceWarning, _check_float, _check_int, _check_rank, _generator, _is_sparse
+from lowrank.factor import (
+    ConvergenceWarning,
+    _check_float,
+    _check_int,
+    _check_rank,
+    _generator,
+    _is_sparse,
+    _scale_exponent,
+    _times_power_of_two,
+)
 from lowrank.svd import rsvd, svd
 
 __all__ = ["nmf"]
@@ -46,22 +54,6 @@ class _Data:
         if self.dense:
             return M @ self.X
         return self.op.rmatmul(M.t()).t().contiguous()
-
-
-def _scale_exponent(largest: float) -> int:
-    """An even power-of-two exponent e near ``log2(largest)``, or 0 when the data are within ``2**±20``
-    of unit scale (no rescaling, no copy of X)."""
-    if not largest > 0 or 2.0**-20 <= largest <= 2.0**20:
-        return 0
-    exponent = math.frexp(largest)[1]
-    return exponent - (exponent % 2)
-
-
-def _times_power_of_two(value: float, exponent: int) -> float:
-    try:
-        return math.ldexp(value, exponent)
-    except OverflowError:  # the objective of data near float64's limit: its square is out of range
-        return math.inf
 
 
 def _scaled(data: _Data, exponent: int) -> torch.Tensor:
