@@ -75,3 +75,33 @@ def test_cholesky_qr_nan_shift_is_refused():
     X = torch.randn(50, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="shift"):
         lowrank.cholesky_qr(X, shift=float("nan"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="svd.py/qr.py: k and block_size accept NumPy integers but tol (np.float32), oversample and "
+    "n_iter (np.int64) of rsvd/pca/svd_error and passes of cholesky_qr are refused ('must be an int, got "
+    "int64'); accept np.integer/np.floating as the factorization modules now do",
+)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda A: lowrank.rsvd(A, tol=np.float32(0.5), seed=0),
+        lambda A: lowrank.rsvd(A, 8, oversample=np.int64(5), seed=0),
+        lambda A: lowrank.rsvd(A, 8, n_iter=np.int64(2), seed=0),
+        lambda A: lowrank.pca(A, 3, method="randomized", n_iter=np.int64(2), seed=0),
+        lambda A: lowrank.svd_error(A, *lowrank.rsvd(A, 3, seed=0), n_iter=np.int64(5), seed=0),
+        lambda A: lowrank.cholesky_qr(A, passes=np.int64(2)),
+    ],
+    ids=[
+        "rsvd-tol",
+        "rsvd-oversample",
+        "rsvd-n_iter",
+        "pca-n_iter",
+        "svd_error-n_iter",
+        "cholesky_qr-passes",
+    ],
+)
+def test_numpy_scalar_arguments(call):
+    A = torch.randn(60, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    call(A)
