@@ -126,20 +126,28 @@ def allocate_ranks(
     budget = float(budget)
     if not math.isfinite(budget) or budget < 0:
         raise ValueError(f"budget must be a finite number >= 0, got {budget}")
-    costs = np.ones(n) if cost is None else np.asarray(cost, dtype=np.float64)
+    try:
+        costs = np.ones(n) if cost is None else np.asarray(cost, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError("cost must be a sequence of numbers, one per layer") from None
     if costs.shape != (n,):
         raise ValueError(f"cost must have one entry per layer ({n}), got shape {costs.shape}")
     if not np.all(np.isfinite(costs)) or np.any(costs <= 0):
         raise ValueError("cost must hold finite positive sizes")
     caps = [len(s) for s in s_list]
     if max_ranks is not None:
+        if isinstance(max_ranks, (str, bytes)) or not hasattr(max_ranks, "__len__"):
+            raise TypeError(
+                f"max_ranks must be a sequence of ints, one per layer, got {type(max_ranks).__name__}"
+            )
         if len(max_ranks) != n:
             raise ValueError(f"max_ranks must have one entry per layer ({n}), got {len(max_ranks)}")
-        for i, m in enumerate(max_ranks):
-            if isinstance(m, bool) or int(m) != m or m < 0:
-                raise ValueError(f"max_ranks[{i}] must be an integer >= 0, got {m!r}")
-        caps = [min(c, int(m)) for c, m in zip(caps, max_ranks)]
-    gains = [s[:c] ** 2 for s, c in zip(s_list, caps)]
+        caps = [min(c, _cap(m, i)) for i, (c, m) in enumerate(zip(caps, max_ranks))]
+    # The gains are the squares of the singular values divided by the largest one's (a power of two:
+    # exact): spectra beyond ~1e154 squared to inf, and every comparison between such layers was a tie.
+    largest = max((float(s[0]) for s in s_list if len(s)), default=0.0)
+    exponent = math.frexp(largest)[1] if largest > 0 else 0
+    gains = [np.ldexp(s[:c], -exponent) ** 2 for s, c in zip(s_list, caps)]
     upper = _fractional_bound(gains, costs, budget)
 
     steps = _exact_steps(costs, budget, caps)
@@ -151,12 +159,25 @@ def allocate_ranks(
         ranks, method = _greedy(gains, costs, budget), "greedy"
     captured = _captured(gains, ranks)
     used = float(sum(k * c for k, c in zip(ranks, costs)))
-    return RankAllocation(ranks, used, captured, method, max(upper, captured))
+    upper = max(upper, captured)
+    with np.errstate(over="ignore"):  # a captured norm beyond float64 is inf, as it truly is
+        captured, upper = (float(np.ldexp(value, 2 * exponent)) for value in (captured, upper))
+    return RankAllocation(ranks, used, captured, method, upper)
+
+
+def _cap(value: object, index: int) -> int:
+    """One entry of ``max_ranks`` as an int >= 0 (integral floats and NumPy integers included)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"max_ranks[{index}] must be an integer >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0 and int(value) == value):
+        raise ValueError(f"max_ranks[{index}] must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def _exact_steps(costs: np.ndarray, budget: float, caps: list[int]) -> tuple[np.ndarray, int] | None:
     """Costs and budget in units of the costs' gcd, when integral and the programme is small enough."""
-    if not np.all(costs == np.round(costs)) or not len(costs):
+    # integral costs only, and small enough for int64 arithmetic (2**53: every such float is an integer)
+    if not len(costs) or not np.all(costs == np.round(costs)) or costs.max() > 2.0**53 or budget > 2.0**62:
         return None
     ints = costs.astype(np.int64)
     unit = int(np.gcd.reduce(ints))

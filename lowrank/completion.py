@@ -6,10 +6,20 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from lowrank._linop import check_seed, no_autocast
-from lowrank.factor import ConvergenceWarning, _as_matrix, _check_rank, _generator, _is_sparse
+from lowrank.factor import (
+    ConvergenceWarning,
+    _as_matrix,
+    _check_float,
+    _check_int,
+    _check_rank,
+    _generator,
+    _is_sparse,
+    _scale_exponent,
+)
 from lowrank.svd import rsvd
 
 __all__ = ["als"]
@@ -43,6 +53,13 @@ def _observed_entries(X: Any, mask: Any, name: str) -> tuple[torch.Tensor, torch
         raise ValueError("mask is on the meta device (it has no data); materialise it first")
     rows, cols = mask.to(X.device).nonzero(as_tuple=True)
     return rows, cols, X[rows, cols], tuple(X.shape)
+
+
+def _is_bool_mask(value: Any) -> bool:
+    """A boolean tensor or NumPy array (a mask over dense X), as opposed to held-out entries."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool and value.layout == torch.strided
+    return isinstance(value, np.ndarray) and value.dtype == np.bool_
 
 
 def _csr(
@@ -117,7 +134,7 @@ def als(
     mask: Any,
     k: int,
     *,
-    reg: float = 1e-6,
+    reg: float | None = None,
     max_iter: int = 100,
     tol: float = 1e-4,
     seed: int | None = None,
@@ -145,9 +162,11 @@ def als(
         Which entries of dense X are observed.
     k : int
         Rank of the model, ``1 <= k <= min(m, n)``.
-    reg : float
-        Ridge weight per observation (same units as X). Keep it tiny (default 1e-6) for exact low-rank data;
-        use 1e-3 to 1e-1 times the typical entry for noisy data, choosing it on validation RMSE.
+    reg : float, optional
+        Ridge weight per observation (same units as X). Default: ``1e-6`` times the root mean square of the
+        observed values -- tiny, for exact low-rank data, at any scale of X (a fixed 1e-6 would swamp data
+        of order 1e-30 and return zero factors). Use 1e-3 to 1e-1 times the typical entry for noisy data,
+        choosing it on validation RMSE.
     max_iter : int
         Maximum number of ALS sweeps (each updates U, then V).
     tol : float
@@ -157,7 +176,8 @@ def als(
         Seed of the random sketch / initialisation.
     init : {"svd", "random"}
         Spectral initialisation (recommended) or Gaussian V.
-    validation : sparse Tensor (held-out entries) or bool Tensor (mask over dense X), optional
+    validation : sparse Tensor / scipy.sparse matrix (held-out entries) or bool Tensor / array (a mask over
+        dense X), optional
         Held-out observations whose RMSE is recorded after every sweep (never used for fitting).
     return_history : bool
         Also return ``{"train_rmse": [...], "val_rmse": [...]}``, one value per sweep (``val_rmse`` empty
@@ -177,7 +197,7 @@ def als(
         X of an unsupported type or complex; mask not boolean; ``seed`` not an int.
     ValueError
         Bad shapes, ``k``, ``reg``/``tol`` negative or not finite, ``max_iter < 1``, no or non-finite
-        observations, ``seed`` outside ``[0, 2**63)``, inputs on the meta device.
+        observations (held-out ones included), ``seed`` outside ``[0, 2**63)``, inputs on the meta device.
 
     Warns
     -----
@@ -191,18 +211,20 @@ def als(
     ``seed``; ALS would never move them (a zero ``v_j`` keeps the rows of U observed only in column j
     zero, and they keep ``v_j`` zero).
 
+    Scale: ALS is scale-equivariant (``c X`` gives ``√c U, √c V``); observations far from unit scale
+    (beyond ``2**±20``) are divided by a power of two near their largest magnitude (exact) while fitting,
+    so fp32 Gram matrices and right-hand sides neither under- nor overflow (fp32 data at 1e30 used to
+    fail in ``eigh``).
+
     Cost per sweep: O(|Ω|k²) to form the Gram matrices plus O((m + n)k³) for the solves; memory
     O((m + n)k²). Runs on the device of X.
     """
     rows, cols, values, shape = _observed_entries(X, mask, "X")  # row-major, no duplicates
     m, n = shape
     k = _check_rank(k, "k", upper=min(m, n))
-    if not isinstance(reg, (int, float)) or isinstance(reg, bool) or not (0 <= reg and math.isfinite(reg)):
-        raise ValueError(f"reg must be a non-negative finite number, got {reg!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol and math.isfinite(tol)):
-        raise ValueError(f"tol must be a non-negative finite number, got {tol!r}")
+    reg = None if reg is None else _check_float(reg, "reg")
+    max_iter = _check_int(max_iter, "max_iter", minimum=1)
+    tol = _check_float(tol, "tol")
     seed = check_seed(seed, allow_generator=False)
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
@@ -212,19 +234,31 @@ def als(
         raise ValueError("the observed entries of X contain NaN or Inf")
 
     dtype, device = values.dtype, values.device
+    # exact power-of-two rescaling of the observations (see Notes); reg is in X's units
+    exponent = _scale_exponent(float(values.abs().max()))
+    shift = torch.tensor(-exponent, device=device)
+    if exponent:
+        values = torch.ldexp(values, shift)
+    rms = float(values.double().square().mean().sqrt())
+    reg = 1e-6 * rms if reg is None else math.ldexp(reg, -exponent)
     val = None
     if validation is not None:
-        if isinstance(validation, torch.Tensor) and validation.dtype == torch.bool:
+        if _is_bool_mask(validation):
             if _is_sparse(_as_matrix(X, "X", check_finite=False)):
                 raise ValueError(
                     "a boolean validation mask needs dense X; pass held-out entries as a sparse tensor"
                 )
             vr, vc, vv, vshape = _observed_entries(X, validation, "X")
+            what = "the held-out entries of X (under the validation mask)"
         else:
             vr, vc, vv, vshape = _observed_entries(validation, None, "validation")
+            what = "the held-out entries in validation"
         if vshape != shape:
             raise ValueError(f"validation has shape {vshape} but X has shape {shape}")
-        val = _csr(vr.to(device), vc.to(device), vv.to(device=device, dtype=dtype), shape)
+        if not bool(torch.isfinite(vv).all()):
+            raise ValueError(f"{what} contain NaN or Inf; validation entries must be finite")
+        vv = vv.to(device=device, dtype=dtype)
+        val = _csr(vr.to(device), vc.to(device), torch.ldexp(vv, shift) if exponent else vv, shape)
 
     ones = torch.ones_like(values)
     observed, pattern = _csr(rows, cols, values, shape), _csr(rows, cols, ones, shape)
@@ -240,7 +274,6 @@ def als(
         scale = float(values.square().mean().sqrt()) ** 0.5 / k**0.25
         V = scale * torch.randn(n, k, dtype=dtype, device=device, generator=gen)
 
-    rms = float(values.square().mean().sqrt())
     history: dict[str, list[float]] = {"train_rmse": [], "val_rmse": []}
     previous = None
     converged = False
@@ -249,9 +282,9 @@ def als(
         U = _solve_side(pattern, observed, row_counts, V, reg)
         V = _solve_side(pattern_t, observed_t, col_counts, U, reg)
         train = _rmse(U, V, observed)
-        history["train_rmse"].append(train)
+        history["train_rmse"].append(math.ldexp(train, exponent))  # in X's units
         if val is not None:
-            history["val_rmse"].append(_rmse(U, V, val))
+            history["val_rmse"].append(math.ldexp(_rmse(U, V, val), exponent))
         if train <= tol * rms or (previous is not None and abs(previous - train) <= tol * previous):
             converged = True
             break
@@ -263,4 +296,7 @@ def als(
             ConvergenceWarning,
             stacklevel=3,
         )
+    if exponent:
+        half = torch.tensor(exponent // 2, device=device)
+        U, V = torch.ldexp(U, half), torch.ldexp(V, half)
     return (U, V, history) if return_history else (U, V)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from lowrank._linop import check_seed, check_tensor, no_autocast
@@ -30,13 +32,8 @@ def _check_rank(k: Any, name: str = "k", *, upper: int | None = None) -> int:
         if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
             k = int(k)
         else:
-            try:
-                import numpy as np
-
-                if isinstance(k, np.integer):
-                    k = int(k)
-            except ImportError:  # pragma: no cover
-                pass
+            if isinstance(k, np.integer) and not isinstance(k, np.bool_):
+                k = int(k)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be a positive int, got {type(k).__name__}")
     if k < 1:
@@ -44,6 +41,47 @@ def _check_rank(k: Any, name: str = "k", *, upper: int | None = None) -> int:
     if upper is not None and k > upper:
         raise ValueError(f"{name}={k} exceeds min(shape) = {upper}")
     return k
+
+
+def _check_int(value: Any, name: str, *, minimum: int = 0) -> int:
+    """``value`` as an int ``>= minimum``: Python and NumPy integers (not bool); a ValueError naming the
+    argument otherwise (a float such as ``3.0`` included, as the checks did before NumPy integers were
+    accepted)."""
+    if isinstance(value, np.integer) and not isinstance(value, np.bool_):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def _check_float(value: Any, name: str) -> float:
+    """``value`` as a finite float ``>= 0``: Python and NumPy reals (not bool); a ValueError naming the
+    argument otherwise. NumPy scalars such as ``np.float32(1e-6)`` are numbers too (they are not ``float``
+    instances, which the checks of als / nmf / nystrom used to require)."""
+    if isinstance(value, (np.integer, np.floating)) and not isinstance(value, np.bool_):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+def _scale_exponent(largest: float) -> int:
+    """An even power-of-two exponent e near ``log2(largest)``, or 0 when the data are within ``2**±20``
+    of unit scale (no rescaling, no copy of the data). Used by nmf and als, which are scale-equivariant:
+    data divided by ``2**e`` (exact) keep fp32 products and objectives in range; the factors are then
+    multiplied by ``2**(e/2)``."""
+    if not largest > 0 or 2.0**-20 <= largest <= 2.0**20:
+        return 0
+    exponent = math.frexp(largest)[1]
+    return exponent - (exponent % 2)
+
+
+def _times_power_of_two(value: float, exponent: int) -> float:
+    try:
+        return math.ldexp(value, exponent)
+    except OverflowError:  # the objective of data near float64's limit: its square is out of range
+        return math.inf
 
 
 def _is_sparse(X: torch.Tensor) -> bool:
@@ -126,6 +164,15 @@ def low_rank_factor(
     residual : Tensor, shape (m, n)
         Only when ``return_residual=True``.
 
+    Raises
+    ------
+    TypeError
+        W not a dense real floating tensor; ``r`` not an int; ``seed`` not an int.
+    ValueError
+        W not 2-D, NaN/Inf in W, ``r`` outside ``[1, min(m, n)]``, unknown ``method``/``balance``, or factors
+        that overflow W's dtype (float16: a singular value above 65504 in one factor with
+        ``balance="left"``/``"right"``, or above 65504² with ``"sqrt"``).
+
     Examples
     --------
     >>> W = torch.randn(64, 32, dtype=torch.float64)
@@ -161,7 +208,13 @@ def low_rank_factor(
     else:
         B, A = U, S[:, None] * Vh
     B, A = B.to(W.dtype).contiguous(), A.to(W.dtype).contiguous()
-    if return_residual:
-        residual = (work - (U * S) @ Vh).to(W.dtype)
-        return B, A, residual
-    return B, A
+    residual = (work - (U * S) @ Vh).to(W.dtype) if return_residual else None
+    # float16 tops out at 65504: the factors of a finite W can exceed it (balance="left"/"right" put a whole
+    # singular value into one factor), which must not come back as silent inf
+    for name, value in (("B", B), ("A", A), ("residual", residual)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"the factor {name} overflows W's dtype {W.dtype} (largest singular value "
+                f"{float(S[0]):.3g}, balance={balance!r}); use balance='sqrt' or a wider dtype"
+            )
+    return (B, A, residual) if return_residual else (B, A)

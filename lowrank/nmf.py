@@ -8,7 +8,16 @@ from typing import Any
 import torch
 
 from lowrank._linop import DenseOp, SparseOp, as_linop, check_seed, no_autocast
-from lowrank.factor import ConvergenceWarning, _check_rank, _generator, _is_sparse
+from lowrank.factor import (
+    ConvergenceWarning,
+    _check_float,
+    _check_int,
+    _check_rank,
+    _generator,
+    _is_sparse,
+    _scale_exponent,
+    _times_power_of_two,
+)
 from lowrank.svd import rsvd, svd
 
 __all__ = ["nmf"]
@@ -29,8 +38,9 @@ class _Data:
         values = op.A if isinstance(op, DenseOp) else op.A.values()
         self.nnz = values.numel()
         self.sq_norm = float(op.fro_norm_sq())
-        self.sum = float(values.sum()) if self.nnz else 0.0
+        self.sum = float(values.sum(dtype=torch.float64)) if self.nnz else 0.0
         self.min = float(values.min()) if self.nnz else 0.0
+        self.max = float(values.max()) if self.nnz else 0.0
 
         self.dense = isinstance(op, DenseOp)
         self.coo = None if self.dense else op.A.to_sparse_coo().coalesce()
@@ -44,6 +54,24 @@ class _Data:
         if self.dense:
             return M @ self.X
         return self.op.rmatmul(M.t()).t().contiguous()
+
+
+def _scaled(data: _Data, exponent: int) -> torch.Tensor:
+    """X times ``2**exponent`` (exact; ``torch.ldexp``, since the factor alone may not fit X's dtype), dense
+    or sparse CSR, without touching the caller's X."""
+    factor = torch.tensor(exponent, device=data.X.device)
+    if data.dense:
+        return torch.ldexp(data.X, factor)
+    A = data.op.A
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            A.crow_indices(),
+            A.col_indices(),
+            torch.ldexp(A.values(), factor),
+            A.shape,
+            check_invariants=False,
+        )
 
 
 def _objective(data: _Data, Wt: torch.Tensor, WtX: torch.Tensor, WtW: torch.Tensor, H: torch.Tensor) -> float:
@@ -255,16 +283,22 @@ def nmf(
         raise ValueError(f"init must be 'nndsvd', 'nndsvda' or 'random', got {init!r}")
     if solver not in ("hals", "mu"):
         raise ValueError(f"solver must be 'hals' or 'mu', got {solver!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
-        raise ValueError(f"tol must be a non-negative finite number, got {tol!r}")
+    max_iter = _check_int(max_iter, "max_iter", minimum=1)
+    tol = _check_float(tol, "tol")
     if init != "random" and k > min(m, n):
         raise ValueError(f"k={k} exceeds min(X.shape)={min(m, n)}; use init='random' for k > min(m, n)")
 
     seed = check_seed(seed, allow_generator=False)
     if data.min < 0:
         raise ValueError(f"X must be non-negative (NMF), its smallest entry is {data.min:g}")
+    # NMF is scale-equivariant: nmf(c X) = (sqrt(c) W, sqrt(c) H). Data far from unit scale are divided by
+    # a power of 4 near their largest entry (exact, no rounding) and the factors multiplied back, so that
+    # products of the factors and the objective neither under- nor overflow (fp32 data at 1e-30 stopped
+    # at once on an objective that underflowed to zero; at 1e30 the products with X overflowed to NaN).
+    exponent = _scale_exponent(data.max)
+    if exponent:
+        data = _Data(_scaled(data, -exponent))
+        X = data.X
 
     dtype, device = X.dtype, X.device
     if init == "random":
@@ -321,4 +355,8 @@ def nmf(
         )
     W = Wt.t().contiguous()
     W, H = W.contiguous(), H.contiguous()
+    if exponent:
+        half = torch.tensor(exponent // 2, device=device)
+        W, H = torch.ldexp(W, half), torch.ldexp(H, half)
+        history = [_times_power_of_two(value, 2 * exponent) for value in history]
     return (W, H, history) if return_history else (W, H)

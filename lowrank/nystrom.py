@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from lowrank._linop import DenseOp, SparseOp, as_linop, no_autocast
-from lowrank.factor import _check_rank, _generator
+from lowrank.factor import _check_float, _check_int, _check_rank, _generator
 
 __all__ = ["nystrom"]
 
@@ -15,20 +16,25 @@ __all__ = ["nystrom"]
 def _check_symmetric(op, name: str) -> None:
     """Refuse an explicit matrix that is visibly not symmetric (relative to rounding in its dtype)."""
     eps = torch.finfo(op.dtype).eps
+    # Both norms of A / max|A| in fp64: fp32 sums of squares under/overflow for entries below 1e-19 or
+    # above 1e19, fp64 ones beyond 1e±154 (a gap of inf against a size of inf passed any matrix)
     if isinstance(op, DenseOp):
         A = op.A
-        # fp64 norms: fp32 sums of squares under/overflow for entries below 1e-19 or above 1e19
-        gap = float(torch.linalg.matrix_norm(A - A.mT, dtype=torch.float64))
-        size = float(torch.linalg.matrix_norm(A, dtype=torch.float64))
+        big = float(A.abs().amax())
+        A = A.to(torch.float64) / (big if big > 0 else 1.0)
+        gap = float(torch.linalg.matrix_norm(A - A.mT))
+        size = float(torch.linalg.matrix_norm(A))
     elif isinstance(op, SparseOp):
-        coo = op.A.to_sparse_coo().coalesce()
-        gap = float((coo - coo.t()).coalesce().values().double().norm())
-        size = float(coo.values().double().norm())
+        coo = op.A.to_sparse_coo().coalesce().to(torch.float64)
+        big = float(coo.values().abs().max()) if coo._nnz() else 0.0
+        coo = coo / (big if big > 0 else 1.0)
+        gap = float((coo - coo.t()).coalesce().values().norm())
+        size = float(coo.values().norm())
     else:
         return  # an implicit operator: symmetry cannot be checked cheaply
     if gap > 1e3 * eps * max(size, torch.finfo(op.dtype).tiny):
         raise ValueError(
-            f"{name} must be symmetric, but ||{name} - {name}^T||_F = {gap:.3g} (||{name}||_F = {size:.3g})"
+            f"{name} must be symmetric, but ||{name} - {name}^T||_F / ||{name}||_F = {gap / size:.3g}"
         )
 
 
@@ -88,13 +94,15 @@ def nystrom(
     if op.dtype.is_complex:
         raise TypeError("A must be real (complex Hermitian input is not supported)")
     k = _check_rank(k, "k", upper=n)
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample must be a non-negative int, got {oversample!r}")
+    oversample = _check_int(oversample, "oversample")
     if isinstance(shift, str):
         if shift != "auto":
             raise ValueError(f"shift must be 'auto' or a non-negative float, got {shift!r}")
-    elif isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift < float("inf"):
-        raise ValueError(f"shift must be 'auto' or a non-negative float, got {shift!r}")
+    else:
+        try:
+            shift = _check_float(shift, "shift")
+        except ValueError:
+            raise ValueError(f"shift must be 'auto' or a non-negative float, got {shift!r}") from None
     _check_symmetric(op, "A")
 
     dtype, device = op.dtype, op.device
@@ -105,6 +113,13 @@ def nystrom(
     Y = op.matmul(omega)
     if not bool(torch.isfinite(Y).all()):
         raise ValueError("A contains NaN or Inf entries (A @ Omega is not finite)")
+    # Nystrom is scale-equivariant: Y is divided by a power of two near its largest entry (exact) and the
+    # eigenvalues multiplied back, so that the Gram, Cholesky and SVD steps work at any scale (a PSD matrix
+    # of order 1e300 failed its Cholesky factorisation as "not positive semidefinite").
+    largest = float(Y.abs().amax())
+    exponent = math.frexp(largest)[1] if largest > 0 else 0
+    if exponent:
+        Y = torch.ldexp(Y, torch.tensor(-exponent, device=device))
     eps = torch.finfo(dtype).eps
     core = omega.t() @ Y
     core = 0.5 * (core + core.t())
@@ -113,11 +128,12 @@ def nystrom(
     scale = float(eig.abs().max())
     if float(eig.min()) < -1e2 * n**0.5 * eps * max(scale, torch.finfo(dtype).tiny):
         raise ValueError(
-            f"A is not positive semidefinite: Omega^T A Omega has eigenvalue {float(eig.min()):.3g} "
-            f"(largest magnitude {scale:.3g})"
+            f"A is not positive semidefinite: Omega^T A Omega has eigenvalue "
+            f"{math.ldexp(float(eig.min()), exponent):.3g} "
+            f"(largest magnitude {math.ldexp(scale, exponent):.3g})"
         )
     y_norm = float(torch.linalg.matrix_norm(Y, dtype=torch.float64))  # fp64: no under/overflow
-    nu = n**0.5 * eps * y_norm if shift == "auto" else float(shift)
+    nu = n**0.5 * eps * y_norm if shift == "auto" else math.ldexp(shift, -exponent)
     for _ in range(8):
         Y_nu = Y + nu * omega
         gram = omega.t() @ Y_nu
@@ -131,4 +147,6 @@ def nystrom(
     B = torch.linalg.solve_triangular(factor, Y_nu.t(), upper=False).t()
     U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
     L = (sigma.square() - nu).clamp(min=0)
+    if exponent:
+        L = torch.ldexp(L, torch.tensor(exponent, device=device))
     return U[:, :k].contiguous(), L[:k].contiguous()

@@ -130,3 +130,43 @@ def test_default_cost_counts_ranks_and_max_ranks_caps():
 def test_bad_input_names_the_argument(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         lowrank.allocate_ranks(*args, **kwargs)
+
+
+def test_costs_beyond_int64_and_spectra_beyond_float64_squares():
+    # Byte costs of 1e19 (> int64) raised "negative dimensions are not allowed" from the exact programme;
+    # singular values of 1e200 squared to inf, so every choice tied (rank 1 of 2 taken within a budget of 3).
+    spectra = [np.array([3.0, 2.0, 1.0]), np.array([2.5, 0.5]), np.array([1.5, 1.4, 1.3])]
+    costs = [1e19, 2e19, 1e19]
+    got = lowrank.allocate_ranks(spectra, 5e19, costs)
+    assert got.captured == pytest.approx(brute_force(spectra, costs, 5e19), rel=1e-12)
+    assert got.cost <= 5e19
+    big = lowrank.allocate_ranks([np.array([1e200, 1e199])], 3)
+    assert big.ranks == [2]
+    scaled = lowrank.allocate_ranks([s * 1e200 for s in spectra], 4, [1, 2, 1])
+    assert scaled.ranks == lowrank.allocate_ranks(spectra, 4, [1, 2, 1]).ranks
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"max_ranks": [None, 1, 1]}, ValueError, r"max_ranks\[0\] must be an integer >= 0, got None"),
+        ({"max_ranks": [float("nan"), 1, 1]}, ValueError, r"max_ranks\[0\] must be an integer"),
+        (
+            {"max_ranks": [float("inf"), 1, 1]},
+            ValueError,
+            r"max_ranks\[0\] must be an integer",
+        ),  # OverflowError
+        ({"max_ranks": 3}, TypeError, "max_ranks must be a sequence"),  # "object of type 'int' has no len()"
+        ({"cost": ["a", "b", "c"]}, TypeError, "cost must be a sequence of numbers"),
+    ],
+)
+def test_bad_max_ranks_and_costs_name_the_argument(kwargs, error, match):
+    spectra = [np.array([3.0, 2.0]), np.array([1.0]), np.array([2.0, 1.0])]
+    with pytest.raises(error, match=match):
+        lowrank.allocate_ranks(spectra, 3, **kwargs)
+
+
+def test_integral_float_and_numpy_max_ranks():
+    spectra = [np.array([3.0, 2.0]), np.array([1.0]), np.array([2.0, 1.0])]
+    a = lowrank.allocate_ranks(spectra, 3, max_ranks=[1.0, np.int64(1), 2])
+    assert a.ranks == [1, 1, 1]

@@ -642,3 +642,19 @@ def test_extract_names_changed_tensors_the_adapter_cannot_carry(tmp_path, capsys
     note = next(line for line in capsys.readouterr().err.splitlines() if "changed tensor(s)" in line)
     assert note.startswith("lowrank: note: 2 changed tensor(s)")  # the embedding is in the adapter now
     assert "layer.proj.bias" in note and "layer.norm.weight" in note and "embed_tokens" not in note
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_compress_records_the_error_of_fp32_weights_at_any_scale(tmp_path, capsys, scale):
+    # The recorded error's norms were fp32 sums of squares: NaN at 1e30 (overflow), 0 at 1e-30 (underflow)
+    # for a truncation that is 30-40% off. Reference: the float64 error of the written factors.
+    W = torch.randn(16, 12, generator=torch.Generator().manual_seed(0)) * scale
+    save_file({"layer.weight": W}, str(tmp_path / "w.safetensors"))
+    target = tmp_path / "c.safetensors"
+    assert in_process(capsys, "compress", tmp_path / "w.safetensors", "--rank", 3, "--out", target)[0] == 0
+    written = load_file(target)
+    approx = written["layer.weight.B"].double() @ written["layer.weight.A"].double()
+    expected = float((W.double() - approx).norm() / W.double().norm())
+    assert 0.1 < expected < 1
+    rows = info_table(in_process(capsys, "info", target)[1])
+    assert rows["layer"][1] == pytest.approx(expected, rel=1e-3)

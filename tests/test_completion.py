@@ -213,3 +213,59 @@ ALS_BAD = [
 @pytest.mark.parametrize("fn, error, match", [row[1:] for row in ALS_BAD], ids=[row[0] for row in ALS_BAD])
 def test_als_bad_input(fn, error, match):
     check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize(
+    "scale, dtype",
+    [(1e-30, torch.float64), (1e-30, torch.float32), (1e30, torch.float32), (1e200, torch.float64)],
+)
+def test_recovers_at_any_scale(scale, dtype):
+    # ALS is scale-equivariant. With the former fixed default reg = 1e-6, data of order 1e-30 came back as
+    # zero factors (relative error 1.0); fp32 data at 1e30 raised a LinAlgError from eigh (overflowed
+    # Gram matrices). Reference: the float64 low-rank matrix itself.
+    X, mask, held_out = problem()
+    U, V, history = lowrank.als(
+        (X * scale).to(dtype), mask, 4, seed=0, validation=held_out, return_history=True
+    )
+    assert U.dtype == V.dtype == dtype
+    root = scale**0.5
+    U, V = U.double() / root, V.double() / root
+    assert relative_error(U, V, X) <= (1e-3 if dtype == torch.float64 else 2e-3)
+    # the recorded RMSEs are in X's units
+    got = float(((U @ V.T - X)[held_out]).square().mean().sqrt())
+    assert history["val_rmse"][-1] / scale == pytest.approx(got, rel=1e-2, abs=1e-6)
+
+
+def test_numpy_validation_mask_and_numeric_scalars():
+    X, mask, held_out = problem()
+    reference = lowrank.als(X, mask, 4, seed=0, validation=held_out, return_history=True)
+    got = lowrank.als(
+        X.numpy(),
+        mask.numpy(),
+        np.int64(4),
+        seed=0,
+        validation=held_out.numpy(),  # was a TypeError: "validation must have a floating dtype"
+        tol=np.float32(1e-4),
+        max_iter=np.int64(100),
+        return_history=True,
+    )
+    assert torch.allclose(got[0], reference[0]) and torch.allclose(got[1], reference[1])
+    assert got[2]["val_rmse"] == pytest.approx(reference[2]["val_rmse"], rel=1e-6)
+
+
+def test_non_finite_held_out_values_are_refused():
+    X, mask, held_out = problem()
+    bad = X.clone()
+    bad[held_out.nonzero()[0, 0], held_out.nonzero()[0, 1]] = float("nan")
+    with pytest.raises(ValueError, match="validation entries must be finite"):
+        lowrank.als(bad, mask, 4, validation=held_out)  # the NaN is held out: val_rmse was NaN
+    entries = sp.coo_matrix((np.array([np.inf]), (np.array([0]), np.array([0]))), shape=tuple(X.shape))
+    with pytest.raises(ValueError, match="validation entries must be finite"):
+        lowrank.als(X, mask, 4, validation=entries)
+
+
+def test_reg_accepts_numpy_scalars():
+    X, mask, _ = problem()
+    a = lowrank.als(X, mask, 4, seed=0, reg=np.float32(0.5), max_iter=5, tol=0.0)
+    b = lowrank.als(X, mask, 4, seed=0, reg=0.5, max_iter=5, tol=0.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -294,3 +294,26 @@ def test_interpolation_matrix_accepts_int32_permutations():
     P = lowrank.interpolation_matrix(_idx.int(), _proj.double())
     assert torch.equal(P, lowrank.interpolation_matrix(_idx, _proj.double()))
     assert torch.equal(P[:, [2, 0]], torch.eye(2, dtype=torch.float64))
+
+
+def test_cur_past_the_numerical_rank_does_not_amplify_rounding():
+    # sigma_i = 0.8^i: numerical rank ~160 in fp64. With the default pseudo-inverse cut-off, CUR got worse
+    # as k grew past ~80 (relative error 3.6e-4 at k = 150 against 8.8e-8 at k = 80). Reference: the best
+    # rank-80 error (numpy SVD) and the error of the exact projection Q_C Q_C^T A Q_R Q_R^T (numpy QR).
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((300, 200)) @ np.diag(0.8 ** np.arange(200)) @ rng.standard_normal((200, 200))
+    s = np.linalg.svd(A, compute_uv=False)
+    for k in (80, 100, 150, 200):
+        C, U, R, _, _ = (t.numpy() for t in lowrank.cur(torch.from_numpy(A), k, seed=0))
+        err = np.linalg.norm(A - C @ U @ R) / s[0]
+        Qc, _ = np.linalg.qr(C)
+        Qr, _ = np.linalg.qr(R.T)
+        projection = np.linalg.norm(A - Qc @ (Qc.T @ A @ Qr) @ Qr.T) / s[0]
+        assert err <= max(5 * projection, 10 * np.sqrt((s[80:] ** 2).sum()) / s[0]), k
+
+
+def test_oversample_accepts_numpy_integers():
+    A = torch.randn(40, 30, dtype=torch.float64)
+    a = lowrank.interpolative(A, 5, oversample=np.int64(6), seed=0)
+    b = lowrank.interpolative(A, 5, oversample=6, seed=0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

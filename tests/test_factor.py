@@ -151,3 +151,15 @@ LOW_RANK_FACTOR_BAD = [
 )
 def test_low_rank_factor_bad_input(fn, error, match):
     check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize("balance", ["left", "right"])
+def test_float16_factor_that_overflows_is_refused(balance):
+    # 200 x 200 of 60000: one singular value 1.2e7, beyond float16's 65504 when a factor carries it whole
+    # (it came back as inf); the exact factor is checked against float64.
+    W = torch.full((200, 200), 60000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="overflows W's dtype torch.float16"):
+        lowrank.low_rank_factor(W, 1, balance=balance)
+    B, A = lowrank.low_rank_factor(W, 1)  # sqrt(1.2e7) = 3464 per factor fits
+    assert bool(torch.isfinite(B).all() and torch.isfinite(A).all())
+    assert float((B.double() @ A.double() - W.double()).abs().max()) <= 60000 * 2e-3

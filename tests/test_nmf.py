@@ -209,3 +209,29 @@ NMF_BAD = [
 @pytest.mark.parametrize("fn, error, match", [row[1:] for row in NMF_BAD], ids=[row[0] for row in NMF_BAD])
 def test_nmf_bad_input(fn, error, match):
     check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_any_scale_in_float32(scale, sparse):
+    # NMF is scale-equivariant; fp32 data at 1e-30 used to stop after two iterations (the objective
+    # underflowed to 0) and at 1e30 returned NaN (X @ H^T overflowed). Reference: scikit-learn on the data
+    # at unit scale, in float64.
+    X = data(60, 40, 5)
+    reference = sklearn_nmf(X, 5, init="nndsvd", tol=1e-6, max_iter=2000)
+    Xs = torch.tensor(X * scale, dtype=torch.float32)
+    Xs = Xs.to_sparse_csr() if sparse else Xs
+    W, H, history = lowrank.nmf(Xs, 5, tol=1e-6, max_iter=2000, seed=0, return_history=True)
+    assert W.dtype == H.dtype == torch.float32
+    assert bool(torch.isfinite(W).all() and torch.isfinite(H).all())
+    root = scale**0.5
+    got = objective(X, W.double() / root, H.double() / root)
+    assert got <= 1.01 * reference
+    assert history[-1] / scale**2 == pytest.approx(got, rel=1e-3)  # the history is in X's units
+
+
+def test_scale_args_accept_numpy_scalars():
+    X = data(30, 20, 3)
+    W, H = lowrank.nmf(X, 3, tol=np.float32(1e-4), max_iter=np.int64(50), seed=0)
+    W2, H2 = lowrank.nmf(X, 3, tol=1e-4, max_iter=50, seed=0)
+    assert torch.equal(W, W2) and torch.equal(H, H2)

@@ -174,3 +174,21 @@ NYSTROM_BAD = [
 )
 def test_nystrom_bad_input(fn, error, match):
     check_bad(fn, error, match)
+
+
+@pytest.mark.parametrize("c", [1e-300, 1e300])
+def test_float64_extreme_scales(c):
+    # A PSD matrix of order 1e300 failed with "Cholesky factorisation ... is A positive semidefinite?";
+    # reference: the exact eigenvalues (float64 eigvalsh) of the unscaled matrix.
+    A, lam = psd(lam=0.6 ** np.arange(200))
+    U, L = lowrank.nystrom(torch.from_numpy(A) * c, 10, oversample=30, seed=1)
+    np.testing.assert_allclose(L.numpy() / c, lam[:10], rtol=1e-6)
+    with pytest.raises(ValueError, match="symmetric"):  # norms of 1e300 entries were inf: any A passed
+        lowrank.nystrom(torch.from_numpy(A + np.triu(np.ones_like(A), 1)) * c, 3)
+
+
+def test_numeric_arguments_accept_numpy_scalars():
+    A, lam = psd()
+    U1, L1 = lowrank.nystrom(torch.from_numpy(A), 5, oversample=np.int64(7), shift=np.float32(1e-9), seed=0)
+    U2, L2 = lowrank.nystrom(torch.from_numpy(A), 5, oversample=7, shift=float(np.float32(1e-9)), seed=0)
+    assert torch.equal(L1, L2) and torch.equal(U1, U2)
