@@ -367,6 +367,15 @@ class CallbackOp(LinOp):
         shape = tuple(int(s) for s in A.shape)
         if len(shape) != 2:
             raise ValueError(f"{name}.shape must be (m, n), got {A.shape!r}")
+        if min(shape) < 0:
+            raise ValueError(f"{name}.shape must hold non-negative sizes, got {A.shape!r}")
+        # scipy's LinearOperator(shape, matvec=...) made without rmatvec/rmatmat has no adjoint; every
+        # factorization here needs A^T products, so say so now rather than fail inside scipy.
+        if all(getattr(A, f"_CustomLinearOperator__{a}_impl", 0) is None for a in ("rmatvec", "rmatmat")):
+            raise ValueError(
+                f"{name} is a scipy LinearOperator without an adjoint (give rmatvec or rmatmat): the "
+                "randomized methods need products with A^T as well as A"
+            )
         self.obj = A
         self.name = name
         self.shape = (shape[0], shape[1])
@@ -382,7 +391,10 @@ class CallbackOp(LinOp):
 
     def _call(self, fn, X: torch.Tensor, rows: int, what: str) -> torch.Tensor:
         arg = X.cpu().numpy() if self._numpy_in else X
-        out = fn(arg)
+        try:
+            out = fn(arg)
+        except NotImplementedError as err:  # e.g. scipy's "rmatvec is not defined"
+            raise ValueError(f"{self.name}.{what} is not implemented ({err}); it is needed here") from err
         if not isinstance(out, torch.Tensor):
             out = torch.as_tensor(np.asarray(out))
         out = out.to(device=self.device, dtype=self.dtype)

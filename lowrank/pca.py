@@ -82,7 +82,12 @@ def _centred_ss(op) -> torch.Tensor:
 
 
 def _variance_ratio(
-    variance: torch.Tensor, total_ss: torch.Tensor, data_ss: torch.Tensor, m: int, center: bool
+    variance: torch.Tensor,
+    total_ss: torch.Tensor,
+    data_ss: torch.Tensor,
+    m: int,
+    center: bool,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``explained_variance_ratio`` with 0/0 defined: zeros when the data have no variance.
 
@@ -93,14 +98,15 @@ def _variance_ratio(
     (scikit-learn's PCA returns 1.0 there, from rounding noise). Otherwise the denominator is at least the
     variance found, so the ratios sum to at most 1.
     """
-    eps = torch.finfo(variance.dtype).eps
+    dtype = variance.dtype if dtype is None else dtype  # the compute dtype: its eps, and the result's dtype
+    eps = torch.finfo(dtype).eps
     denom = max(m - 1, 1)
     noise = (4.0 * eps) ** 2 * float(data_ss) if center else 0.0
     total = float(total_ss)
     if not total > noise:
-        return torch.zeros_like(variance)
+        return torch.zeros_like(variance, dtype=dtype)
     total = max(total / denom, float(variance.double().sum()))
-    return (variance.double() / total).to(variance.dtype)
+    return (variance.double() / total).to(dtype)
 
 
 @no_autocast
@@ -259,7 +265,10 @@ def pca(
     components = Vh * signs
     mean = data.mean[:, 0] if center else torch.zeros(n, dtype=op.dtype, device=op.device)
     denom = max(m - 1, 1)
-    explained_variance = S.square() / denom
+    # Variances in float64: S**2 of float32 data leaves float32's range beyond ~1e19 (inf) or below ~1e-19
+    # (0), and the ratios must not (the variances themselves are returned in the data's dtype).
+    variance64 = S.double().square() / denom
+    explained_variance = variance64.to(S.dtype)
     total_ss = _centred_ss(op) if center else op.fro_norm_sq()
-    ratio = _variance_ratio(explained_variance, total_ss, op.fro_norm_sq(), m, center)
+    ratio = _variance_ratio(variance64, total_ss, op.fro_norm_sq(), m, center, dtype=S.dtype)
     return PCAResult(components.contiguous(), explained_variance, ratio, mean.contiguous(), S)

@@ -19,6 +19,9 @@ QR factorization of ill-conditioned matrices", SIAM J. Sci. Comput. 42(1) (2020)
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from lowrank._linop import check_tensor, no_autocast
@@ -207,12 +210,16 @@ def cholesky_qr(
         raise ValueError(f"X must be tall (m >= n) for a thin QR, got shape {tuple(X.shape)}")
     if not (X.dtype.is_floating_point or X.dtype.is_complex):
         raise TypeError(f"X must have a floating dtype, got {X.dtype}")
+    if isinstance(passes, np.integer):
+        passes = int(passes)
+    if isinstance(shift, (np.integer, np.floating)):
+        shift = float(shift)
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"passes must be a positive integer, got {passes!r}")
     if not (shift is None or isinstance(shift, (bool, int, float))):
         raise TypeError(f"shift must be None, a bool or a float, got {type(shift).__name__}")
-    if not isinstance(shift, bool) and isinstance(shift, (int, float)) and shift < 0:
-        raise ValueError(f"shift must be >= 0, got {shift}")
+    if not isinstance(shift, bool) and isinstance(shift, (int, float)) and not 0 <= shift < math.inf:
+        raise ValueError(f"shift must be >= 0 and finite, got {shift}")
     if X.dtype in (torch.float16, torch.bfloat16):
         X = X.float()
     if not bool(torch.isfinite(X).all()):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from lowrank._linop import (
@@ -97,17 +98,15 @@ def _flip_signs(
     return U * sign, Vh * sign.mT
 
 
-def _check_k(k: Any, kmax: int, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        try:
-            import numpy as np
+def _as_int(value: Any) -> Any:
+    """A NumPy integer as a Python int (NumPy scalars are numbers to users); anything else unchanged."""
+    return int(value) if isinstance(value, np.integer) else value
 
-            if isinstance(k, np.integer):
-                k = int(k)
-            else:
-                raise TypeError
-        except TypeError:
-            raise TypeError(f"{name} must be an int, got {type(k).__name__}") from None
+
+def _check_k(k: Any, kmax: int, name: str = "k") -> int:
+    k = _as_int(k)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if k <= 0:
         raise ValueError(f"{name} must be >= 1, got {k}")
     if k > kmax:
@@ -116,6 +115,7 @@ def _check_k(k: Any, kmax: int, name: str = "k") -> int:
 
 
 def _check_nonneg_int(value: Any, name: str) -> int:
+    value = _as_int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
@@ -491,6 +491,8 @@ def rsvd(
     m, n = op.shape
     kmax = min(m, n)
     if tol is not None:
+        if isinstance(tol, (np.integer, np.floating)):
+            tol = float(tol)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)):
             raise TypeError(f"tol must be a float, got {type(tol).__name__}")
         if not (0 < tol < 1):
@@ -501,9 +503,9 @@ def rsvd(
     else:
         k = _check_k(k, kmax)
     if oversample is not None:
-        _check_nonneg_int(oversample, "oversample")
+        oversample = _check_nonneg_int(oversample, "oversample")
     if n_iter is not None:
-        _check_nonneg_int(n_iter, "n_iter")
+        n_iter = _check_nonneg_int(n_iter, "n_iter")
     if block_size is not None:
         _check_k(block_size, kmax, "block_size")
         if tol is not None or oversample is not None or method == "subspace":
@@ -941,7 +943,7 @@ def svd_error(
     """
     op = as_linop(A, name="A", check_finite=False)
     m, n = op.shape
-    _check_nonneg_int(n_iter, "n_iter")
+    n_iter = _check_nonneg_int(n_iter, "n_iter")
     if n_iter == 0:
         raise ValueError("n_iter must be >= 1")
     for name, value in (("U", U), ("S", S), ("Vh", Vh)):
