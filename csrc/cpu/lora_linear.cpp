@@ -3,7 +3,12 @@
 // Many rows (M > kStreamMaxRows): the rank-r LoRA term (with the bias) is written into y first, then the base
 // GEMM (MKL/OpenBLAS through ATen) accumulates into it with beta = 1: no (M x out) temporary is written or read
 // beyond what F.linear with a bias does, and the extra FLOPs are 2 M r (in + out), r/out of the base
-// (benchmarks/bench_lora.py).
+// (benchmarks/bench_lora.py). For float32 / bfloat16 / float16 on AVX2 the LoRA term is one pass of our own
+// (lora_term_many_rows): four rows at a time, u = scale x A^T (M x r) is formed in L1 and at once expanded into
+// those rows of y, so x and y are each touched once and no (M x r) tensor is allocated. It replaced two BLAS
+// calls (x A^T, then u B^T into y) that MKL serves badly at these shapes (K = 384 with N = 8, K = 8 with
+// N = 384: ~25-30 GFLOP/s on one Zen 3 core, against ~90 for the base GEMM); with their allocations and
+// dispatch they made lora_linear at M = 16, 384 x 384, r = 8 cost ~1.35x F.linear (issue 19).
 //
 // Few rows (decode, M <= kStreamMaxRows = 4) in float32 / bfloat16 / float16 on x86-64 with AVX2+FMA+F16C
 // (checked at run time): ONE threaded pass over W. x is widened to fp32 once (M x in, in cache; fp32 x is used in
