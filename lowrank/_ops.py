@@ -70,9 +70,12 @@ def lora_linear(
     Notes
     -----
     All tensors share one dtype (float32, float16, bfloat16; float64 on CPU) and one device. Products
-    accumulate in float32 for the half types. On CPU the op is two BLAS calls with the base GEMM
-    accumulating into the LoRA term; on CUDA, small token counts (M <= 16) use a kernel that streams
-    ``weight`` once with 16-byte loads and adds the LoRA term in the same pass; larger M use cuBLAS.
+    accumulate in float32 for the half types. On CPU, up to 4 rows stream ``weight`` once in one threaded
+    pass that adds the LoRA term (AVX2); more rows write ``bias + scale * (x @ lora_A.T) @ lora_B.T`` into
+    the output in one pass over four-row tiles (AVX2; BLAS for float64), then the base GEMM accumulates
+    into it (one BLAS call, as ``F.linear``). On CUDA, small token counts (M <= 16) use a kernel that
+    streams ``weight`` once with 16-byte loads and adds the LoRA term in the same pass; larger M use cuBLAS.
+    On CPU, ``scale == 0`` computes exactly the base layer (the factors are not read).
 
     Autograd gives gradients for ``x``, ``lora_A``, ``lora_B`` and, when they require grad, ``weight``
     and ``bias``. The backward saves only the inputs and recomputes the r-wide ``u = x @ lora_A.T``

@@ -3,7 +3,12 @@
 // Many rows (M > kStreamMaxRows): the rank-r LoRA term (with the bias) is written into y first, then the base
 // GEMM (MKL/OpenBLAS through ATen) accumulates into it with beta = 1: no (M x out) temporary is written or read
 // beyond what F.linear with a bias does, and the extra FLOPs are 2 M r (in + out), r/out of the base
-// (benchmarks/bench_lora.py).
+// (benchmarks/bench_lora.py). For float32 / bfloat16 / float16 on AVX2 the LoRA term is one pass of our own
+// (lora_term_many_rows): four rows at a time, u = scale x A^T (M x r) is formed in L1 and at once expanded into
+// those rows of y, so x and y are each touched once and no (M x r) tensor is allocated. It replaced two BLAS
+// calls (x A^T, then u B^T into y) that MKL serves badly at these shapes (K = 384 with N = 8, K = 8 with
+// N = 384: ~25-30 GFLOP/s on one Zen 3 core, against ~90 for the base GEMM); with their allocations and
+// dispatch they made lora_linear at M = 16, 384 x 384, r = 8 cost ~1.35x F.linear (issue 19).
 //
 // Few rows (decode, M <= kStreamMaxRows = 4) in float32 / bfloat16 / float16 on x86-64 with AVX2+FMA+F16C
 // (checked at run time): ONE threaded pass over W. x is widened to fp32 once (M x in, in cache; fp32 x is used in
@@ -181,13 +186,186 @@ void fused_few_rows(const T* x, const T* W, const T* A, const T* B, const T* bia
       return stream_pass<4, T>(xf, W, A, B, bias, y, K, r, N, scale);
   }
 }
+
+// ---- many rows (M > kStreamMaxRows): the LoRA term written straight into y ------------------------------------
+
+// Eight floats stored as T (round to nearest even, as c10's conversions; a NaN stays a quiet NaN).
+LOWRANK_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+LOWRANK_AVX2_INLINE void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+LOWRANK_AVX2_INLINE void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  // every lane is < 2^16: the unsigned-saturating pack keeps it; packus works per 128-bit half, in order here
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1)));
+}
+
+// u[m * r + j] = scale * x[m] . A[j] for m < MB, j in [j0, j0 + JB): MB rows of x (row stride ldx) against JB rows
+// of A (K x ... contiguous), MB * JB independent FMA chains over K, eight columns per vector.
+template <int MB, int JB, typename T>
+LOWRANK_AVX2_INLINE void down_tile(const T* x, int64_t ldx, const T* A, int64_t K, int64_t j0, int64_t r, float scale,
+                                   float* u) {
+  __m256 acc[MB][JB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < JB; ++j) acc[m][j] = _mm256_setzero_ps();
+  const int64_t K8 = K - K % 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 av[JB];
+    for (int j = 0; j < JB; ++j) av[j] = load8(A + (j0 + j) * K + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xv = load8(x + m * ldx + k);
+      for (int j = 0; j < JB; ++j) acc[m][j] = _mm256_fmadd_ps(xv, av[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    for (int j = 0; j < JB; ++j) {
+      float s = hsum(acc[m][j]);
+      for (int64_t k = K8; k < K; ++k)
+        s += static_cast<float>(x[m * ldx + k]) * static_cast<float>(A[(j0 + j) * K + k]);
+      u[m * r + j0 + j] = s * scale;
+    }
+  }
+}
+
+// y[m, n] = bias[n] + sum_j u[m, j] Bt[j, n] for m < MB (row stride ldy), n < N; Bt is B^T in fp32 (r x N).
+// Two vectors of outputs per row at a time (2 MB chains, each vector of Bt shared by the MB rows), then one, then
+// the scalar tail; the sum runs over j in the same order everywhere.
+template <int MB, typename T>
+LOWRANK_AVX2 void up_rows(const float* u, int64_t r, const float* Bt, const T* bias, int64_t N, T* y, int64_t ldy) {
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16) {
+    __m256 acc[MB][2];
+    const __m256 b0 = bias != nullptr ? load8(bias + n) : _mm256_setzero_ps();
+    const __m256 b1 = bias != nullptr ? load8(bias + n + 8) : _mm256_setzero_ps();
+    for (int m = 0; m < MB; ++m) acc[m][0] = b0, acc[m][1] = b1;
+    for (int64_t j = 0; j < r; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(Bt + j * N + n);
+      const __m256 v1 = _mm256_loadu_ps(Bt + j * N + n + 8);
+      for (int m = 0; m < MB; ++m) {
+        const __m256 um = _mm256_broadcast_ss(u + m * r + j);
+        acc[m][0] = _mm256_fmadd_ps(um, v0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(um, v1, acc[m][1]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      store8(y + m * ldy + n, acc[m][0]);
+      store8(y + m * ldy + n + 8, acc[m][1]);
+    }
+  }
+  for (; n + 8 <= N; n += 8) {
+    __m256 acc[MB];
+    const __m256 b0 = bias != nullptr ? load8(bias + n) : _mm256_setzero_ps();
+    for (int m = 0; m < MB; ++m) acc[m] = b0;
+    for (int64_t j = 0; j < r; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(Bt + j * N + n);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(u + m * r + j), v0, acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) store8(y + m * ldy + n, acc[m]);
+  }
+  for (; n < N; ++n) {
+    for (int m = 0; m < MB; ++m) {
+      float s = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+      for (int64_t j = 0; j < r; ++j) s = std::fma(u[m * r + j], Bt[j * N + n], s);
+      y[m * ldy + n] = static_cast<T>(s);
+    }
+  }
+}
+
+// MB rows: u = scale x A^T (two rows of A per step, then the odd one), then y = bias + u B^T.
+template <int MB, typename T>
+LOWRANK_AVX2 void lora_rows(const T* x, int64_t ldx, const T* A, const float* Bt, const T* bias, T* y, int64_t K,
+                            int64_t r, int64_t N, float scale, float* u) {
+  int64_t j = 0;
+  for (; j + 2 <= r; j += 2) down_tile<MB, 2>(x, ldx, A, K, j, r, scale, u);
+  if (j < r) down_tile<MB, 1>(x, ldx, A, K, j, r, scale, u);
+  up_rows<MB, T>(u, r, Bt, bias, N, y, N);
+}
+
+// y (M x N, contiguous) = bias + scale (x A^T) B^T for float / BFloat16 / Half on AVX2: x (M x K, row stride ldx,
+// unit column stride), A (r x K) and B (N x r) contiguous. Tiles of four rows, each finished (u in L1, then its
+// rows of y) before the next, so x and y are touched once; the threads split the tiles (at least ~2^17 FMAs
+// each, one thread below that); every row's arithmetic is the same whatever the thread count.
+template <typename T>
+void lora_term_many_rows(const T* x, int64_t ldx, const T* A, const T* B, const T* bias, T* y, int64_t M, int64_t K,
+                         int64_t r, int64_t N, float scale) {
+  // B^T in fp32 (r x N): the up step reads its rows as vectors. Written row by row (contiguous stores; the reads
+  // stride by r through B, which is small and in cache).
+  std::vector<float> Bt(static_cast<size_t>(r * N));
+  for (int64_t j = 0; j < r; ++j) {
+    float* bt = Bt.data() + j * N;
+    for (int64_t n = 0; n < N; ++n) bt[n] = static_cast<float>(B[n * r + j]);
+  }
+  constexpr int64_t MB = 4;
+  const int64_t tiles = (M + MB - 1) / MB;
+  const int64_t per_tile = MB * r * (K + N);
+  const int64_t grain = std::max<int64_t>(1, ((int64_t{1} << 17) + per_tile - 1) / std::max<int64_t>(1, per_tile));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(static_cast<size_t>(MB * r));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = t * MB;
+      const T* xt = x + m0 * ldx;
+      T* yt = y + m0 * N;
+      switch (std::min<int64_t>(MB, M - m0)) {
+        case 4:
+          lora_rows<4, T>(xt, ldx, A, Bt.data(), bias, yt, K, r, N, scale, u.data());
+          break;
+        case 3:
+          lora_rows<3, T>(xt, ldx, A, Bt.data(), bias, yt, K, r, N, scale, u.data());
+          break;
+        case 2:
+          lora_rows<2, T>(xt, ldx, A, Bt.data(), bias, yt, K, r, N, scale, u.data());
+          break;
+        default:
+          lora_rows<1, T>(xt, ldx, A, Bt.data(), bias, yt, K, r, N, scale, u.data());
+      }
+    }
+  });
+}
 #else
 bool cpu_has_avx2_fma_f16c() { return false; }
 template <typename T>
 void fused_few_rows(const T*, const T*, const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, double) {
   TORCH_CHECK(false, "lora_linear: the fused few-rows pass needs x86-64 with AVX2");
 }
+template <typename T>
+void lora_term_many_rows(const T*, int64_t, const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,
+                         float) {
+  TORCH_CHECK(false, "lora_linear: the many-rows LoRA term needs x86-64 with AVX2");
+}
 #endif
+
+// M > kStreamMaxRows: y = bias + scale (x A^T) B^T by lora_term_many_rows (one pass over x and y, no (M x r)
+// tensor, no extra BLAS calls), then the base GEMM accumulates into it (beta = 1): the same BLAS call and the same
+// memory passes as F.linear with a bias, which also writes the bias into y before its GEMM. float64 and a CPU
+// without AVX2/FMA/F16C take the composite path of lora_linear.h.
+at::Tensor lora_linear_many_rows(at::Tensor x2, const at::Tensor& weight, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias,
+                                 const LoraLinearShape& shape) {
+  if (!cpu_has_avx2_fma_f16c() || x2.scalar_type() == at::kDouble) {
+    return lora_linear_composite(x2, weight, lora_A, lora_B, scale, bias, shape.out_sizes);
+  }
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const at::Tensor a = lora_A.contiguous();
+  const at::Tensor b = lora_B.contiguous();
+  c10::optional<at::Tensor> bias_c;
+  if (bias.has_value()) bias_c = bias->contiguous();
+  at::Tensor y = at::empty(shape.out_sizes, x2.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "lora_linear_cpu_many_rows", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      lora_term_many_rows<scalar_t>(
+          x2.const_data_ptr<scalar_t>(), x2.stride(0), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+          bias_c.has_value() ? bias_c->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), shape.rows,
+          shape.in_features, shape.rank, shape.out_features, static_cast<float>(scale));
+    }
+  });
+  y.view({shape.rows, shape.out_features}).addmm_(x2, weight.t());
+  return y;
+}
 
 }  // namespace
 
@@ -196,9 +374,20 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const auto shape = check_lora_linear_args(x, weight, lora_A, lora_B, bias, /*check_devices=*/true);
   at::Tensor x2 = x.reshape({shape.rows, shape.in_features});
   if (x2.size(0) == 0 || shape.out_features == 0) return at::empty(shape.out_sizes, x.options());
-  if (shape.rows > kStreamMaxRows) {
-    return lora_linear_composite(x2, weight, lora_A, lora_B, scale, bias, shape.out_sizes);
+  if (scale == 0.0) {
+    // Exactly the base layer: the factors are not read, so a non-finite adapter cannot leak in through 0 * inf
+    // (BLAS skips alpha = 0 products for some dtypes, not for others).
+    at::Tensor y = at::empty(shape.out_sizes, x.options());
+    at::Tensor y2 = y.view({shape.rows, shape.out_features});
+    if (bias.has_value()) {
+      y2.copy_(bias->expand({shape.rows, shape.out_features}));
+    } else {
+      y2.zero_();
+    }
+    y2.addmm_(x2, weight.t());
+    return y;
   }
+  if (shape.rows > kStreamMaxRows) return lora_linear_many_rows(x2, weight, lora_A, lora_B, scale, bias, shape);
   x2 = x2.contiguous();
   const at::Tensor a = lora_A.contiguous();
   const at::Tensor b = lora_B.contiguous();
