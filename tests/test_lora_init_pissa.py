@@ -96,12 +96,21 @@ def test_bad_tol_is_refused(tol):
         pissa_factors(_flat(10, 8, 0), 2, 1.0, tol=tol)
 
 
-def test_same_shape_groups_respect_both_caps():
+def test_same_shape_groups_close_at_either_cap_and_stream():
     items = [("a", 10), ("b", 10), ("a", 10), ("a", 10), ("b", 10), ("a", 10), ("c", 50)]
-    groups = same_shape_groups(items, key=lambda x: x[0], size=lambda x: x[1], max_items=3, max_bytes=25)
-    assert [[x[0] for x in g] for g in groups] == [["a", "a"], ["a", "a"], ["b", "b"], ["c"]]
-    groups = same_shape_groups(items, key=lambda x: x[0], size=lambda x: x[1], max_items=3, max_bytes=1000)
-    assert [len(g) for g in groups] == [3, 1, 2, 1]
+    seen = []
+
+    def stream():
+        for item in items:
+            seen.append(item)
+            yield item
+
+    groups = same_shape_groups(stream(), key=lambda x: x[0], size=lambda x: x[1], max_items=3, max_bytes=25)
+    first = next(groups)
+    assert [x[0] for x in first] == ["a", "a", "a"] and len(seen) == 4  # yielded as soon as it is full
+    assert [[x[0] for x in g] for g in groups] == [["c"], ["b", "b"], ["a"]]
+    groups = same_shape_groups(items, key=lambda x: x[0], size=lambda x: x[1], max_items=2, max_bytes=1000)
+    assert [[x[0] for x in g] for g in groups] == [["a", "a"], ["b", "b"], ["a", "a"], ["c"]]
 
 
 class _Net(nn.Module):
@@ -206,3 +215,27 @@ def test_inject_and_per_layer_pissa_agree_on_the_adapter_subspace():
         delta = (layer.lora_B["default"] @ layer.lora_A["default"]).detach().double()
         delta_ref = (ref.lora_B["default"] @ ref.lora_A["default"]).detach().double()
         assert float((delta - delta_ref).norm() / delta_ref.norm()) < 1e-4
+
+
+def test_inject_pissa_batches_conv1d_and_embedding_views(monkeypatch):
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    model = nn.ModuleDict(
+        {"c1": Conv1D(nf=24, nx=40), "c2": Conv1D(nf=24, nx=40), "emb": nn.Embedding(30, 20)}
+    )
+    with torch.no_grad():
+        for i, p in enumerate((model["c1"].weight, model["c2"].weight, model["emb"].weight)):
+            p.copy_(_flat(*p.shape, seed=20 + i))
+    W0 = {k: m.weight.detach().clone() for k, m in model.items()}
+    calls = _RsvdCalls(monkeypatch)
+    inject_lora(model, ["c1", "c2", "emb"], r=3, alpha=6, init="pissa")
+    # the two Conv1D weights (stored (in, out)) are factored as their (out, in) views, in one call
+    assert sorted(c for c in calls.calls if c[1] == 8) == [(1, 8), (2, 8)]
+    for key in ("c1", "c2"):
+        layer = model[key]
+        B, A = layer.lora_B["default"], layer.lora_A["default"]
+        assert _exactness(W0[key].T, layer.weight.T, B, A, 2.0) < 1e-6
+        assert _top_sv_error(B, A, 2.0, W0[key].T) <= PISSA_TOL
+    emb = model["emb"]  # the table's update is scale (B A)^T
+    B, A = emb.lora_embedding_B["default"], emb.lora_embedding_A["default"]
+    assert _exactness(W0["emb"].T, emb.weight.T, B, A, 2.0) < 1e-6
+    assert _top_sv_error(B, A, 2.0, W0["emb"].T) <= PISSA_TOL
