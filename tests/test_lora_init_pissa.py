@@ -239,3 +239,14 @@ def test_inject_pissa_batches_conv1d_and_embedding_views(monkeypatch):
     B, A = emb.lora_embedding_B["default"], emb.lora_embedding_A["default"]
     assert _exactness(W0["emb"].T, emb.weight.T, B, A, 2.0) < 1e-6
     assert _top_sv_error(B, A, 2.0, W0["emb"].T) <= PISSA_TOL
+
+
+@pytest.mark.parametrize("r", [True, 0, 9, 2.0])
+def test_inject_pissa_bad_rank_is_refused_and_changes_nothing(r):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    W0 = [m.weight.detach().clone() for m in model]
+    with pytest.raises(ValueError, match="r must be an int"):
+        inject_lora(model, ["0", "1"], r=r, init="pissa")
+    assert all(type(m) is nn.Linear for m in model)
+    assert all(torch.equal(m.weight, w) for m, w in zip(model, W0))
+    assert not init_module._PRECOMPUTED

@@ -264,7 +264,7 @@ def inject_lora(
     # PiSSA: the weights' triplets are computed up front, same-shape ones in one batched SVD call each
     ahead = (
         precomputed_pissa([view for _, module, flags in plan for view in _pissa_views(module, flags)], r)
-        if init == "pissa" and isinstance(r, int)
+        if init == "pissa" and isinstance(r, int) and not isinstance(r, bool) and r >= 1
         else contextlib.nullcontext()
     )
     try:
