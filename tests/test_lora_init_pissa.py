@@ -250,3 +250,18 @@ def test_inject_pissa_bad_rank_is_refused_and_changes_nothing(r):
     assert all(type(m) is nn.Linear for m in model)
     assert all(torch.equal(m.weight, w) for m, w in zip(model, W0))
     assert not init_module._PRECOMPUTED
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact_also_when_the_sum_overflows(dtype):
+    from lowrank.lora.init import all_finite
+
+    big = torch.full((64, 64), torch.finfo(dtype).max / 2, dtype=dtype)  # finite; its sum overflows
+    assert all_finite(big) and all_finite(-big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = big.clone()
+        broken[3, 5] = bad
+        assert not all_finite(broken)
+        with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+            pissa_factors(broken, 2, 1.0)
+    assert all_finite(torch.zeros(0, 3, dtype=dtype))

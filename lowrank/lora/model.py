@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from lowrank.lora.init import WEIGHT_INITS, precomputed_pissa
+from lowrank.lora.init import WEIGHT_INITS, all_finite, precomputed_pissa
 from lowrank.lora.layers import (
     BASE_ADAPTER,
     LoRAConv1D,
@@ -254,7 +254,7 @@ def inject_lora(
             )
     if init in WEIGHT_INITS:
         for name, module, _ in plan:
-            if module.weight.device.type != "meta" and not bool(torch.isfinite(module.weight).all()):
+            if module.weight.device.type != "meta" and not all_finite(module.weight.detach()):
                 raise ValueError(
                     f"init={init!r}: the weight of module {name!r} holds NaN or infinite values; this "
                     "initialisation factors the weight itself"
