@@ -287,7 +287,25 @@ def _delta_groups(
     embedding deltas are transposed to PEFT's ``(dim, num)`` layout, and the modules ``conv1d`` matches
     (weights stored ``(in, out)``) to ``(out, in)``.
     """
-    pending: dict[tuple, list[_LayerDelta]] = {}
+    from lowrank.lora.init import same_shape_groups
+
+    return same_shape_groups(
+        _deltas(base, tuned, names, peft_embeddings, conv1d),
+        key=lambda layer: (tuple(layer.delta.shape), layer.out_dtype, layer.embedding),
+        size=lambda layer: layer.delta.numel() * layer.delta.element_size(),
+        max_items=max_layers,
+        max_bytes=GROUP_BYTES,
+    )
+
+
+def _deltas(
+    base: TensorSource | None,
+    tuned: TensorSource,
+    names: list[str],
+    peft_embeddings: bool,
+    conv1d: re.Pattern[str] | None,
+) -> Iterator[_LayerDelta]:
+    """The deltas of ``names`` one by one, read from the checkpoints when needed (see _delta_groups)."""
     for name in names:
         module = name[: -len(".weight")]
         out_dtype = tuned.dtype(name)
@@ -306,12 +324,7 @@ def _delta_groups(
             # B (out, r), A (r, in) for a weight stored (in, out).
             delta = delta.T
         norm_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
-        key = (tuple(delta.shape), out_dtype, embedding)
-        group = pending.setdefault(key, [])
-        group.append(_LayerDelta(name, module, delta, out_dtype, embedding, norm_sq))
-        if len(group) >= max_layers or len(group) * delta.numel() * delta.element_size() >= GROUP_BYTES:
-            yield pending.pop(key)
-    yield from pending.values()
+        yield _LayerDelta(name, module, delta, out_dtype, embedding, norm_sq)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from lowrank.lora.init import WEIGHT_INITS
+from lowrank.lora.init import WEIGHT_INITS, all_finite, precomputed_pissa
 from lowrank.lora.layers import (
     BASE_ADAPTER,
     LoRAConv1D,
@@ -253,45 +253,22 @@ def inject_lora(
             )
     if init in WEIGHT_INITS:
         for name, module, _ in plan:
-            if module.weight.device.type != "meta" and not bool(torch.isfinite(module.weight).all()):
+            if module.weight.device.type != "meta" and not all_finite(module.weight.detach()):
                 raise ValueError(
                     f"init={init!r}: the weight of module {name!r} holds NaN or infinite values; this "
                     "initialisation factors the weight itself"
                 )
     # ... then change the model with an undo log: a failure in a later target restores every earlier one.
     undo: list[Callable[[], object]] = []
+    # PiSSA: the weights' triplets are computed up front, same-shape ones in one batched SVD call each
+    ahead = (
+        precomputed_pissa([view for _, module, flags in plan for view in _pissa_views(module, flags)], r)
+        if init == "pissa" and isinstance(r, int) and not isinstance(r, bool) and r >= 1
+        else contextlib.nullcontext()
+    )
     try:
-        for name, module, flags in plan:
-            if init in WEIGHT_INITS:
-                saved = module.weight.detach().clone()
-                undo.append(lambda w=module.weight, o=saved: w.data.copy_(o))
-            if isinstance(module, LoRALayer):
-                module.add_adapter(adapter_name, r, **options)
-                undo.append(lambda m=module: _drop_adapter(m, adapter_name))
-                continue
-            grads = [(p, p.requires_grad) for p in module.parameters(recurse=False)]
-            undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
-            if isinstance(module, nn.Embedding):
-                new: LoRALayer = LoRAEmbedding.from_embedding(module, r, **options)
-            elif is_conv1d(module):
-                new = LoRAConv1D.from_conv1d(module, r, **options)
-            elif flags is not None:
-                new = LoRAMergedLinear.from_linear(module, r, enable_lora=flags, **options)
-            else:
-                new = LoRALinear.from_linear(module, r, **options)
-            if adapter_name != "default":
-                _rename_adapter(new, "default", adapter_name)
-            _replace(model, name, new)
-            undo.append(lambda n=name, m=module: _replace(model, n, m))
-        for name, module in saved_plan:
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add_adapter(adapter_name)
-                undo.append(lambda m=module: m.delete_adapter(adapter_name))
-                continue
-            grads = [(p, p.requires_grad) for p in module.parameters()]
-            undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
-            _replace(model, name, ModulesToSaveWrapper(module, adapter_name))
-            undo.append(lambda n=name, m=module: _replace(model, n, m))
+        with ahead:
+            _build(model, plan, saved_plan, r, options, adapter_name, undo)
         if freeze_base:
             grads = [(p, p.requires_grad) for p in model.parameters()]
             undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
@@ -301,6 +278,68 @@ def inject_lora(
             step()
         raise
     return model
+
+
+def _pissa_views(module: nn.Module, flags: Sequence[bool] | None) -> list[torch.Tensor]:
+    """The (out, in) matrices PiSSA will factor for ``module`` (as its LoRA layer does), for batching."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return []
+    if isinstance(module, LoRAMergedLinear):
+        starts, sizes = module._enabled_starts, module._enabled_sizes
+        return [weight[start : start + size] for start, size in zip(starts, sizes)]
+    if isinstance(module, LoRALinear):  # LoRAConv1D included: its (out, in) view
+        return [module._linear_weight()]
+    if flags is not None:
+        size = weight.shape[0] // max(len(flags), 1)
+        return [weight[i * size : (i + 1) * size] for i, flag in enumerate(flags) if flag]
+    if is_conv1d(module):
+        return [weight.T]
+    return [weight]
+
+
+def _build(
+    model: nn.Module,
+    plan: list[tuple[str, nn.Module, Sequence[bool] | None]],
+    saved_plan: list,
+    r: int,
+    options: dict,
+    adapter_name: str,
+    undo: list[Callable[[], object]],
+) -> None:
+    """Create the LoRA layers of ``plan`` and the wrappers of ``saved_plan``, logging undo steps."""
+    init = options["init"]
+    for name, module, flags in plan:
+        if init in WEIGHT_INITS:
+            saved = module.weight.detach().clone()
+            undo.append(lambda w=module.weight, o=saved: w.data.copy_(o))
+        if isinstance(module, LoRALayer):
+            module.add_adapter(adapter_name, r, **options)
+            undo.append(lambda m=module: _drop_adapter(m, adapter_name))
+            continue
+        grads = [(p, p.requires_grad) for p in module.parameters(recurse=False)]
+        undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
+        if isinstance(module, nn.Embedding):
+            new: LoRALayer = LoRAEmbedding.from_embedding(module, r, **options)
+        elif is_conv1d(module):
+            new = LoRAConv1D.from_conv1d(module, r, **options)
+        elif flags is not None:
+            new = LoRAMergedLinear.from_linear(module, r, enable_lora=flags, **options)
+        else:
+            new = LoRALinear.from_linear(module, r, **options)
+        if adapter_name != "default":
+            _rename_adapter(new, "default", adapter_name)
+        _replace(model, name, new)
+        undo.append(lambda n=name, m=module: _replace(model, n, m))
+    for name, module in saved_plan:
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(adapter_name)
+            undo.append(lambda m=module: m.delete_adapter(adapter_name))
+            continue
+        grads = [(p, p.requires_grad) for p in module.parameters()]
+        undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
+        _replace(model, name, ModulesToSaveWrapper(module, adapter_name))
+        undo.append(lambda n=name, m=module: _replace(model, n, m))
 
 
 def _plan_modules_to_save(

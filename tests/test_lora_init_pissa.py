@@ -1,0 +1,267 @@
+"""PiSSA's accuracy-checked randomized SVD and inject_lora's batched PiSSA (issue 18, item 4 targets).
+
+References: float64 exact singular values (NumPy), and the exactness contract W = residual + s B A.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowrank.lora.init as init_module
+from lowrank.lora import LoRALinear, inject_lora, pissa_factors
+from lowrank.lora.init import PISSA_TOL, checked_top_triplets, same_shape_groups
+
+svd_module = importlib.import_module("lowrank.svd")  # the package face shadows the module name
+
+
+def _flat(m: int, n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """A randomly initialised weight: flat Marchenko-Pastur bulk, the hardest case for randomized SVD."""
+    return 0.02 * torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _decaying(m: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, 24, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n, 24, generator=g))[0]
+    s = 3.0 * torch.arange(1, 25, dtype=torch.float32) ** -0.5
+    return 0.02 * torch.randn(m, n, generator=g) + (U * s) @ V.T
+
+
+def _top_sv_error(B: torch.Tensor, A: torch.Tensor, scale: float, W: torch.Tensor) -> float:
+    r = A.shape[0]
+    exact = np.linalg.svd(W.detach().double().numpy(), compute_uv=False)[:r]
+    got = np.linalg.svd(scale * (B.detach().double() @ A.detach().double()).numpy(), compute_uv=False)[:r]
+    return float(np.max(np.abs(got - exact) / exact))
+
+
+def _exactness(W0: torch.Tensor, residual: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float):
+    back = residual.detach().double() + scale * (B.detach().double() @ A.detach().double())
+    return float((back - W0.double()).norm() / W0.double().norm())
+
+
+class _RsvdCalls:
+    """Wraps lowrank.svd.rsvd, recording the batch size and n_iter of each call."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[tuple[int, int | None]] = []
+        original = svd_module.rsvd
+
+        def wrapped(A, k=None, **kw):
+            self.calls.append((A.shape[0] if A.dim() == 3 else 1, kw.get("n_iter")))
+            return original(A, k, **kw)
+
+        monkeypatch.setattr(svd_module, "rsvd", wrapped)
+
+
+def test_default_meets_tol_on_the_flat_bulk_where_a_fixed_budget_does_not():
+    W = _flat(300, 200, seed=0)
+    B, A, residual = pissa_factors(W, 8, 2.0)
+    assert _top_sv_error(B, A, 2.0, W) <= PISSA_TOL
+    assert _exactness(W, residual, B, A, 2.0) < 1e-6
+    # the case is hard: the engine's default budget (and PEFT-like short runs) miss the tolerance
+    B, A, _ = pissa_factors(W, 8, 2.0, n_iter=2)
+    assert _top_sv_error(B, A, 2.0, W) > 10 * PISSA_TOL
+
+
+def test_stages_stop_early_on_a_decaying_spectrum_and_go_on_for_a_flat_one(monkeypatch):
+    calls = _RsvdCalls(monkeypatch)
+    stack = torch.stack([_decaying(240, 160, seed=1), _flat(240, 160, seed=2)])
+    U, S, Vh = checked_top_triplets(stack, 8)
+    # stage 1 on both; only the flat one needs stage 2
+    assert calls.calls == [(2, 8), (1, 16)]
+    for i in range(2):
+        exact = np.linalg.svd(stack[i].double().numpy(), compute_uv=False)[:8]
+        assert np.max(np.abs(S[i].double().numpy() - exact) / exact) <= PISSA_TOL
+        # orthonormal triplets that reproduce W V = U S
+        np.testing.assert_allclose((U[i].T @ U[i]).numpy(), np.eye(8), atol=1e-5)
+        np.testing.assert_allclose((stack[i] @ Vh[i].T).numpy(), (U[i] * S[i]).numpy(), atol=2e-3 * S[i, 0])
+
+
+def test_tolerance_out_of_reach_falls_back_to_the_exact_svd(monkeypatch):
+    W = _flat(120, 90, seed=3, dtype=torch.float64)
+    U, S, Vh = checked_top_triplets(W, 5, tol=1e-30)  # no Ritz residual gets this small
+    exact = np.linalg.svd(W.numpy(), compute_uv=False)[:5]
+    np.testing.assert_allclose(S.numpy(), exact, rtol=1e-12)
+    np.testing.assert_allclose((U.T @ W @ Vh.T).abs().numpy(), np.diag(exact), atol=1e-12)
+
+
+@pytest.mark.parametrize("tol", [0, 1, -1e-3, float("nan"), "1e-4", True])
+def test_bad_tol_is_refused(tol):
+    with pytest.raises(ValueError, match="tol must be"):
+        pissa_factors(_flat(10, 8, 0), 2, 1.0, tol=tol)
+
+
+def test_same_shape_groups_close_at_either_cap_and_stream():
+    items = [("a", 10), ("b", 10), ("a", 10), ("a", 10), ("b", 10), ("a", 10), ("c", 50)]
+    seen = []
+
+    def stream():
+        for item in items:
+            seen.append(item)
+            yield item
+
+    groups = same_shape_groups(stream(), key=lambda x: x[0], size=lambda x: x[1], max_items=3, max_bytes=25)
+    first = next(groups)
+    assert [x[0] for x in first] == ["a", "a", "a"] and len(seen) == 4  # yielded as soon as it is full
+    assert [[x[0] for x in g] for g in groups] == [["c"], ["b", "b"], ["a"]]
+    groups = same_shape_groups(items, key=lambda x: x[0], size=lambda x: x[1], max_items=2, max_bytes=1000)
+    assert [[x[0] for x in g] for g in groups] == [["a", "a"], ["b", "b"], ["a", "a"], ["c"]]
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.q = nn.Linear(48, 48, bias=False)
+        self.k = nn.Linear(48, 48)
+        self.v = nn.Linear(48, 48, bias=False)
+        self.up = nn.Linear(48, 96)
+        self.down = nn.Linear(96, 48)
+        self.qkv = nn.Linear(48, 96, bias=False)  # a fused projection: two 48x48 slices
+        with torch.no_grad():
+            for lin in (self.q, self.k, self.v, self.up, self.down, self.qkv):
+                lin.weight.copy_(0.02 * torch.randn(lin.weight.shape, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q(x) + self.k(x) + self.v(x) + self.qkv(x)[..., :48] + self.qkv(x)[..., 48:]
+        return self.down(torch.tanh(self.up(h)))
+
+
+def test_inject_pissa_factors_same_shape_weights_in_one_call_and_keeps_the_contract(monkeypatch):
+    model = _Net()
+    originals = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(6))
+    before = model(x).detach()
+    calls = _RsvdCalls(monkeypatch)
+    inject_lora(
+        model, ["q", "k", "v", "up", "down"], r=4, alpha=8, init="pissa", merged_modules={"qkv": [True, True]}
+    )
+    # stage 1: one call for the five 48x48 matrices (q, k, v and the two qkv slices), one per other shape
+    assert sorted(c for c in calls.calls if c[1] == 8) == [(1, 8), (1, 8), (5, 8)]
+    assert not init_module._PRECOMPUTED  # nothing left behind
+    scale = 2.0
+    for name in ("q", "k", "v", "up", "down"):
+        layer = getattr(model, name)
+        B, A, W0 = layer.lora_B["default"], layer.lora_A["default"], originals[f"{name}.weight"]
+        assert _exactness(W0, layer.weight, B, A, scale) < 1e-6
+        assert _top_sv_error(B, A, scale, W0) <= PISSA_TOL
+    fused = model.qkv
+    for i in range(2):
+        B = fused.lora_B["default"][48 * i : 48 * (i + 1)]
+        A = fused.lora_A["default"][4 * i : 4 * (i + 1)]
+        W0 = originals["qkv.weight"][48 * i : 48 * (i + 1)]
+        assert _exactness(W0, fused.weight[48 * i : 48 * (i + 1)], B, A, scale) < 1e-6
+        assert _top_sv_error(B, A, scale, W0) <= PISSA_TOL
+    torch.testing.assert_close(model(x).detach(), before, rtol=1e-5, atol=1e-6)
+
+
+def test_inject_pissa_on_tied_weights_factors_the_residual_the_second_time():
+    shared = nn.Linear(40, 40, bias=False)
+    with torch.no_grad():
+        shared.weight.copy_(_flat(40, 40, seed=7))
+    model = nn.Sequential(shared, nn.Linear(40, 40, bias=False))
+    model[1].weight = shared.weight  # tied
+    W0 = shared.weight.detach().clone()
+    inject_lora(model, ["0", "1"], r=3, alpha=3, init="pissa")
+    first, second = model[0], model[1]
+    total = (
+        first.lora_B["default"] @ first.lora_A["default"]
+        + second.lora_B["default"] @ second.lora_A["default"]
+    )
+    back = first.weight.detach().double() + total.detach().double()
+    assert float((back - W0.double()).norm() / W0.double().norm()) < 1e-6
+    # the second adapter holds the next three singular values: it factored the first's residual
+    exact = np.linalg.svd(W0.double().numpy(), compute_uv=False)
+    got = np.linalg.svd((second.lora_B["default"] @ second.lora_A["default"]).detach().double().numpy())[1]
+    np.testing.assert_allclose(got[:3], exact[3:6], rtol=1e-4)
+
+
+def test_inject_pissa_groups_by_dtype_and_keeps_bf16_layers_exact_to_their_rounding(monkeypatch):
+    model = nn.Sequential(nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(_flat(32, 32, seed=8))
+        model[1].weight.copy_(_flat(32, 32, seed=9))
+    model[1].to(torch.bfloat16)
+    W0 = [m.weight.detach().clone() for m in model]
+    calls = _RsvdCalls(monkeypatch)
+    inject_lora(model, ["0", "1"], r=2, alpha=2, init="pissa")
+    assert [c for c in calls.calls if c[1] == 8] == [(1, 8), (1, 8)]  # fp32 and bf16: two groups
+    layer = model[1]
+    assert layer.weight.dtype == layer.lora_A["default"].dtype == torch.bfloat16
+    B, A = layer.lora_B["default"].detach(), layer.lora_A["default"].detach()
+    back = layer.weight.double() + B.double() @ A.double()
+    # residual and factors are each rounded to bf16 once (the SVD itself runs in float32)
+    assert float((back - W0[1].double()).abs().max()) <= 2**-7 * float(W0[1].abs().max())
+
+
+def test_inject_and_per_layer_pissa_agree_on_the_adapter_subspace():
+    model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(3)])
+    for i, lin in enumerate(model):
+        with torch.no_grad():
+            lin.weight.copy_(_decaying(64, 64, seed=10 + i))
+    references = []
+    for lin in model:
+        ref = nn.Linear(64, 64, bias=False)
+        with torch.no_grad():
+            ref.weight.copy_(lin.weight)
+        references.append(LoRALinear.from_linear(ref, 4, alpha=4, init="pissa"))
+    inject_lora(model, r"\d", r=4, alpha=4, init="pissa")
+    for layer, ref in zip(model, references):
+        delta = (layer.lora_B["default"] @ layer.lora_A["default"]).detach().double()
+        delta_ref = (ref.lora_B["default"] @ ref.lora_A["default"]).detach().double()
+        assert float((delta - delta_ref).norm() / delta_ref.norm()) < 1e-4
+
+
+def test_inject_pissa_batches_conv1d_and_embedding_views(monkeypatch):
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    model = nn.ModuleDict(
+        {"c1": Conv1D(nf=24, nx=40), "c2": Conv1D(nf=24, nx=40), "emb": nn.Embedding(30, 20)}
+    )
+    with torch.no_grad():
+        for i, p in enumerate((model["c1"].weight, model["c2"].weight, model["emb"].weight)):
+            p.copy_(_flat(*p.shape, seed=20 + i))
+    W0 = {k: m.weight.detach().clone() for k, m in model.items()}
+    calls = _RsvdCalls(monkeypatch)
+    inject_lora(model, ["c1", "c2", "emb"], r=3, alpha=6, init="pissa")
+    # the two Conv1D weights (stored (in, out)) are factored as their (out, in) views, in one call
+    assert sorted(c for c in calls.calls if c[1] == 8) == [(1, 8), (2, 8)]
+    for key in ("c1", "c2"):
+        layer = model[key]
+        B, A = layer.lora_B["default"], layer.lora_A["default"]
+        assert _exactness(W0[key].T, layer.weight.T, B, A, 2.0) < 1e-6
+        assert _top_sv_error(B, A, 2.0, W0[key].T) <= PISSA_TOL
+    emb = model["emb"]  # the table's update is scale (B A)^T
+    B, A = emb.lora_embedding_B["default"], emb.lora_embedding_A["default"]
+    assert _exactness(W0["emb"].T, emb.weight.T, B, A, 2.0) < 1e-6
+    assert _top_sv_error(B, A, 2.0, W0["emb"].T) <= PISSA_TOL
+
+
+@pytest.mark.parametrize("r", [True, 0, 9, 2.0])
+def test_inject_pissa_bad_rank_is_refused_and_changes_nothing(r):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    W0 = [m.weight.detach().clone() for m in model]
+    with pytest.raises(ValueError, match="r must be an int"):
+        inject_lora(model, ["0", "1"], r=r, init="pissa")
+    assert all(type(m) is nn.Linear for m in model)
+    assert all(torch.equal(m.weight, w) for m, w in zip(model, W0))
+    assert not init_module._PRECOMPUTED
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact_also_when_the_sum_overflows(dtype):
+    from lowrank.lora.init import all_finite
+
+    big = torch.full((64, 64), torch.finfo(dtype).max / 2, dtype=dtype)  # finite; its sum overflows
+    assert all_finite(big) and all_finite(-big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = big.clone()
+        broken[3, 5] = bad
+        assert not all_finite(broken)
+        with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+            pissa_factors(broken, 2, 1.0)
+    assert all_finite(torch.zeros(0, 3, dtype=dtype))
