@@ -39,6 +39,8 @@ def _reference(out, block, rows, signs):
         (9, 64, 1001, 8, torch.float64),
         (600, 19, 70, 1, torch.float32),  # d * 8 bytes > the tile budget for wide n: narrow tiles
         (20, 30, 17, 3, torch.float32),
+        (30, 700, 70, 8, torch.float32),  # several panels of 256 rows, a partial column tile
+        (17, 513, 97, 5, torch.float64),  # float64: tiles of 32 columns, panels of 256 rows
     ],
 )
 def test_matches_dense_reference(d, b, n, zeta, dtype):
@@ -68,17 +70,47 @@ def test_repeated_targets_weights_and_strided_inputs():
     assert torch.equal(out, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [1, 4, 11, 13, 25])  # dense rows: chunks of 12, padding to a multiple of 4
+def test_dense_rows_match_dense_reference(dtype, p):
+    d, b, n, zeta = 40, 600, 150, 8
+    out, block, rows, signs = _case(d, b, n, zeta, dtype, seed=5)
+    gen = torch.Generator().manual_seed(7)
+    dense = torch.randn(b, p, generator=gen, dtype=torch.float64)
+    full = torch.cat([out, torch.randn(p, n, generator=gen, dtype=torch.float64)])
+    ref = full.clone()
+    ref[:d] = _reference(out, block, rows, signs)
+    ref[d:] += dense.mT @ block.double()
+    got = sparse_sign_add_(full, block, rows, signs, dense)
+    assert got is full
+    tol = 1e-13 if dtype == torch.float64 else 1e-6 * (1 + b * zeta / d)
+    torch.testing.assert_close(full[:d], ref[:d], rtol=tol, atol=tol)
+    # the dense sums over b rows are rounded in the block's dtype: |error| ~ eps sqrt(b) max|terms|
+    tol = 1e-12 if dtype == torch.float64 else 1e-6 * b**0.5 * 4
+    torch.testing.assert_close(full[d:], ref[d:], rtol=tol, atol=tol)
+    # dense only (zeta = 0) and rows that would reach the dense rows are refused
+    only = torch.zeros(p, n, dtype=torch.float64)
+    sparse_sign_add_(only, block, rows[:, :0], signs[:, :0], dense)
+    torch.testing.assert_close(only, dense.mT @ block.double(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=rf"rows holds {d + p - 1}.*\[0, {d}\)"):
+        bad = rows.clone()
+        bad[3, 2] = d + p - 1
+        sparse_sign_add_(full, block, bad, signs, dense)
+
+
 def test_split_rows_and_thread_count():
-    out, block, rows, signs = _case(40, 200, 257, 8, torch.float64, seed=2)
-    one = sparse_sign_add_(out.clone(), block, rows, signs)
+    out, block, rows, signs = _case(40, 600, 257, 8, torch.float64, seed=2)
+    dense = torch.randn(600, 3, dtype=torch.float64)
+    out = torch.cat([out, torch.zeros(3, 257, dtype=torch.float64)])
+    one = sparse_sign_add_(out.clone(), block, rows, signs, dense)
     two = out.clone()
-    sparse_sign_add_(two, block[:77], rows[:77], signs[:77])
-    sparse_sign_add_(two, block[77:], rows[77:], signs[77:])
-    torch.testing.assert_close(one, two, rtol=1e-14, atol=1e-14)
+    sparse_sign_add_(two, block[:77], rows[:77], signs[:77], dense[:77])
+    sparse_sign_add_(two, block[77:], rows[77:], signs[77:], dense[77:])
+    torch.testing.assert_close(one, two, rtol=1e-13, atol=1e-13)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = sparse_sign_add_(out.clone(), block, rows, signs)
+        single = sparse_sign_add_(out.clone(), block, rows, signs, dense)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, single)
@@ -88,9 +120,16 @@ def test_meta_and_fallback_paths_match():
     out, block, rows, signs = _case(12, 25, 31, 4, torch.float32, seed=3)
     meta = sparse_sign_add_(out.to("meta"), block.to("meta"), rows.to("meta"), signs.to("meta"))
     assert meta.device.type == "meta" and meta.shape == out.shape
+    dense = torch.randn(25, 2, dtype=torch.float64)
+    full = torch.cat([out, torch.zeros(2, 31, dtype=torch.float64)])
+    meta = sparse_sign_add_(*(t.to("meta") for t in (full, block, rows, signs, dense)))
+    assert meta.device.type == "meta" and meta.shape == full.shape
     if torch.cuda.is_available():
         ref = _reference(out, block, rows, signs)
         got = sparse_sign_add_(out.cuda(), block.cuda(), rows.cuda(), signs.cuda())
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-13, atol=1e-13)
+        ref = torch.cat([ref, dense.mT @ block.double()])
+        got = sparse_sign_add_(full.cuda(), block.cuda(), rows.cuda(), signs.cuda(), dense.cuda())
         torch.testing.assert_close(got.cpu(), ref, rtol=1e-13, atol=1e-13)
 
 
@@ -109,6 +148,10 @@ def test_bad_arguments_name_them():
         ((out, block, rows + 10, signs), ValueError, r"rows holds 1\d.*\[0, 10\)"),
         ((out, block, rows - 20, signs), ValueError, "rows holds -"),
         ((out, block.numpy(), rows, signs), TypeError, "block must be a torch.Tensor"),
+        ((out, block, rows, signs, torch.ones(5, 2).double()), ValueError, "dense must be 2-D"),
+        ((out, block, rows, signs, torch.ones(6, 11).double()), ValueError, "dense has 11 columns"),
+        ((out, block, rows, signs, torch.ones(6, 2)), TypeError, "dense must be float64"),
+        ((out, block, rows, signs, [[1.0]] * 6), TypeError, "dense must be a torch.Tensor"),
     ]
     for args, error, match in cases:
         before = out.clone()
