@@ -93,6 +93,7 @@ TORCH_LIBRARY(lowrank, m) {
       "lora_linear_quantized(Tensor x, Tensor qweight, Tensor weight_scale, Tensor lora_A, Tensor lora_B, float scale, "
       "Tensor? bias) -> Tensor");
   m.def("sparse_sign_add_(Tensor(a!) out, Tensor block, Tensor rows, Tensor signs, Tensor? dense=None) -> Tensor(a!)");
+  m.def("floyd_distinct(Tensor u, int[] sizes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowrank, Meta, m) {

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lowrank._linop import _from_numpy_or_scipy, as_linop, check_seed, compute_dtype, no_autocast
-from lowrank._ops import sparse_sign_add_
+from lowrank._ops import floyd_distinct, sparse_sign_add_
 from lowrank.svd import SVDResult
 
 __all__ = ["ROW_CHUNK", "StreamingSVD", "is_row_stream", "iter_row_blocks", "stream_rsvd"]
@@ -73,19 +73,10 @@ _STATE_VERSION = 3
 
 def _distinct_rows(count: int, sizes: tuple[int, ...], zeta: int, gen: torch.Generator) -> torch.Tensor:
     """``count x (len(sizes) zeta)`` int64: for each row and each ``d`` in ``sizes``, ``zeta`` distinct
-    uniform picks of ``[0, d)`` (Floyd's algorithm, vectorised over rows and groups: ``zeta`` steps, each
-    ``zeta`` comparisons, on one ``count x groups x zeta`` uniform draw)."""
-    groups = len(sizes)
-    d = torch.tensor(sizes, dtype=torch.float64)[:, None]
-    top = d - zeta + torch.arange(zeta, dtype=torch.float64)  # j = d - zeta + t, groups x zeta
-    u = torch.rand(count, groups, zeta, generator=gen, dtype=torch.float64)
-    picks = torch.minimum(u.mul_(top + 1).floor_(), top).long()  # uniform in [0, j]
-    top = top.long().expand(count, groups, zeta)
-    out = picks.clone()
-    for t in range(1, zeta):
-        taken = (out[:, :, :t] == picks[:, :, t, None]).any(dim=2)
-        out[:, :, t] = torch.where(taken, top[:, :, t], picks[:, :, t])
-    return out.reshape(count, groups * zeta)
+    uniform picks of ``[0, d)`` (Floyd's algorithm on one ``count x groups x zeta`` uniform draw,
+    :func:`lowrank._ops.floyd_distinct`)."""
+    u = torch.rand(count, len(sizes), zeta, generator=gen, dtype=torch.float64)
+    return floyd_distinct(u, sizes).reshape(count, len(sizes) * zeta)
 
 
 def _mix(*keys: int) -> int:
@@ -386,8 +377,8 @@ class StreamingSVD:
         strided = isinstance(A, torch.Tensor)
         acc = self._acc
         Y = A @ self._omega() if strided else A.matmul(self._omega())  # b x s: the one GEMM
-        ysum = Y.sum(dim=0, dtype=torch.float64)
         Yd = Y.double()
+        ysum = Yd.sum(dim=0)
         G = torch.addmm(acc["G"], Yd.mT, Yd)  # Y^T Y, float64 (products of float32 entries are exact)
         # one check (one sync) before anything is added: NaN/Inf in A reach A Omega (a Gaussian has no
         # zero entry); Y^T Y squares the entries, so a float64 block can overflow it
