@@ -593,7 +593,8 @@ def floyd_distinct(u: torch.Tensor, sizes: list[int] | tuple[int, ...]) -> torch
     Raises
     ------
     ValueError
-        ``u`` not 3-D, ``len(sizes)`` other than ``u.shape[1]``, or a size below ``zeta``.
+        ``u`` not 3-D, an entry of ``u`` outside ``[0, 1)`` (NaN included), ``len(sizes)`` other than
+        ``u.shape[1]``, or a size below ``zeta``.
     TypeError
         ``u`` not a float64 tensor.
 

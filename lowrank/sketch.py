@@ -144,14 +144,17 @@ class StreamingSVD:
     the cost and the memory of ``Y`` but measured up to 1.56x the optimal error at ``k = 10`` on a
     ``0.9^i`` spectrum (1.01x with the default; ``tests/test_sketch.py``).
     Per block of ``b`` rows the cost is one GEMM ``Y_b = A_b Omega`` (``2 b n s`` flops: the floor of any
-    one-pass sketch of width ``s``), one of ``A_b^T`` with ``[Theta; 1]^T`` (``2 b n (q + 1)``), the
-    float64 Gram ``Y_b^T Y_b`` (``2 b s^2``), and the sparse sign maps: ``2 zeta b n`` adds into
-    ``[Psi A; Phi A]`` and ``zeta b s`` into ``Phi Y``; each row is read once. :meth:`result` adds
-    ``2 c^2 n`` for ``Z``. Sparse blocks stay sparse (the sign maps then enter as a dense ``b x (s + c)``
-    matrix, cost proportional to the block's nonzeros). Measured on 2 shared CPU cores
-    (``5000 x 3000`` float32 blocks, ``k = 40``): the sign maps (``zeta = 16`` adds per entry) cost
-    0.3-0.4x the floor's GEMM; a whole pass (20000 rows, pre-made blocks, best of 3) 2.6x the floor,
-    against 3.9x with the former dense Gaussian ``Psi``/``Phi`` (GEMM width ``2s + c + q + 1`` per row).
+    one-pass sketch of width ``s``), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64 so that small
+    singular values keep the data's precision), and one pass of :func:`lowrank._ops.sparse_sign_add_`
+    over the block for ``[Psi A; Phi A; Theta A; 1^T A]`` (``zeta_s + zeta_c = 16`` signed adds and
+    ``q + 1`` dense multiply-adds per entry, summed per target row in registers); each row is read twice
+    (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for ``Z`` and ``Phi Y``. Sparse blocks
+    stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional to
+    the block's nonzeros). Measured on 2 shared CPU cores, 1 thread, CPU time (``5000 x 3000`` float32
+    blocks, ``k = 40``, in units of the floor's GEMM ``F``): GEMM 1.0, sign maps with ``Theta``/ones 0.28,
+    Gram 0.10, draws and the rest 0.05; a pass of 20 pre-made blocks with :meth:`result` 1.45-1.6x the
+    floor with ``keep_u=False`` (1.6x with ``U`` kept), against 1.7-1.8x before the gather kernel and
+    3.9x with the former dense Gaussian ``Psi``/``Phi`` (GEMM width ``2s + c + q + 1`` per row).
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is

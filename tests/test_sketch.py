@@ -210,6 +210,11 @@ def test_state_dict_resume(tmp_path):
     old = {**first.state_dict(), "version": 1}  # dense Gaussian Psi/Phi: another sketch of the same rows
     with pytest.raises(ValueError, match="version 1.*cannot resume"):
         StreamingSVD(50, 5, seed=12, center=True).load_state_dict(old)
+    # version 2: separate [Psi A; Phi A], Theta A, 1^T A buffers and torch-drawn signs
+    v2 = {**first.state_dict(), "version": 2}
+    with pytest.raises(ValueError, match="version 2, this is version 3.*cannot resume"):
+        StreamingSVD(50, 5, seed=12, center=True).load_state_dict(v2)
+    assert first.state_dict()["version"] == 3
 
 
 # ------------------------------------------------------------------------------------------- input kinds

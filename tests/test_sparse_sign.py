@@ -177,7 +177,7 @@ def _floyd_reference(u, sizes):
 def test_floyd_distinct_matches_reference_and_is_uniform():
     gen = torch.Generator().manual_seed(11)
     u = torch.rand(300, 3, 4, generator=gen, dtype=torch.float64)
-    u[0, 0] = torch.tensor([0.0, 1 - 2**-53, 0.5, 0.999999])  # the ends of [0, 1)
+    u[0, 0] = torch.tensor([0.0, 1 - 2**-53, 0.5, 0.999999], dtype=torch.float64)  # the ends of [0, 1)
     sizes = (4, 9, 100)
     got = floyd_distinct(u, sizes)
     assert got.dtype == torch.int64 and got.shape == (300, 3, 4)
@@ -208,3 +208,8 @@ def test_floyd_distinct_bad_arguments():
         floyd_distinct(u, [4, 2])
     with pytest.raises(TypeError, match="u must be a torch.Tensor"):
         floyd_distinct(u.numpy(), [4, 4])
+    for bad in (float("nan"), -0.1, 1.0):
+        v = u.clone()
+        v[2, 1, 0] = bad
+        with pytest.raises(ValueError, match=r"every entry of u must lie in \[0, 1\).*flat index 15"):
+            floyd_distinct(v, [4, 4])

@@ -283,6 +283,8 @@ at::Tensor floyd_distinct_cpu(const at::Tensor& u, at::IntArrayRef sizes) {
     const double* xr = x + r * zeta;
     int64_t* orow = o + r * zeta;
     for (int64_t t = 0; t < zeta; ++t) {
+      TORCH_CHECK_VALUE(xr[t] >= 0.0 && xr[t] < 1.0, op, ": every entry of u must lie in [0, 1), got ", xr[t],
+                        " at flat index ", r * zeta + t);
       const int64_t j = d - zeta + t;
       int64_t pick = std::min(static_cast<int64_t>(std::floor(xr[t] * static_cast<double>(j + 1))), j);
       for (int64_t k = 0; k < t; ++k) {
