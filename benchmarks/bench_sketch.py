@@ -224,11 +224,12 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
                 f"default sizes: sketch s={s} (4k+1), core c={c} (2s+1), n_test=10; error "
                 f"||A - U S Vh||_F / optimal = {err / opt:.4f}; "
                 f"error_estimate / true error = {estimate / err:.3f}",
-                "Dense GEMM width of StreamingSVD per row: s (A @ Omega) + q + 1 ([Theta; 1] @ A) "
-                f"= {s + 11} columns, against s = {s} for the floor; plus the sparse sign maps "
-                "Psi, Phi (zeta = 8 signed adds of the row each, lowrank._ops.sparse_sign_add_) and "
-                "the float64 Gram Y^T Y (s^2 per row). Before the sparse maps: 2s + c + q + 1 = "
-                f"{2 * s + c + 11} columns.",
+                f"Per row StreamingSVD does one GEMM of width s = {s} (A @ Omega, as the floor), the "
+                "float64 Gram Y^T Y (s^2 per row) and one pass of lowrank._ops.sparse_sign_add_ "
+                "over the block for [Psi A; Phi A; Theta A; 1^T A]: 8 + 8 signed adds of the row "
+                "(sparse sign maps) and q + 1 = 11 dense ones (Gaussian Theta, ones), gathered per "
+                "target row in registers. Before the sparse maps the dense GEMM width was "
+                f"2s + c + q + 1 = {2 * s + c + 11} columns.",
             ],
         )
     )
@@ -270,7 +271,7 @@ def _ipca_table(stream: Stream, k: int, device: str, gen_t: float) -> Table:
         _, _, Vh = sk.result()
         synchronize(device)
         times[label] = time.perf_counter() - begin
-        mean = (sk._acc["colsum"] / sk.n_rows).to(stream.device)
+        mean = (sk._parts(sk._acc["sketch"])["colsum"] / sk.n_rows).to(stream.device)
         rows.append([f"StreamingSVD(center=True, keep_u=False), {label}", times[label], Vh, mean])
     begin = time.perf_counter()
     ipca = IncrementalPCA(n_components=k)

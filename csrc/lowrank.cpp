@@ -76,8 +76,8 @@ at::Tensor lora_linear_quantized_meta(const at::Tensor& x, const at::Tensor& qwe
 }
 
 at::Tensor& sparse_sign_add_meta(at::Tensor& out, const at::Tensor& block, const at::Tensor& rows,
-                                 const at::Tensor& signs) {
-  check_sparse_sign_add_args(out, block, rows, signs);
+                                 const at::Tensor& signs, const c10::optional<at::Tensor>& dense) {
+  check_sparse_sign_add_args(out, block, rows, signs, dense);
   return out;
 }
 
@@ -92,7 +92,8 @@ TORCH_LIBRARY(lowrank, m) {
   m.def(
       "lora_linear_quantized(Tensor x, Tensor qweight, Tensor weight_scale, Tensor lora_A, Tensor lora_B, float scale, "
       "Tensor? bias) -> Tensor");
-  m.def("sparse_sign_add_(Tensor(a!) out, Tensor block, Tensor rows, Tensor signs) -> Tensor(a!)");
+  m.def("sparse_sign_add_(Tensor(a!) out, Tensor block, Tensor rows, Tensor signs, Tensor? dense=None) -> Tensor(a!)");
+  m.def("floyd_distinct(Tensor u, int[] sizes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowrank, Meta, m) {

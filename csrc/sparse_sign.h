@@ -2,19 +2,22 @@
 //
 // out[rows[i, t], :] += signs[i, t] * block[i, :] for every row i of block and t < zeta: the product of a sparse
 // (d x b) matrix with zeta nonzeros per column (a sparse sign test matrix, Tropp et al. 2019 §3.3) and a dense
-// block (b x n), accumulated into out (d x n, float64). The CPU kernel is csrc/cpu/sparse_sign.cpp; other devices
-// use the index_add_ fallback of lowrank/_ops.py.
+// block (b x n), accumulated into out (d x n, float64). With dense (b x p, float64), the last p rows of out also
+// receive dense^T block (out[d - p + t, :] += sum_i dense[i, t] * block[i, :]; a few dense test rows read in the
+// same pass over block), and rows must then point into the first d - p rows. The CPU kernel is
+// csrc/cpu/sparse_sign.cpp; other devices use the torch fallback of lowrank/_ops.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 namespace lowrank {
 
 // Shape, dtype and device checks (ValueError / TypeError in Python, each naming the argument). The bounds of the
 // entries of rows are checked by the kernels that read them.
 inline void check_sparse_sign_add_args(const at::Tensor& out, const at::Tensor& block, const at::Tensor& rows,
-                                       const at::Tensor& signs) {
+                                       const at::Tensor& signs, const c10::optional<at::Tensor>& dense) {
   constexpr const char* op = "sparse_sign_add_";
   TORCH_CHECK_VALUE(out.dim() == 2, op, ": out must be 2-D (d, n), got shape ", out.sizes());
   TORCH_CHECK_VALUE(block.dim() == 2, op, ": block must be 2-D (b, n), got shape ", block.sizes());
@@ -35,6 +38,17 @@ inline void check_sparse_sign_add_args(const at::Tensor& out, const at::Tensor& 
   TORCH_CHECK_VALUE(block.device() == device && rows.device() == device && signs.device() == device, op,
                     ": all tensors must be on one device, got out on ", device, ", block on ", block.device(),
                     ", rows on ", rows.device(), ", signs on ", signs.device());
+  if (dense.has_value()) {
+    const at::Tensor& w = *dense;
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == block.size(0), op,
+                      ": dense must be 2-D (b, p) with b = ", block.size(0), " (the rows of block), got shape ",
+                      w.sizes());
+    TORCH_CHECK_VALUE(w.size(1) <= out.size(0), op, ": dense has ", w.size(1), " columns but out has only ",
+                      out.size(0), " rows");
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kDouble, op, ": dense must be float64, got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.device() == device, op, ": all tensors must be on one device, got out on ", device,
+                      ", dense on ", w.device());
+  }
 }
 
 }  // namespace lowrank

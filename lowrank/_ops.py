@@ -477,14 +477,20 @@ torch.library.register_autograd(
 
 
 def sparse_sign_add_(
-    out: torch.Tensor, block: torch.Tensor, rows: torch.Tensor, signs: torch.Tensor
+    out: torch.Tensor,
+    block: torch.Tensor,
+    rows: torch.Tensor,
+    signs: torch.Tensor,
+    dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""``out[rows[i, t], :] += signs[i, t] * block[i, :]`` for all ``i < b``, ``t < zeta``, in place.
+    r"""``out[rows[i, t], :] += signs[i, t] * block[i, :]`` for all ``i < b``, ``t < zeta``, in place; with
+    ``dense`` (``b x p``) also ``out[d - p:] += dense^T block``.
 
     The product ``S @ block`` of a sparse ``d x b`` matrix ``S`` with ``zeta`` nonzeros per column (row
     ``rows[i, t]`` of column ``i`` holds ``signs[i, t]``) and a dense block, accumulated into ``out``: the
     sparse sign test matrices of Tropp, Yurtsever, Udell & Cevher (2019, §3.3) applied to streamed rows
-    (:class:`lowrank.StreamingSVD`).
+    (:class:`lowrank.StreamingSVD`). ``dense`` adds a few dense test rows (a Gaussian test sketch, a row of
+    ones for the column sums) in the same pass over ``block``.
 
     Parameters
     ----------
@@ -493,9 +499,11 @@ def sparse_sign_add_(
     block : Tensor, shape (b, n), float32 or float64
         Dense rows (any strides; rows that are not unit-stride are copied once).
     rows : Tensor, shape (b, zeta), int64
-        Target rows of ``out``, each in ``[0, d)``; repeats within a row of ``rows`` add twice.
+        Target rows of ``out``, each in ``[0, d - p)``; repeats within a row of ``rows`` add twice.
     signs : Tensor, shape (b, zeta), float64
         Weights (``+-1`` for a sign map).
+    dense : Tensor, shape (b, p), float64, optional
+        Dense weights of the last ``p`` rows of ``out``: ``out[d - p + t] += sum_i dense[i, t] block[i]``.
 
     Returns
     -------
@@ -505,29 +513,52 @@ def sparse_sign_add_(
     Raises
     ------
     ValueError
-        Shapes that do not match, an entry of ``rows`` outside ``[0, d)``, a non-contiguous ``out``, or
+        Shapes that do not match, an entry of ``rows`` outside ``[0, d - p)``, a non-contiguous ``out``, or
         tensors on different devices.
     TypeError
         A non-tensor argument or a dtype other than the above.
 
     Notes
     -----
-    Cost ``zeta b n`` multiply-adds, one read of ``block``. On CPU the compiled kernel
-    (``csrc/cpu/sparse_sign.cpp``) tiles the columns so that a tile of ``out`` stays in L2 while the rows
-    of ``block`` stream through L1, with threads over column tiles (so each entry of ``out`` receives its
-    terms in row order, independent of the thread count and of how the rows are split into calls). Other
-    devices use ``zeta`` calls of ``index_add_`` (float64 products; on CUDA the atomic adds make the
-    order, hence the last bits, vary from run to run).
+    Cost ``(zeta + p) b n`` multiply-adds, one read of ``block``. On CPU the compiled kernel
+    (``csrc/cpu/sparse_sign.cpp``) sorts the nonzeros by target row per panel of 256 rows and gathers: per
+    column tile of 256 bytes, each target row's panel rows are summed in registers from an L2-resident
+    copy of the panel (the dense rows likewise, 12 at a time), then added once to a tile buffer; threads
+    run over column tiles, and the order of every sum is fixed by the rows alone (independent of the
+    thread count; sums within a call are rounded in the block's dtype, across calls in float64). Other
+    devices use ``zeta`` calls of ``index_add_`` and one ``addmm_`` (float64 products; on CUDA the atomic
+    adds make the order, hence the last bits, vary from run to run).
     """
-    _raise_not_tensor("sparse_sign_add_", out=out, block=block, rows=rows, signs=signs)
+    if dense is None:
+        _raise_not_tensor("sparse_sign_add_", out=out, block=block, rows=rows, signs=signs)
+    else:
+        _raise_not_tensor("sparse_sign_add_", out=out, block=block, rows=rows, signs=signs, dense=dense)
     if out.device.type == "cpu":
-        return torch.ops.lowrank.sparse_sign_add_.default(out, block, rows, signs)
+        return torch.ops.lowrank.sparse_sign_add_.default(out, block, rows, signs, dense)
     # other devices: the op's checks through the Meta kernel, then the torch fallback
+    args = [out, block, rows, signs] + ([] if dense is None else [dense])
     torch.ops.lowrank.sparse_sign_add_.default(
-        *(t.to("meta") if t.device.type != "meta" else t for t in (out, block, rows, signs))
+        *(t.to("meta") if t.device.type != "meta" else t for t in args)
     )
     if out.device.type == "meta":
         return out
+    if any(t.device != out.device for t in args):
+        raise ValueError(
+            "sparse_sign_add_: all tensors must be on one device, got "
+            + ", ".join(
+                f"{name} on {t.device}" for name, t in zip(("out", "block", "rows", "signs", "dense"), args)
+            )
+        )
+    p = 0 if dense is None else dense.shape[1]
+    ds = out.shape[0] - p
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= ds):
+        raise ValueError(f"sparse_sign_add_: every entry of rows must lie in [0, {ds})")
+    src = block.to(torch.float64)
+    for t in range(rows.shape[1]):
+        out.index_add_(0, rows[:, t], src * signs[:, t, None])
+    if p:
+        out[ds:].addmm_(dense.mT, src)
+    return out
     if not (block.device == rows.device == signs.device == out.device):
         raise ValueError(
             f"sparse_sign_add_: all tensors must be on one device, got out on {out.device}, block on "
@@ -539,3 +570,42 @@ def sparse_sign_add_(
     for t in range(rows.shape[1]):
         out.index_add_(0, rows[:, t], src * signs[:, t, None])
     return out
+
+
+def floyd_distinct(u: torch.Tensor, sizes: list[int] | tuple[int, ...]) -> torch.Tensor:
+    r"""Distinct random picks by Floyd's algorithm, one set per row and group, from given uniforms.
+
+    ``out[i, g]`` is a uniformly random ``zeta``-subset of ``[0, sizes[g])`` (in pick order) when
+    ``u[i, g]`` holds ``zeta`` independent uniforms on ``[0, 1)``: step ``t`` takes
+    ``p = min(floor(u[i, g, t] (j + 1)), j)`` with ``j = sizes[g] - zeta + t``, or ``j`` itself when ``p``
+    was taken already (R. W. Floyd, via J. Bentley & B. Floyd, "Programming pearls: a sample of
+    brilliance", CACM 30(9), 1987). The nonzero positions of the sparse sign maps of
+    :class:`lowrank.StreamingSVD`.
+
+    Parameters
+    ----------
+    u : Tensor, shape (rows, groups, zeta), float64, CPU
+        Uniforms on ``[0, 1)``.
+    sizes : sequence of int
+        ``groups`` set sizes, each ``>= zeta``.
+
+    Returns
+    -------
+    Tensor, shape (rows, groups, zeta), int64
+
+    Raises
+    ------
+    ValueError
+        ``u`` not 3-D, an entry of ``u`` outside ``[0, 1)`` (NaN included), ``len(sizes)`` other than
+        ``u.shape[1]``, or a size below ``zeta``.
+    TypeError
+        ``u`` not a float64 tensor.
+
+    Notes
+    -----
+    ``O(rows groups zeta^2)`` comparisons in one compiled loop (the same picks as the vectorised torch
+    formulation, without its ``~3 zeta`` tensor operations).
+    """
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"floyd_distinct: u must be a torch.Tensor, got {type(u).__name__}")
+    return torch.ops.lowrank.floyd_distinct.default(u, [int(d) for d in sizes])

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lowrank._linop import _from_numpy_or_scipy, as_linop, check_seed, compute_dtype, no_autocast
-from lowrank._ops import sparse_sign_add_
+from lowrank._ops import floyd_distinct, sparse_sign_add_
 from lowrank.svd import SVDResult
 
 __all__ = ["ROW_CHUNK", "StreamingSVD", "is_row_stream", "iter_row_blocks", "stream_rsvd"]
@@ -68,21 +68,15 @@ READ_BLOCK_BYTES = 1 << 26
 #: count): ``zeta = min(8, d)``, the value Tropp et al. (2019, §3.3.1) recommend.
 SPARSITY = 8
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
-def _distinct_rows(count: int, d: int, zeta: int, gen: torch.Generator) -> torch.Tensor:
-    """``count x zeta`` int64: for each row, ``zeta`` distinct uniform picks of ``[0, d)`` (Floyd's
-    algorithm, vectorised over rows: ``zeta`` steps, each one uniform draw and ``zeta`` comparisons)."""
-    out = torch.empty(count, zeta, dtype=torch.int64)
-    u = torch.rand(count, zeta, generator=gen, dtype=torch.float64)
-    for t, j in enumerate(range(d - zeta, d)):
-        pick = (u[:, t] * (j + 1)).long().clamp_max(j)  # uniform in [0, j]
-        if t:
-            taken = (out[:, :t] == pick[:, None]).any(dim=1)
-            pick = torch.where(taken, j, pick)
-        out[:, t] = pick
-    return out
+def _distinct_rows(count: int, sizes: tuple[int, ...], zeta: int, gen: torch.Generator) -> torch.Tensor:
+    """``count x (len(sizes) zeta)`` int64: for each row and each ``d`` in ``sizes``, ``zeta`` distinct
+    uniform picks of ``[0, d)`` (Floyd's algorithm on one ``count x groups x zeta`` uniform draw,
+    :func:`lowrank._ops.floyd_distinct`)."""
+    u = torch.rand(count, len(sizes), zeta, generator=gen, dtype=torch.float64)
+    return floyd_distinct(u, sizes).reshape(count, len(sizes) * zeta)
 
 
 def _mix(*keys: int) -> int:
@@ -150,14 +144,17 @@ class StreamingSVD:
     the cost and the memory of ``Y`` but measured up to 1.56x the optimal error at ``k = 10`` on a
     ``0.9^i`` spectrum (1.01x with the default; ``tests/test_sketch.py``).
     Per block of ``b`` rows the cost is one GEMM ``Y_b = A_b Omega`` (``2 b n s`` flops: the floor of any
-    one-pass sketch of width ``s``), one of ``A_b^T`` with ``[Theta; 1]^T`` (``2 b n (q + 1)``), the
-    float64 Gram ``Y_b^T Y_b`` (``2 b s^2``), and the sparse sign maps: ``2 zeta b n`` adds into
-    ``[Psi A; Phi A]`` and ``zeta b s`` into ``Phi Y``; each row is read once. :meth:`result` adds
-    ``2 c^2 n`` for ``Z``. Sparse blocks stay sparse (the sign maps then enter as a dense ``b x (s + c)``
-    matrix, cost proportional to the block's nonzeros). Measured on 2 shared CPU cores
-    (``5000 x 3000`` float32 blocks, ``k = 40``): the sign maps (``zeta = 16`` adds per entry) cost
-    0.3-0.4x the floor's GEMM; a whole pass (20000 rows, pre-made blocks, best of 3) 2.6x the floor,
-    against 3.9x with the former dense Gaussian ``Psi``/``Phi`` (GEMM width ``2s + c + q + 1`` per row).
+    one-pass sketch of width ``s``), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64 so that small
+    singular values keep the data's precision), and one pass of :func:`lowrank._ops.sparse_sign_add_`
+    over the block for ``[Psi A; Phi A; Theta A; 1^T A]`` (``zeta_s + zeta_c = 16`` signed adds and
+    ``q + 1`` dense multiply-adds per entry, summed per target row in registers); each row is read twice
+    (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for ``Z`` and ``Phi Y``. Sparse blocks
+    stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional to
+    the block's nonzeros). Measured on 2 shared CPU cores, 1 thread, CPU time (``5000 x 3000`` float32
+    blocks, ``k = 40``, in units of the floor's GEMM ``F``): GEMM 1.0, sign maps with ``Theta``/ones 0.28,
+    Gram 0.10, draws and the rest 0.05; a pass of 20 pre-made blocks with :meth:`result` 1.45-1.6x the
+    floor with ``keep_u=False`` (1.6x with ``U`` kept), against 1.7-1.8x before the gather kernel and
+    3.9x with the former dense Gaussian ``Psi``/``Phi`` (GEMM width ``2s + c + q + 1`` per row).
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is
@@ -271,29 +268,29 @@ class StreamingSVD:
     def _row_chunk(self, chunk: int) -> dict[str, torch.Tensor]:
         """Chunk ``chunk`` (``ROW_CHUNK`` global rows) of the row-side test matrices:
 
-        - ``"theta"``: ``ROW_CHUNK x (q + 1)``, ``[Theta^T, 1]`` (standard Gaussian, then ones: ``A^T 1``
-          comes out of the same product as ``A^T Theta^T``), compute dtype;
         - ``"rows"``/``"signs"``: ``ROW_CHUNK x (zeta_s + zeta_c)``, the nonzeros of ``[Psi; Phi]^T``:
           each row goes, with a random sign, to ``zeta_s`` distinct rows of ``Psi`` (``[0, s)``) and to
           ``zeta_c`` distinct rows of ``Phi`` (stored offset by ``s``: the rows of ``[Psi A; Phi A]``);
+        - ``"dense"``: ``ROW_CHUNK x (q + 1)`` float64, ``[Theta^T, 1]`` (standard Gaussian drawn in
+          float32, then ones: ``Theta A`` and ``1^T A`` come out of the same pass as ``Psi A``, ``Phi A``).
         """
         cached = self._chunk_cache.get(chunk)
         if cached is None:
             gen = torch.Generator().manual_seed(_mix(self.seed, chunk))
             s, q, c = self.sketch, self.n_test, self.core
-            theta = torch.empty(ROW_CHUNK, q + 1)
-            theta[:, :q] = torch.randn(ROW_CHUNK, q, generator=gen)
-            theta[:, q] = 1
-            psi = _distinct_rows(ROW_CHUNK, s, min(SPARSITY, s), gen)
-            phi = _distinct_rows(ROW_CHUNK, c, min(SPARSITY, c), gen)
-            signs = torch.randint(0, 2, (ROW_CHUNK, psi.shape[1] + phi.shape[1]), generator=gen)
-            signs = signs.to(torch.float64).mul_(2).sub_(1)
+            zs, zc = min(SPARSITY, s), min(SPARSITY, c)
+            if zs == zc:
+                rows = _distinct_rows(ROW_CHUNK, (s, c), zs, gen)
+            else:
+                psi = _distinct_rows(ROW_CHUNK, (s,), zs, gen)
+                rows = torch.cat([psi, _distinct_rows(ROW_CHUNK, (c,), zc, gen)], dim=1)
+            rows[:, zs:] += s
+            bits = torch.randint(0, 1 << (zs + zc), (ROW_CHUNK, 1), generator=gen)
+            signs = (bits >> torch.arange(zs + zc)).bitwise_and_(1).to(torch.float64).mul_(2).sub_(1)
+            dense = torch.ones(ROW_CHUNK, q + 1, dtype=torch.float64)
+            dense[:, :q] = torch.randn(ROW_CHUNK, q, generator=gen)
             dev = {"device": self.device}
-            cached = {
-                "theta": theta.to(dtype=self.dtype, **dev),
-                "rows": torch.cat([psi, phi + s], dim=1).to(**dev),
-                "signs": signs.to(**dev),
-            }
+            cached = {"rows": rows.to(**dev), "signs": signs.to(**dev), "dense": dense.to(**dev)}
             self._chunk_cache = {key: v for key, v in self._chunk_cache.items() if key > chunk - 2}
             self._chunk_cache[chunk] = cached
         return cached
@@ -318,14 +315,19 @@ class StreamingSVD:
         s, c, q, n = self.sketch, self.core, self.n_test, self.n_features
         f64 = {"dtype": torch.float64, "device": self.device}
         self._acc = {
-            # [Psi A; Phi A]: Z = Phi A Xi and Phi Y = Phi A Omega are formed at result time
-            "WPhiA": torch.zeros(s + c, n, **f64),
-            "E": torch.zeros(q, n, **f64),  # Theta A (Theta Y = Theta A Omega at result time)
+            # [Psi A; Phi A; Theta A; 1^T A] (s + c + q + 1) x n, one pass of the sparse sign op per block;
+            # Z = Phi A Xi, Phi Y = Phi A Omega and Theta Y = Theta A Omega are formed at result time
+            "sketch": torch.zeros(s + c + q + 1, n, **f64),
             "G": torch.zeros(s, s, **f64),  # Y^T Y
-            "colsum": torch.zeros(n, **f64),  # 1^T A
-            "rowsum": torch.zeros(s + c + q, **f64),  # [Psi 1; Phi 1; Theta 1]
+            "rowsum": torch.zeros(s + c + q, **f64),  # [Psi 1; Phi 1; Theta 1] (kept when centring)
             "ysum": torch.zeros(s, **f64),  # 1^T A Omega, as computed
         }
+
+    def _parts(self, sketch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of the stacked sketch: ``W = Psi A``, ``PhiA``, ``E = Theta A``, ``colsum = 1^T A``."""
+        s, c, q = self.sketch, self.core, self.n_test
+        parts = {"W": sketch[:s], "PhiA": sketch[s : s + c], "E": sketch[s + c : s + c + q]}
+        return {**parts, "colsum": sketch[-1]}
 
     def _as_block(self, block: Any):
         """The block as a LinOp in the stream's dtype, on its device (dtype/shape checked)."""
@@ -372,38 +374,35 @@ class StreamingSVD:
             return self  # an empty block adds nothing
         A = self._as_block(block)
         b = A.shape[0]
-        s, q, c = self.sketch, self.n_test, self.core
+        s, c = self.sketch, self.core
         start = self.row_offset + self.n_rows
         R = self._row_test(start, start + b)
-        dense = isinstance(A, torch.Tensor)
-        Y = A @ self._omega() if dense else A.matmul(self._omega())  # b x s
-        ysum = Y.sum(dim=0, dtype=torch.float64)
-        if not bool(torch.isfinite(ysum.sum())):  # NaN/Inf in A reach A Omega (Gaussian: no zero entry)
-            raise ValueError("block contains NaN or Inf entries (or its products overflow)")
+        strided = isinstance(A, torch.Tensor)
         acc = self._acc
+        Y = A @ self._omega() if strided else A.matmul(self._omega())  # b x s: the one GEMM
         Yd = Y.double()
-        G = acc["G"] + Yd.mT @ Yd  # Y^T Y squares the entries: checked before anything is added
-        if not bool(torch.isfinite(G).all()):
+        ysum = Yd.sum(dim=0)
+        G = torch.addmm(acc["G"], Yd.mT, Yd)  # Y^T Y, float64 (products of float32 entries are exact)
+        # one check (one sync) before anything is added: NaN/Inf in A reach A Omega (a Gaussian has no
+        # zero entry); Y^T Y squares the entries, so a float64 block can overflow it
+        if not bool(torch.isfinite(torch.stack([ysum.sum(), G.abs().amax()])).all()):
+            if not bool(torch.isfinite(ysum.sum())):
+                raise ValueError("block contains NaN or Inf entries (or its products overflow)")
             raise ValueError(
                 "block entries are too large: the sketch's Gram matrix Y^T Y overflows float64 (entries "
                 "beyond ~1e150); rescale the data (the SVD of c A is c times that of A)"
             )
-        theta = R["theta"]  # b x (q + 1): [Theta^T, 1]
-        if dense:
-            ET = (theta.mT @ A).double()  # (q + 1) x n: [Theta A; 1^T A]
-            sparse_sign_add_(acc["WPhiA"], A, R["rows"], R["signs"])  # [Psi A; Phi A], zeta b n adds
-        else:  # a sparse block: the sign maps as a dense b x (s + c) matrix, one sparse product
+        if strided:  # [Psi A; Phi A; Theta A; 1^T A] in one pass over A: (zeta_s + zeta_c + q + 1) b n adds
+            sparse_sign_add_(acc["sketch"], A, R["rows"], R["signs"], R["dense"])
+        else:  # a sparse block: the test rows as one dense b x (s + c + q + 1) matrix, one sparse product
             maps = torch.zeros(b, s + c, dtype=self.dtype, device=self.device)
             maps.scatter_(1, R["rows"], R["signs"].to(self.dtype))
-            RA = A.rmatmul(torch.cat([maps, theta], dim=1)).double()  # n x (s + c + q + 1)
-            acc["WPhiA"] += RA[:, : s + c].mT
-            ET = RA[:, s + c :].mT
-        acc["E"] += ET[:q]
-        acc["colsum"] += ET[q]
+            acc["sketch"] += A.rmatmul(torch.cat([maps, R["dense"].to(self.dtype)], dim=1)).double().mT
         acc["G"] = G
-        rowsum = acc["rowsum"]
-        rowsum[: s + c].index_add_(0, R["rows"].reshape(-1), R["signs"].reshape(-1))
-        rowsum[s + c :] += theta[:, :q].sum(dim=0).double()
+        if self.center:
+            rowsum = acc["rowsum"]
+            rowsum[: s + c].index_add_(0, R["rows"].reshape(-1), R["signs"].reshape(-1))
+            rowsum[s + c :] += R["dense"][:, :-1].sum(dim=0)
         acc["ysum"] += ysum
         if self.keep_u:
             self._Y.append(Y)
@@ -413,20 +412,21 @@ class StreamingSVD:
     # ------------------------------------------------------------------------------------------ result
 
     def _centered(self) -> dict[str, torch.Tensor]:
-        """The sketches of ``A`` (or of ``A - 1 mu^T`` when centring), float64."""
-        acc = dict(self._acc)
+        """The sketches of ``A`` (or of ``A - 1 mu^T`` when centring), float64: ``W``, ``PhiA``, ``E``,
+        ``colsum``, ``G`` (and ``omega`` = ``mu^T Omega`` when centring)."""
+        acc = {**self._parts(self._acc["sketch"]), "G": self._acc["G"]}
         if not self.center:
             return acc
-        s, c = self.sketch, self.core
+        s, c, q = self.sketch, self.core, self.n_test
         m = self.rows_total
         mu = acc["colsum"] / m
         # mu^T Omega taken as the mean of the rows of Y as computed (equal in exact arithmetic): the
         # centred Gram matrix G - m wy wy^T is then exactly that of the stored rows minus their mean,
         # whatever the rounding of the products (it matters when |mu| >> the spread)
-        wy = acc["ysum"] / m
-        rowsum = acc["rowsum"]
-        acc["WPhiA"] = acc["WPhiA"] - torch.outer(rowsum[: s + c], mu)
-        acc["E"] = acc["E"] - torch.outer(rowsum[s + c :], mu)
+        wy = self._acc["ysum"] / m
+        rowsum = self._acc["rowsum"]
+        centred = self._acc["sketch"][: s + c + q] - torch.outer(rowsum, mu)
+        acc.update(W=centred[:s], PhiA=centred[s : s + c], E=centred[s + c :])
         acc["G"] = acc["G"] - m * torch.outer(wy, wy)
         acc["omega"] = wy
         return acc
@@ -439,12 +439,11 @@ class StreamingSVD:
         if k > self.rows_total:
             raise ValueError(f"k={k} exceeds the number of rows seen ({self.rows_total})")
         acc = self._centered()
-        s = self.sketch
-        P = torch.linalg.qr(acc["WPhiA"][:s].mT).Q  # n x s
+        P = torch.linalg.qr(acc["W"].mT).Q  # n x s
         Xi, Omega = self._xi(), self._omega().double()  # Omega exactly as in update() (a float32 draw)
         # the core sketch Z = Phi A Xi (c x c) and Phi Y = Phi A Omega (c x s): 2 c (c + s) n flops, here
         # rather than per row; Theta Y = Theta A Omega for the error estimate
-        core = acc["WPhiA"][s:] @ torch.cat([Xi, Omega], dim=1)
+        core = acc["PhiA"] @ torch.cat([Xi, Omega], dim=1)
         Z, acc["PhiY"] = core[:, : self.core], core[:, self.core :]
         acc["ThetaY"] = acc["E"] @ Omega
         M = torch.linalg.pinv(acc["PhiY"]) @ Z @ torch.linalg.pinv(P.mT @ Xi)  # s x s

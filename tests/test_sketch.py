@@ -139,17 +139,24 @@ def test_sketches_equal_dense_products_of_the_sparse_sign_maps():
     assert R["rows"].shape == (m, 16) and set(R["signs"].unique().tolist()) == {-1.0, 1.0}
     assert bool((maps[:, :s] != 0).sum(1).eq(8).all()) and bool((maps[:, s:] != 0).sum(1).eq(8).all())
     Ad = A.double()
-    acc = sk._acc
+    parts = sk._parts(sk._acc["sketch"])
     # sums over one block are rounded in float32 (the block's dtype), then added in float64
-    torch.testing.assert_close(acc["WPhiA"], maps.mT @ Ad, rtol=1e-5, atol=1e-5)
-    theta = R["theta"].double()
-    torch.testing.assert_close(acc["E"], theta[:, :q].mT @ Ad, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(acc["colsum"], Ad.sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.cat([parts["W"], parts["PhiA"]]), maps.mT @ Ad, rtol=1e-5, atol=1e-5)
+    dense = R["dense"]  # [Theta^T, 1], float64 holding float32 draws
+    assert dense.dtype == torch.float64 and bool((dense[:, -1] == 1).all())
+    assert bool((dense[:, :q].float().double() == dense[:, :q]).all())
+    theta = dense[:, :q]
+    torch.testing.assert_close(parts["E"], theta.mT @ Ad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(parts["colsum"], Ad.sum(0), rtol=1e-5, atol=1e-4)
     formed = sk._factors()[0]  # Phi Y = (Phi A) Omega, Theta Y = (Theta A) Omega at result time
     Y = Ad @ sk._omega().double()
     torch.testing.assert_close(formed["PhiY"], maps[:, s:].mT @ Y, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(formed["ThetaY"], theta[:, :q].mT @ Y, rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(acc["rowsum"][: s + c], maps.sum(0), rtol=0, atol=0)
+    torch.testing.assert_close(formed["ThetaY"], theta.mT @ Y, rtol=1e-5, atol=1e-3)
+    # the row sums [Psi 1; Phi 1; Theta 1] of the centring corrections (kept only when centring)
+    centred = _stream(A, [1000, ROW_CHUNK + 5], k=3, sketch=13, core=27, seed=6, center=True)
+    rowsum = torch.cat([maps.sum(0), theta.sum(0)])
+    torch.testing.assert_close(centred._acc["rowsum"], rowsum, rtol=1e-12, atol=1e-9)
+    assert not bool(sk._acc["rowsum"].any())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -203,6 +210,11 @@ def test_state_dict_resume(tmp_path):
     old = {**first.state_dict(), "version": 1}  # dense Gaussian Psi/Phi: another sketch of the same rows
     with pytest.raises(ValueError, match="version 1.*cannot resume"):
         StreamingSVD(50, 5, seed=12, center=True).load_state_dict(old)
+    # version 2: separate [Psi A; Phi A], Theta A, 1^T A buffers and torch-drawn signs
+    v2 = {**first.state_dict(), "version": 2}
+    with pytest.raises(ValueError, match="version 2, this is version 3.*cannot resume"):
+        StreamingSVD(50, 5, seed=12, center=True).load_state_dict(v2)
+    assert first.state_dict()["version"] == 3
 
 
 # ------------------------------------------------------------------------------------------- input kinds

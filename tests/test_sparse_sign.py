@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank._ops import sparse_sign_add_
+from lowrank._ops import floyd_distinct, sparse_sign_add_
 
 
 def _case(d, b, n, zeta, dtype, seed=0, distinct=True):
@@ -39,6 +39,8 @@ def _reference(out, block, rows, signs):
         (9, 64, 1001, 8, torch.float64),
         (600, 19, 70, 1, torch.float32),  # d * 8 bytes > the tile budget for wide n: narrow tiles
         (20, 30, 17, 3, torch.float32),
+        (30, 700, 70, 8, torch.float32),  # several panels of 256 rows, a partial column tile
+        (17, 513, 97, 5, torch.float64),  # float64: tiles of 32 columns, panels of 256 rows
     ],
 )
 def test_matches_dense_reference(d, b, n, zeta, dtype):
@@ -68,17 +70,47 @@ def test_repeated_targets_weights_and_strided_inputs():
     assert torch.equal(out, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [1, 4, 11, 13, 25])  # dense rows: chunks of 12, padding to a multiple of 4
+def test_dense_rows_match_dense_reference(dtype, p):
+    d, b, n, zeta = 40, 600, 150, 8
+    out, block, rows, signs = _case(d, b, n, zeta, dtype, seed=5)
+    gen = torch.Generator().manual_seed(7)
+    dense = torch.randn(b, p, generator=gen, dtype=torch.float64)
+    full = torch.cat([out, torch.randn(p, n, generator=gen, dtype=torch.float64)])
+    ref = full.clone()
+    ref[:d] = _reference(out, block, rows, signs)
+    ref[d:] += dense.mT @ block.double()
+    got = sparse_sign_add_(full, block, rows, signs, dense)
+    assert got is full
+    tol = 1e-13 if dtype == torch.float64 else 1e-6 * (1 + b * zeta / d)
+    torch.testing.assert_close(full[:d], ref[:d], rtol=tol, atol=tol)
+    # the dense sums over b rows are rounded in the block's dtype: |error| ~ eps sqrt(b) max|terms|
+    tol = 1e-12 if dtype == torch.float64 else 1e-6 * b**0.5 * 4
+    torch.testing.assert_close(full[d:], ref[d:], rtol=tol, atol=tol)
+    # dense only (zeta = 0) and rows that would reach the dense rows are refused
+    only = torch.zeros(p, n, dtype=torch.float64)
+    sparse_sign_add_(only, block, rows[:, :0], signs[:, :0], dense)
+    torch.testing.assert_close(only, dense.mT @ block.double(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=rf"rows holds {d + p - 1}.*\[0, {d}\)"):
+        bad = rows.clone()
+        bad[3, 2] = d + p - 1
+        sparse_sign_add_(full, block, bad, signs, dense)
+
+
 def test_split_rows_and_thread_count():
-    out, block, rows, signs = _case(40, 200, 257, 8, torch.float64, seed=2)
-    one = sparse_sign_add_(out.clone(), block, rows, signs)
+    out, block, rows, signs = _case(40, 600, 257, 8, torch.float64, seed=2)
+    dense = torch.randn(600, 3, dtype=torch.float64)
+    out = torch.cat([out, torch.zeros(3, 257, dtype=torch.float64)])
+    one = sparse_sign_add_(out.clone(), block, rows, signs, dense)
     two = out.clone()
-    sparse_sign_add_(two, block[:77], rows[:77], signs[:77])
-    sparse_sign_add_(two, block[77:], rows[77:], signs[77:])
-    torch.testing.assert_close(one, two, rtol=1e-14, atol=1e-14)
+    sparse_sign_add_(two, block[:77], rows[:77], signs[:77], dense[:77])
+    sparse_sign_add_(two, block[77:], rows[77:], signs[77:], dense[77:])
+    torch.testing.assert_close(one, two, rtol=1e-13, atol=1e-13)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = sparse_sign_add_(out.clone(), block, rows, signs)
+        single = sparse_sign_add_(out.clone(), block, rows, signs, dense)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, single)
@@ -88,9 +120,16 @@ def test_meta_and_fallback_paths_match():
     out, block, rows, signs = _case(12, 25, 31, 4, torch.float32, seed=3)
     meta = sparse_sign_add_(out.to("meta"), block.to("meta"), rows.to("meta"), signs.to("meta"))
     assert meta.device.type == "meta" and meta.shape == out.shape
+    dense = torch.randn(25, 2, dtype=torch.float64)
+    full = torch.cat([out, torch.zeros(2, 31, dtype=torch.float64)])
+    meta = sparse_sign_add_(*(t.to("meta") for t in (full, block, rows, signs, dense)))
+    assert meta.device.type == "meta" and meta.shape == full.shape
     if torch.cuda.is_available():
         ref = _reference(out, block, rows, signs)
         got = sparse_sign_add_(out.cuda(), block.cuda(), rows.cuda(), signs.cuda())
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-13, atol=1e-13)
+        ref = torch.cat([ref, dense.mT @ block.double()])
+        got = sparse_sign_add_(full.cuda(), block.cuda(), rows.cuda(), signs.cuda(), dense.cuda())
         torch.testing.assert_close(got.cpu(), ref, rtol=1e-13, atol=1e-13)
 
 
@@ -109,9 +148,68 @@ def test_bad_arguments_name_them():
         ((out, block, rows + 10, signs), ValueError, r"rows holds 1\d.*\[0, 10\)"),
         ((out, block, rows - 20, signs), ValueError, "rows holds -"),
         ((out, block.numpy(), rows, signs), TypeError, "block must be a torch.Tensor"),
+        ((out, block, rows, signs, torch.ones(5, 2).double()), ValueError, "dense must be 2-D"),
+        ((out, block, rows, signs, torch.ones(6, 11).double()), ValueError, "dense has 11 columns"),
+        ((out, block, rows, signs, torch.ones(6, 2)), TypeError, "dense must be float64"),
+        ((out, block, rows, signs, [[1.0]] * 6), TypeError, "dense must be a torch.Tensor"),
     ]
     for args, error, match in cases:
         before = out.clone()
         with pytest.raises(error, match=match):
             sparse_sign_add_(*args)
         assert torch.equal(out, before)
+
+
+def _floyd_reference(u, sizes):
+    rows, groups, zeta = u.shape
+    out = torch.empty(rows, groups, zeta, dtype=torch.int64)
+    for i in range(rows):
+        for g, d in enumerate(sizes):
+            chosen = []
+            for t in range(zeta):
+                j = d - zeta + t
+                pick = min(int(float(u[i, g, t]) * (j + 1)), j)
+                chosen.append(j if pick in chosen else pick)
+            out[i, g] = torch.tensor(chosen)
+    return out
+
+
+def test_floyd_distinct_matches_reference_and_is_uniform():
+    gen = torch.Generator().manual_seed(11)
+    u = torch.rand(300, 3, 4, generator=gen, dtype=torch.float64)
+    u[0, 0] = torch.tensor([0.0, 1 - 2**-53, 0.5, 0.999999], dtype=torch.float64)  # the ends of [0, 1)
+    sizes = (4, 9, 100)
+    got = floyd_distinct(u, sizes)
+    assert got.dtype == torch.int64 and got.shape == (300, 3, 4)
+    assert torch.equal(got, _floyd_reference(u, sizes))
+    for g, d in enumerate(sizes):  # distinct, in range
+        picks = got[:, g]
+        assert bool((picks >= 0).all()) and bool((picks < d).all())
+        assert bool((picks.sort(dim=1).values.diff(dim=1) > 0).all())
+    # every 2-subset of [0, 5) equally likely: 20000 draws, 10 subsets, chi^2 (9 dof) below 40 (p < 1e-5)
+    u = torch.rand(20000, 1, 2, generator=gen, dtype=torch.float64)
+    pairs = floyd_distinct(u, [5])[:, 0].sort(dim=1).values
+    counts = torch.bincount(pairs[:, 0] * 5 + pairs[:, 1], minlength=25).double()
+    counts = counts[counts > 0]
+    assert counts.numel() == 10
+    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
+    assert chi2 < 40, chi2
+
+
+def test_floyd_distinct_bad_arguments():
+    u = torch.rand(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="u must be 3-D"):
+        floyd_distinct(u[0], [4, 4])
+    with pytest.raises(TypeError, match="u must be float64"):
+        floyd_distinct(u.float(), [4, 4])
+    with pytest.raises(ValueError, match="sizes has 1 entries but u has 2 groups"):
+        floyd_distinct(u, [4])
+    with pytest.raises(ValueError, match="every size must be >= zeta = 3, got 2"):
+        floyd_distinct(u, [4, 2])
+    with pytest.raises(TypeError, match="u must be a torch.Tensor"):
+        floyd_distinct(u.numpy(), [4, 4])
+    for bad in (float("nan"), -0.1, 1.0):
+        v = u.clone()
+        v[2, 1, 0] = bad
+        with pytest.raises(ValueError, match=r"every entry of u must lie in \[0, 1\).*flat index 15"):
+            floyd_distinct(v, [4, 4])
