@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import lowrank
-from benchmarks.common import BenchResult, Table, Timing, fmt_time, measure, synchronize
+from benchmarks.common import BenchResult, Table, Timing, fmt_time, measure_apart, synchronize
 
 
 def _log(message: str) -> None:
@@ -102,7 +102,7 @@ def _nmf_table(device: str, quick: bool, dtype: torch.dtype, result: BenchResult
                     candidates["lowrank to sklearn obj"] = lambda X=X_torch, k=k, t=target: lowrank.nmf(
                         X, k, seed=0, max_iter=t, tol=0.0
                     )
-            times = measure(candidates, device=device, warmup=warmup, repeats=repeats)
+            times = measure_apart(candidates, device=device, warmup=warmup, repeats=repeats)
             if tight:
                 times["lowrank"] = Timing(single, single, single, 1)
             ours_obj = objective(W, H)
@@ -213,7 +213,7 @@ def _pca_table(device: str, quick: bool, dtype: torch.dtype, result: BenchResult
             candidates.update(sk)
             for name, fn in sk.items():
                 outputs[name] = lambda fn=fn: np.asarray(fn().explained_variance_, dtype=np.float64)
-        times = measure(candidates, device=device, warmup=1, repeats=repeats)
+        times = measure_apart(candidates, device=device, warmup=1, repeats=repeats)
         for name, timing in times.items():
             variances = outputs[name]()
             error = float(np.abs(variances - truth).max() / truth[0])
@@ -293,7 +293,7 @@ def _skeleton_table(device: str, quick: bool, dtype: torch.dtype, result: BenchR
         errors["scipy interp_decomp (rand=False)"] = lambda: err_scipy(False)
     except ImportError:
         result.notes.append("scipy missing: interpolative decomposition alternatives skipped")
-    times = measure(candidates, device=device, warmup=1, repeats=repeats)
+    times = measure_apart(candidates, device=device, warmup=1, repeats=repeats)
     rows = []
     for name, timing in times.items():
         error = errors[name]()
@@ -333,7 +333,7 @@ def _skeleton_table(device: str, quick: bool, dtype: torch.dtype, result: BenchR
         errors["scipy eigsh (Lanczos)"] = err_eigsh
     except ImportError:
         pass
-    times = measure(candidates, device=device, warmup=1, repeats=repeats)
+    times = measure_apart(candidates, device=device, warmup=1, repeats=repeats)
     for name, timing in times.items():
         error = errors[name]()
         rows.append([f"PSD {n_psd}, k={k_psd}", name, fmt_time(timing.median), f"{error:.3f}"])
@@ -390,7 +390,7 @@ def _als_qr_table(device: str, quick: bool, dtype: torch.dtype, result: BenchRes
         "torch.linalg.qr": lambda: torch.linalg.qr(Y),
         "lowrank.cholesky_qr": lambda: lowrank.cholesky_qr(Y),
     }
-    times = measure(candidates, device=device, warmup=1, repeats=3 if quick else 7)
+    times = measure_apart(candidates, device=device, warmup=1, repeats=3 if quick else 7)
     eye = torch.eye(nq, dtype=dtype, device=device)
     for name, timing in times.items():
         Q, _ = candidates[name]()

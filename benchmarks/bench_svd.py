@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import lowrank
-from benchmarks.common import BenchResult, Plot, Table, fmt_time, measure
+from benchmarks.common import BenchResult, Plot, Table, fmt_time, measure, measure_apart
 
 
 def _log(message: str) -> None:
@@ -416,23 +416,6 @@ def _default_cells(default: str, reference: str, goal: float, error: dict, timin
     ]
 
 
-def _measure_by_runtime(calls: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call: torch candidates interleaved among themselves, scikit-learn's apart.
-
-    scikit-learn runs on NumPy's BLAS, whose worker threads keep spinning for a while after a call; on a
-    2-core machine whichever torch candidate ran right after it lost the cores to them (measured: the
-    sparse case's rsvd default 45 ms at the start of a round, 116-134 ms right after randomized_svd).
-    Each group is warmed up separately, so no timed call follows the other thread pool's work.
-    """
-    foreign = {name: fn for name, fn in calls.items() if name.startswith("sklearn")}
-    native = {name: fn for name, fn in calls.items() if name not in foreign}
-    timing = {}
-    for group in (foreign, native):
-        if group:
-            timing.update({name: t.median for name, t in measure(group, warmup=1, repeats=repeats).items()})
-    return timing
-
-
 def _small_and_sparse_table(quick: bool, result: BenchResult) -> None:
     """Issue 19's three cases, each with its goal ratio beside the measured one (CPU)."""
     import scipy.sparse as sp
@@ -510,7 +493,7 @@ def _small_and_sparse_table(quick: bool, result: BenchResult) -> None:
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            timing = _measure_by_runtime(calls, repeats)
+            timing = {name: t.median for name, t in measure_apart(calls, warmup=1, repeats=repeats).items()}
             error = {name: excess(A_np, fn(), sigma, fro_sq) for name, fn in calls.items()}
         for ref, goal in references:
             best, ratio = _best_ratio(calls, ref, error, timing)
@@ -553,7 +536,7 @@ def _small_and_sparse_table(quick: bool, result: BenchResult) -> None:
     calls = {name: (lambda cfg=cfg: lowrank.pca(X_t, k, seed=0, **cfg)) for name, cfg in pca_configs.items()}
     arpack = "sklearn PCA(svd_solver='arpack')"
     calls[arpack] = lambda: PCA(k, svd_solver="arpack", random_state=0).fit(X)
-    timing = _measure_by_runtime(calls, repeats)
+    timing = {name: t.median for name, t in measure_apart(calls, warmup=1, repeats=repeats).items()}
     error = {}
     for name, fn in calls.items():
         out = fn()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from benchmarks.__main__ import main
-from benchmarks.common import Timing, measure, rotating
+from benchmarks.common import Timing, measure, measure_apart, rotating
 from benchmarks.report import fmt_cell, to_jsonable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -258,3 +258,22 @@ def test_sanitizer_cases_name_existing_paths():
     multi = memcheck_case.MULTI
     assert any(m <= 64 or m < 64 * n for _, m, _, _, _, n, _, _ in multi)  # BGMV
     assert any(m > 64 and m >= 64 * n and rule == "runs" for _, m, _, _, _, n, rule, _ in multi)  # segments
+
+
+def test_measure_apart_never_times_a_torch_call_right_after_a_numpy_blas_one() -> None:
+    """Candidates on NumPy's BLAS (names starting sklearn/scipy/numpy) run in their own loop, warm-up
+    included, so none of the torch candidates' calls follows one of theirs; every name gets its samples."""
+    calls: list[str] = []
+
+    def make(name):
+        return lambda: calls.append(name)
+
+    names = ["lowrank a", "sklearn b", "torch c", "scipy d", "lowrank e"]
+    timings = measure_apart({name: make(name) for name in names}, warmup=1, repeats=4)
+    assert list(timings) == names
+    assert all(isinstance(t, Timing) and t.repeats == 4 for t in timings.values())
+    foreign = {"sklearn b", "scipy d"}
+    last_foreign = max(i for i, name in enumerate(calls) if name in foreign)
+    first_native = min(i for i, name in enumerate(calls) if name not in foreign)
+    assert last_foreign < first_native  # one loop after the other
+    assert len(calls) == 5 * (1 + 4)
