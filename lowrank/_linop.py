@@ -81,6 +81,17 @@ def no_autocast(fn: _F) -> _F:
 _SEED_LIMIT = 1 << 63
 
 
+def python_number(value: Any) -> Any:
+    """A NumPy integer or floating scalar as the Python ``int`` / ``float`` of the same value (NumPy
+    scalars are numbers to users: ``k=np.int64(8)``, ``tol=np.float32(1e-3)``); anything else unchanged,
+    for the argument checks to judge."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
 def check_seed(
     seed: Any, *, allow_generator: bool = True, name: str = "seed"
 ) -> int | torch.Generator | None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
-from lowrank._linop import check_seed, check_tensor, no_autocast
+from lowrank._linop import check_seed, check_tensor, no_autocast, python_number
 
 __all__ = ["ConvergenceWarning", "low_rank_factor"]
 
@@ -28,12 +27,9 @@ class ConvergenceWarning(UserWarning):
 
 def _check_rank(k: Any, name: str = "k", *, upper: int | None = None) -> int:
     """Return ``k`` as an int after checking ``1 <= k (<= upper)``; a clear error names the argument."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
-            k = int(k)
-        else:
-            if isinstance(k, np.integer) and not isinstance(k, np.bool_):
-                k = int(k)
+    k = python_number(k)
+    if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
+        k = int(k)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be a positive int, got {type(k).__name__}")
     if k < 1:
@@ -47,8 +43,7 @@ def _check_int(value: Any, name: str, *, minimum: int = 0) -> int:
     """``value`` as an int ``>= minimum``: Python and NumPy integers (not bool); a ValueError naming the
     argument otherwise (a float such as ``3.0`` included, as the checks did before NumPy integers were
     accepted)."""
-    if isinstance(value, np.integer) and not isinstance(value, np.bool_):
-        value = int(value)
+    value = python_number(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {kind}, got {value!r}")
@@ -59,8 +54,7 @@ def _check_float(value: Any, name: str) -> float:
     """``value`` as a finite float ``>= 0``: Python and NumPy reals (not bool); a ValueError naming the
     argument otherwise. NumPy scalars such as ``np.float32(1e-6)`` are numbers too (they are not ``float``
     instances, which the checks of als / nmf / nystrom used to require)."""
-    if isinstance(value, (np.integer, np.floating)) and not isinstance(value, np.bool_):
-        value = float(value)
+    value = python_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
         raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     return float(value)

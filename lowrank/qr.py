@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from lowrank._linop import check_tensor, no_autocast
+from lowrank._linop import check_tensor, no_autocast, python_number
 
 __all__ = ["cholesky_qr"]
 
@@ -210,10 +209,7 @@ def cholesky_qr(
         raise ValueError(f"X must be tall (m >= n) for a thin QR, got shape {tuple(X.shape)}")
     if not (X.dtype.is_floating_point or X.dtype.is_complex):
         raise TypeError(f"X must have a floating dtype, got {X.dtype}")
-    if isinstance(passes, np.integer):
-        passes = int(passes)
-    if isinstance(shift, (np.integer, np.floating)):
-        shift = float(shift)
+    passes, shift = python_number(passes), python_number(shift)
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"passes must be a positive integer, got {passes!r}")
     if not (shift is None or isinstance(shift, (bool, int, float))):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from lowrank._linop import (
@@ -33,6 +32,7 @@ from lowrank._linop import (
     check_seed,
     check_tensor,
     no_autocast,
+    python_number,
 )
 from lowrank.qr import cholqr_pass, matmul_like, matmul_rows_inplace, orthonormalize
 
@@ -98,13 +98,8 @@ def _flip_signs(
     return U * sign, Vh * sign.mT
 
 
-def _as_int(value: Any) -> Any:
-    """A NumPy integer as a Python int (NumPy scalars are numbers to users); anything else unchanged."""
-    return int(value) if isinstance(value, np.integer) else value
-
-
 def _check_k(k: Any, kmax: int, name: str = "k") -> int:
-    k = _as_int(k)
+    k = python_number(k)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if k <= 0:
@@ -115,7 +110,7 @@ def _check_k(k: Any, kmax: int, name: str = "k") -> int:
 
 
 def _check_nonneg_int(value: Any, name: str) -> int:
-    value = _as_int(value)
+    value = python_number(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
@@ -491,8 +486,7 @@ def rsvd(
     m, n = op.shape
     kmax = min(m, n)
     if tol is not None:
-        if isinstance(tol, (np.integer, np.floating)):
-            tol = float(tol)
+        tol = python_number(tol)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)):
             raise TypeError(f"tol must be a float, got {type(tol).__name__}")
         if not (0 < tol < 1):
@@ -576,6 +570,13 @@ _NARROW_MIN_K = 16
 _NARROW_DENSE_MAX_ENTRIES = 1 << 22
 
 
+def _stored(op: LinOp) -> LinOp:
+    """The operator under any transposition and implicit centring: what holds ``A``'s entries."""
+    while isinstance(op, (TransposedOp, CenteredOp)):
+        op = op.base
+    return op
+
+
 def _auto_narrow(op: LinOp, k: int) -> tuple[int, int] | None:
     """``(block, n_iter)`` of the narrow-block branch of ``method="auto"``, or ``None`` for the wide rule
     of :func:`_default_params`; the rule is in :func:`rsvd`'s Notes.
@@ -596,9 +597,7 @@ def _auto_narrow(op: LinOp, k: int) -> tuple[int, int] | None:
     if op.device.type != "cpu" or k < _NARROW_MIN_K or len(op.batch_shape):
         return None
     m, n = op.shape
-    base = op
-    while isinstance(base, (TransposedOp, CenteredOp)):
-        base = base.base
+    base = _stored(op)
     if isinstance(base, SparseOp):
         block, span = -(-2 * k // 5), 3 * k
     elif isinstance(base, DenseOp) and m * n <= _NARROW_DENSE_MAX_ENTRIES:
@@ -760,9 +759,7 @@ def _block_krylov(
 def _owns_products(op: LinOp) -> bool:
     """Whether the products of ``op`` are fresh tensors (dense or sparse A, centred or transposed), which
     may be scaled in place; a user operator's may be its own storage."""
-    base = op
-    while isinstance(base, (TransposedOp, CenteredOp)):
-        base = base.base
+    base = _stored(op)
     return isinstance(base, (DenseOp, SparseOp))
 
 
@@ -784,9 +781,7 @@ def _short_side_ritz(op: LinOp) -> bool:
     dense work on the long images (the fp64 Gram of ``[W_0 ... W_q]``, ``m s^2`` flops, and
     ``V = W Z``) dominated the whole call: 2/3 of it on a 30000 x 2500 sparse matrix with 5 entries per
     row (k = 40, 8 blocks of 16), while products with a sparse A of that width cost ``O(nnz s)``."""
-    base = op
-    while isinstance(base, (TransposedOp, CenteredOp)):
-        base = base.base
+    base = _stored(op)
     return (
         isinstance(base, SparseOp)
         and op.dtype == torch.float32
