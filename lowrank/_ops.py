@@ -559,17 +559,6 @@ def sparse_sign_add_(
     if p:
         out[ds:].addmm_(dense.mT, src)
     return out
-    if not (block.device == rows.device == signs.device == out.device):
-        raise ValueError(
-            f"sparse_sign_add_: all tensors must be on one device, got out on {out.device}, block on "
-            f"{block.device}, rows on {rows.device}, signs on {signs.device}"
-        )
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out.shape[0]):
-        raise ValueError(f"sparse_sign_add_: every entry of rows must lie in [0, {out.shape[0]})")
-    src = block.to(torch.float64)
-    for t in range(rows.shape[1]):
-        out.index_add_(0, rows[:, t], src * signs[:, t, None])
-    return out
 
 
 def floyd_distinct(u: torch.Tensor, sizes: list[int] | tuple[int, ...]) -> torch.Tensor:
