@@ -242,7 +242,10 @@ def _ritz(
     """
     Q_blocks = Q if isinstance(Q, list) else [Q]
     W = _cat_columns(W) if isinstance(W, list) else W
-    if W.dtype == torch.float32 and not robust:
+    fast = None if robust else _ritz_fp32(W, k, flags)
+    if fast is not None:
+        Zk, S, Vh = fast
+    elif W.dtype == torch.float32 and not robust:
         evals, Z = torch.linalg.eigh(_gram64(W))  # ascending
         Zk = Z[..., :, -k:].flip(-1)
         S = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
@@ -263,6 +266,52 @@ def _ritz(
     U = matmul_like(basis, Zk, basis)
     U, Vh = _flip_signs(U, Vh, inplace=True)
     return SVDResult(U, S, Vh)
+
+
+#: smallest ``lambda_k / lambda_1`` of the fp32 Gram accepted by :func:`_ritz_fp32`
+_FP32_GRAM_MIN_RATIO = 1e-4
+
+
+def _ritz_fp32(
+    W: torch.Tensor, k: int, flags: list
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(Z_k, S, V^H)`` of the Rayleigh-Ritz step from the Gram ``W^T W`` formed and decomposed in fp32,
+    for real fp32 2-D ``W`` on CPU whose top-k Ritz values are well above its rounding; ``None`` otherwise
+    (the caller then forms the Gram in fp64).
+
+    The fp32 Gram's entries carry an error of about ``u sigma_1^2``: with ``lambda_k >= 1e-4 lambda_1``
+    (``sigma_k >= sigma_1 / 100``) its eigenvectors select the top-k subspace well (the captured energy
+    is second order in their error), but its eigenvalues would be off by up to ~1e-3 relative, so ``S``
+    is not taken from them: ``V' = W Z_k``, ``S`` = the column norms of ``V'`` (accumulated in fp64,
+    the Rayleigh quotients: as accurate as the fp64 path's), then ``V = V' S^{-1}`` made orthonormal by
+    one CholeskyQR pass, ``S`` times its diagonal, the triplets sorted by ``S``. Measured on the 1500 x 1500
+    narrow-branch case (``W`` of 1500 x 160, 1 thread): Gram and eigh 3.4 + 1.9 ms in fp64 -> 1.0 + 1.0 ms.
+    """
+    if W.dtype != torch.float32 or W.device.type != "cpu" or W.dim() != 2:
+        return None
+    gram = _adjoint(W) @ W
+    # W is not scaled on every path (subspace iteration): a Gram near the ends of the fp32 range (overflow,
+    # or products in the subnormal range) goes to the fp64 path; ``lambda_1 <= s max(diag)``
+    big = torch.diagonal(gram).amax()
+    if not bool(torch.isfinite(gram).all() & (big >= 1e-26) & (big <= 1e36)):
+        return None
+    evals, Z = torch.linalg.eigh(gram)  # ascending
+    top = evals[-1]
+    if not bool(torch.isfinite(evals).all()) or not bool(
+        (top > 0) & (evals[-k] >= _FP32_GRAM_MIN_RATIO * top)
+    ):
+        return None
+    Zk = Z[:, -k:].flip(-1)
+    V = matmul_like(W, Zk, W)
+    S = _norm64(V, dim=0)
+    V = V.div_(S.to(V.dtype))
+    V, R, info = cholqr_pass(V, by_inverse=True, inplace=True)
+    flags.append(info > 0)
+    S = (S * torch.diagonal(R).to(S.dtype)).to(W.dtype)
+    if not bool((S[1:] <= S[:-1]).all()):  # nearly equal Ritz values may come out swapped
+        S, order = S.sort(descending=True)
+        Zk, V = Zk[:, order], V[:, order]
+    return Zk, S, _adjoint(V)
 
 
 def _gram64(X: torch.Tensor) -> torch.Tensor:
@@ -599,15 +648,29 @@ def _auto_narrow(op: LinOp, k: int) -> tuple[int, int] | None:
     m, n = op.shape
     base = _stored(op)
     if isinstance(base, SparseOp):
-        block, span = -(-2 * k // 5), 3 * k
+        block = -(-2 * k // 5)
+        n_iter = max(2, -(-3 * k // block) - 1)
     elif isinstance(base, DenseOp) and m * n <= _NARROW_DENSE_MAX_ENTRIES:
-        block, span = -(-k // 2), -(-5 * k // 2)
+        block, n_iter = _narrow_dense_block(k), 3
     else:
         return None
-    n_iter = max(2, -(-span // block) - 1)
     if (n_iter + 1) * block > min(m, n) // 2:  # a subspace this large: the wide rule decides
         return None
     return block, n_iter
+
+
+def _narrow_dense_block(k: int) -> int:
+    """Block columns of the dense narrow branch, ``ceil(k/2) + 8`` (with ``n_iter=3``: 8 passes over A,
+    subspace ``4 b``).
+
+    The smallest of the forms tried that reached the accuracy of ``torch.svd_lowrank(q=k+10, niter=2)``
+    with a margin everywhere: worst excess of 3 seeds at most 0.73x torch's mean excess on 1000^2,
+    2048^2 fp32 matrices with ``sigma_i = 0.99^i + 1e-3`` and ``0.995^i + 1e-3`` (nearly flat heads, the
+    hardest kind), k = 16-128; ``ceil(k/2) + 4`` (the form behind the figures for ``i^-0.5``, ``i^-0.7``,
+    ``i^-1``, ``0.97^i`` on 1000^2-2000^2, 3000 x 1000, 4096 x 1024, k = 16-160, at most 0.74x there)
+    reached 1.0-1.18x torch's excess on the flat heads. Cost: ``8 b`` column-passes against torch's
+    ``6 (k + 10)`` (0.72x at k = 64, 0.70x at k = 128)."""
+    return -(-k // 2) + 8
 
 
 def _resolve(
