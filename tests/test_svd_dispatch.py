@@ -323,3 +323,39 @@ def test_rayleigh_ritz_fp32_sorts_nearly_equal_ritz_values():
     S = res.S.double().numpy()
     assert bool(np.all(S[1:] <= S[:-1]))
     _check_against_exact(A, res, k, excess=1e-4, sv_rtol=1e-5, orth_atol=1e-5)
+
+
+@pytest.mark.parametrize("decay", ["slow", "fast"])
+def test_krylov_block_normalisation_cholesky_or_householder(monkeypatch, decay):
+    """fp32 CPU Krylov blocks are first normalised by one CholeskyQR pass when its R is well conditioned
+    (slowly decaying spectra), by Householder QR otherwise (fast decay: a Krylov block is then nearly
+    rank deficient). Both span the same blocks: the result equals that of Householder QR everywhere, and
+    matches the exact SVD."""
+    outcomes = []
+    normalize = svd_module._normalize_block
+
+    def spy(Y):
+        Q = normalize(Y)
+        outcomes.append(Q is not None)
+        return Q
+
+    i = np.arange(300, dtype=np.float64)
+    spectrum = 0.95**i if decay == "slow" else 0.3**i
+    A = _slow_decay(400, 300, spectrum, seed=2)
+    X = torch.from_numpy(A).float()
+    k = 16
+    monkeypatch.setattr(svd_module, "_normalize_block", spy)
+    res = lowrank.rsvd(X, k, seed=0, block_size=8, n_iter=4)
+    monkeypatch.setattr(svd_module, "_normalize_block", lambda Y: None)
+    householder = lowrank.rsvd(X, k, seed=0, block_size=8, n_iter=4)
+    assert len(outcomes) == 4
+    assert all(outcomes) if decay == "slow" else not all(outcomes), outcomes
+    top = k if decay == "slow" else 8  # 0.3^i: the tail is below fp32 rounding of A
+    np.testing.assert_allclose(res.S.numpy()[:top], householder.S.numpy()[:top], rtol=1e-4)
+    if decay == "slow":
+        _check_against_exact(A, res, k, excess=1e-3, sv_rtol=1e-3, orth_atol=1e-5)
+    else:
+        np.testing.assert_allclose(res.S.double().numpy()[:6], spectrum[:6], rtol=1e-4)
+        U, Vh = res.U.double().numpy(), res.Vh.double().numpy()
+        np.testing.assert_allclose(U.T @ U, np.eye(k), atol=1e-5)
+        np.testing.assert_allclose(Vh @ Vh.T, np.eye(k), atol=1e-5)
