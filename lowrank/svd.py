@@ -502,13 +502,14 @@ def rsvd(
     ``method="auto"`` rule (from ``benchmarks/bench_svd.py``, 2-core CPU, fp32). Narrow branch, when
     neither ``oversample`` nor ``n_iter`` is given, on CPU, 2-D, ``k >= 16``, for sparse matrices and
     dense ones of at most ``2^22`` entries, as long as the subspace fits in half of ``min(m, n)``: block
-    Krylov with blocks of ``ceil(k/2)`` columns and ``n_iter=4`` (dense; subspace 2.5k) or
-    ``ceil(k/2.5)`` columns and the smallest ``n_iter`` spanning ``3k`` (sparse); figures in
-    ``lowrank.svd._auto_narrow``. Wide branch otherwise: block Krylov with
-    ``n_iter=2`` and a block of ``k + max(4, k // 8)`` columns whenever its final subspace
-    (``3 (k + oversample)`` columns) fits in half of ``min(m, n)``; otherwise subspace iteration with
-    ``n_iter=4``, ``oversample=max(10, k // 4)``. Measured (``python -m benchmarks.bench_svd --full
-    --threads 1``, median of 5 interleaved runs, 2-core CPU; excess = Frobenius error over the optimal
+    Krylov with blocks of ``ceil(k/2) + 8`` columns and ``n_iter=3`` (dense; 8 passes, subspace
+    ``4 b``: the accuracy of ``torch.svd_lowrank(q=k+10, niter=2)`` with a margin, in 0.7x its
+    column-passes) or ``ceil(k/2.5)`` columns and the smallest ``n_iter`` spanning ``3k`` (sparse);
+    figures in ``lowrank.svd._auto_narrow`` and ``lowrank.svd._narrow_dense_block``. Wide branch
+    otherwise: block Krylov with ``n_iter=2`` and a block of ``k + max(4, k // 8)`` columns whenever its
+    final subspace (``3 (k + oversample)`` columns) fits in half of ``min(m, n)``; otherwise subspace
+    iteration with ``n_iter=4``, ``oversample=max(10, k // 4)``. Measured (``python -m benchmarks.bench_svd
+    --full --threads 1``, median of 5 interleaved runs, 2-core CPU; excess = Frobenius error over the optimal
     rank-k error, minus 1): on 4096x4096, sigma_i = 0.99^i + 1e-3, k=64, ``auto`` takes 246 ms with
     excess 2.7e-4 (scikit-learn's defaults: 0.79 s, 3.2e-4), ``n_iter=1`` 184 ms with excess 8.9e-3
     where ``torch.svd_lowrank(q=k+10, niter=2)`` takes 274 ms with 1.6e-2 (1.49x); on 20000x2000,
@@ -522,7 +523,8 @@ def rsvd(
     "small and sparse" table; accuracy = the excess above; 2-core CPU shared with other jobs, so
     ratios of interleaved runs): on 1500 x 1500 with ``sigma_i = i^-0.7``, k = 64, ``block_size=32``
     (``n_iter=3``: 8 passes of 32 columns) matches ``torch.svd_lowrank(q=k+10, niter=2)``'s accuracy
-    (excess 6.5e-3, 3 seeds) in 256 instead of 444 column-passes; on a 30000 x 2500 sparse matrix with
+    (excess 6.5e-3, 3 seeds) in 256 instead of 444 column-passes, but not on nearly flat heads (the
+    default takes 40 columns); on a 30000 x 2500 sparse matrix with
     Zipf-distributed row and column indices (density 2e-3), k = 40, ``block_size=16`` with
     ``n_iter=5`` (excess 2.2e-3; torch 5.8e-3) and ``n_iter=7`` (5e-5; scikit-learn's
     ``randomized_svd`` 1.4e-4). CPU time, 1 thread, medians of 7 interleaved runs on a loaded machine:
@@ -656,17 +658,20 @@ def _auto_narrow(op: LinOp, k: int) -> tuple[int, int] | None:
     of :func:`_default_params`; the rule is in :func:`rsvd`'s Notes.
 
     Narrow blocks (``b < k``) with more iterations reach a given accuracy with fewer column-passes over A
-    than a block of ``k + p`` columns (Musco & Musco 2015, Sec. 7). Dense: ``b = ceil(k/2)``, 4
-    iterations (10 passes of ``k/2`` columns, subspace 2.5k; the wide rule makes 6 passes of ``9k/8``).
-    Measured (bench_svd matrices, fp32, CPU time of interleaved runs, 1 thread, loaded 2-core machine;
-    excess as in the Notes of :func:`rsvd`): 1500 x 1500 with ``sigma_i = i^-0.7``, k = 64: 45.5 ms,
-    excess 4.8e-4, against the wide rule's 57.3 ms, 7.6e-4 (``torch.svd_lowrank(q=k+10, niter=2)``:
-    54.4 ms, 6.7e-3); 2048 x 2048 with ``sigma_i = 0.99^i + 1e-3``, k = 64: 76.5 ms, 1.5e-3 against 94.5
-    ms, 3.0e-4 (torch: 96.5 ms, 1.6e-2). Narrower blocks with as many column-passes measured no faster
-    (narrow GEMMs, per-block QR and projections). Sparse: ``b = ceil(k/2.5)``, subspace >= 3k: their
-    passes cost ``O(nnz b)``, so accuracy is cheap (30000 x 2500 Zipf, k = 40: 8 blocks of 16, 54 ms,
-    excess 5e-5; the wide rule 95 ms, 2.1e-3; scikit-learn's ``randomized_svd`` 137 ms, 1.4e-4). They
-    pay where a pass is cheap next to its fixed costs: sparse matrices and dense ones that stay in cache.
+    than a block of ``k + p`` columns (Musco & Musco 2015, Sec. 7). Dense: ``b = ceil(k/2) + 8``, 3
+    iterations (8 passes of ``b`` columns, subspace ``4 b``; the wide rule makes 6 passes of ``9k/8``),
+    aimed at the accuracy of ``torch.svd_lowrank(q=k+10, niter=2)`` (see :func:`_narrow_dense_block`).
+    Where the time goes (1500 x 1500, k = 64, 1 thread): the 8 passes (GEMMs of A with 40 columns, about
+    2.6 ms each quiet) are 60-70% of the call; the rest is small dense work (Householder QR of 1500 x 40
+    blocks, projections, the Rayleigh-Ritz Gram, its eigh and two 1500 x 160 x 64 GEMMs). The previous
+    rule (``ceil(k/2)``, 4 iterations: 10 passes) was 10x more accurate than torch there but no faster
+    than it. Narrower blocks with as many column-passes measured no faster (GEMMs of 16-24 columns run
+    at 0.6-0.8x the rate of 32-64, and per-block QR and projections add up); a 4th iteration at
+    ``ceil(k/2) + 4`` columns is more accurate but costs 2 passes more. Sparse: ``b = ceil(k/2.5)``,
+    subspace >= 3k: their passes cost ``O(nnz b)``, so accuracy is cheap (30000 x 2500 Zipf, k = 40: 8
+    blocks of 16, 54 ms, excess 5e-5; the wide rule 95 ms, 2.1e-3; scikit-learn's ``randomized_svd`` 137 ms,
+    1.4e-4). They pay where a pass is cheap next to its fixed costs: sparse matrices and dense ones that stay
+    in cache.
     """
     if op.device.type != "cpu" or k < _NARROW_MIN_K or len(op.batch_shape):
         return None
