@@ -48,6 +48,7 @@ from lowrank.io import (
     write_temporary,
 )
 from lowrank.lora.layers import is_conv1d
+from lowrank.lora.model import TRAINED_BIAS_ATTR
 from lowrank.lora.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -162,6 +163,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     convert_to_lora_from: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    bias: str | None = None,
 ) -> None:
     """Save one adapter of a LoRA-injected model as a PEFT checkpoint directory.
 
@@ -195,6 +197,15 @@ def save_adapter(
         residual weights to ship. DoRA magnitudes and ``modules_to_save`` copies are kept as they are (the
         adapted weight ``W + s B' A'`` equals ``W_res + s B A``, so the DoRA norms are unchanged; PEFT's
         conversion drops them). Exact up to rounding: ``W_res`` was rounded to the weight's dtype at init.
+    bias : {"none", "all", "lora_only"}, optional
+        Which biases the file carries, as PEFT's ``LoraConfig.bias`` (and
+        :func:`lowrank.mark_only_lora_trainable`'s ``bias``): ``"all"`` every state-dict entry of the model
+        whose key contains ``"bias"`` (outside the adapters and the ``modules_to_save`` copies, which are
+        saved as such), ``"lora_only"`` the biases of the layers holding ``adapter_name``. Keys as PEFT
+        writes them: ``base_model.model.<path>.base_layer.bias`` for a LoRA layer, ``base_model.model.<key>``
+        otherwise. Default: the ``bias`` last given to :func:`lowrank.mark_only_lora_trainable` on
+        ``model`` if not ``"none"``, else the ``bias`` of the config :func:`load_adapter` read for this
+        adapter, else ``"none"``. Biases are shared by all adapters of a model (as in PEFT).
 
     Raises
     ------
@@ -202,13 +213,17 @@ def save_adapter(
         If ``model`` is not an ``nn.Module``, ``path`` is not a str / PathLike, or ``convert_to_lora_from``
         is neither a path nor a mapping.
     ValueError
-        If no layer holds ``adapter_name``, ``path`` is a regular file, the layers use settings one PEFT
+        If ``bias`` is not one of the three modes,
+        no layer holds ``adapter_name``, ``path`` is a regular file, the layers use settings one PEFT
         config cannot express (mixed ``use_rslora``), or ``convert_to_lora_from`` lacks a layer of the
         adapter, holds a layer the adapter does not have, or a factor of another shape (the error names the
         key).
 
     Warns
     -----
+    UserWarning
+        When ``bias="none"`` is passed for a model whose biases :func:`lowrank.mark_only_lora_trainable`
+        made trainable: their trained values will not be in the file.
     ResidualBaseWarning
         When a layer's adapter was initialised by rewriting its base weight (``LoRALayer.weight_init``:
         PiSSA, OLoRA, CorDA) and ``convert_to_lora_from`` is not given: the saved factors reproduce the
@@ -234,11 +249,28 @@ def save_adapter(
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     path = _check_path(path)
+    if bias is None:
+        trained_bias = getattr(model, TRAINED_BIAS_ATTR, "none")
+        stored_bias = _stored_config(model, adapter_name).get("bias")
+        if trained_bias in ("all", "lora_only"):
+            bias = trained_bias
+        else:
+            bias = stored_bias if stored_bias in _BIAS_MODES else "none"
+    if bias not in _BIAS_MODES:
+        raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path: {path!r} is a file, not a directory; pass the adapter folder to write")
     modules = _lora_modules(model, adapter_name)
     if not modules:
         raise ValueError(f"adapter_name: no LoRA layer of the model holds an adapter named {adapter_name!r}")
+    if bias == "none" and getattr(model, TRAINED_BIAS_ATTR, "none") != "none":
+        warnings.warn(
+            f"save_adapter: bias='none', but the model's biases were made trainable "
+            f"(mark_only_lora_trainable(bias={getattr(model, TRAINED_BIAS_ATTR)!r})); the file will not "
+            "hold them",
+            UserWarning,
+            stacklevel=2,
+        )
     initial = None
     if convert_to_lora_from is not None:
         initial = _initial_factors(convert_to_lora_from, modules, adapter_name)
@@ -307,6 +339,7 @@ def save_adapter(
             f"adapter {adapter_name!r} mixes use_rslora=True and False across layers; a PEFT config holds one"
         )
     saved_paths = _saved_module_tensors(model, adapter_name, tensors)
+    tensors.update(_bias_tensors(model, modules, bias))
     if len(dora) > 1:
         raise ValueError(
             f"adapter {adapter_name!r} mixes use_dora=True and False across layers; a PEFT config holds one"
@@ -337,7 +370,104 @@ def save_adapter(
     # the config records whether the adapter's layers are Conv1D-laid-out.
     config["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in modules)
     config["modules_to_save"] = saved_paths or None
+    config["bias"] = bias
     write_adapter_dir(path, tensors, config)
+
+
+_BIAS_MODES = ("none", "all", "lora_only")
+_BASE_LAYER_RE = re.compile(r"\.base_layer(?=\.)")
+
+
+def _bias_tensors(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], mode: str
+) -> dict[str, torch.Tensor]:
+    """The biases PEFT's ``get_peft_model_state_dict`` writes for ``bias=mode``, under PEFT's keys.
+
+    ``"all"``: every state-dict entry whose key contains ``"bias"`` (PEFT 0.21's test), except the adapters'
+    own tensors and the ``modules_to_save`` wrappers (their copies are saved as such); a LoRA layer's
+    ``bias`` is written as ``<path>.base_layer.bias``, the name it has in a PEFT model. ``"lora_only"``: the
+    biases of ``modules`` (the layers holding the adapter).
+    """
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
+    out: dict[str, torch.Tensor] = {}
+    if mode == "lora_only":
+        for module_path, module in modules:
+            tensor = getattr(module, "bias", None)
+            if isinstance(tensor, torch.Tensor):
+                out[KEY_PREFIX + module_path + ".base_layer.bias"] = tensor.detach().to("cpu").contiguous()
+        return out
+    if mode != "all":
+        return out
+    lora_paths = {n for n, m in model.named_modules() if _is_lora_linear(m) or _is_lora_embedding(m)}
+    wrapped = tuple(n + "." for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    for key, tensor in model.state_dict().items():
+        if "bias" not in key or "lora_" in key or (wrapped and key.startswith(wrapped)):
+            continue
+        owner, _, local = key.rpartition(".")
+        name = f"{owner}.base_layer.{local}" if owner in lora_paths else key
+        out[KEY_PREFIX + name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _plan_bias(
+    model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any], strict: bool, source: str
+) -> dict[str, torch.Tensor]:
+    """Take the biases of a ``bias: "all"`` / ``"lora_only"`` checkpoint out of ``tensors`` and check them.
+
+    Returns model state-dict key -> tensor. A key ``base_model.model.<key>`` (PEFT's ``.base_layer.`` segment
+    dropped) must name an entry of the model's state dict with the same shape, floating, finite.
+    """
+    if config.get("bias") not in ("all", "lora_only"):
+        return {}
+    state = model.state_dict(keep_vars=True)
+    planned: dict[str, torch.Tensor] = {}
+    for key in list(tensors):
+        stripped = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        if "bias" not in stripped or "lora_" in stripped:
+            continue
+        target = _BASE_LAYER_RE.sub("", stripped)
+        tensor = tensors.pop(key)
+        want = state.get(target)
+        if want is None:
+            message = f"{source}: key {key!r} names bias {target!r}, which the model does not have"
+            if strict:
+                raise AdapterCheckpointError(message + " (wrong base model? pass strict=False to skip it)")
+            warnings.warn(message + "; skipped", stacklevel=3)
+            continue
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise AdapterCheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model's {target} is "
+                f"{tuple(want.shape)} (wrong base model?)"
+            )
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise AdapterCheckpointError(
+                f"{source}: tensor {key!r} (bias {target!r}) must hold finite floating values, got "
+                f"dtype {tensor.dtype}"
+                + ("" if not tensor.is_floating_point() else " with NaN or infinite values")
+            )
+        planned[target] = tensor
+    return planned
+
+
+def _apply_bias(model: nn.Module, planned: dict[str, torch.Tensor]) -> list[Callable[[], object]]:
+    """Copy the planned biases into the model (shared by all adapters, as in PEFT); returns undo steps."""
+    undo: list[Callable[[], object]] = []
+    if not planned:
+        return undo
+    state = model.state_dict(keep_vars=True)
+    try:
+        for target, tensor in planned.items():
+            dest = state[target]
+            old = dest.detach().clone()
+            undo.append(lambda d=dest, o=old: d.data.copy_(o))
+            with torch.no_grad():
+                dest.copy_(tensor.to(dtype=dest.dtype, device=dest.device))
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    return undo
 
 
 def _initial_factors(
@@ -1220,6 +1350,12 @@ def load_adapter(
     form is read too); each key must be one of the module's state-dict keys with the same shape, and with
     ``strict`` every one must be present.
 
+    A config with ``bias`` ``"all"`` or ``"lora_only"`` (PEFT trained the base biases) carries those biases
+    (``base_model.model.<path>.base_layer.bias`` for an adapted layer, ``base_model.model.<key>`` for any
+    other entry): they are copied into the model's own biases, which all adapters share (as in PEFT, they
+    stay when the adapter is switched off or deleted); each must name an entry of the model's state dict
+    with the same shape (with ``strict=False`` an unknown one is skipped with a warning).
+
     A config with ``init_lora_weights`` ``"pissa"`` or ``"olora"`` (an adapter PEFT saved without
     ``path_initial_model_for_weight_conversion``) is loaded as PEFT loads it: PEFT builds each new layer
     with that initialisation before it loads the factors, so the base weight becomes the residual ``W - s B0
@@ -1247,11 +1383,13 @@ def load_adapter(
     config = _read_consistent_config(path)
     tensors, source = _read_tensors(path)
     saved = _plan_saved(model, tensors, config, adapter_name, inject, strict, source)
+    biases = _plan_bias(model, tensors, config, strict, source)
     plans = _plan(model, tensors, config, adapter_name, inject, strict, source)
     rewrite = _base_rewrite(model, plans, config, adapter_name, strict, source)
     undo_saved = _apply_saved(model, saved, adapter_name)
     try:
         _apply(model, plans, config, adapter_name, rewrite)
+        _apply_bias(model, biases)
     except BaseException:
         for step in reversed(undo_saved):
             step()

@@ -440,6 +440,9 @@ def _rename_adapter(layer: LoRALayer, old: str, new: str) -> None:
         layer.active_adapter = new
 
 
+TRAINED_BIAS_ATTR = "_lowrank_trained_bias"
+
+
 def _check_bias(bias: str) -> None:
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
@@ -454,6 +457,8 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
     model : nn.Module
     bias : {"none", "all", "lora_only"}, default "none"
         ``"all"``: every parameter named ``bias`` also trains; ``"lora_only"``: the biases of LoRA layers.
+        Recorded on ``model``: :func:`lowrank.save_adapter` then saves those biases by default (PEFT's
+        ``LoraConfig.bias`` governs both, too).
 
     Returns
     -------
@@ -478,6 +483,8 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
                 param.requires_grad_(True)
+    # a plain attribute (not state), read by save_adapter's default bias
+    object.__setattr__(model, TRAINED_BIAS_ATTR, bias)
     return model
 
 
