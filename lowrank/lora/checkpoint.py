@@ -48,7 +48,7 @@ from lowrank.io import (
     write_temporary,
 )
 from lowrank.lora.layers import is_conv1d
-from lowrank.lora.model import TRAINED_BIAS_ATTR
+from lowrank.lora.model import TRAINED_BIAS_ATTR, check_not_reserved
 from lowrank.lora.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -1321,6 +1321,7 @@ def load_adapter(
     FileNotFoundError
         If the directory, its config or its weights are missing.
     ValueError
+        ``adapter_name`` empty, with a ``"."`` or ``"__base__"`` (reserved for mixed-adapter batches).
         (:class:`AdapterCheckpointError`) naming the key or config field: ``path`` is a regular file, a config
         field without PEFT's type (e.g. ``use_rslora: "no"``, a pattern that is not a valid regular
         expression), a module the file adapts that the config's ``target_modules`` does not select (or the
@@ -1370,8 +1371,9 @@ def load_adapter(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    check_not_reserved("adapter_name", adapter_name)
     path = _check_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: adapter directory {path!r} does not exist")

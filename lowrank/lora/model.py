@@ -7,9 +7,11 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from lowrank._linop import python_number
 from lowrank.lora.init import WEIGHT_INITS, all_finite, precomputed_pissa
 from lowrank.lora.layers import (
     BASE_ADAPTER,
@@ -142,7 +144,8 @@ def inject_lora(
         A target matching nothing; a ``modules_to_save`` entry matching nothing; a LoRA target that is (or
         lies inside) a module of ``modules_to_save`` (a module is either adapted or copied, not both);
         ``r`` out of range for a module; ``adapter_name`` already held by a
-        matched LoRA layer; bad merged-module flags; ``init="pissa"`` on a weight with NaN/inf; bad
+        matched LoRA layer, or ``"__base__"`` (``BASE_ADAPTER``, reserved for :func:`mixed_adapter_batch`);
+        bad merged-module flags; ``init="pissa"`` on a weight with NaN/inf; bad
         ``alpha`` / ``dropout`` / ``init``.
 
     All or nothing: every target is checked before the model is touched, and a failure while building the
@@ -164,6 +167,7 @@ def inject_lora(
     patterns = _as_patterns("target_modules", target_modules)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    check_not_reserved("adapter_name", adapter_name)
     if merged_modules is not None and not isinstance(merged_modules, Mapping):
         raise TypeError(
             f"merged_modules must be a mapping of pattern -> flags, got {type(merged_modules).__name__}"
@@ -174,8 +178,11 @@ def inject_lora(
             raise ValueError(f"merged_modules keys must be non-empty str, got {pattern!r}")
     all_patterns = patterns + [p for p in merged if p not in patterns]
     saved_patterns = [] if modules_to_save is None else _as_patterns("modules_to_save", modules_to_save)
+    use_dora, use_rslora = (bool(v) if isinstance(v, np.bool_) else v for v in (use_dora, use_rslora))
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+    # NumPy scalars are numbers to users (r=np.int64(8), alpha=np.float32(16)); the layers check plain ones
+    r, alpha, dropout = python_number(r), python_number(alpha), python_number(dropout)
     options = {"alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "init": init}
     if use_dora:
         options["use_dora"] = True
@@ -416,6 +423,15 @@ def _check_merged_flags(name: str, module: nn.Module, flags: Sequence[bool]) -> 
         raise ValueError(
             f"merged_modules: module {name!r} has out_features={module.out_features}, which does not split "
             f"into {len(flags)} equal slices"
+        )
+
+
+def check_not_reserved(arg: str, name: str) -> None:
+    """Refuse the name :func:`mixed_adapter_batch` gives rows without an adapter as a new adapter's name."""
+    if name == BASE_ADAPTER:
+        raise ValueError(
+            f"{arg}: {BASE_ADAPTER!r} is reserved (mixed_adapter_batch reads it as 'no adapter' for a row); "
+            "choose another name"
         )
 
 
