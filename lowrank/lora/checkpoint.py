@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import warnings
@@ -874,6 +875,7 @@ def _plan(
                     f"{source}: tensor {key!r} holds NaN or infinite values (corrupt file?)"
                 )
         alpha = float(pattern_value(config.get("alpha_pattern"), module_path, default_alpha))
+        use_rslora = bool(config.get("use_rslora", False))
         existing = _lora_pair(module, adapter_name)
         if existing is not None:
             if inject:
@@ -894,6 +896,17 @@ def _plan(
                 raise AdapterCheckpointError(
                     f"{source}: the config has use_dora={str(use_dora).lower()} but adapter "
                     f"{adapter_name!r} of {module_path!r} was made with use_dora={not use_dora}"
+                )
+            # only the factors are overwritten: a scaling of the adapter other than the file's would turn
+            # them into another update, s' B A instead of s B A, without a word
+            held_alpha = float(module.lora_alpha[adapter_name])
+            held_rslora = bool(module.use_rslora[adapter_name])
+            if held_rslora != use_rslora or not math.isclose(held_alpha, alpha, rel_tol=1e-9):
+                raise AdapterCheckpointError(
+                    f"{source}: {module_path!r} has lora_alpha={_number(alpha)}, use_rslora="
+                    f"{str(use_rslora).lower()} in the config, but adapter {adapter_name!r} was made with "
+                    f"alpha={_number(held_alpha)}, use_rslora={held_rslora}: overwriting only its factors "
+                    "would change the update's scaling; load it under a new adapter_name (inject=True)"
                 )
         elif use_dora and not getattr(
             module, "_supports_dora", isinstance(module, nn.Linear) or is_conv1d(module)
@@ -1327,8 +1340,10 @@ def load_adapter(
         expression), a module the file adapts that the config's ``target_modules`` does not select (or the
         reverse), a wrong base model (missing module, shape mismatch), ``init_lora_weights`` ``"corda"`` /
         ``"loftq"`` with ``strict`` (see the notes),
-        a rank that disagrees with the config, a missing ``lora_A``/``lora_B`` partner, a truncated or corrupt
-        file, non-finite values. Every tensor is checked before the model is touched, so on error the model is
+        a rank that disagrees with the config, (``inject=False``) an existing adapter with another rank,
+        ``lora_alpha``, ``use_rslora`` or ``use_dora`` than the file's (its scaling would silently differ),
+        a missing ``lora_A``/``lora_B`` partner, a truncated or corrupt file, non-finite values. Every tensor
+        is checked before the model is touched, so on error the model is
         unchanged.
 
     Notes
@@ -1366,8 +1381,9 @@ def load_adapter(
     :class:`ResidualBaseWarning` (PEFT's randomized init cannot be reproduced, not even by PEFT).
     ``"corda"`` and ``"loftq"`` adapters need base weights that loading cannot rebuild (calibration data,
     LoftQ's quantization): refused, or with ``strict=False`` loaded as they are, with a warning (right on
-    the residual base they were trained with). An adapter that already exists (``inject=False``) is only
-    overwritten, as in PEFT.
+    the residual base they were trained with). An adapter that already exists (``inject=False``) only gets
+    the file's tensors, as in PEFT; unlike PEFT (which then keeps its own scaling), its ``lora_alpha`` and
+    ``use_rslora`` must equal the file's, so that the loaded update is the saved one.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
