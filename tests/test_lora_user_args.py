@@ -106,3 +106,31 @@ def test_load_adapter_refuses_reserved_and_dotted_names():
             with pytest.raises(ValueError, match="adapter_name"):
                 lowrank.load_adapter(target, folder, adapter_name=name)
             assert type(target[0]) is nn.Linear  # unchanged
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: lowrank.set_adapter(m, ["default"]),
+        lambda m: lowrank.delete_adapter(m, ["default"]),
+        lambda m: lowrank.lora_state_dict(m, adapter_name=["default"]),
+    ],
+    ids=["set_adapter", "delete_adapter", "lora_state_dict"],
+)
+def test_a_list_of_adapter_names_is_a_type_error_naming_the_argument(call):
+    # PEFT's set_adapter takes a list of active adapters; this raised "unhashable type: 'list'"
+    model = small_model()
+    lowrank.inject_lora(model, ["0"], r=2)
+    with pytest.raises(TypeError, match="adapter_name must be one adapter name"):
+        call(model)
+    assert model[0].active_adapter == "default" and "default" in model[0].r
+
+
+def test_quantize_base_twice_says_so():
+    model = small_model()
+    lowrank.inject_lora(model, ["0", "2"], r=2)
+    lowrank.quantize_base(model)
+    codes = model[0].qweight.clone()
+    with pytest.raises(ValueError, match="quantized already"):
+        lowrank.quantize_base(model)
+    assert torch.equal(model[0].qweight, codes)

@@ -530,6 +530,7 @@ def lora_state_dict(
     if not layers:
         raise ValueError("model has no LoRA layers; call inject_lora first")
     wrappers = list(_wrappers(model))
+    _check_adapter_arg(adapter_name, allow_none=True)
     if adapter_name is not None and adapter_name not in _adapter_names(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
     state: dict[str, torch.Tensor] = {}
@@ -649,6 +650,16 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
             yield name, module
 
 
+def _check_adapter_arg(value: object, *, allow_none: bool = False) -> None:
+    """TypeError naming ``adapter_name`` for anything but one adapter name (PEFT also takes lists there)."""
+    if not isinstance(value, str) and not (allow_none and value is None):
+        raise TypeError(
+            f"adapter_name must be one adapter name (str){' or None' if allow_none else ''}, got "
+            f"{type(value).__name__}"
+            + ("; lowrank runs one active adapter at a time" if isinstance(value, (list, tuple)) else "")
+        )
+
+
 def _adapter_names(model: nn.Module) -> set[str]:
     names: set[str] = set()
     for _, layer in lora_layers(model):
@@ -666,11 +677,15 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> nn.Module:
 
     Raises
     ------
+    TypeError
+        ``adapter_name`` neither a str nor None (e.g. PEFT's list of several active adapters: lowrank runs
+        one at a time; :func:`lowrank.combine_adapters` builds their sum).
     ValueError
         ``adapter_name`` held by no layer or wrapper.
     RuntimeError
         A layer has another adapter merged (unmerge first); nothing is changed then.
     """
+    _check_adapter_arg(adapter_name, allow_none=True)
     if adapter_name is not None and adapter_name not in _adapter_names(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
     layers = list(lora_layers(model))
@@ -688,9 +703,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Delete adapter ``adapter_name`` from every LoRA layer and ``modules_to_save`` wrapper (its copies).
 
     Where it was active, the first remaining adapter of that layer becomes active (as
-    :meth:`LoRALayer.delete_adapter`). Returns ``model``. Raises ValueError for an unknown name and
-    RuntimeError (changing nothing) if it is merged somewhere.
+    :meth:`LoRALayer.delete_adapter`). Returns ``model``. Raises TypeError for a name that is not a str,
+    ValueError for an unknown name and RuntimeError (changing nothing) if it is merged somewhere.
     """
+    _check_adapter_arg(adapter_name)
     if adapter_name not in _adapter_names(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
     layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.r]
