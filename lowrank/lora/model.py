@@ -731,7 +731,10 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Itera
     of one forward per adapter; the active adapter is ignored. The batch dimension is the first dimension
     of each layer's input (``(batch, seq, features)`` in transformers). A layer that lacks one of the
     adapters runs the base layer for those rows. Gradients reach every adapter used (training several
-    adapters in one batch), provided they have no dropout; merged layers are refused.
+    adapters in one batch), provided they have no dropout; merged layers are refused. ``modules_to_save``
+    modules (e.g. a classifier head) run each row through its adapter's copy (the original module for
+    ``"__base__"`` and adapters without a copy), one call per adapter present, as PEFT does; their input's
+    first dimension must be the batch too, and they must return one tensor.
 
     Parameters
     ----------
@@ -751,21 +754,17 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Itera
     layers = [layer for _, layer in lora_layers(model)]
     if not layers:
         raise ValueError("model has no LoRA layers; call inject_lora first")
-    known = {BASE_ADAPTER}.union(*(layer.r.keys() for layer in layers))
+    wrappers = [wrapper for _, wrapper in _wrappers(model)]
+    known = {BASE_ADAPTER}.union(*(layer.r.keys() for layer in layers), *(w.adapters for w in wrappers))
     unknown = sorted(set(names) - known)
     if unknown:
         raise ValueError(f"unknown adapter names {unknown}; adapters: {sorted(known - {BASE_ADAPTER})}")
-    wrapped = [name for name, _ in _wrappers(model)]
-    if wrapped:
-        raise NotImplementedError(
-            f"mixed_adapter_batch does not route rows through modules_to_save copies (the model has "
-            f"{wrapped[:3]}); run one adapter per batch with set_adapter"
-        )
-    previous = [layer._row_adapters for layer in layers]
-    for layer in layers:
-        layer._row_adapters = names
+    routed: list[LoRALayer | ModulesToSaveWrapper] = [*layers, *wrappers]
+    previous = [module._row_adapters for module in routed]
+    for module in routed:
+        module._row_adapters = names
     try:
         yield model
     finally:
-        for layer, before in zip(layers, previous):
-            layer._row_adapters = before
+        for module, before in zip(routed, previous):
+            module._row_adapters = before
