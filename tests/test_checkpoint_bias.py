@@ -139,3 +139,44 @@ def test_bias_argument_and_bad_bias_keys(tmp_path):
         warnings.simplefilter("ignore")
         lowrank.load_adapter(target, tmp_path / "a", strict=False)
     assert rel(logits(target), logits(model)) <= 1e-6
+
+
+def test_bias_all_with_modules_to_save_both_ways(tmp_path):
+    # PEFT writes the copy's bias twice (<path>.bias and <path>.modules_to_save.bias) and the wrapped
+    # original's trained bias as <path>.original_module.bias; the second was refused as an unknown key
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    base = transformers.BertForSequenceClassification(config).eval()
+    peft_config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        init_lora_weights=False,
+        modules_to_save=["classifier"],
+        bias="all",
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config).eval()
+    shift_trainable(theirs, skip_lora=True)
+    theirs.save_pretrained(tmp_path / "peft")
+    assert "base_model.model.classifier.modules_to_save.bias" in load_file(
+        tmp_path / "peft" / "adapter_model.safetensors"
+    )
+    ours = lowrank.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert rel(logits(ours), logits(theirs)) <= 1e-5
+    lowrank.set_adapter(ours, None)
+    with theirs.disable_adapter():
+        assert rel(logits(ours), logits(theirs)) <= 1e-5  # the original head's trained bias, too
+    lowrank.set_adapter(ours, "default")
+    lowrank.save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert rel(logits(again), logits(theirs)) <= 1e-5
+    with again.disable_adapter(), theirs.disable_adapter():
+        assert rel(logits(again), logits(theirs)) <= 1e-5

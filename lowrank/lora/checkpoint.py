@@ -30,6 +30,7 @@ before changing anything, and raises an error naming the offending key; the mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -385,7 +386,8 @@ def _bias_tensors(
     """The biases PEFT's ``get_peft_model_state_dict`` writes for ``bias=mode``, under PEFT's keys.
 
     ``"all"``: every state-dict entry whose key contains ``"bias"`` (PEFT 0.21's test), except the adapters'
-    own tensors and the ``modules_to_save`` wrappers (their copies are saved as such); a LoRA layer's
+    own tensors and the ``modules_to_save`` copies (saved as such; the wrapped originals' biases are written
+    as ``<path>.original_module.<key>``, as PEFT does); a LoRA layer's
     ``bias`` is written as ``<path>.base_layer.bias``, the name it has in a PEFT model. ``"lora_only"``: the
     biases of ``modules`` (the layers holding the adapter).
     """
@@ -402,9 +404,12 @@ def _bias_tensors(
         return out
     lora_paths = {n for n, m in model.named_modules() if _is_lora_linear(m) or _is_lora_embedding(m)}
     wrapped = tuple(n + "." for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    originals = tuple(w + "original_module." for w in wrapped)
     for key, tensor in model.state_dict().items():
-        if "bias" not in key or "lora_" in key or (wrapped and key.startswith(wrapped)):
+        if "bias" not in key or "lora_" in key:
             continue
+        if wrapped and key.startswith(wrapped) and not key.startswith(originals):
+            continue  # the copies are saved as modules_to_save; the originals' biases under PEFT's name
         owner, _, local = key.rpartition(".")
         name = f"{owner}.base_layer.{local}" if owner in lora_paths else key
         out[KEY_PREFIX + name] = tensor.detach().to("cpu").contiguous()
@@ -1165,6 +1170,8 @@ def _rewrite_base(
 class _SavedPlan:
     module_path: str
     tensors: dict[str, torch.Tensor]  # keys local to the module (its state-dict keys)
+    # PEFT's bias="all" also writes the wrapped original's biases (<path>.original_module.<key>)
+    original: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _saved_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -1211,13 +1218,29 @@ def _plan_saved(
     plans = {
         path: _SavedPlan(path, {}) for path, m in modules.items() if any(path.endswith(n) for n in names)
     }
+    biases = config.get("bias") in ("all", "lora_only")
     for key in list(tensors):
         stripped = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else ""
         path = next((p for p in plans if stripped.startswith(p + ".")), None)
         if path is None:
             continue
         local = stripped[len(path) + 1 :]
-        local = re.sub(r"^modules_to_save\.[^.]+\.", "", local)
+        module = modules[path]
+        expected = (
+            module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        ).state_dict()
+        if biases and local.startswith("original_module.") and local[len("original_module.") :] in expected:
+            # bias="all": PEFT trains (and writes) the wrapped original's biases too
+            plans[path].original[local[len("original_module.") :]] = tensors.pop(key)
+            continue
+        # the copy's keys: PEFT 0.21 writes <key>; older PEFT modules_to_save.<adapter>.<key>; bias="all"
+        # adds its bias once more as modules_to_save.<key> (the adapter name dropped)
+        candidates = [
+            local,
+            re.sub(r"^modules_to_save\.[^.]+\.", "", local),
+            re.sub(r"^modules_to_save\.", "", local),
+        ]
+        local = next((c for c in candidates if c in expected), candidates[1])
         plans[path].tensors[local] = tensors.pop(key)
     for path, plan in plans.items():
         module = modules[path]
@@ -1254,6 +1277,18 @@ def _plan_saved(
                     f"{source}: tensor {key!r} has dtype {tensor.dtype} or non-finite values; the model's "
                     f"{path}.{local} is {want.dtype}"
                 )
+        for local, tensor in plan.original.items():
+            key = f"{KEY_PREFIX}{path}.original_module.{local}"
+            want = expected[local]
+            if (
+                tuple(tensor.shape) != tuple(want.shape)
+                or not tensor.is_floating_point()
+                or not bool(torch.isfinite(tensor).all())
+            ):
+                raise AdapterCheckpointError(
+                    f"{source}: tensor {key!r} has dtype {tensor.dtype}, shape {tuple(tensor.shape)} or "
+                    f"non-finite values; the model's {path}.{local} is {want.dtype} {tuple(want.shape)}"
+                )
         missing = sorted(set(expected) - set(plan.tensors))
         if plan.tensors and missing:
             message = f"{source}: missing key {KEY_PREFIX}{path}.{missing[0]!r} of modules_to_save {path!r}"
@@ -1287,6 +1322,11 @@ def _apply_saved(model: nn.Module, plans: list[_SavedPlan], adapter_name: str) -
             old = {k: v.detach().clone() for k, v in held.state_dict().items()}
             undo.append(lambda c=held, o=old: c.load_state_dict(o))
             held.load_state_dict(plan.tensors, strict=False)
+            if plan.original:
+                original = wrapper.original_module
+                old_original = {k: v.detach().clone() for k, v in original.state_dict().items()}
+                undo.append(lambda c=original, o=old_original: c.load_state_dict(o))
+                original.load_state_dict(plan.original, strict=False)
     except BaseException:
         for step in reversed(undo):
             step()
