@@ -550,6 +550,15 @@ def _conv1d_pattern(mode: str, sources: Sequence[TensorSource]) -> re.Pattern[st
     return None
 
 
+def _check_out_dir(folder: str) -> None:
+    """Refuse an output folder that cannot be one (an existing file on its path) before any work is done."""
+    probe = os.path.abspath(folder or ".")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise CLIError(f"--out: {probe!r} is a file, not a directory; choose another output path")
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from lowrank.lora.checkpoint import write_adapter_dir
     from lowrank.lora.peft_format import build_peft_config
@@ -563,6 +572,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise CLIError("extract: --rank auto needs --tol T (the relative error allowed per layer)")
     if args.rank != "auto" and args.tol is not None:
         raise CLIError("extract: --tol goes with --rank auto; pass either --rank R or --rank auto --tol T")
+    _check_out_dir(args.out)  # before any reading or arithmetic
     base, tuned = TensorSource(args.base, "BASE"), TensorSource(args.tuned, "TUNED")
     conv1d = _conv1d_pattern(args.fan_in_fan_out, (tuned, base))
     names = _select(tuned, _compile_target(args.target), embeddings=args.target is not None)
@@ -797,8 +807,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     budget = _budget_of(args)
     if (args.rank is not None) + (args.tol is not None) + (budget is not None) != 1:
         raise CLIError("compress: pass exactly one of --rank R, --tol T, --budget SIZE or --budget-params N")
-    source = TensorSource(args.ckpt, "CKPT")
     out_file = args.out if args.out.endswith(".safetensors") else os.path.join(args.out, "model.safetensors")
+    if os.path.isdir(out_file):
+        raise CLIError(
+            f"--out {args.out!r} is a directory; give a .safetensors file or a folder to write into"
+        )
+    _check_out_dir(os.path.dirname(out_file))  # before any reading or arithmetic
+    source = TensorSource(args.ckpt, "CKPT")
     if os.path.exists(out_file) and any(os.path.samefile(out_file, f) for f in source._handles):
         raise CLIError(f"--out {args.out!r} is the input checkpoint; choose another path")
     names = set(_select(source, _compile_target(args.target), embeddings=args.target is not None))

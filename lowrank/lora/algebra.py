@@ -36,15 +36,16 @@ import math
 from collections.abc import Sequence
 from numbers import Real
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank._linop import no_autocast
+from lowrank._linop import no_autocast, python_number
 from lowrank.budget import allocate_ranks
 from lowrank.lora.init import LoRAFactors
 from lowrank.lora.layers import LoRALayer, LoRAMergedLinear
-from lowrank.lora.model import lora_layers
+from lowrank.lora.model import check_not_reserved, lora_layers
 from lowrank.svd import svd
 
 __all__ = ["combine_lora", "combine_adapters", "truncate_adapter"]
@@ -64,6 +65,7 @@ def _finite_number(arg: str, value: object) -> float:
 
 
 def _check_rank_args(r: object, tol: object) -> tuple[int | None, float | None]:
+    r = python_number(r)
     if r is not None and tol is not None:
         raise ValueError("give r or tol, not both")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
@@ -78,6 +80,8 @@ def _check_rank_args(r: object, tol: object) -> tuple[int | None, float | None]:
 def _check_weights(weights: Sequence[float] | None, count: int, arg: str = "weights") -> list[float]:
     if weights is None:
         return [1.0] * count
+    if isinstance(weights, (np.ndarray, torch.Tensor)) and weights.ndim == 1:
+        weights = weights.tolist()  # a 1-D array of weights is a sequence of numbers to users
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise TypeError(f"{arg} must be a sequence of numbers, got {type(weights).__name__}")
     if len(weights) != count:
@@ -414,7 +418,8 @@ def combine_adapters(
     ------
     TypeError, ValueError
         Bad ``model``, empty or duplicate ``adapters``, an adapter no layer holds, wrong number of or
-        non-finite ``weights``, ``new_name`` invalid or already used, bad ``r``/``tol``/``method``. The model
+        non-finite ``weights``, ``new_name`` invalid (``"__base__"`` is reserved) or already used, bad
+        ``r``/``tol``/``method``. The model
         is unchanged on error.
 
     Notes
@@ -435,6 +440,7 @@ def combine_adapters(
         raise ValueError(f"adapters has duplicates: {list(adapters)}")
     w = _check_weights(weights, len(adapters))
     _check_name("new_name", new_name)
+    check_not_reserved("new_name", new_name)
     r, tol = _check_rank_args(r, tol)
     if method is None:
         method = "svd" if (r is not None or tol is not None) else "exact"
@@ -568,6 +574,7 @@ def truncate_adapter(
     if len(given) != 1:
         raise ValueError(f"give exactly one of r, tol, budget (got {given or 'none'})")
     r, tol = _check_rank_args(r, tol)
+    budget = python_number(budget)
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget must be a positive int (a number of parameters), got {budget!r}")
     layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.r]

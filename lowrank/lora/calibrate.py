@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank._linop import python_number
 from lowrank.lora.init import CALIBRATED_INITS, CORDA_MODES, corda_factors, eva_components
 from lowrank.lora.layers import LoRAConv1D, LoRALinear, is_conv1d
 from lowrank.lora.model import _as_patterns, _matches, _replace, inject_lora
@@ -101,6 +102,7 @@ def _token_mask(batch: Any) -> torch.Tensor | None:
 
 
 def _check_number(name: str, value: object, low: float, *, inclusive: bool = True) -> float:
+    value = python_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or (not inclusive and value == low):
@@ -234,6 +236,7 @@ def calibrate_lora(
     if init not in CALIBRATED_INITS:
         raise ValueError(f"init must be one of {CALIBRATED_INITS}, got {init!r}")
     patterns = _as_patterns("target_modules", target_modules)
+    r, dropout = python_number(r), python_number(dropout)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     if corda_mode not in CORDA_MODES:

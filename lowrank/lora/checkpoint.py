@@ -30,7 +30,9 @@ before changing anything, and raises an error naming the offending key; the mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -48,6 +50,7 @@ from lowrank.io import (
     write_temporary,
 )
 from lowrank.lora.layers import is_conv1d
+from lowrank.lora.model import TRAINED_BIAS_ATTR, check_not_reserved
 from lowrank.lora.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -162,6 +165,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     convert_to_lora_from: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    bias: str | None = None,
 ) -> None:
     """Save one adapter of a LoRA-injected model as a PEFT checkpoint directory.
 
@@ -195,6 +199,15 @@ def save_adapter(
         residual weights to ship. DoRA magnitudes and ``modules_to_save`` copies are kept as they are (the
         adapted weight ``W + s B' A'`` equals ``W_res + s B A``, so the DoRA norms are unchanged; PEFT's
         conversion drops them). Exact up to rounding: ``W_res`` was rounded to the weight's dtype at init.
+    bias : {"none", "all", "lora_only"}, optional
+        Which biases the file carries, as PEFT's ``LoraConfig.bias`` (and
+        :func:`lowrank.mark_only_lora_trainable`'s ``bias``): ``"all"`` every state-dict entry of the model
+        whose key contains ``"bias"`` (outside the adapters and the ``modules_to_save`` copies, which are
+        saved as such), ``"lora_only"`` the biases of the layers holding ``adapter_name``. Keys as PEFT
+        writes them: ``base_model.model.<path>.base_layer.bias`` for a LoRA layer, ``base_model.model.<key>``
+        otherwise. Default: the ``bias`` last given to :func:`lowrank.mark_only_lora_trainable` on
+        ``model`` if not ``"none"``, else the ``bias`` of the config :func:`load_adapter` read for this
+        adapter, else ``"none"``. Biases are shared by all adapters of a model (as in PEFT).
 
     Raises
     ------
@@ -202,13 +215,17 @@ def save_adapter(
         If ``model`` is not an ``nn.Module``, ``path`` is not a str / PathLike, or ``convert_to_lora_from``
         is neither a path nor a mapping.
     ValueError
-        If no layer holds ``adapter_name``, ``path`` is a regular file, the layers use settings one PEFT
+        If ``bias`` is not one of the three modes,
+        no layer holds ``adapter_name``, ``path`` is a regular file, the layers use settings one PEFT
         config cannot express (mixed ``use_rslora``), or ``convert_to_lora_from`` lacks a layer of the
         adapter, holds a layer the adapter does not have, or a factor of another shape (the error names the
         key).
 
     Warns
     -----
+    UserWarning
+        When ``bias="none"`` is passed for a model whose biases :func:`lowrank.mark_only_lora_trainable`
+        made trainable: their trained values will not be in the file.
     ResidualBaseWarning
         When a layer's adapter was initialised by rewriting its base weight (``LoRALayer.weight_init``:
         PiSSA, OLoRA, CorDA) and ``convert_to_lora_from`` is not given: the saved factors reproduce the
@@ -234,11 +251,28 @@ def save_adapter(
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     path = _check_path(path)
+    if bias is None:
+        trained_bias = getattr(model, TRAINED_BIAS_ATTR, "none")
+        stored_bias = _stored_config(model, adapter_name).get("bias")
+        if trained_bias in ("all", "lora_only"):
+            bias = trained_bias
+        else:
+            bias = stored_bias if stored_bias in _BIAS_MODES else "none"
+    if bias not in _BIAS_MODES:
+        raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path: {path!r} is a file, not a directory; pass the adapter folder to write")
     modules = _lora_modules(model, adapter_name)
     if not modules:
         raise ValueError(f"adapter_name: no LoRA layer of the model holds an adapter named {adapter_name!r}")
+    if bias == "none" and getattr(model, TRAINED_BIAS_ATTR, "none") != "none":
+        warnings.warn(
+            f"save_adapter: bias='none', but the model's biases were made trainable "
+            f"(mark_only_lora_trainable(bias={getattr(model, TRAINED_BIAS_ATTR)!r})); the file will not "
+            "hold them",
+            UserWarning,
+            stacklevel=2,
+        )
     initial = None
     if convert_to_lora_from is not None:
         initial = _initial_factors(convert_to_lora_from, modules, adapter_name)
@@ -307,6 +341,7 @@ def save_adapter(
             f"adapter {adapter_name!r} mixes use_rslora=True and False across layers; a PEFT config holds one"
         )
     saved_paths = _saved_module_tensors(model, adapter_name, tensors)
+    tensors.update(_bias_tensors(model, modules, bias))
     if len(dora) > 1:
         raise ValueError(
             f"adapter {adapter_name!r} mixes use_dora=True and False across layers; a PEFT config holds one"
@@ -337,7 +372,108 @@ def save_adapter(
     # the config records whether the adapter's layers are Conv1D-laid-out.
     config["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in modules)
     config["modules_to_save"] = saved_paths or None
+    config["bias"] = bias
     write_adapter_dir(path, tensors, config)
+
+
+_BIAS_MODES = ("none", "all", "lora_only")
+_BASE_LAYER_RE = re.compile(r"\.base_layer(?=\.)")
+
+
+def _bias_tensors(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], mode: str
+) -> dict[str, torch.Tensor]:
+    """The biases PEFT's ``get_peft_model_state_dict`` writes for ``bias=mode``, under PEFT's keys.
+
+    ``"all"``: every state-dict entry whose key contains ``"bias"`` (PEFT 0.21's test), except the adapters'
+    own tensors and the ``modules_to_save`` copies (saved as such; the wrapped originals' biases are written
+    as ``<path>.original_module.<key>``, as PEFT does); a LoRA layer's
+    ``bias`` is written as ``<path>.base_layer.bias``, the name it has in a PEFT model. ``"lora_only"``: the
+    biases of ``modules`` (the layers holding the adapter).
+    """
+    from lowrank.lora.modules_to_save import ModulesToSaveWrapper
+
+    out: dict[str, torch.Tensor] = {}
+    if mode == "lora_only":
+        for module_path, module in modules:
+            tensor = getattr(module, "bias", None)
+            if isinstance(tensor, torch.Tensor):
+                out[KEY_PREFIX + module_path + ".base_layer.bias"] = tensor.detach().to("cpu").contiguous()
+        return out
+    if mode != "all":
+        return out
+    lora_paths = {n for n, m in model.named_modules() if _is_lora_linear(m) or _is_lora_embedding(m)}
+    wrapped = tuple(n + "." for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    originals = tuple(w + "original_module." for w in wrapped)
+    for key, tensor in model.state_dict().items():
+        if "bias" not in key or "lora_" in key:
+            continue
+        if wrapped and key.startswith(wrapped) and not key.startswith(originals):
+            continue  # the copies are saved as modules_to_save; the originals' biases under PEFT's name
+        owner, _, local = key.rpartition(".")
+        name = f"{owner}.base_layer.{local}" if owner in lora_paths else key
+        out[KEY_PREFIX + name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _plan_bias(
+    model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any], strict: bool, source: str
+) -> dict[str, torch.Tensor]:
+    """Take the biases of a ``bias: "all"`` / ``"lora_only"`` checkpoint out of ``tensors`` and check them.
+
+    Returns model state-dict key -> tensor. A key ``base_model.model.<key>`` (PEFT's ``.base_layer.`` segment
+    dropped) must name an entry of the model's state dict with the same shape, floating, finite.
+    """
+    if config.get("bias") not in ("all", "lora_only"):
+        return {}
+    state = model.state_dict(keep_vars=True)
+    planned: dict[str, torch.Tensor] = {}
+    for key in list(tensors):
+        stripped = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        if "bias" not in stripped or "lora_" in stripped:
+            continue
+        target = _BASE_LAYER_RE.sub("", stripped)
+        tensor = tensors.pop(key)
+        want = state.get(target)
+        if want is None:
+            message = f"{source}: key {key!r} names bias {target!r}, which the model does not have"
+            if strict:
+                raise AdapterCheckpointError(message + " (wrong base model? pass strict=False to skip it)")
+            warnings.warn(message + "; skipped", stacklevel=3)
+            continue
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise AdapterCheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model's {target} is "
+                f"{tuple(want.shape)} (wrong base model?)"
+            )
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise AdapterCheckpointError(
+                f"{source}: tensor {key!r} (bias {target!r}) must hold finite floating values, got "
+                f"dtype {tensor.dtype}"
+                + ("" if not tensor.is_floating_point() else " with NaN or infinite values")
+            )
+        planned[target] = tensor
+    return planned
+
+
+def _apply_bias(model: nn.Module, planned: dict[str, torch.Tensor]) -> list[Callable[[], object]]:
+    """Copy the planned biases into the model (shared by all adapters, as in PEFT); returns undo steps."""
+    undo: list[Callable[[], object]] = []
+    if not planned:
+        return undo
+    state = model.state_dict(keep_vars=True)
+    try:
+        for target, tensor in planned.items():
+            dest = state[target]
+            old = dest.detach().clone()
+            undo.append(lambda d=dest, o=old: d.data.copy_(o))
+            with torch.no_grad():
+                dest.copy_(tensor.to(dtype=dest.dtype, device=dest.device))
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    return undo
 
 
 def _initial_factors(
@@ -744,6 +880,7 @@ def _plan(
                     f"{source}: tensor {key!r} holds NaN or infinite values (corrupt file?)"
                 )
         alpha = float(pattern_value(config.get("alpha_pattern"), module_path, default_alpha))
+        use_rslora = bool(config.get("use_rslora", False))
         existing = _lora_pair(module, adapter_name)
         if existing is not None:
             if inject:
@@ -764,6 +901,17 @@ def _plan(
                 raise AdapterCheckpointError(
                     f"{source}: the config has use_dora={str(use_dora).lower()} but adapter "
                     f"{adapter_name!r} of {module_path!r} was made with use_dora={not use_dora}"
+                )
+            # only the factors are overwritten: a scaling of the adapter other than the file's would turn
+            # them into another update, s' B A instead of s B A, without a word
+            held_alpha = float(module.lora_alpha[adapter_name])
+            held_rslora = bool(module.use_rslora[adapter_name])
+            if held_rslora != use_rslora or not math.isclose(held_alpha, alpha, rel_tol=1e-9):
+                raise AdapterCheckpointError(
+                    f"{source}: {module_path!r} has lora_alpha={_number(alpha)}, use_rslora="
+                    f"{str(use_rslora).lower()} in the config, but adapter {adapter_name!r} was made with "
+                    f"alpha={_number(held_alpha)}, use_rslora={held_rslora}: overwriting only its factors "
+                    "would change the update's scaling; load it under a new adapter_name (inject=True)"
                 )
         elif use_dora and not getattr(
             module, "_supports_dora", isinstance(module, nn.Linear) or is_conv1d(module)
@@ -1022,6 +1170,8 @@ def _rewrite_base(
 class _SavedPlan:
     module_path: str
     tensors: dict[str, torch.Tensor]  # keys local to the module (its state-dict keys)
+    # PEFT's bias="all" also writes the wrapped original's biases (<path>.original_module.<key>)
+    original: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _saved_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -1068,13 +1218,29 @@ def _plan_saved(
     plans = {
         path: _SavedPlan(path, {}) for path, m in modules.items() if any(path.endswith(n) for n in names)
     }
+    biases = config.get("bias") in ("all", "lora_only")
     for key in list(tensors):
         stripped = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else ""
         path = next((p for p in plans if stripped.startswith(p + ".")), None)
         if path is None:
             continue
         local = stripped[len(path) + 1 :]
-        local = re.sub(r"^modules_to_save\.[^.]+\.", "", local)
+        module = modules[path]
+        expected = (
+            module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        ).state_dict()
+        if biases and local.startswith("original_module.") and local[len("original_module.") :] in expected:
+            # bias="all": PEFT trains (and writes) the wrapped original's biases too
+            plans[path].original[local[len("original_module.") :]] = tensors.pop(key)
+            continue
+        # the copy's keys: PEFT 0.21 writes <key>; older PEFT modules_to_save.<adapter>.<key>; bias="all"
+        # adds its bias once more as modules_to_save.<key> (the adapter name dropped)
+        candidates = [
+            local,
+            re.sub(r"^modules_to_save\.[^.]+\.", "", local),
+            re.sub(r"^modules_to_save\.", "", local),
+        ]
+        local = next((c for c in candidates if c in expected), candidates[1])
         plans[path].tensors[local] = tensors.pop(key)
     for path, plan in plans.items():
         module = modules[path]
@@ -1111,6 +1277,18 @@ def _plan_saved(
                     f"{source}: tensor {key!r} has dtype {tensor.dtype} or non-finite values; the model's "
                     f"{path}.{local} is {want.dtype}"
                 )
+        for local, tensor in plan.original.items():
+            key = f"{KEY_PREFIX}{path}.original_module.{local}"
+            want = expected[local]
+            if (
+                tuple(tensor.shape) != tuple(want.shape)
+                or not tensor.is_floating_point()
+                or not bool(torch.isfinite(tensor).all())
+            ):
+                raise AdapterCheckpointError(
+                    f"{source}: tensor {key!r} has dtype {tensor.dtype}, shape {tuple(tensor.shape)} or "
+                    f"non-finite values; the model's {path}.{local} is {want.dtype} {tuple(want.shape)}"
+                )
         missing = sorted(set(expected) - set(plan.tensors))
         if plan.tensors and missing:
             message = f"{source}: missing key {KEY_PREFIX}{path}.{missing[0]!r} of modules_to_save {path!r}"
@@ -1144,6 +1322,11 @@ def _apply_saved(model: nn.Module, plans: list[_SavedPlan], adapter_name: str) -
             old = {k: v.detach().clone() for k, v in held.state_dict().items()}
             undo.append(lambda c=held, o=old: c.load_state_dict(o))
             held.load_state_dict(plan.tensors, strict=False)
+            if plan.original:
+                original = wrapper.original_module
+                old_original = {k: v.detach().clone() for k, v in original.state_dict().items()}
+                undo.append(lambda c=original, o=old_original: c.load_state_dict(o))
+                original.load_state_dict(plan.original, strict=False)
     except BaseException:
         for step in reversed(undo):
             step()
@@ -1191,13 +1374,16 @@ def load_adapter(
     FileNotFoundError
         If the directory, its config or its weights are missing.
     ValueError
+        ``adapter_name`` empty, with a ``"."`` or ``"__base__"`` (reserved for mixed-adapter batches).
         (:class:`AdapterCheckpointError`) naming the key or config field: ``path`` is a regular file, a config
         field without PEFT's type (e.g. ``use_rslora: "no"``, a pattern that is not a valid regular
         expression), a module the file adapts that the config's ``target_modules`` does not select (or the
         reverse), a wrong base model (missing module, shape mismatch), ``init_lora_weights`` ``"corda"`` /
         ``"loftq"`` with ``strict`` (see the notes),
-        a rank that disagrees with the config, a missing ``lora_A``/``lora_B`` partner, a truncated or corrupt
-        file, non-finite values. Every tensor is checked before the model is touched, so on error the model is
+        a rank that disagrees with the config, (``inject=False``) an existing adapter with another rank,
+        ``lora_alpha``, ``use_rslora`` or ``use_dora`` than the file's (its scaling would silently differ),
+        a missing ``lora_A``/``lora_B`` partner, a truncated or corrupt file, non-finite values. Every tensor
+        is checked before the model is touched, so on error the model is
         unchanged.
 
     Notes
@@ -1220,6 +1406,12 @@ def load_adapter(
     form is read too); each key must be one of the module's state-dict keys with the same shape, and with
     ``strict`` every one must be present.
 
+    A config with ``bias`` ``"all"`` or ``"lora_only"`` (PEFT trained the base biases) carries those biases
+    (``base_model.model.<path>.base_layer.bias`` for an adapted layer, ``base_model.model.<key>`` for any
+    other entry): they are copied into the model's own biases, which all adapters share (as in PEFT, they
+    stay when the adapter is switched off or deleted); each must name an entry of the model's state dict
+    with the same shape (with ``strict=False`` an unknown one is skipped with a warning).
+
     A config with ``init_lora_weights`` ``"pissa"`` or ``"olora"`` (an adapter PEFT saved without
     ``path_initial_model_for_weight_conversion``) is loaded as PEFT loads it: PEFT builds each new layer
     with that initialisation before it loads the factors, so the base weight becomes the residual ``W - s B0
@@ -1229,13 +1421,15 @@ def load_adapter(
     :class:`ResidualBaseWarning` (PEFT's randomized init cannot be reproduced, not even by PEFT).
     ``"corda"`` and ``"loftq"`` adapters need base weights that loading cannot rebuild (calibration data,
     LoftQ's quantization): refused, or with ``strict=False`` loaded as they are, with a warning (right on
-    the residual base they were trained with). An adapter that already exists (``inject=False``) is only
-    overwritten, as in PEFT.
+    the residual base they were trained with). An adapter that already exists (``inject=False``) only gets
+    the file's tensors, as in PEFT; unlike PEFT (which then keeps its own scaling), its ``lora_alpha`` and
+    ``use_rslora`` must equal the file's, so that the loaded update is the saved one.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    check_not_reserved("adapter_name", adapter_name)
     path = _check_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: adapter directory {path!r} does not exist")
@@ -1247,11 +1441,13 @@ def load_adapter(
     config = _read_consistent_config(path)
     tensors, source = _read_tensors(path)
     saved = _plan_saved(model, tensors, config, adapter_name, inject, strict, source)
+    biases = _plan_bias(model, tensors, config, strict, source)
     plans = _plan(model, tensors, config, adapter_name, inject, strict, source)
     rewrite = _base_rewrite(model, plans, config, adapter_name, strict, source)
     undo_saved = _apply_saved(model, saved, adapter_name)
     try:
         _apply(model, plans, config, adapter_name, rewrite)
+        _apply_bias(model, biases)
     except BaseException:
         for step in reversed(undo_saved):
             step()

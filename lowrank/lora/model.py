@@ -7,9 +7,11 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from lowrank._linop import python_number
 from lowrank.lora.init import WEIGHT_INITS, all_finite, precomputed_pissa
 from lowrank.lora.layers import (
     BASE_ADAPTER,
@@ -142,7 +144,8 @@ def inject_lora(
         A target matching nothing; a ``modules_to_save`` entry matching nothing; a LoRA target that is (or
         lies inside) a module of ``modules_to_save`` (a module is either adapted or copied, not both);
         ``r`` out of range for a module; ``adapter_name`` already held by a
-        matched LoRA layer; bad merged-module flags; ``init="pissa"`` on a weight with NaN/inf; bad
+        matched LoRA layer, or ``"__base__"`` (``BASE_ADAPTER``, reserved for :func:`mixed_adapter_batch`);
+        bad merged-module flags; ``init="pissa"`` on a weight with NaN/inf; bad
         ``alpha`` / ``dropout`` / ``init``.
 
     All or nothing: every target is checked before the model is touched, and a failure while building the
@@ -164,6 +167,7 @@ def inject_lora(
     patterns = _as_patterns("target_modules", target_modules)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    check_not_reserved("adapter_name", adapter_name)
     if merged_modules is not None and not isinstance(merged_modules, Mapping):
         raise TypeError(
             f"merged_modules must be a mapping of pattern -> flags, got {type(merged_modules).__name__}"
@@ -174,8 +178,11 @@ def inject_lora(
             raise ValueError(f"merged_modules keys must be non-empty str, got {pattern!r}")
     all_patterns = patterns + [p for p in merged if p not in patterns]
     saved_patterns = [] if modules_to_save is None else _as_patterns("modules_to_save", modules_to_save)
+    use_dora, use_rslora = (bool(v) if isinstance(v, np.bool_) else v for v in (use_dora, use_rslora))
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+    # NumPy scalars are numbers to users (r=np.int64(8), alpha=np.float32(16)); the layers check plain ones
+    r, alpha, dropout = python_number(r), python_number(alpha), python_number(dropout)
     options = {"alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "init": init}
     if use_dora:
         options["use_dora"] = True
@@ -419,6 +426,15 @@ def _check_merged_flags(name: str, module: nn.Module, flags: Sequence[bool]) -> 
         )
 
 
+def check_not_reserved(arg: str, name: str) -> None:
+    """Refuse the name :func:`mixed_adapter_batch` gives rows without an adapter as a new adapter's name."""
+    if name == BASE_ADAPTER:
+        raise ValueError(
+            f"{arg}: {BASE_ADAPTER!r} is reserved (mixed_adapter_batch reads it as 'no adapter' for a row); "
+            "choose another name"
+        )
+
+
 def _rename_adapter(layer: LoRALayer, old: str, new: str) -> None:
     if not isinstance(new, str) or not new or "." in new:
         raise ValueError(f"adapter_name must be a non-empty str without '.', got {new!r}")
@@ -440,6 +456,9 @@ def _rename_adapter(layer: LoRALayer, old: str, new: str) -> None:
         layer.active_adapter = new
 
 
+TRAINED_BIAS_ATTR = "_lowrank_trained_bias"
+
+
 def _check_bias(bias: str) -> None:
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
@@ -454,6 +473,8 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
     model : nn.Module
     bias : {"none", "all", "lora_only"}, default "none"
         ``"all"``: every parameter named ``bias`` also trains; ``"lora_only"``: the biases of LoRA layers.
+        Recorded on ``model``: :func:`lowrank.save_adapter` then saves those biases by default (PEFT's
+        ``LoraConfig.bias`` governs both, too).
 
     Returns
     -------
@@ -478,6 +499,8 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
                 param.requires_grad_(True)
+    # a plain attribute (not state), read by save_adapter's default bias
+    object.__setattr__(model, TRAINED_BIAS_ATTR, bias)
     return model
 
 
@@ -507,6 +530,7 @@ def lora_state_dict(
     if not layers:
         raise ValueError("model has no LoRA layers; call inject_lora first")
     wrappers = list(_wrappers(model))
+    _check_adapter_arg(adapter_name, allow_none=True)
     if adapter_name is not None and adapter_name not in _adapter_names(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
     state: dict[str, torch.Tensor] = {}
@@ -626,6 +650,16 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
             yield name, module
 
 
+def _check_adapter_arg(value: object, *, allow_none: bool = False) -> None:
+    """TypeError naming ``adapter_name`` for anything but one adapter name (PEFT also takes lists there)."""
+    if not isinstance(value, str) and not (allow_none and value is None):
+        raise TypeError(
+            f"adapter_name must be one adapter name (str){' or None' if allow_none else ''}, got "
+            f"{type(value).__name__}"
+            + ("; lowrank runs one active adapter at a time" if isinstance(value, (list, tuple)) else "")
+        )
+
+
 def _adapter_names(model: nn.Module) -> set[str]:
     names: set[str] = set()
     for _, layer in lora_layers(model):
@@ -643,11 +677,15 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> nn.Module:
 
     Raises
     ------
+    TypeError
+        ``adapter_name`` neither a str nor None (e.g. PEFT's list of several active adapters: lowrank runs
+        one at a time; :func:`lowrank.combine_adapters` builds their sum).
     ValueError
         ``adapter_name`` held by no layer or wrapper.
     RuntimeError
         A layer has another adapter merged (unmerge first); nothing is changed then.
     """
+    _check_adapter_arg(adapter_name, allow_none=True)
     if adapter_name is not None and adapter_name not in _adapter_names(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
     layers = list(lora_layers(model))
@@ -665,9 +703,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Delete adapter ``adapter_name`` from every LoRA layer and ``modules_to_save`` wrapper (its copies).
 
     Where it was active, the first remaining adapter of that layer becomes active (as
-    :meth:`LoRALayer.delete_adapter`). Returns ``model``. Raises ValueError for an unknown name and
-    RuntimeError (changing nothing) if it is merged somewhere.
+    :meth:`LoRALayer.delete_adapter`). Returns ``model``. Raises TypeError for a name that is not a str,
+    ValueError for an unknown name and RuntimeError (changing nothing) if it is merged somewhere.
     """
+    _check_adapter_arg(adapter_name)
     if adapter_name not in _adapter_names(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(_adapter_names(model))}")
     layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.r]
@@ -692,7 +731,10 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Itera
     of one forward per adapter; the active adapter is ignored. The batch dimension is the first dimension
     of each layer's input (``(batch, seq, features)`` in transformers). A layer that lacks one of the
     adapters runs the base layer for those rows. Gradients reach every adapter used (training several
-    adapters in one batch), provided they have no dropout; merged layers are refused.
+    adapters in one batch), provided they have no dropout; merged layers are refused. ``modules_to_save``
+    modules (e.g. a classifier head) run each row through its adapter's copy (the original module for
+    ``"__base__"`` and adapters without a copy), one call per adapter present, as PEFT does; their input's
+    first dimension must be the batch too, and they must return one tensor.
 
     Parameters
     ----------
@@ -712,21 +754,17 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Itera
     layers = [layer for _, layer in lora_layers(model)]
     if not layers:
         raise ValueError("model has no LoRA layers; call inject_lora first")
-    known = {BASE_ADAPTER}.union(*(layer.r.keys() for layer in layers))
+    wrappers = [wrapper for _, wrapper in _wrappers(model)]
+    known = {BASE_ADAPTER}.union(*(layer.r.keys() for layer in layers), *(w.adapters for w in wrappers))
     unknown = sorted(set(names) - known)
     if unknown:
         raise ValueError(f"unknown adapter names {unknown}; adapters: {sorted(known - {BASE_ADAPTER})}")
-    wrapped = [name for name, _ in _wrappers(model)]
-    if wrapped:
-        raise NotImplementedError(
-            f"mixed_adapter_batch does not route rows through modules_to_save copies (the model has "
-            f"{wrapped[:3]}); run one adapter per batch with set_adapter"
-        )
-    previous = [layer._row_adapters for layer in layers]
-    for layer in layers:
-        layer._row_adapters = names
+    routed: list[LoRALayer | ModulesToSaveWrapper] = [*layers, *wrappers]
+    previous = [module._row_adapters for module in routed]
+    for module in routed:
+        module._row_adapters = names
     try:
         yield model
     finally:
-        for layer, before in zip(layers, previous):
-            layer._row_adapters = before
+        for module, before in zip(routed, previous):
+            module._row_adapters = before

@@ -53,6 +53,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
+        # set by lowrank.mixed_adapter_batch: one adapter name per row of the batch (first dimension)
+        self._row_adapters: tuple[str, ...] | None = None
         self._base_requires_grad = [(p, p.requires_grad) for p in module.parameters()]
         self.add_adapter(adapter_name)
 
@@ -121,7 +123,41 @@ class ModulesToSaveWrapper(nn.Module):
         return {k: v.detach() for k, v in self.modules_to_save[name].state_dict().items()}
 
     def forward(self, *args, **kwargs):
+        if self._row_adapters is not None:
+            return self._forward_mixed(*args, **kwargs)
         return self.active_module()(*args, **kwargs)
+
+    def _forward_mixed(self, x, *args, **kwargs):
+        """Rows of ``x`` through the copy of their adapter (the original for ``"__base__"`` and adapters
+        without a copy), as PEFT's mixed-batch forward: one call per adapter present, outputs put back in
+        row order (differentiable)."""
+        names = self._row_adapters
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(names):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"mixed_adapter_batch got {len(names)} adapter names but this modules_to_save module's input "
+                f"is {shape}: give one name per row of the batch (the first dimension)"
+            )
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name if name in self.modules_to_save else "", []).append(row)
+        outputs, order = [], []
+        for name, rows in groups.items():
+            module = self.modules_to_save[name] if name else self.original_module
+            index = torch.tensor(rows, device=x.device)
+            out = module(x.index_select(0, index), *args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"mixed_adapter_batch: a modules_to_save module returned {type(out).__name__}; rows can "
+                    "only be routed through modules that return one tensor"
+                )
+            outputs.append(out)
+            order.extend(rows)
+        if len(outputs) == 1:
+            return outputs[0]
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(outputs).index_select(0, inverse.to(outputs[0].device))
 
     def __getattr__(self, name: str):
         try:

@@ -210,7 +210,7 @@ def config_from_text(text: str, config_file: str) -> dict[str, Any]:
         )
     for field, ok, meaning in [
         ("fan_in_fan_out", lambda v: isinstance(v, bool), "fan_in_fan_out (must be true or false)"),
-        ("bias", lambda v: v in (None, "none"), "trained biases"),
+        ("bias", lambda v: v in (None, "none", "all", "lora_only"), "must be 'none', 'all' or 'lora_only'"),
         ("lora_bias", lambda v: not v, "lora_bias"),
         ("layer_replication", lambda v: not v, "layer_replication"),
     ]:

@@ -203,7 +203,8 @@ def quantize_base(model: nn.Module, dtype: str | torch.dtype = "int8") -> nn.Mod
     TypeError
         ``model`` is not an ``nn.Module``.
     ValueError
-        Unknown ``dtype``, no ``LoRALinear`` layer in ``model``, a layer has a merged adapter or a DoRA
+        Unknown ``dtype``, no ``LoRALinear`` layer in ``model`` (the message says when they are all
+        quantized already), a layer has a merged adapter or a DoRA
         adapter (``use_dora=True``: not supported on a quantized base).
 
     Notes
@@ -226,6 +227,11 @@ def quantize_base(model: nn.Module, dtype: str | torch.dtype = "int8") -> nn.Mod
         if isinstance(m, LoRALinear) and type(m) not in (LoRALinear, QuantizedLoRALinear)
     ]
     if not targets:
+        if any(isinstance(m, QuantizedLoRALinear) for m in model.modules()):
+            raise ValueError(
+                "quantize_base: the model's LoRALinear layers are quantized already (QuantizedLoRALinear); "
+                "a second quantization would only add rounding error"
+            )
         raise ValueError("quantize_base: model has no LoRALinear layers (call lowrank.inject_lora first)")
     for name, layer in targets:
         if layer.merged_adapters:
