@@ -1004,6 +1004,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{'lora_dropout':<24} {config.get('lora_dropout', 0.0)}")
     print(f"{'use_rslora':<24} {config.get('use_rslora', False)}")
     print(f"{'fan_in_fan_out':<24} {config.get('fan_in_fan_out', False)}")
+    print(f"{'use_dora':<24} {config.get('use_dora', False)}")
+    print(f"{'bias':<24} {config.get('bias', 'none')}")
+    init = config.get("init_lora_weights", True)
+    if init is not True:  # PEFT's default (Kaiming A, zero B) needs no line
+        print(f"{'init_lora_weights':<24} {init}")
     if config.get("modules_to_save"):
         print(f"{'modules_to_save':<24} {', '.join(map(str, config['modules_to_save']))}")
     targets = config.get("target_modules")

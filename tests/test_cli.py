@@ -448,6 +448,28 @@ def _adapter_dir(root, config, tensors):
     return path
 
 
+def _fields(stdout):
+    """``lowrank info``'s header lines: field -> first value."""
+    return {words[0]: words[1] for words in map(str.split, stdout.splitlines()) if len(words) >= 2}
+
+
+def test_info_shows_bias_dora_and_init(small, capsys):
+    # the config fields that change what loading the adapter does: PEFT's bias mode, DoRA, a residual init
+    root, _, _ = small
+    tensors = {
+        "base_model.model.attn.q_proj.lora_A.weight": torch.zeros(2, 10),
+        "base_model.model.attn.q_proj.lora_B.weight": torch.zeros(12, 2),
+    }
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4}
+    path = _adapter_dir(root, config, tensors)
+    shown = _fields(in_process(capsys, "info", path)[1])
+    assert (shown["bias"], shown["use_dora"]) == ("none", "False") and "init_lora_weights" not in shown
+    config.update(bias="lora_only", use_dora=True, init_lora_weights="pissa")
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    shown = _fields(in_process(capsys, "info", path)[1])
+    assert (shown["bias"], shown["use_dora"], shown["init_lora_weights"]) == ("lora_only", "True", "pissa")
+
+
 def test_info_never_prints_a_traceback(small, capsys):
     root, _, _ = small
     empty = {

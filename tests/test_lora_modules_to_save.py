@@ -210,3 +210,19 @@ def test_bad_inputs_raise_clear_errors_and_change_nothing(bert_state, tmp_path):
     with pytest.raises(AdapterCheckpointError, match="classifier.weight' has shape"):
         lowrank.load_adapter(target, tmp_path)
     assert type(target.classifier) is nn.Linear
+
+
+def test_wrapper_state_from_before_row_routing_still_runs():
+    # a wrapper unpickled from a version without mixed-batch routing has no ``_row_adapters`` in its
+    # __dict__: forward must fall back to the active copy (the class default), not raise AttributeError
+    head = nn.Linear(5, 3)
+    wrapper = ModulesToSaveWrapper(head, "a")
+    with torch.no_grad():
+        wrapper.modules_to_save["a"].weight.add_(1.0)
+    state = wrapper.__dict__.copy()
+    del state["_row_adapters"]
+    old = ModulesToSaveWrapper.__new__(ModulesToSaveWrapper)
+    old.__dict__.update(state)
+    x = torch.randn(4, 5, dtype=torch.float32)
+    expected = x.double() @ (head.weight.double() + 1).T + head.bias.double()
+    torch.testing.assert_close(old(x).double(), expected, rtol=1e-5, atol=1e-6)

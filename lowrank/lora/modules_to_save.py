@@ -44,6 +44,9 @@ class ModulesToSaveWrapper(nn.Module):
     active), so code that inspects the head keeps working.
     """
 
+    # class default as well: a wrapper pickled before mixed batches were routed has no instance attribute
+    _row_adapters: tuple[str, ...] | None = None
+
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
