@@ -82,9 +82,11 @@ _SEED_LIMIT = 1 << 63
 
 
 def python_number(value: Any) -> Any:
-    """A NumPy integer or floating scalar as the Python ``int`` / ``float`` of the same value (NumPy
-    scalars are numbers to users: ``k=np.int64(8)``, ``tol=np.float32(1e-3)``); anything else unchanged,
-    for the argument checks to judge."""
+    """A NumPy bool, integer or floating scalar as the Python ``bool`` / ``int`` / ``float`` of the same
+    value (NumPy scalars are numbers to users: ``k=np.int64(8)``, ``tol=np.float32(1e-3)``); anything else
+    unchanged, for the argument checks to judge (which still refuse a bool where a number is meant)."""
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.floating):

@@ -272,8 +272,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="from_conv1d"):
         LoRAConv1D.from_linear(nn.Linear(4, 4), 2)
     conv = Conv1D(6, 4)
-    with pytest.raises(ValueError, match=r"r must be an int in \[1, 4\]"):
-        LoRAConv1D.from_conv1d(conv, 5)
+    with pytest.raises(ValueError, match=r"r must be an int in \[1, 4\] for init='pissa'"):
+        LoRAConv1D.from_conv1d(conv, 5, init="pissa")
     assert conv.weight.requires_grad  # bad input leaves the module as found
     with pytest.raises(TypeError, match="Conv1D"):
         lowrank.inject_lora(nn.Sequential(nn.ReLU()), ["0"], r=1)

@@ -212,8 +212,8 @@ def test_embedding_against_reference_and_merge():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"r": 0}, "r must be an int in \\[1, 8\\]"),
-        ({"r": 9}, "r must be an int in \\[1, 8\\]"),
+        ({"r": 0}, "r must be an int >= 1"),
+        ({"r": 9, "init": "pissa"}, "r must be an int in \\[1, 8\\] for init='pissa'"),
         ({"r": 2.0}, "r must be"),
         ({"r": 2, "alpha": -1.0}, "alpha"),
         ({"r": 2, "dropout": 1.0}, "dropout"),
@@ -237,8 +237,30 @@ def test_bad_adapter_names_and_types():
         LoRAEmbedding.from_embedding(nn.Linear(2, 2), r=1)
     with pytest.raises(ValueError, match="in_features"):
         LoRALinear(0, 8, r=1)
-    with pytest.raises(ValueError, match="r must be an int in \\[1, 4\\]"):
-        LoRAEmbedding(4, 16, r=5)
+    with pytest.raises(ValueError, match="r must be an int >= 1"):
+        LoRAEmbedding(4, 16, r=0)
+    with pytest.raises(ValueError, match="reserved"):
+        layer.add_adapter("__base__", 2)
+
+
+@pytest.mark.parametrize("make", [lambda r: LoRALinear(6, 8, r=r), lambda r: LoRAEmbedding(5, 7, r=r)])
+def test_rank_above_the_layer_size_is_a_plain_adapter(make):
+    # PEFT trains and saves adapters with r > min(in, out); B A is then just a full-rank update
+    torch.manual_seed(3)
+    layer = make(9)
+    A, B = (p for _, p in layer.lora_parameters())
+    with torch.no_grad():
+        B.normal_()
+    delta = layer.delta_weight().double()
+    first, second = (A.double(), B.double())
+    expected = (second @ first) if isinstance(layer, LoRALinear) else (second @ first).T
+    torch.testing.assert_close(delta, layer.scaling["default"] * expected, rtol=1e-6, atol=1e-6)
+    assert layer.r["default"] == 9
+    if isinstance(layer, LoRALinear):  # the fused op with r > min(in, out), against float64
+        x = torch.randn(5, 6)
+        W, b = layer.weight.double(), layer.bias.double()
+        reference = x.double() @ (W + delta).T + b
+        torch.testing.assert_close(layer(x).double(), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_keys_keep_base_names():

@@ -52,8 +52,8 @@ def test_unknown_and_unsupported_targets_raise_clear_errors():
         lowrank.inject_lora(model, ["1"], r=2)
     with pytest.raises(ValueError, match="target_modules"):
         lowrank.inject_lora(model, [], r=2)
-    with pytest.raises(ValueError, match=r"r must be an int in \[1, 10\] for module '4'"):
-        lowrank.inject_lora(model, ["0", "4"], r=11)
+    with pytest.raises(ValueError, match=r"r must be an int in \[1, 10\] for init='pissa' on module '4'"):
+        lowrank.inject_lora(model, ["0", "4"], r=11, init="pissa")
     assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
     with pytest.raises(ValueError, match="alpha"):
         lowrank.inject_lora(model, ["0"], r=2, alpha=-1.0)
@@ -343,7 +343,12 @@ BAD_CALLS = {
         ValueError,
         "target_modules",
     ),
-    "inject: r too large": (lambda: lowrank.inject_lora(_mlp(), ["4"], r=11), ValueError, "r must"),
+    "inject: r too large for pissa": (
+        lambda: lowrank.inject_lora(_mlp(), ["4"], r=11, init="pissa"),
+        ValueError,
+        "r must",
+    ),
+    "inject: r zero": (lambda: lowrank.inject_lora(_mlp(), ["4"], r=0), ValueError, "r must"),
     "inject: r a float": (lambda: lowrank.inject_lora(_mlp(), ["4"], r=2.5), ValueError, "r must"),
     "inject: bad dropout": (lambda: lowrank.inject_lora(_mlp(), ["0"], dropout=1.0), ValueError, "dropout"),
     "inject: bad init": (lambda: lowrank.inject_lora(_mlp(), ["0"], init="svd"), ValueError, "init"),

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank._linop import python_number
 from lowrank._ops import lora_linear, lora_linear_multi
 from lowrank.lora.dora import dora_row_norms, weight_row_sq_norms
 from lowrank.lora.init import WEIGHT_INITS, check_init, olora_factors, pissa_factors, reset_lora_factors_
@@ -132,8 +133,11 @@ class LoRALayer(nn.Module):
         name : str
             Adapter name: non-empty, without ".", not already used.
         r : int
-            Rank, ``1 <= r <= min(in, out)`` of the (slice of the) weight it adapts. Typical: 4 to 64; the
-            adapter costs ``r * (in + out)`` parameters and ``2 r (in + out)`` FLOPs per token.
+            Rank, ``>= 1``. Typical: 4 to 64; the adapter costs ``r * (in + out)`` parameters and
+            ``2 r (in + out)`` FLOPs per token. ``B A`` has rank at most ``min(in, out)`` of the (slice of
+            the) weight it adapts, so a larger ``r`` adds parameters, not expressiveness; it is accepted (PEFT
+            trains and saves such adapters) except with the weight inits ``"pissa"`` / ``"olora"``, which
+            need ``r <= min(in, out)``.
         alpha : float, optional
             LoRA alpha; default ``r`` (scaling 1). Scaling is ``alpha / r`` (Hu et al. 2021), or
             ``alpha / sqrt(r)`` with ``use_rslora`` (Kalajdzievski 2023), which keeps the update's size
@@ -155,13 +159,17 @@ class LoRALayer(nn.Module):
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+        if name == BASE_ADAPTER:
+            raise ValueError(
+                f"adapter name {name!r} is reserved: mixed_adapter_batch reads it as 'no adapter' for a row"
+            )
         if name in self.r:
             raise ValueError(f"adapter {name!r} already exists (adapters: {list(self.r)})")
-        max_rank = self._max_rank()
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= max_rank:
-            raise ValueError(
-                f"r must be an int in [1, {max_rank}] for this layer ({self._shape_text()}), got {r!r}"
-            )
+        # NumPy scalars are numbers to users (r=np.int64(8), alpha=np.float32(16), use_dora=np.True_)
+        r, alpha, dropout = python_number(r), python_number(alpha), python_number(dropout)
+        use_rslora, use_dora = python_number(use_rslora), python_number(use_dora)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an int >= 1 for this layer ({self._shape_text()}), got {r!r}")
         if alpha is None:
             alpha = float(r)
         if (
@@ -186,6 +194,12 @@ class LoRALayer(nn.Module):
         if init in WEIGHT_INITS and init not in self._weight_inits:
             raise ValueError(
                 f"init={init!r} is not supported by {type(self).__name__} (use {self._weight_inits})"
+            )
+        max_rank = self._max_rank()
+        if init in WEIGHT_INITS and r > max_rank:
+            raise ValueError(
+                f"r must be an int in [1, {max_rank}] for init={init!r} on this layer "
+                f"({self._shape_text()}), got {r!r}"
             )
         if init in WEIGHT_INITS and self.merged_adapters:
             raise RuntimeError(

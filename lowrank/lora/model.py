@@ -7,7 +7,6 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -178,7 +177,7 @@ def inject_lora(
             raise ValueError(f"merged_modules keys must be non-empty str, got {pattern!r}")
     all_patterns = patterns + [p for p in merged if p not in patterns]
     saved_patterns = [] if modules_to_save is None else _as_patterns("modules_to_save", modules_to_save)
-    use_dora, use_rslora = (bool(v) if isinstance(v, np.bool_) else v for v in (use_dora, use_rslora))
+    use_dora, use_rslora = python_number(use_dora), python_number(use_rslora)
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
     # NumPy scalars are numbers to users (r=np.int64(8), alpha=np.float32(16)); the layers check plain ones
@@ -253,9 +252,9 @@ def inject_lora(
             dims: tuple[int, ...] = (module.in_features, module.out_features // len(flags))
         else:
             dims = tuple(module.weight.shape)
-        if isinstance(r, int) and not isinstance(r, bool) and r > min(dims):
+        if init in WEIGHT_INITS and isinstance(r, int) and not isinstance(r, bool) and r > min(dims):
             raise ValueError(
-                f"r must be an int in [1, {min(dims)}] for module {name!r} (weight "
+                f"r must be an int in [1, {min(dims)}] for init={init!r} on module {name!r} (weight "
                 f"{tuple(module.weight.shape)}), got {r!r}"
             )
     if init in WEIGHT_INITS:
