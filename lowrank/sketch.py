@@ -153,17 +153,21 @@ class StreamingSVD:
     the cost and the memory of ``Y`` but measured up to 1.56x the optimal error at ``k = 10`` on a
     ``0.9^i`` spectrum (1.01x with the default; ``tests/test_sketch.py``).
     Per block of ``b`` rows the cost is one GEMM ``Y_b = A_b Omega`` (``2 b n s`` flops: the floor of any
-    one-pass sketch of width ``s``), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64 so that small
-    singular values keep the data's precision), and one pass of :func:`lowrank._ops.sparse_sign_add_`
+    one-pass sketch of width ``s``; on the CPU in calls of :func:`gemm_rows` rows, into a buffer reused
+    across blocks when ``U`` is not kept), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64 so that
+    small singular values keep the data's precision), and one pass of :func:`lowrank._ops.sparse_sign_add_`
     over the block for ``[Psi A; Phi A; Theta A; 1^T A]`` (``zeta_s + zeta_c = 16`` signed adds and
     ``q + 1`` dense multiply-adds per entry, summed per target row in registers); each row is read twice
-    (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for ``Z`` and ``Phi Y``. Sparse blocks
-    stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional to
-    the block's nonzeros). Measured on 2 shared CPU cores, 1 thread, CPU time (``5000 x 3000`` float32
-    blocks, ``k = 40``, in units of the floor's GEMM ``F``): GEMM 1.0, sign maps with ``Theta``/ones 0.28,
-    Gram 0.10, draws and the rest 0.05; a pass of 20 pre-made blocks with :meth:`result` 1.45-1.6x the
-    floor with ``keep_u=False`` (1.6x with ``U`` kept), against 1.7-1.8x before the gather kernel and
-    3.9x with the former dense Gaussian ``Psi``/``Phi`` (GEMM width ``2s + c + q + 1`` per row).
+    (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for ``Z`` and ``Phi Y`` (kept, with
+    ``Xi``, until the next update: :meth:`error_estimate` reuses it). Sparse blocks stay sparse (the test
+    rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional to the block's nonzeros).
+    Measured on 2 shared CPU cores, 1 thread, CPU time, ``5000 x 3000`` float32 blocks, ``k = 40``, in
+    units of one GEMM ``A_b G`` per block (``F``, the issue's floor): the chunked GEMM 0.75-0.8, sign maps
+    with ``Theta``/ones 0.28-0.3, Gram 0.10, draws 0.02-0.03, :meth:`result` + :meth:`error_estimate`
+    ~1-2 ``F`` once per stream. The 100000-row stream (``benchmarks/bench_sketch.py --full``, in-call time,
+    generation excluded): 1.31x ``F`` with ``keep_u=False``, 1.33x with ``U`` kept (1.58x/1.56x before the
+    chunked GEMM and the kept reconstruction); against the same GEMM in row chunks (0.80 ``F``), 1.63x and
+    1.66x.
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is
