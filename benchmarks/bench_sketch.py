@@ -301,9 +301,9 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
                 f"error_estimate / true error = {estimate / err:.3f}",
                 f"'inside its calls' ({clock_name}): StreamingSVD's update + result + error_estimate, the "
                 "floors' GEMMs; block generation is not timed (not subtracted). The issue's floor is one "
-                f"GEMM A_b @ G per block (G n x s Gaussian); the chunked floor is the same product in calls "
-                f"of {step} rows (lowrank.sketch.gemm_rows), as StreamingSVD.update does it: the stricter "
-                "floor.",
+                "GEMM A_b @ G per block (G n x s Gaussian); the chunked floor is the same product in calls "
+                + (f"of {step} rows" if step < m else "of one block (more than one thread: no chunks)")
+                + " (lowrank.sketch.gemm_rows), as StreamingSVD.update does it: the stricter floor.",
                 f"Per row StreamingSVD does one GEMM of width s = {s} (A @ Omega, as the floor), the "
                 "float64 Gram Y^T Y (s^2 per row) and one pass of lowrank._ops.sparse_sign_add_ "
                 "over the block for [Psi A; Phi A; Theta A; 1^T A]: 8 + 8 signed adds of the row "

@@ -74,9 +74,15 @@ _STATE_VERSION = 3
 GEMM_BYTES = 1 << 22
 
 
-def gemm_rows(n: int, itemsize: int) -> int:
-    """Rows per call of the range GEMM ``A_b Omega`` on the CPU: :data:`GEMM_BYTES` of the block, at least
-    256 rows. MKL's one call on a ``5000 x 3000`` block was 10-25% slower than calls on row chunks."""
+def gemm_rows(n: int, itemsize: int, threads: int | None = None) -> int:
+    """Rows per call of the range GEMM ``A_b Omega`` on the CPU: with one thread (``threads``, default
+    ``torch.get_num_threads()``) :data:`GEMM_BYTES` of the block, at least 256 rows (MKL's one call on a
+    ``5000 x 3000`` float32 block took 10-25% longer than calls on such chunks); with more threads no
+    chunking (``2**62``): with 2 threads on a loaded 2-core machine, chunks of 349 rows took 2.3x, of 2048
+    rows 1.05x, the time of one call (a barrier per call)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads > 1:
+        return 1 << 62
     return max(256, GEMM_BYTES // max(1, n * itemsize))
 
 
@@ -153,21 +159,21 @@ class StreamingSVD:
     the cost and the memory of ``Y`` but measured up to 1.56x the optimal error at ``k = 10`` on a
     ``0.9^i`` spectrum (1.01x with the default; ``tests/test_sketch.py``).
     Per block of ``b`` rows the cost is one GEMM ``Y_b = A_b Omega`` (``2 b n s`` flops: the floor of any
-    one-pass sketch of width ``s``; on the CPU in calls of :func:`gemm_rows` rows, into a buffer reused
-    across blocks when ``U`` is not kept), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64 so that
-    small singular values keep the data's precision), and one pass of :func:`lowrank._ops.sparse_sign_add_`
-    over the block for ``[Psi A; Phi A; Theta A; 1^T A]`` (``zeta_s + zeta_c = 16`` signed adds and
-    ``q + 1`` dense multiply-adds per entry, summed per target row in registers); each row is read twice
-    (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for ``Z`` and ``Phi Y`` (kept, with
-    ``Xi``, until the next update: :meth:`error_estimate` reuses it). Sparse blocks stay sparse (the test
-    rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional to the block's nonzeros).
-    Measured on 2 shared CPU cores, 1 thread, CPU time, ``5000 x 3000`` float32 blocks, ``k = 40``, in
-    units of one GEMM ``A_b G`` per block (``F``, the issue's floor): the chunked GEMM 0.75-0.8, sign maps
-    with ``Theta``/ones 0.28-0.3, Gram 0.10, draws 0.02-0.03, :meth:`result` + :meth:`error_estimate`
-    ~1-2 ``F`` once per stream. The 100000-row stream (``benchmarks/bench_sketch.py --full``, in-call time,
-    generation excluded): 1.31x ``F`` with ``keep_u=False``, 1.33x with ``U`` kept (1.58x/1.56x before the
-    chunked GEMM and the kept reconstruction); against the same GEMM in row chunks (0.80 ``F``), 1.63x and
-    1.66x.
+    one-pass sketch of width ``s``; on the CPU with one thread in calls of :func:`gemm_rows` rows, into a
+    buffer reused across blocks when ``U`` is not kept), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64
+    so that small singular values keep the data's precision), and one pass of
+    :func:`lowrank._ops.sparse_sign_add_` over the block for ``[Psi A; Phi A; Theta A; 1^T A]`` (``zeta_s +
+    zeta_c = 16`` signed adds and ``q + 1`` dense multiply-adds per entry, summed per target row in
+    registers); each row is read twice (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for
+    ``Z`` and ``Phi Y`` (kept, with ``Xi``, until the next update: :meth:`error_estimate` reuses it). Sparse
+    blocks stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional
+    to the block's nonzeros). Measured on 2 shared CPU cores, 1 thread, CPU time, ``5000 x 3000`` float32
+    blocks, ``k = 40``, in units of one GEMM ``A_b G`` per block (``F``, the issue's floor): the chunked GEMM
+    0.75-0.8, sign maps with ``Theta``/ones 0.28-0.3, Gram 0.10, draws 0.02-0.03, :meth:`result` +
+    :meth:`error_estimate` ~1-2 ``F`` once per stream. The 100000-row stream (``benchmarks/bench_sketch.py
+    --full``, in-call time, generation excluded): 1.31x ``F`` with ``keep_u=False``, 1.33x with ``U`` kept
+    (1.58x/1.56x before the chunked GEMM and the kept reconstruction); against the same GEMM in row chunks
+    (0.80 ``F``), 1.63x and 1.66x.
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is
@@ -450,9 +456,9 @@ class StreamingSVD:
         return buf[:rows]
 
     def _range(self, A: torch.Tensor) -> torch.Tensor:
-        """``Y = A Omega`` (``b x s``) for a dense block. On the CPU in row chunks of :data:`GEMM_BYTES` of
-        ``A`` (a ``5000 x 3000`` float32 block with ``s = 161`` took 0.75-0.85x the time of one GEMM:
-        the output chunk stays in cache), into a buffer reused across blocks unless ``Y`` is kept."""
+        """``Y = A Omega`` (``b x s``) for a dense block. On the CPU in calls of :func:`gemm_rows` rows (one
+        thread: a ``5000 x 3000`` float32 block with ``s = 161`` took 0.75-0.85x the time of one GEMM),
+        into a buffer reused across blocks unless ``Y`` is kept."""
         omega = self._omega()
         if A.device.type != "cpu":
             return A @ omega

@@ -127,12 +127,16 @@ def test_stream_cut_invariance_across_row_chunks():
 
 
 @pytest.mark.parametrize("keep_u", [True, False])
-def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, keep_u):
+def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, request, keep_u):
     """Y = A Omega in row chunks (GEMM_BYTES), the lean mode's reused buffers (blocks growing and
     shrinking): equal to rounding to float64 products of the whole matrix and to one unchunked update."""
     m, n = 2300, 50
     A = _decaying(m, n, 0.85, seed=11, offset=0.5, dtype=torch.float32)
     cuts = [700, 900, 1900]  # blocks of 700, 200, 1000, 400 rows: chunked, buffer reused and grown
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # chunks with one thread only
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    assert sketch_mod.gemm_rows(n, 4, threads=2) == 1 << 62
     assert sketch_mod.gemm_rows(n, 4) >= m
     plain = _stream(A, cuts, k=5, seed=3, center=True, keep_u=keep_u)  # one GEMM call per block
     one = _stream(A, [], k=5, seed=3, center=True, keep_u=keep_u)  # one update
