@@ -70,6 +70,21 @@ SPARSITY = 8
 
 _STATE_VERSION = 3
 
+#: Bytes of a block's rows per GEMM call of :meth:`StreamingSVD.update` on the CPU (see :func:`gemm_rows`).
+GEMM_BYTES = 1 << 22
+
+
+def gemm_rows(n: int, itemsize: int, threads: int | None = None) -> int:
+    """Rows per call of the range GEMM ``A_b Omega`` on the CPU: with one thread (``threads``, default
+    ``torch.get_num_threads()``) :data:`GEMM_BYTES` of the block, at least 256 rows (MKL's one call on a
+    ``5000 x 3000`` float32 block took 10-25% longer than calls on such chunks); with more threads no
+    chunking (``2**62``): with 2 threads on a loaded 2-core machine, chunks of 349 rows took 2.3x, of 2048
+    rows 1.05x, the time of one call (a barrier per call)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads > 1:
+        return 1 << 62
+    return max(256, GEMM_BYTES // max(1, n * itemsize))
+
 
 def _distinct_rows(count: int, sizes: tuple[int, ...], zeta: int, gen: torch.Generator) -> torch.Tensor:
     """``count x (len(sizes) zeta)`` int64: for each row and each ``d`` in ``sizes``, ``zeta`` distinct
@@ -144,17 +159,21 @@ class StreamingSVD:
     the cost and the memory of ``Y`` but measured up to 1.56x the optimal error at ``k = 10`` on a
     ``0.9^i`` spectrum (1.01x with the default; ``tests/test_sketch.py``).
     Per block of ``b`` rows the cost is one GEMM ``Y_b = A_b Omega`` (``2 b n s`` flops: the floor of any
-    one-pass sketch of width ``s``), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64 so that small
-    singular values keep the data's precision), and one pass of :func:`lowrank._ops.sparse_sign_add_`
-    over the block for ``[Psi A; Phi A; Theta A; 1^T A]`` (``zeta_s + zeta_c = 16`` signed adds and
-    ``q + 1`` dense multiply-adds per entry, summed per target row in registers); each row is read twice
-    (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for ``Z`` and ``Phi Y``. Sparse blocks
-    stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional to
-    the block's nonzeros). Measured on 2 shared CPU cores, 1 thread, CPU time (``5000 x 3000`` float32
-    blocks, ``k = 40``, in units of the floor's GEMM ``F``): GEMM 1.0, sign maps with ``Theta``/ones 0.28,
-    Gram 0.10, draws and the rest 0.05; a pass of 20 pre-made blocks with :meth:`result` 1.45-1.6x the
-    floor with ``keep_u=False`` (1.6x with ``U`` kept), against 1.7-1.8x before the gather kernel and
-    3.9x with the former dense Gaussian ``Psi``/``Phi`` (GEMM width ``2s + c + q + 1`` per row).
+    one-pass sketch of width ``s``; on the CPU with one thread in calls of :func:`gemm_rows` rows, into a
+    buffer reused across blocks when ``U`` is not kept), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64
+    so that small singular values keep the data's precision), and one pass of
+    :func:`lowrank._ops.sparse_sign_add_` over the block for ``[Psi A; Phi A; Theta A; 1^T A]`` (``zeta_s +
+    zeta_c = 16`` signed adds and ``q + 1`` dense multiply-adds per entry, summed per target row in
+    registers); each row is read twice (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for
+    ``Z`` and ``Phi Y`` (kept, with ``Xi``, until the next update: :meth:`error_estimate` reuses it). Sparse
+    blocks stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional
+    to the block's nonzeros). Measured on 2 shared CPU cores, 1 thread, CPU time, ``5000 x 3000`` float32
+    blocks, ``k = 40``, in units of one GEMM ``A_b G`` per block (``F``, the issue's floor): the chunked GEMM
+    0.75-0.8, sign maps with ``Theta``/ones 0.28-0.3, Gram 0.10, draws 0.02-0.03, :meth:`result` +
+    :meth:`error_estimate` ~1-2 ``F`` once per stream. The 100000-row stream (``benchmarks/bench_sketch.py
+    --full``, in-call time, generation excluded): 1.31x ``F`` with ``keep_u=False``, 1.33x with ``U`` kept
+    (1.58x/1.56x before the chunked GEMM and the kept reconstruction); against the same GEMM in row chunks
+    (0.80 ``F``), 1.63x and 1.66x.
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is
@@ -236,8 +255,11 @@ class StreamingSVD:
         self.device: torch.device | None = None if device is None else torch.device(device)
         self.n_rows = 0  # rows seen by this instance (the rows of U)
         self._reduced_rows: int | None = None  # rows of the summed sketch after a distributed reduce
-        self._chunk_cache: dict[int, torch.Tensor] = {}
-        self._cols: torch.Tensor | None = None
+        self._chunk_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._cols: torch.Tensor | None = None  # Omega, compute dtype, on the device
+        self._xi32: torch.Tensor | None = None  # Xi as drawn (float32), on the device
+        self._buffers: dict[str, torch.Tensor] = {}  # per-block scratch reused across blocks (CPU)
+        self._factor_cache: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
         self._Y: list[torch.Tensor] = []
         self._acc: dict[str, torch.Tensor] | None = None
 
@@ -253,17 +275,28 @@ class StreamingSVD:
         gen = torch.Generator().manual_seed(_mix(self.seed, -1))
         return torch.randn(self.n_features, self.sketch + self.core, generator=gen)
 
+    def _draw_cols(self) -> None:
+        """Draw ``[Omega, Xi]`` once: ``Omega`` kept in the compute dtype, ``Xi`` as drawn (float32)."""
+        cols = self._col_draw()
+        self._cols = cols[:, : self.sketch].to(device=self.device, dtype=self.dtype).contiguous()
+        self._xi32 = cols[:, self.sketch :].to(device=self.device).contiguous()
+
     def _omega(self) -> torch.Tensor:
         """``Omega``: ``n x s``, the range test matrix, in the compute dtype on the stream's device (kept)."""
         if self._cols is None:
-            omega = self._col_draw()[:, : self.sketch]
-            self._cols = omega.to(device=self.device, dtype=self.dtype).contiguous()
+            self._draw_cols()
         return self._cols
 
     def _xi(self) -> torch.Tensor:
-        """``Xi``: ``n x c``, the core test matrix, float64 (used once per :meth:`result`, not kept)."""
-        xi = self._col_draw()[:, self.sketch :]
-        return xi.to(device=self.device, dtype=torch.float64)
+        """``Xi``: ``n x c``, the core test matrix, float64 (kept as drawn, in float32: ``4 n c`` bytes)."""
+        if self._xi32 is None:
+            self._draw_cols()
+        return self._xi32.double()
+
+    def _forget_derived(self) -> None:
+        """Drop everything derived from the seed, dtype or device (after they change in load_state_dict)."""
+        self._cols, self._xi32, self._chunk_cache, self._buffers = None, None, {}, {}
+        self._factor_cache = None
 
     def _row_chunk(self, chunk: int) -> dict[str, torch.Tensor]:
         """Chunk ``chunk`` (``ROW_CHUNK`` global rows) of the row-side test matrices:
@@ -379,8 +412,11 @@ class StreamingSVD:
         R = self._row_test(start, start + b)
         strided = isinstance(A, torch.Tensor)
         acc = self._acc
-        Y = A @ self._omega() if strided else A.matmul(self._omega())  # b x s: the one GEMM
-        Yd = Y.double()
+        Y = self._range(A) if strided else A.matmul(self._omega())  # b x s: the one GEMM
+        if Y.dtype == torch.float64:
+            Yd = Y
+        else:  # the float64 copy of Y for the Gram matrix, in a buffer reused across blocks on the CPU
+            Yd = self._scratch("Yd", b, torch.float64).copy_(Y) if Y.device.type == "cpu" else Y.double()
         ysum = Yd.sum(dim=0)
         G = torch.addmm(acc["G"], Yd.mT, Yd)  # Y^T Y, float64 (products of float32 entries are exact)
         # one check (one sync) before anything is added: NaN/Inf in A reach A Omega (a Gaussian has no
@@ -407,7 +443,34 @@ class StreamingSVD:
         if self.keep_u:
             self._Y.append(Y)
         self.n_rows += b
+        self._factor_cache = None
         return self
+
+    def _scratch(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """A ``rows x s`` buffer kept across blocks (grown to the largest block seen): no allocation, and
+        no fresh pages to fault in, per block."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.dtype != dtype or buf.device != self.device:
+            buf = torch.empty(rows, self.sketch, dtype=dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+    def _range(self, A: torch.Tensor) -> torch.Tensor:
+        """``Y = A Omega`` (``b x s``) for a dense block. On the CPU in calls of :func:`gemm_rows` rows (one
+        thread: a ``5000 x 3000`` float32 block with ``s = 161`` took 0.75-0.85x the time of one GEMM),
+        into a buffer reused across blocks unless ``Y`` is kept."""
+        omega = self._omega()
+        if A.device.type != "cpu":
+            return A @ omega
+        b = A.shape[0]
+        if self.keep_u:
+            Y = torch.empty(b, self.sketch, dtype=self.dtype, device=self.device)
+        else:
+            Y = self._scratch("Y", b, self.dtype)
+        step = gemm_rows(A.shape[1], A.element_size())
+        for start in range(0, b, step):
+            torch.matmul(A[start : start + step], omega, out=Y[start : start + step])
+        return Y
 
     # ------------------------------------------------------------------------------------------ result
 
@@ -431,21 +494,31 @@ class StreamingSVD:
         acc["omega"] = wy
         return acc
 
-    def _factors(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(sketches, M V, P V, S)`` for the top ``k`` (float64)."""
+    def _formed(self) -> dict[str, torch.Tensor]:
+        """:meth:`_centered` with the products formed at result time (float64): ``Z = (Phi A) Xi``
+        (``c x c``), ``PhiY = (Phi A) Omega`` (``c x s``), ``ThetaY = (Theta A) Omega``, and ``Xi``."""
+        acc = self._centered()
+        Xi, Omega = self._xi(), self._omega().double()  # Omega exactly as in update() (a float32 draw)
+        # 2 c (c + s) n flops, here rather than per row (two products: no n x (c + s) concatenation)
+        PhiA = acc["PhiA"]
+        acc.update(Xi=Xi, Z=PhiA @ Xi, PhiY=PhiA @ Omega, ThetaY=acc["E"] @ Omega)
+        return acc
+
+    def _factors(self) -> dict[str, torch.Tensor]:
+        """``MV`` (``M V``), ``PV`` (``P V``), ``S`` for the top ``k``, with ``omega`` (centring), ``E`` and
+        ``ThetaY`` for the error estimate (float64). Kept until the state changes (update, load,
+        distributed reduce): :meth:`result` then :meth:`error_estimate` reconstruct once."""
         if self._acc is None or self.rows_total == 0:
             raise ValueError("result() needs at least one update() with a non-empty block")
         k = self.k
         if k > self.rows_total:
             raise ValueError(f"k={k} exceeds the number of rows seen ({self.rows_total})")
-        acc = self._centered()
+        key = (self.n_rows, self.rows_total)
+        if self._factor_cache is not None and self._factor_cache[0] == key:
+            return self._factor_cache[1]
+        acc = self._formed()
         P = torch.linalg.qr(acc["W"].mT).Q  # n x s
-        Xi, Omega = self._xi(), self._omega().double()  # Omega exactly as in update() (a float32 draw)
-        # the core sketch Z = Phi A Xi (c x c) and Phi Y = Phi A Omega (c x s): 2 c (c + s) n flops, here
-        # rather than per row; Theta Y = Theta A Omega for the error estimate
-        core = acc["PhiA"] @ torch.cat([Xi, Omega], dim=1)
-        Z, acc["PhiY"] = core[:, : self.core], core[:, self.core :]
-        acc["ThetaY"] = acc["E"] @ Omega
+        Xi, Z = acc["Xi"], acc["Z"]
         M = torch.linalg.pinv(acc["PhiY"]) @ Z @ torch.linalg.pinv(P.mT @ Xi)  # s x s
         H = M.mT @ acc["G"] @ M
         evals, evecs = torch.linalg.eigh((H + H.mT) / 2)
@@ -453,7 +526,11 @@ class StreamingSVD:
         S = evals.clamp_min(0).sqrt()
         MV, PV = M @ evecs, P @ evecs
         PV, sign = _sign_fix(PV)
-        return acc, MV * sign, PV, S
+        out = {"MV": MV * sign, "PV": PV, "S": S, "E": acc["E"].clone(), "ThetaY": acc["ThetaY"]}
+        if self.center:
+            out["omega"] = acc["omega"]
+        self._factor_cache = (key, out)
+        return out
 
     @no_autocast
     def result(self) -> SVDResult:
@@ -467,12 +544,13 @@ class StreamingSVD:
         ValueError
             Before any update, or when ``k`` exceeds the number of rows seen.
         """
-        acc, MV, PV, S = self._factors()
+        f = self._factors()
+        MV, PV, S = f["MV"], f["PV"], f["S"]
         if not self.keep_u:
             return SVDResult(None, S.to(self.dtype), PV.mT.to(self.dtype).contiguous())
         tiny = torch.finfo(torch.float64).tiny
         T = MV / S.clamp_min(tiny)  # s x k: U = Y_c T
-        shift = (acc["omega"] @ T).to(self.dtype) if self.center else None
+        shift = (f["omega"] @ T).to(self.dtype) if self.center else None
         Tc = T.to(self.dtype)
         U = torch.empty(self.n_rows, self.k, dtype=self.dtype, device=self.device)
         gram = torch.zeros(self.k, self.k, dtype=torch.float64, device=self.device)
@@ -514,8 +592,8 @@ class StreamingSVD:
         """
         if self.n_test == 0:
             raise ValueError("error_estimate() needs n_test >= 1")
-        acc, MV, PV, _ = self._factors()
-        residual = acc["E"] - (acc["ThetaY"] @ MV) @ PV.mT
+        f = self._factors()
+        residual = f["E"] - (f["ThetaY"] @ f["MV"]) @ f["PV"].mT
         return float(residual.square().sum().div(self.n_test).sqrt())
 
     # --------------------------------------------------------------------------------------- state
@@ -558,9 +636,10 @@ class StreamingSVD:
                 continue
             if name != "row_offset" and state[name] != getattr(self, name):
                 raise ValueError(f"state has {name}={state[name]!r}, this instance {getattr(self, name)!r}")
+        self._factor_cache = None
         if self._seed_drawn and state["seed"] != self.seed:
             self.seed = check_seed(state["seed"], allow_generator=False)
-            self._cols, self._chunk_cache = None, {}
+            self._forget_derived()
         if state["sketches"] is None:
             self._acc, self._Y, self.n_rows = None, [], 0
             return self
@@ -568,7 +647,8 @@ class StreamingSVD:
         if self._dtype_fixed and dtype != self.dtype:
             raise ValueError(f"state has dtype {dtype}, this instance {self.dtype}")
         device = self.device if self.device is not None else state["sketches"]["G"].device
-        self.dtype, self.device, self._cols, self._chunk_cache = dtype, device, None, {}
+        self.dtype, self.device = dtype, device
+        self._forget_derived()
         self._init_state(dtype, device)
         for key, value in state["sketches"].items():
             if key not in self._acc or value.shape != self._acc[key].shape:
@@ -586,6 +666,7 @@ class StreamingSVD:
 
     def _sum_buffers(self) -> list[torch.Tensor]:
         """The summable sketches in a fixed order (what :func:`lowrank.distributed.reduce_sketch` adds)."""
+        self._factor_cache = None  # the caller sums into these buffers
         if self._acc is None:
             if self.dtype is None:
                 raise ValueError("a rank that saw no rows needs StreamingSVD(dtype=...) to contribute zeros")

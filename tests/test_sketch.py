@@ -126,6 +126,71 @@ def test_stream_cut_invariance_across_row_chunks():
     assert float((other.Vh - one.Vh).abs().max()) > 1e-12 or float((other.S - one.S).abs().max()) > 1e-14
 
 
+@pytest.mark.parametrize("keep_u", [True, False])
+def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, request, keep_u):
+    """Y = A Omega in row chunks (GEMM_BYTES), the lean mode's reused buffers (blocks growing and
+    shrinking): equal to rounding to float64 products of the whole matrix and to one unchunked update."""
+    m, n = 2300, 50
+    A = _decaying(m, n, 0.85, seed=11, offset=0.5, dtype=torch.float32)
+    cuts = [700, 900, 1900]  # blocks of 700, 200, 1000, 400 rows: chunked, buffer reused and grown
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # chunks with one thread only
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    assert sketch_mod.gemm_rows(n, 4, threads=2) == 1 << 62
+    assert sketch_mod.gemm_rows(n, 4) >= m
+    plain = _stream(A, cuts, k=5, seed=3, center=True, keep_u=keep_u)  # one GEMM call per block
+    one = _stream(A, [], k=5, seed=3, center=True, keep_u=keep_u)  # one update
+    monkeypatch.setattr(sketch_mod, "GEMM_BYTES", 1)
+    assert sketch_mod.gemm_rows(n, 4) == 256
+    chunked = _stream(A, cuts, k=5, seed=3, center=True, keep_u=keep_u)
+    Y = A.double() @ chunked._omega().double()
+    torch.testing.assert_close(chunked._acc["G"], Y.mT @ Y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked._acc["ysum"], Y.sum(0), rtol=1e-6, atol=1e-6)
+    if keep_u:
+        torch.testing.assert_close(torch.cat(chunked._Y).double(), Y, rtol=1e-5, atol=1e-5)
+    else:
+        assert chunked._Y == [] and chunked._buffers["Y"].shape == (1000, chunked.sketch)
+    for ref, tol in ((plain, 1e-6), (one, 1e-4)):  # float32 sums over a block depend on its cut
+        a, b = ref.result(), chunked.result()
+        torch.testing.assert_close(b.S, a.S, rtol=tol, atol=0)
+        torch.testing.assert_close(b.Vh, a.Vh, rtol=0, atol=tol * 10)
+        if keep_u:
+            torch.testing.assert_close(b.U, a.U, rtol=0, atol=tol * 10)
+        assert abs(chunked.error_estimate() / ref.error_estimate() - 1) < tol * 10
+
+
+def test_reconstruction_kept_until_the_state_changes():
+    """result() then error_estimate() reconstruct once; update, load_state_dict and a summed (distributed)
+    sketch each give the new rows' factors, equal to a fresh instance's; Xi is the seed's draw."""
+    A = _decaying(900, 60, 0.85, seed=12, offset=0.5)
+    sk = _stream(A[:500], [], k=5, seed=4, center=True)
+    first = sk.result()
+    cached = sk._factor_cache
+    assert sk.error_estimate() == _stream(A[:500], [], k=5, seed=4, center=True).error_estimate()
+    assert sk._factor_cache is cached  # error_estimate reused result()'s reconstruction
+    torch.testing.assert_close(sk._xi(), sk._col_draw()[:, sk.sketch :].double(), rtol=0, atol=0)
+    sk.update(A[500:])
+    whole = _stream(A, [], k=5, seed=4, center=True)
+    for got, want in zip(sk.result(), whole.result()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert abs(sk.error_estimate() / whole.error_estimate() - 1) < 1e-9
+    assert float((sk.result().S - first.S).abs().max()) > 1e-6
+    # load_state_dict replaces the sketch: the reconstruction follows it
+    sk.load_state_dict(_stream(A[:500], [], k=5, seed=4, center=True).state_dict())
+    torch.testing.assert_close(sk.result().S, first.S, rtol=1e-12, atol=0)
+    # what lowrank.distributed.reduce_sketch does: sum the buffers, then set the row count
+    top = _stream(A[:500], [], k=5, seed=4, center=True)
+    top.result()
+    bottom = _stream(A[500:], [], k=5, seed=4, center=True, row_offset=500)
+    for mine, theirs in zip(top._sum_buffers(), bottom._sum_buffers()):
+        mine += theirs
+    top._reduced_rows = 900
+    got = top.result()
+    torch.testing.assert_close(got.S, whole.result().S, rtol=1e-10, atol=0)
+    # (atol 1e-9: after a reduce result() skips the CholeskyQR step that needs all of U's rows)
+    torch.testing.assert_close(got.Vh, whole.result().Vh, rtol=0, atol=1e-9)
+
+
 def test_sketches_equal_dense_products_of_the_sparse_sign_maps():
     """[Psi A; Phi A], Phi Y, Theta A, 1^T A as dense float64 products of the maps the stream drew."""
     m, n = ROW_CHUNK + 300, 37
@@ -148,7 +213,7 @@ def test_sketches_equal_dense_products_of_the_sparse_sign_maps():
     theta = dense[:, :q]
     torch.testing.assert_close(parts["E"], theta.mT @ Ad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(parts["colsum"], Ad.sum(0), rtol=1e-5, atol=1e-4)
-    formed = sk._factors()[0]  # Phi Y = (Phi A) Omega, Theta Y = (Theta A) Omega at result time
+    formed = sk._formed()  # Phi Y = (Phi A) Omega, Theta Y = (Theta A) Omega at result time
     Y = Ad @ sk._omega().double()
     torch.testing.assert_close(formed["PhiY"], maps[:, s:].mT @ Y, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(formed["ThetaY"], theta.mT @ Y, rtol=1e-5, atol=1e-3)
