@@ -98,8 +98,10 @@ def _top_singular_triplets(
 #: Default target accuracy of PiSSA's randomized SVD: relative error of each top-r singular value.
 PISSA_TOL = 1e-4
 
-#: Krylov iterations of the accuracy-checked stages of :func:`checked_top_triplets`; then the exact SVD.
-_CHECKED_STAGES = (8, 16)
+#: Largest Krylov depth of :func:`checked_top_triplets` before the exact SVD (flat spectra of BERT-base
+#: shapes converged by depth 13-15 with blocks of 16; one depth costs ~2 passes over W, the exact SVD of a
+#: 768 x 768 weight ~100 of them)
+_MAX_DEPTH = 24
 
 
 def _check_tol(tol: object) -> float:
@@ -122,33 +124,32 @@ def checked_top_triplets(
     work: torch.Tensor, r: int, tol: float = PISSA_TOL
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``r`` singular triplets of ``work`` (``(m, n)`` or a batch ``(b, m, n)``, float32/64) whose
-    singular values are accurate to about ``tol`` (relative), by stages of :func:`lowrank.rsvd`.
+    singular values are accurate to about ``tol`` (relative).
 
-    Each stage runs block Krylov (``block_size=max(r, 8)``, ``n_iter`` from ``_CHECKED_STAGES``) on the
-    matrices not yet accepted; a matrix is accepted when every triplet passes
-    ``||W v_i - s_i u_i|| <= sqrt(tol) / 2 * max(s_i, 1e-3 s_1)``; what is left after the last stage gets
-    the exact SVD (:func:`lowrank.svd`). Deterministic (seed 0). See :func:`pissa_factors` (Notes).
+    One :func:`lowrank.svd.krylov_until` call (block Krylov, ``block_size=max(r, 8)``, seed 0) extends its
+    Krylov space until every Ritz triplet's estimated residual passes
+    ``||W v_i - s_i u_i|| <= sqrt(tol) / 2 * max(s_i, 1e-3 s_1)`` (at most ``_MAX_DEPTH`` blocks); the
+    accepted triplets are tested again with the residual computed from ``W`` (one product of ``r``
+    columns, on the side that the construction does not make exact), and what fails either test gets the
+    exact SVD (:func:`lowrank.svd`). See :func:`pissa_factors` (Notes).
     """
-    from lowrank.svd import rsvd, svd
+    from lowrank.svd import krylov_until, svd
 
     batched = work.dim() == 3
     stack = work if batched else work[None]
     count, m, n = stack.shape
     block = min(max(r, 8), m, n)
     limit = 0.5 * math.sqrt(tol)
-    U = stack.new_empty(count, m, r)
-    S = stack.new_empty(count, r)
-    Vh = stack.new_empty(count, r, n)
-    pending = torch.arange(count)
-    for n_iter in _CHECKED_STAGES:
-        part = stack if len(pending) == count else stack[pending]
-        u, s, vh = rsvd(part, r, block_size=block, n_iter=n_iter, seed=0)
-        ok = (_relative_residuals(part, u, s, vh) <= limit).all(dim=-1)
-        done = pending[ok]
-        U[done], S[done], Vh[done] = u[ok], s[ok], vh[ok]
-        pending = pending[~ok]
-        if len(pending) == 0:
-            break
+    depth = min(_MAX_DEPTH, (min(m, n) - 1) // block - 1)
+    if depth < 1 or (depth + 1) * block < r:
+        U, S, Vh = svd(stack, r)
+        return (U, S, Vh) if batched else (U[0], S[0], Vh[0])
+    (U, S, Vh), ok = krylov_until(stack, r, block_size=block, max_iter=depth, residual_tol=limit, seed=0)
+    if m > n:  # krylov_until worked on W^T: W v_i = s_i u_i holds by construction, test W^T u_i = s_i v_i
+        ok &= (_relative_residuals(stack.mT, Vh.mT, S, U.mT) <= limit).all(dim=-1)
+    else:
+        ok &= (_relative_residuals(stack, U, S, Vh) <= limit).all(dim=-1)
+    pending = (~ok).nonzero()[:, 0]
     if len(pending):
         u, s, vh = svd(stack[pending], r)
         U[pending], S[pending], Vh[pending] = u, s, vh
@@ -357,16 +358,18 @@ def pissa_factors(
 
     Notes
     -----
-    Default (``method="rsvd"``, ``n_iter=None``): randomized block Krylov (:func:`lowrank.rsvd` with
-    ``block_size=max(r, 8)``), first with ``n_iter=8``, then, if its Ritz triplets ``(u_i, s_i, v_i)`` fail
-    the residual test ``||W v_i - s_i u_i|| <= sqrt(tol) / 2 * s_i`` (``s_i`` floored at ``1e-3 s_1``),
-    again with ``n_iter=16``, and if that fails too the exact SVD. A Ritz value's error is of the order
-    of its squared relative residual (times ``s_i`` over the gap to the rest of the spectrum): measured on
-    BERT-base shapes (768x768, 3072x768, 768x3072, r = 16, block Krylov with 4-14 iterations) it stayed
-    within 3 times the squared residual, also on the flat Marchenko-Pastur bulk of a randomly initialised
-    weight (the hardest case), so the test accepts errors up to about ``0.75 tol``. Trained-like spectra
-    (a decaying top) pass after ``n_iter=8``; the flat bulk needs ``n_iter=16`` (cost of both stages).
-    The test costs one product ``W V_r`` per stage. Figures: ``benchmarks/bench_init.py``.
+    Default (``method="rsvd"``, ``n_iter=None``): randomized block Krylov (:func:`lowrank.svd.krylov_until`,
+    blocks of ``max(r, 8)`` columns on the short side of ``weight``) whose Krylov space is *extended* until
+    its Ritz triplets ``(u_i, s_i, v_i)`` pass the residual test
+    ``||W v_i - s_i u_i|| <= sqrt(tol) / 2 * s_i`` (``s_i`` floored at ``1e-3 s_1``; estimated from the
+    iteration's own products, then confirmed with one product ``W V_r``), at most 24 blocks deep; a weight
+    that still fails gets the exact SVD. A Ritz value's error is of the order of its squared relative
+    residual (times ``s_i`` over the gap to the rest of the spectrum): measured on BERT-base shapes
+    (768x768, 3072x768, 768x3072, r = 16) it stayed within 3 times the squared residual, also on the flat
+    Marchenko-Pastur bulk of a randomly initialised weight (the hardest case), so the test accepts errors
+    up to about ``0.75 tol``. Trained-like spectra (a decaying top) pass at depth 6-8; the flat bulk at
+    13-17 (checks at depth 6, 8, then where the residuals' decay predicts). Figures:
+    ``benchmarks/bench_init.py``.
     :func:`lowrank.inject_lora` computes the triplets of all its targets ahead, same-shape weights in one
     batched call per group (:func:`precomputed_pissa`).
 
