@@ -946,7 +946,7 @@ def _ritz_from_left(op: LinOp, left: torch.Tensor, flags: list) -> SVDResult:
     # one CholeskyQR pass first: Z from an fp32 eigen-decomposition is orthonormal to only ~u sqrt(s),
     # and a non-orthonormal ``left`` scales the singular values by as much (measured 5e-7 relative)
     left, _, info = cholqr_pass(left, by_inverse=True)
-    flags.append(info > 0)
+    flags.append((info > 0).any())  # reduced: krylov_until's calls see batches of different sizes
     image = op.rmatmul(left)
     if image.dtype == torch.float32:
         hevals, Zh = torch.linalg.eigh(_gram64(image))
@@ -957,7 +957,7 @@ def _ritz_from_left(op: LinOp, left: torch.Tensor, flags: list) -> SVDResult:
     inv = torch.where(S > 0, 1 / S, torch.zeros_like(S))
     V = matmul_like(image, (Zh * inv[..., None, :]).to(image.dtype), image)
     V, _, info = cholqr_pass(V, by_inverse=True)
-    flags.append(info > 0)
+    flags.append((info > 0).any())
     U = matmul_like(left, Zh.to(left.dtype), left)
     U, Vh = _flip_signs(U, _adjoint(V), inplace=True)
     return SVDResult(U, S.to(image.dtype), Vh)
@@ -1151,7 +1151,7 @@ def _krylov_until(
             history.append((depth, float(worst.amax())))
             check_at = _next_check(depth, history, tol, max_iter)
         Q, bad = _basis(Y_out, robust, against=[filled])
-        flags.append(bad)
+        flags.append(None if bad is None else bad.any())
         store[..., :, s : s + b] = Q
         T[..., s : s + b, depth * b : s] = _adjoint(Q) @ Y
     U_out = torch.empty(count, m, k, dtype=dtype, device=device)
