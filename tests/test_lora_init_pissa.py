@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import lowrank.lora.init as init_module
-from lowrank.lora import LoRALinear, inject_lora, pissa_factors
-from lowrank.lora.init import PISSA_TOL, checked_top_triplets, same_shape_groups
+from lowrank.lora import LoRALinear, LoRAMergedLinear, inject_lora, pissa_factors
+from lowrank.lora.init import PISSA_TOL, checked_top_triplets, pissa_triplets, same_shape_groups
 
 svd_module = importlib.import_module("lowrank.svd")  # the package face shadows the module name
 
@@ -153,7 +153,7 @@ def test_inject_pissa_factors_same_shape_weights_in_one_call_and_keeps_the_contr
     )
     # one call for the five 48x48 matrices (q, k, v and the two qkv slices), one per other shape
     assert sorted(calls.calls) == [1, 1, 5]
-    assert not init_module._PRECOMPUTED  # nothing left behind
+    assert not hasattr(init_module, "_PRECOMPUTED")  # no module-level state: triplets are arguments
     scale = 2.0
     for name in ("q", "k", "v", "up", "down"):
         layer = getattr(model, name)
@@ -259,7 +259,6 @@ def test_inject_pissa_bad_rank_is_refused_and_changes_nothing(r):
         inject_lora(model, ["0", "1"], r=r, init="pissa")
     assert all(type(m) is nn.Linear for m in model)
     assert all(torch.equal(m.weight, w) for m, w in zip(model, W0))
-    assert not init_module._PRECOMPUTED
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -275,3 +274,69 @@ def test_all_finite_is_exact_also_when_the_sum_overflows(dtype):
         with pytest.raises(ValueError, match="weight contains NaN or Inf"):
             pissa_factors(broken, 2, 1.0)
     assert all_finite(torch.zeros(0, 3, dtype=dtype))
+
+
+def test_pissa_factors_with_triplets_computed_ahead_equals_computing_them():
+    W = _decaying(60, 40, seed=30)
+    alone = pissa_factors(W, 5, 2.0)
+    (triplets,) = pissa_triplets([W], 5)
+    given = pissa_factors(W, 5, 2.0, triplets=triplets)
+    for a, b in zip(alone, given):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the triplets are used as given: those of another weight give that weight's adapter
+    other = pissa_triplets([_flat(60, 40, seed=31)], 5)[0]
+    B, A, residual = pissa_factors(W, 5, 2.0, triplets=other)
+    torch.testing.assert_close(2.0 * B @ A, other[0] * other[1] @ other[2], rtol=1e-5, atol=1e-6)
+    assert _exactness(W, residual, B, A, 2.0) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "triplets, error, match",
+    [
+        ("usv", TypeError, "triplets must be a"),
+        ((torch.zeros(60, 5), torch.zeros(5)), TypeError, "triplets must be a"),
+        ((torch.zeros(60, 5), [0.0] * 5, torch.zeros(5, 40)), TypeError, "S must be a tensor"),
+        ((torch.zeros(60, 4), torch.zeros(5), torch.zeros(5, 40)), ValueError, r"U has shape \(60, 4\)"),
+        ((torch.zeros(60, 5), torch.zeros(5), torch.zeros(5, 41)), ValueError, r"Vh has shape"),
+    ],
+)
+def test_bad_triplets_are_refused(triplets, error, match):
+    with pytest.raises(error, match=match):
+        pissa_factors(_flat(60, 40, seed=0), 5, 1.0, triplets=triplets)
+
+
+def test_pissa_triplets_skips_what_cannot_be_computed_ahead():
+    base = _flat(40, 40, seed=32)
+    other = _flat(40, 40, seed=33)
+    tied = base.view(40, 40)  # same storage as base
+    half = base[20:]  # overlaps base
+    small = _flat(3, 40, seed=34)  # below r
+    meta = torch.empty(40, 40, device="meta")
+    out = pissa_triplets([base, other, tied, half, small, meta, other.T], 4)
+    assert [entry is None for entry in out] == [False, False, True, True, True, True, True]
+    for W, entry in ((base, out[0]), (other, out[1])):
+        exact = np.linalg.svd(W.double().numpy(), compute_uv=False)[:4]
+        np.testing.assert_allclose(entry[1].double().numpy(), exact, rtol=PISSA_TOL)
+
+
+def test_layers_take_the_triplets_explicitly_and_check_them():
+    g = torch.Generator().manual_seed(35)
+    fused = nn.Linear(24, 48, bias=False)
+    with torch.no_grad():
+        fused.weight.copy_(0.02 * torch.randn(48, 24, generator=g))
+    W0 = fused.weight.detach().clone()
+    triplets = pissa_triplets([W0[:24], W0[24:]], 3)
+    reference = nn.Linear(24, 48, bias=False)
+    with torch.no_grad():
+        reference.weight.copy_(W0)
+    expected = LoRAMergedLinear.from_linear(reference, 3, enable_lora=[True, True], init="pissa")
+    layer = LoRAMergedLinear.from_linear(
+        fused, 3, enable_lora=[True, True], init="pissa", pissa_triplets=triplets
+    )
+    torch.testing.assert_close(layer.weight, expected.weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer.lora_A["default"], expected.lora_A["default"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pissa_triplets has 1 entries; the layer factors 2"):
+        layer.add_adapter("second", 3, init="pissa", pissa_triplets=triplets[:1])
+    with pytest.raises(ValueError, match="pissa_triplets must be a list"):
+        layer.add_adapter("third", 3, init="default", pissa_triplets=triplets)
+    assert list(layer.r) == ["default"]

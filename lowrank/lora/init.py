@@ -6,9 +6,8 @@ at call time.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -161,42 +160,15 @@ def checked_top_triplets(
 GROUP_LAYERS = 16
 GROUP_BYTES = 256 << 20
 
-# Triplets computed ahead by precomputed_pissa(), consumed (popped) by pissa_factors: key -> (U, S, Vh).
-_PRECOMPUTED: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+#: Top-``r`` singular triplets ``(U, S, Vh)`` of one weight (view), as :func:`pissa_triplets` returns them.
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _view_key(weight: torch.Tensor, r: int, variant: tuple) -> tuple:
-    """Identity of a weight (view): storage, layout, dtype, device, and what the triplets were for."""
-    return (
-        weight.untyped_storage().data_ptr(),
-        weight.storage_offset(),
-        tuple(weight.shape),
-        tuple(weight.stride()),
-        weight.dtype,
-        weight.device,
-        r,
-        variant,
-    )
-
-
-def _span(key: tuple) -> tuple[int, int, int]:
-    """``(storage, first, last)`` elements a view of ``_view_key`` ``key`` can touch."""
-    ptr, offset, shape, stride = key[:4]
-    return ptr, offset, offset + sum((size - 1) * step for size, step in zip(shape, stride))
-
-
-def _take_precomputed(weight: torch.Tensor, r: int, variant: tuple):
-    """The triplets :func:`precomputed_pissa` computed for ``weight``, or ``None``; the caller is about to
-    rewrite that view, so every other entry overlapping it is dropped (a tied weight is factored again)."""
-    key = _view_key(weight, r, variant)
-    hit = _PRECOMPUTED.pop(key, None)
-    if hit is not None:
-        ptr, first, last = _span(key)
-        for other in [k for k in _PRECOMPUTED if k[0] == ptr]:
-            _, lo, hi = _span(other)
-            if lo <= last and first <= hi:
-                del _PRECOMPUTED[other]
-    return hit
+def _span(view: torch.Tensor) -> tuple[int, int, int]:
+    """``(storage, first, last)``: the storage elements a strided view can touch."""
+    offset = view.storage_offset()
+    last = offset + sum((size - 1) * step for size, step in zip(view.shape, view.stride()))
+    return view.untyped_storage().data_ptr(), offset, last
 
 
 def same_shape_groups(
@@ -223,50 +195,47 @@ def same_shape_groups(
     yield from pending.values()
 
 
-@contextlib.contextmanager
 @torch.no_grad()
-def precomputed_pissa(weights: list[torch.Tensor], r: int, tol: float = PISSA_TOL) -> Iterator[None]:
-    """Inside the ``with`` block, :func:`pissa_factors` (default ``method``/``n_iter``, this ``r`` and
-    ``tol``) finds the triplets of each of ``weights`` computed ahead, same-shape weights (dtype, device)
-    batched into one :func:`checked_top_triplets` call per group of at most ``GROUP_LAYERS`` weights and
-    ``GROUP_BYTES``.
+def pissa_triplets(weights: list[torch.Tensor], r: int, tol: float = PISSA_TOL) -> list[Triplets | None]:
+    """The top-``r`` singular triplets :func:`pissa_factors` (default ``method``/``n_iter``, this ``r`` and
+    ``tol``) would compute for each of ``weights``, same-shape weights (dtype, device) batched into one
+    :func:`checked_top_triplets` call per group of at most ``GROUP_LAYERS`` weights and ``GROUP_BYTES``.
 
-    ``weights`` are the (out, in) matrices (views allowed) the layers will factor. An entry is used once;
-    using it drops the entries of views overlapping it (the caller rewrites that view to the residual), so
-    a weight met twice (tied) is factored again on the spot, as without this context; so is a weight not
-    listed. The entries assume the weights change only through those rewrites while the block runs
-    (``inject_lora``'s build). Entries left unused are dropped at exit. Not thread-safe (one model at a
-    time per process). Weights on the meta device or with a dimension below ``r`` are skipped.
+    ``weights`` are the (out, in) matrices (views allowed) the layers will factor, in the order they will
+    factor them; pass each entry on as ``pissa_factors(..., triplets=...)`` (the LoRA layers' and
+    constructors' ``pissa_triplets=``). An entry is ``None`` (factor on the spot) for a weight on the meta
+    device, not 2-D, with a dimension below ``r``, or overlapping the storage of an earlier entry (tied
+    weights): the earlier one's layer rewrites that storage to its residual first, and the later one
+    factors the residual, as without precomputation. The triplets assume the weights do not change
+    otherwise until they are used.
     """
-    variant = ("pissa", tol)
-    seen: dict[tuple, torch.Tensor] = {}
-    for weight in weights:
-        if weight.device.type != "meta" and weight.dim() == 2 and r <= min(weight.shape):
-            seen.setdefault(_view_key(weight, r, variant), weight)
-    entries = list(seen.items())
-    keys: list[tuple] = []
-    try:
-        for group in same_shape_groups(
-            entries,
-            key=lambda kw: (tuple(kw[1].shape), kw[1].dtype, kw[1].device),
-            size=lambda kw: kw[1].numel() * torch.finfo(_work_dtype(kw[1].dtype)).bits // 8,
-        ):
-            work = _work_dtype(group[0][1].dtype)
-            if len(group) == 1:  # as pissa_factors would compute it alone
-                U, S, Vh = checked_top_triplets(group[0][1].detach().to(work), r, tol)
-                results = [(U, S, Vh)]
-            else:
-                stack = torch.stack([w.detach().to(work) for _, w in group])
-                U, S, Vh = checked_top_triplets(stack, r, tol)
-                del stack
-                results = [(U[i], S[i], Vh[i]) for i in range(len(group))]
-            for (key, _), triplets in zip(group, results):
-                _PRECOMPUTED[key] = triplets
-                keys.append(key)
-        yield
-    finally:
-        for key in keys:
-            _PRECOMPUTED.pop(key, None)
+    out: list[Triplets | None] = [None] * len(weights)
+    spans: dict[int, list[tuple[int, int]]] = {}
+    todo: list[tuple[int, torch.Tensor]] = []
+    for i, weight in enumerate(weights):
+        if weight.device.type == "meta" or weight.dim() != 2 or not r <= min(weight.shape):
+            continue
+        ptr, first, last = _span(weight)
+        taken = spans.setdefault(ptr, [])
+        if any(lo <= last and first <= hi for lo, hi in taken):
+            continue
+        taken.append((first, last))
+        todo.append((i, weight))
+    for group in same_shape_groups(
+        todo,
+        key=lambda iw: (tuple(iw[1].shape), iw[1].dtype, iw[1].device),
+        size=lambda iw: iw[1].numel() * torch.finfo(_work_dtype(iw[1].dtype)).bits // 8,
+    ):
+        work = _work_dtype(group[0][1].dtype)
+        if len(group) == 1:  # as pissa_factors would compute it alone
+            out[group[0][0]] = checked_top_triplets(group[0][1].detach().to(work), r, tol)
+            continue
+        stack = torch.stack([w.detach().to(work) for _, w in group])
+        U, S, Vh = checked_top_triplets(stack, r, tol)
+        del stack
+        for j, (i, _) in enumerate(group):
+            out[i] = (U[j], S[j], Vh[j])
+    return out
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -311,6 +280,7 @@ def pissa_factors(
     method: str = "rsvd",
     n_iter: int | None = None,
     tol: float = PISSA_TOL,
+    triplets: Triplets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""PiSSA initialisation: LoRA factors from the principal singular triplets of ``weight``.
 
@@ -340,6 +310,10 @@ def pissa_factors(
     tol : float, default 1e-4
         Target relative accuracy of each of the top-``r`` singular values of ``scale * B @ A`` (default
         ``method="rsvd"``, ``n_iter=None`` only), in (0, 1).
+    triplets : (U, S, Vh), optional
+        The top-``r`` singular triplets of ``weight`` computed ahead (shapes (out, r), (r,), (r, in);
+        :func:`pissa_triplets` batches them over a model's same-shape weights); no SVD is then run here
+        (``method``, ``n_iter`` and ``tol`` are not used).
 
     Returns
     -------
@@ -371,7 +345,7 @@ def pissa_factors(
     13-17 (checks at depth 6, 8, then where the residuals' decay predicts). Figures:
     ``benchmarks/bench_init.py``.
     :func:`lowrank.inject_lora` computes the triplets of all its targets ahead, same-shape weights in one
-    batched call per group (:func:`precomputed_pissa`).
+    batched call per group (:func:`pissa_triplets`), and passes each weight's on as ``triplets``.
 
     References
     ----------
@@ -385,9 +359,10 @@ def pissa_factors(
         raise ValueError(f"scale must be a finite number > 0 for PiSSA, got {scale!r}")
     _check_tol(tol)
     work = weight.detach().to(_work_dtype(weight.dtype))
-    if method == "rsvd" and n_iter is None:
-        hit = _take_precomputed(weight, r, ("pissa", tol))
-        U, S, Vh = hit if hit is not None else checked_top_triplets(work, r, tol)
+    if triplets is not None:
+        U, S, Vh = _check_triplets(triplets, tuple(weight.shape), r, work)
+    elif method == "rsvd" and n_iter is None:
+        U, S, Vh = checked_top_triplets(work, r, tol)
     else:
         U, S, Vh = _top_singular_triplets(work, r, method, n_iter)
     root = (S / scale).sqrt()
@@ -395,6 +370,35 @@ def pissa_factors(
     A = root[:, None] * Vh
     residual = work - scale * (B @ A)
     return B.to(weight.dtype), A.to(weight.dtype), residual.to(weight.dtype)
+
+
+def weight_init_factors(
+    init: str, triplets: Sequence[Triplets | None] | None, count: int
+) -> Callable[[int, torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``factors(i, weight, r, scale) -> (B, A, residual)`` of a weight-rewriting ``init`` (``"pissa"``,
+    ``"olora"``) for a layer that factors ``count`` matrices; with ``triplets`` (PiSSA only, one entry per
+    matrix, ``None`` entries computed on the spot) the ``i``-th uses ``triplets[i]``."""
+    if triplets is not None and len(triplets) != count:
+        raise ValueError(f"pissa_triplets has {len(triplets)} entries; this layer factors {count} matrices")
+    if init == "olora":
+        return lambda i, weight, r, scale: olora_factors(weight, r, scale)
+    return lambda i, weight, r, scale: pissa_factors(
+        weight, r, scale, triplets=None if triplets is None else triplets[i]
+    )
+
+
+def _check_triplets(triplets: object, shape: tuple[int, int], r: int, work: torch.Tensor) -> Triplets:
+    """``triplets`` as ``(U, S, Vh)`` of an (out, in) = ``shape`` weight and rank ``r``, in ``work``'s dtype
+    and device, or a TypeError/ValueError naming ``triplets``."""
+    if not isinstance(triplets, (tuple, list)) or len(triplets) != 3:
+        raise TypeError(f"triplets must be a (U, S, Vh) tuple of tensors, got {type(triplets).__name__}")
+    expected = ((shape[0], r), (r,), (r, shape[1]))
+    for name, value, want in zip(("U", "S", "Vh"), triplets, expected):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"triplets: {name} must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != want:
+            raise ValueError(f"triplets: {name} has shape {tuple(value.shape)}, expected {want} here")
+    return tuple(t.detach().to(work.device, work.dtype) for t in triplets)  # type: ignore[return-value]
 
 
 class LoRAFactors(tuple):
