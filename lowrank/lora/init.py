@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import torch
 
-from lowrank._linop import check_tensor, no_autocast
+from lowrank._linop import check_tensor, no_autocast, python_number
 
 #: Initialisation methods understood by :func:`reset_lora_factors_` and the LoRA layers.
 INIT_METHODS = ("default", "gaussian", "pissa", "olora", "zeros")
@@ -265,6 +265,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _check_r(r: object, shape: tuple[int, ...]) -> int:
+    r = python_number(r)  # NumPy integers (np.int64(5)) as the model-level API takes them
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(shape):
         raise ValueError(f"r must be an int in [1, {min(shape)}] for shape {tuple(shape)}, got {r!r}")
     return r
@@ -354,7 +355,7 @@ def pissa_factors(
     """
     _check_svd_method(method)
     _check_weight(weight, "weight")
-    _check_r(r, tuple(weight.shape))
+    r = _check_r(r, tuple(weight.shape))
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a finite number > 0 for PiSSA, got {scale!r}")
     _check_tol(tol)
@@ -465,7 +466,7 @@ def extract_lora(
         raise ValueError(
             f"base_weight {tuple(base_weight.shape)} and tuned_weight {tuple(tuned_weight.shape)} differ"
         )
-    _check_r(r, tuple(base_weight.shape))
+    r = _check_r(r, tuple(base_weight.shape))
     _check_svd_method(method)
     work_dtype = _work_dtype(base_weight.dtype)
     delta = tuned_weight.detach().to(base_weight.device, work_dtype) - base_weight.detach().to(work_dtype)
@@ -531,7 +532,7 @@ def olora_factors(
     K. Büyükakyüz, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models", arXiv:2406.01775.
     """
     _check_weight(weight, "weight")
-    _check_r(r, tuple(weight.shape))
+    r = _check_r(r, tuple(weight.shape))
     scale = _check_scale(scale, "OLoRA")
     work = weight.detach().to(_work_dtype(weight.dtype))
     Q, R_panel = torch.linalg.qr(work[:, :r])  # Householder (geqrf + orgqr), the full QR's first r columns
@@ -628,7 +629,7 @@ def corda_factors(
     _check_weight(weight, "weight")
     n = weight.shape[1]
     _check_covariance(covariance, n)
-    _check_r(r, tuple(weight.shape))
+    r = _check_r(r, tuple(weight.shape))
     scale = _check_scale(scale, "CorDA")
     if mode not in CORDA_MODES:
         raise ValueError(f"mode must be one of {CORDA_MODES}, got {mode!r}")
