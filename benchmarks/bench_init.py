@@ -217,9 +217,10 @@ def _pissa_olora_table(quick: bool, spectrum: str, layers: int) -> tuple[Table, 
             "Error: PiSSA = top-16 singular values of s*B*A vs float64 exact of W; OLoRA = A vs float64 "
             "Householder R[:r]. Every sample starts from the original weights (restored, untimed).",
             "lowrank's rows run inject_lora on a ModuleList of the linears (the model-level path: PiSSA "
-            "factors same-shape weights in one batched call per group, block Krylov n_iter=8, then 16 for "
-            "weights whose Ritz residuals miss the 1e-4 target, then exact). pissa_factors(n_iter=4) is one "
-            "unchecked engine call per weight at about PEFT's pissa_niter_4 budget.",
+            "factors same-shape weights in one batched call per group: block Krylov extended until every "
+            "weight's Ritz residuals meet the 1e-4 target, then exact for any left). "
+            "pissa_factors(n_iter=4) is one unchecked engine call per weight at about PEFT's pissa_niter_4 "
+            "budget.",
         ],
     )
     return table, records

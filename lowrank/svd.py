@@ -18,6 +18,7 @@ approximation", SIAM J. Matrix Anal. Appl. 39(3), 2018 (randQB_EI).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -933,6 +934,233 @@ def _ritz_short_side(
     U = matmul_like(left, Zh.to(left.dtype), left)
     U, Vh = _flip_signs(U, _adjoint(V), inplace=True)
     return SVDResult(U, S.to(image.dtype), Vh)
+
+
+# ------------------------------------------------------------------ block Krylov extended until converged
+
+
+def _ritz_from_left(op: LinOp, left: torch.Tensor, flags: list) -> SVDResult:
+    """Rayleigh-Ritz on the orthonormal ``k`` columns ``left`` (``m x k``): ``V' = A^H left`` (one product),
+    its Gram in fp64 (fp32 ``V'``; exact products), ``V = V' Z S^{-1}`` and one CholeskyQR pass on ``V``,
+    ``U = left Z``; deterministic signs. The singular values get the accuracy of the long-side path."""
+    # one CholeskyQR pass first: Z from an fp32 eigen-decomposition is orthonormal to only ~u sqrt(s),
+    # and a non-orthonormal ``left`` scales the singular values by as much (measured 5e-7 relative)
+    left, _, info = cholqr_pass(left, by_inverse=True)
+    flags.append((info > 0).any())  # reduced: krylov_until's calls see batches of different sizes
+    image = op.rmatmul(left)
+    if image.dtype == torch.float32:
+        hevals, Zh = torch.linalg.eigh(_gram64(image))
+    else:
+        hevals, Zh = torch.linalg.eigh(_adjoint(image) @ image)
+    Zh = Zh.flip(-1)
+    S = hevals.flip(-1).clamp_min(0).sqrt()
+    inv = torch.where(S > 0, 1 / S, torch.zeros_like(S))
+    V = matmul_like(image, (Zh * inv[..., None, :]).to(image.dtype), image)
+    V, _, info = cholqr_pass(V, by_inverse=True)
+    flags.append((info > 0).any())
+    U = matmul_like(left, Zh.to(left.dtype), left)
+    U, Vh = _flip_signs(U, _adjoint(V), inplace=True)
+    return SVDResult(U, S.to(image.dtype), Vh)
+
+
+#: depth (``n_iter``) of the first accuracy check of :func:`krylov_until`, and the fewest blocks between two
+_FIRST_CHECK = 6
+_MIN_CHECK_STEP = 2
+
+
+def krylov_until(
+    A: torch.Tensor,
+    k: int,
+    *,
+    block_size: int,
+    max_iter: int,
+    residual_tol: float | None,
+    seed: int | torch.Generator | None = 0,
+) -> tuple[SVDResult, torch.Tensor]:
+    r"""Randomized block Krylov SVD of a dense ``A`` whose depth is chosen by the Ritz residuals: the Krylov
+    space is *extended* (never rebuilt) until every top-``k`` Ritz triplet satisfies
+    ``||A v_i - s_i u_i|| <= residual_tol * max(s_i, 1e-3 s_1)``, or ``max_iter`` blocks after the first.
+
+    Parameters
+    ----------
+    A : Tensor, shape (m, n) or (b, m, n)
+        Dense float32/float64 (a batch: each matrix stops on its own; converged ones leave the batch).
+    k : int
+        Number of triplets, ``1 <= k <= min(m, n)``.
+    block_size : int
+        Columns per Krylov block, ``>= 1``; the space holds ``(depth + 1) * block_size`` columns.
+    max_iter : int
+        Largest depth (Krylov blocks after the first), ``>= 1``; ``(max_iter + 1) * block_size`` must be
+        at least ``k`` and below ``min(m, n)``.
+    residual_tol : float or None
+        Target relative residual; ``None``: no check, exactly ``max_iter`` (a fixed-cost randomized SVD).
+    seed : int or torch.Generator, optional
+
+    Returns
+    -------
+    result : SVDResult
+        ``U`` (..., m, k), ``S`` (..., k), ``Vh`` (..., k, n) as :func:`rsvd`'s.
+    converged : Tensor of bool, shape (...)
+        Whether the residual estimate met ``residual_tol`` (all True when it is ``None``).
+
+    Notes
+    -----
+    The basis ``Q = [Q_0 ... Q_d]`` of ``span{A G, (A A^H) A G, ...}`` lives on the short side (a tall
+    ``A`` is handled as ``A^H``, factors swapped back). With ``Y_{j+1} = A A^H Q_j`` (the products that
+    extend the space) the projected Gram ``T = Q^H A A^H Q`` is assembled block column by block column
+    (``c Q^H Y_{j+1}``, ``c`` the images' scale), so a check needs no product with ``A``: the Ritz pairs
+    ``(s_i^2, z_i)`` of ``T`` give ``u_i = Q z_i``, ``v_i = A^H u_i / s_i`` with residual
+    ``||A v_i - s_i u_i|| = ||(I - Q Q^H) Y_{d+1} z_i^{(d)}|| c / s_i`` (``z_i^{(d)}``: the rows of the last
+    block), and ``(I - Q Q^H) Y_{d+1}`` is the next block before its orthonormalisation: a failed check
+    costs one ``s x s`` eigen-decomposition (``s`` the space's width) and the iteration goes on from there.
+    Checks run at depth 6, 8, then where the residuals' geometric decay between the last two checks
+    predicts convergence (at least 2 blocks later). The accepted triplets come from
+    Rayleigh-Ritz on ``Q Z_k`` (one product of ``k`` columns, its Gram in fp64), so the singular values
+    are as accurate as the long-side Rayleigh-Ritz of :func:`rsvd`. The residual estimate is from fp32
+    products (error about ``u (s_1 / s_i)^2``); callers that need a guarantee test the returned triplets
+    (``lowrank.lora.init.checked_top_triplets`` does). A Ritz value's error is of the order of the square
+    of its relative residual times ``s_i`` over its gap (Saad, "Numerical Methods for Large Eigenvalue
+    Problems", Thm. 4.6; Musco & Musco 2015 for the depth such spectra need).
+    """
+    check_tensor(A, "A", complex_ok=False)
+    if A.dim() not in (2, 3):
+        raise ValueError(f"A must be a (m, n) or (b, m, n) dense matrix, got shape {tuple(A.shape)}")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"A must be float32 or float64, got {A.dtype}")
+    m, n = A.shape[-2:]
+    k = _check_k(k, min(m, n))
+    block = _check_k(block_size, min(m, n), "block_size")
+    max_iter = _check_nonneg_int(max_iter, "max_iter")
+    if max_iter < 1:
+        raise ValueError("max_iter must be >= 1")
+    if (max_iter + 1) * block < k or (max_iter + 1) * block >= min(m, n):
+        raise ValueError(
+            f"block_size={block} with max_iter={max_iter} spans {(max_iter + 1) * block} columns: it must "
+            f"hold k={k} and stay below min(m, n)={min(m, n)}"
+        )
+    if residual_tol is not None:
+        residual_tol = python_number(residual_tol)
+        if isinstance(residual_tol, bool) or not isinstance(residual_tol, (int, float)) or residual_tol <= 0:
+            raise ValueError(f"residual_tol must be a number > 0 or None, got {residual_tol!r}")
+    gen = _generator(seed, A.device)
+    transpose = m > n
+    work = A.mT if transpose else A
+    state = gen.get_state()
+    flags: list = []
+    result, converged = _krylov_until(work, gen, k, block, max_iter, residual_tol, False, flags)
+    bad = _any_bad(flags)
+    if bad is not None and bool(bad):
+        gen.set_state(state)
+        result, converged = _krylov_until(work, gen, k, block, max_iter, residual_tol, True, [])
+    U, S, Vh = result
+    if transpose:
+        U, Vh = _flip_signs(_adjoint(Vh), _adjoint(U), inplace=True)
+    return SVDResult(U, S, Vh), converged
+
+
+def _next_check(depth: int, history: list[tuple[int, float]], tol: float, max_iter: int) -> int:
+    """Depth of the next residual check after a failed one at ``depth`` (see :func:`krylov_until`):
+    ``_MIN_CHECK_STEP`` blocks after the first check; then where the geometric decay of the worst residual
+    between the last two checks reaches ``tol``, at least 1 and at most ``max(2, depth // 2)`` blocks later
+    (Krylov residuals decay faster and faster, so a long extrapolation overshoots)."""
+    step = _MIN_CHECK_STEP
+    if len(history) >= 2:
+        (d0, r0), (d1, r1) = history[-2], history[-1]
+        if 0 < r1 < r0:
+            per_block = math.log(r1 / r0) / (d1 - d0)
+            step = max(1, min(math.ceil(math.log(tol / r1) / per_block), max(2, depth // 2)))
+    return min(depth + step, max_iter)
+
+
+def _krylov_until(
+    A: torch.Tensor,
+    gen: torch.Generator,
+    k: int,
+    b: int,
+    max_iter: int,
+    tol: float | None,
+    robust: bool,
+    flags: list,
+) -> tuple[SVDResult, torch.Tensor]:
+    """The iteration of :func:`krylov_until` on an ``(m, n)`` matrix or ``(count, m, n)`` stack, ``m <= n``;
+    matrices of a stack that converge leave it (their rows of the state are dropped)."""
+    m, n = A.shape[-2:]
+    dtype, device = A.dtype, A.device
+    batched = A.dim() == 3
+    count = A.shape[0] if batched else 1
+    outputs: list[tuple[torch.Tensor, SVDResult, torch.Tensor]] = []  # (indices, triplets, converged)
+    active = torch.arange(count, device=device)
+    op = DenseOp(A)
+    width = b * (max_iter + 1)
+    Y = op.matmul(_gaussian(op, n, b, gen))
+    _check_product(Y)
+    Q, bad = _basis(Y, robust)
+    flags.append(bad)
+    store = torch.empty(*A.shape[:-2], width, m, dtype=dtype, device=device).mT  # column-major basis
+    store[..., :, :b] = Q
+    T = torch.zeros(*A.shape[:-2], width, width, dtype=dtype, device=device)  # Q^H A A^H Q / c, block
+    # tridiagonal: block column j holds rows 0 .. j + 1 (the others are zero in exact arithmetic)
+    scale = None
+    check_at = min(_FIRST_CHECK, max_iter) if tol is not None else max_iter
+    history: list[tuple[int, float]] = []
+    for depth in range(max_iter + 1):
+        s = (depth + 1) * b
+        filled = store[..., :, :s]
+        W = op.rmatmul(Q)
+        scale = _max_abs(W) if scale is None else scale
+        Y = op.matmul(W.div_(scale))  # A A^H Q_depth / c
+        coef = _adjoint(filled) @ Y
+        T[..., :s, depth * b : s] = coef
+        Y_out = Y - matmul_like(filled, coef, Y)
+        if depth == check_at or depth == max_iter:
+            # T is formed from fp32 products (error ~ u ||A||^2): its eigen-decomposition in the working
+            # dtype selects the subspace; the singular values come from _ritz_from_left's fp64 Gram
+            Tsym = T[..., :s, :s]
+            evals, Z = torch.linalg.eigh((Tsym + _adjoint(Tsym)) / 2)
+            lam = evals[..., -k:].flip(-1).clamp_min(0).to(torch.float64) * scale[..., 0].to(torch.float64)
+            Zk = Z[..., :, -k:].flip(-1)
+            sigma = lam.sqrt()
+            floor = torch.maximum(sigma, 1e-3 * sigma[..., :1]) * sigma
+            resid = _norm64(Y_out @ Zk[..., depth * b : s, :], dim=-2) * scale[..., 0].to(torch.float64)
+            rel = resid / floor.clamp_min(torch.finfo(torch.float64).tiny)
+            worst = rel.amax(-1)
+            if tol is None or depth == max_iter:
+                done = torch.ones_like(worst, dtype=torch.bool)
+            else:
+                done = worst <= tol
+            ok = worst <= tol if tol is not None else done
+            if not batched:
+                if bool(done):
+                    left = matmul_like(filled, Zk, filled)
+                    return _ritz_from_left(op, left, flags), ok
+            elif bool(done.any()):
+                idx = done.nonzero()[:, 0]
+                every = bool(done.all())
+                sub = op if every else DenseOp(op.A[idx])
+                part = filled if every else filled[idx]
+                left = matmul_like(part, Zk if every else Zk[idx], part)
+                outputs.append((active[idx], _ritz_from_left(sub, left, flags), ok[idx]))
+                if every:
+                    break
+                keep = (~done).nonzero()[:, 0]
+                active = active[keep]
+                op = DenseOp(op.A[keep])
+                store, T, scale = store[keep], T[keep], scale[keep]
+                filled = store[..., :, :s]
+                Y, Y_out, worst = Y[keep], Y_out[keep], worst[keep]
+            history.append((depth, float(worst.amax())))
+            check_at = _next_check(depth, history, tol, max_iter)
+        Q, bad = _basis(Y_out, robust, against=[filled])
+        flags.append(None if bad is None else bad.any())
+        store[..., :, s : s + b] = Q
+        T[..., s : s + b, depth * b : s] = _adjoint(Q) @ Y
+    U_out = torch.empty(count, m, k, dtype=dtype, device=device)
+    S_out = torch.empty(count, k, dtype=dtype, device=device)
+    Vh_out = torch.empty(count, k, n, dtype=dtype, device=device)
+    converged = torch.empty(count, dtype=torch.bool, device=device)
+    for where, (U, S, Vh), ok in outputs:
+        U_out[where], S_out[where], Vh_out[where], converged[where] = U, S, Vh, ok
+    return SVDResult(U_out, S_out, Vh_out), converged
 
 
 def _deflate_cols(AX, X, Q_all, W_all):

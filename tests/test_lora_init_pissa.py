@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import lowrank.lora.init as init_module
-from lowrank.lora import LoRALinear, inject_lora, pissa_factors
-from lowrank.lora.init import PISSA_TOL, checked_top_triplets, same_shape_groups
+from lowrank.lora import LoRALinear, LoRAMergedLinear, inject_lora, pissa_factors
+from lowrank.lora.init import PISSA_TOL, checked_top_triplets, pissa_triplets, same_shape_groups
 
 svd_module = importlib.import_module("lowrank.svd")  # the package face shadows the module name
 
@@ -44,18 +44,18 @@ def _exactness(W0: torch.Tensor, residual: torch.Tensor, B: torch.Tensor, A: tor
     return float((back - W0.double()).norm() / W0.double().norm())
 
 
-class _RsvdCalls:
-    """Wraps lowrank.svd.rsvd, recording the batch size and n_iter of each call."""
+class _KrylovCalls:
+    """Wraps lowrank.svd.krylov_until (PiSSA's engine), recording the batch size of each call."""
 
     def __init__(self, monkeypatch) -> None:
-        self.calls: list[tuple[int, int | None]] = []
-        original = svd_module.rsvd
+        self.calls: list[int] = []
+        original = svd_module.krylov_until
 
-        def wrapped(A, k=None, **kw):
-            self.calls.append((A.shape[0] if A.dim() == 3 else 1, kw.get("n_iter")))
+        def wrapped(A, k, **kw):
+            self.calls.append(A.shape[0] if A.dim() == 3 else 1)
             return original(A, k, **kw)
 
-        monkeypatch.setattr(svd_module, "rsvd", wrapped)
+        monkeypatch.setattr(svd_module, "krylov_until", wrapped)
 
 
 def test_default_meets_tol_on_the_flat_bulk_where_a_fixed_budget_does_not():
@@ -68,18 +68,28 @@ def test_default_meets_tol_on_the_flat_bulk_where_a_fixed_budget_does_not():
     assert _top_sv_error(B, A, 2.0, W) > 10 * PISSA_TOL
 
 
-def test_stages_stop_early_on_a_decaying_spectrum_and_go_on_for_a_flat_one(monkeypatch):
-    calls = _RsvdCalls(monkeypatch)
+def test_checks_stop_early_on_a_decaying_spectrum_and_go_on_for_a_flat_one(monkeypatch):
+    calls = _KrylovCalls(monkeypatch)
+    finished = []
+    original = svd_module._ritz_from_left
+
+    def recorded(op, left, flags):  # which matrices of the batch were accepted at that check
+        finished.append([int(torch.equal(op.A[j], stack[1].mT)) for j in range(op.A.shape[0])])
+        return original(op, left, flags)
+
+    monkeypatch.setattr(svd_module, "_ritz_from_left", recorded)
     stack = torch.stack([_decaying(240, 160, seed=1), _flat(240, 160, seed=2)])
     U, S, Vh = checked_top_triplets(stack, 8)
-    # stage 1 on both; only the flat one needs stage 2
-    assert calls.calls == [(2, 8), (1, 16)]
+    # one extended Krylov run for both; the decaying one is accepted first, the flat one deeper
+    assert calls.calls == [2]
+    assert finished == [[0], [1]]
     for i in range(2):
         exact = np.linalg.svd(stack[i].double().numpy(), compute_uv=False)[:8]
         assert np.max(np.abs(S[i].double().numpy() - exact) / exact) <= PISSA_TOL
-        # orthonormal triplets that reproduce W V = U S
+        # orthonormal triplets that reproduce W V = U S and W^T U = V S
         np.testing.assert_allclose((U[i].T @ U[i]).numpy(), np.eye(8), atol=1e-5)
         np.testing.assert_allclose((stack[i] @ Vh[i].T).numpy(), (U[i] * S[i]).numpy(), atol=2e-3 * S[i, 0])
+        np.testing.assert_allclose((stack[i].T @ U[i]).numpy(), (Vh[i].T * S[i]).numpy(), atol=2e-3 * S[i, 0])
 
 
 def test_tolerance_out_of_reach_falls_back_to_the_exact_svd(monkeypatch):
@@ -137,13 +147,13 @@ def test_inject_pissa_factors_same_shape_weights_in_one_call_and_keeps_the_contr
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
     x = torch.randn(3, 48, generator=torch.Generator().manual_seed(6))
     before = model(x).detach()
-    calls = _RsvdCalls(monkeypatch)
+    calls = _KrylovCalls(monkeypatch)
     inject_lora(
         model, ["q", "k", "v", "up", "down"], r=4, alpha=8, init="pissa", merged_modules={"qkv": [True, True]}
     )
-    # stage 1: one call for the five 48x48 matrices (q, k, v and the two qkv slices), one per other shape
-    assert sorted(c for c in calls.calls if c[1] == 8) == [(1, 8), (1, 8), (5, 8)]
-    assert not init_module._PRECOMPUTED  # nothing left behind
+    # one call for the five 48x48 matrices (q, k, v and the two qkv slices), one per other shape
+    assert sorted(calls.calls) == [1, 1, 5]
+    assert not hasattr(init_module, "_PRECOMPUTED")  # no module-level state: triplets are arguments
     scale = 2.0
     for name in ("q", "k", "v", "up", "down"):
         layer = getattr(model, name)
@@ -188,9 +198,9 @@ def test_inject_pissa_groups_by_dtype_and_keeps_bf16_layers_exact_to_their_round
         model[1].weight.copy_(_flat(32, 32, seed=9))
     model[1].to(torch.bfloat16)
     W0 = [m.weight.detach().clone() for m in model]
-    calls = _RsvdCalls(monkeypatch)
+    calls = _KrylovCalls(monkeypatch)
     inject_lora(model, ["0", "1"], r=2, alpha=2, init="pissa")
-    assert [c for c in calls.calls if c[1] == 8] == [(1, 8), (1, 8)]  # fp32 and bf16: two groups
+    assert calls.calls == [1, 1]  # fp32 and bf16: two groups
     layer = model[1]
     assert layer.weight.dtype == layer.lora_A["default"].dtype == torch.bfloat16
     B, A = layer.lora_B["default"].detach(), layer.lora_A["default"].detach()
@@ -226,10 +236,10 @@ def test_inject_pissa_batches_conv1d_and_embedding_views(monkeypatch):
         for i, p in enumerate((model["c1"].weight, model["c2"].weight, model["emb"].weight)):
             p.copy_(_flat(*p.shape, seed=20 + i))
     W0 = {k: m.weight.detach().clone() for k, m in model.items()}
-    calls = _RsvdCalls(monkeypatch)
+    calls = _KrylovCalls(monkeypatch)
     inject_lora(model, ["c1", "c2", "emb"], r=3, alpha=6, init="pissa")
     # the two Conv1D weights (stored (in, out)) are factored as their (out, in) views, in one call
-    assert sorted(c for c in calls.calls if c[1] == 8) == [(1, 8), (2, 8)]
+    assert sorted(calls.calls) == [1, 2]
     for key in ("c1", "c2"):
         layer = model[key]
         B, A = layer.lora_B["default"], layer.lora_A["default"]
@@ -249,7 +259,6 @@ def test_inject_pissa_bad_rank_is_refused_and_changes_nothing(r):
         inject_lora(model, ["0", "1"], r=r, init="pissa")
     assert all(type(m) is nn.Linear for m in model)
     assert all(torch.equal(m.weight, w) for m, w in zip(model, W0))
-    assert not init_module._PRECOMPUTED
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -265,3 +274,69 @@ def test_all_finite_is_exact_also_when_the_sum_overflows(dtype):
         with pytest.raises(ValueError, match="weight contains NaN or Inf"):
             pissa_factors(broken, 2, 1.0)
     assert all_finite(torch.zeros(0, 3, dtype=dtype))
+
+
+def test_pissa_factors_with_triplets_computed_ahead_equals_computing_them():
+    W = _decaying(60, 40, seed=30)
+    alone = pissa_factors(W, 5, 2.0)
+    (triplets,) = pissa_triplets([W], 5)
+    given = pissa_factors(W, 5, 2.0, triplets=triplets)
+    for a, b in zip(alone, given):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the triplets are used as given: those of another weight give that weight's adapter
+    other = pissa_triplets([_flat(60, 40, seed=31)], 5)[0]
+    B, A, residual = pissa_factors(W, 5, 2.0, triplets=other)
+    torch.testing.assert_close(2.0 * B @ A, other[0] * other[1] @ other[2], rtol=1e-5, atol=1e-6)
+    assert _exactness(W, residual, B, A, 2.0) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "triplets, error, match",
+    [
+        ("usv", TypeError, "triplets must be a"),
+        ((torch.zeros(60, 5), torch.zeros(5)), TypeError, "triplets must be a"),
+        ((torch.zeros(60, 5), [0.0] * 5, torch.zeros(5, 40)), TypeError, "S must be a tensor"),
+        ((torch.zeros(60, 4), torch.zeros(5), torch.zeros(5, 40)), ValueError, r"U has shape \(60, 4\)"),
+        ((torch.zeros(60, 5), torch.zeros(5), torch.zeros(5, 41)), ValueError, r"Vh has shape"),
+    ],
+)
+def test_bad_triplets_are_refused(triplets, error, match):
+    with pytest.raises(error, match=match):
+        pissa_factors(_flat(60, 40, seed=0), 5, 1.0, triplets=triplets)
+
+
+def test_pissa_triplets_skips_what_cannot_be_computed_ahead():
+    base = _flat(40, 40, seed=32)
+    other = _flat(40, 40, seed=33)
+    tied = base.view(40, 40)  # same storage as base
+    half = base[20:]  # overlaps base
+    small = _flat(3, 40, seed=34)  # below r
+    meta = torch.empty(40, 40, device="meta")
+    out = pissa_triplets([base, other, tied, half, small, meta, other.T], 4)
+    assert [entry is None for entry in out] == [False, False, True, True, True, True, True]
+    for W, entry in ((base, out[0]), (other, out[1])):
+        exact = np.linalg.svd(W.double().numpy(), compute_uv=False)[:4]
+        np.testing.assert_allclose(entry[1].double().numpy(), exact, rtol=PISSA_TOL)
+
+
+def test_layers_take_the_triplets_explicitly_and_check_them():
+    g = torch.Generator().manual_seed(35)
+    fused = nn.Linear(24, 48, bias=False)
+    with torch.no_grad():
+        fused.weight.copy_(0.02 * torch.randn(48, 24, generator=g))
+    W0 = fused.weight.detach().clone()
+    triplets = pissa_triplets([W0[:24], W0[24:]], 3)
+    reference = nn.Linear(24, 48, bias=False)
+    with torch.no_grad():
+        reference.weight.copy_(W0)
+    expected = LoRAMergedLinear.from_linear(reference, 3, enable_lora=[True, True], init="pissa")
+    layer = LoRAMergedLinear.from_linear(
+        fused, 3, enable_lora=[True, True], init="pissa", pissa_triplets=triplets
+    )
+    torch.testing.assert_close(layer.weight, expected.weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer.lora_A["default"], expected.lora_A["default"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pissa_triplets has 1 entries; the layer factors 2"):
+        layer.add_adapter("second", 3, init="pissa", pissa_triplets=triplets[:1])
+    with pytest.raises(ValueError, match="pissa_triplets must be a list"):
+        layer.add_adapter("third", 3, init="default", pissa_triplets=triplets)
+    assert list(layer.r) == ["default"]

@@ -115,12 +115,6 @@ def test_peft_adapter_with_rank_above_the_layer_size_loads(tmp_path):
         assert float((ours(x) - expected).norm() / expected.norm()) <= 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lowrank/lora/init.py (owned elsewhere): extract_lora / pissa_factors / olora_factors refuse a"
-    " NumPy integer r ('r must be an int in [1, 40] for shape (60, 40), got np.int64(5)'); normalise with"
-    " _linop.python_number as the model-level API now does",
-)
 def test_extract_lora_takes_a_numpy_rank():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(60, 40, generator=g, dtype=torch.float64)
@@ -129,3 +123,7 @@ def test_extract_lora_takes_a_numpy_rank():
     )
     B, A = lowrank.extract_lora(W, W + D, np.int64(5), method="svd")
     torch.testing.assert_close(B @ A, D, rtol=1e-10, atol=1e-10)
+    # the other initialisations of lora/init.py take it too (same factors as a Python int)
+    for factors in (lowrank.lora.pissa_factors, lowrank.lora.olora_factors):
+        for got, want in zip(factors(W, np.int64(3), 2.0), factors(W, 3, 2.0)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -6,14 +6,13 @@ at call time.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
 
-from lowrank._linop import check_tensor, no_autocast
+from lowrank._linop import check_tensor, no_autocast, python_number
 
 #: Initialisation methods understood by :func:`reset_lora_factors_` and the LoRA layers.
 INIT_METHODS = ("default", "gaussian", "pissa", "olora", "zeros")
@@ -98,8 +97,10 @@ def _top_singular_triplets(
 #: Default target accuracy of PiSSA's randomized SVD: relative error of each top-r singular value.
 PISSA_TOL = 1e-4
 
-#: Krylov iterations of the accuracy-checked stages of :func:`checked_top_triplets`; then the exact SVD.
-_CHECKED_STAGES = (8, 16)
+#: Largest Krylov depth of :func:`checked_top_triplets` before the exact SVD (flat spectra of BERT-base
+#: shapes converged by depth 13-15 with blocks of 16; one depth costs ~2 passes over W, the exact SVD of a
+#: 768 x 768 weight ~100 of them)
+_MAX_DEPTH = 24
 
 
 def _check_tol(tol: object) -> float:
@@ -122,33 +123,32 @@ def checked_top_triplets(
     work: torch.Tensor, r: int, tol: float = PISSA_TOL
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``r`` singular triplets of ``work`` (``(m, n)`` or a batch ``(b, m, n)``, float32/64) whose
-    singular values are accurate to about ``tol`` (relative), by stages of :func:`lowrank.rsvd`.
+    singular values are accurate to about ``tol`` (relative).
 
-    Each stage runs block Krylov (``block_size=max(r, 8)``, ``n_iter`` from ``_CHECKED_STAGES``) on the
-    matrices not yet accepted; a matrix is accepted when every triplet passes
-    ``||W v_i - s_i u_i|| <= sqrt(tol) / 2 * max(s_i, 1e-3 s_1)``; what is left after the last stage gets
-    the exact SVD (:func:`lowrank.svd`). Deterministic (seed 0). See :func:`pissa_factors` (Notes).
+    One :func:`lowrank.svd.krylov_until` call (block Krylov, ``block_size=max(r, 8)``, seed 0) extends its
+    Krylov space until every Ritz triplet's estimated residual passes
+    ``||W v_i - s_i u_i|| <= sqrt(tol) / 2 * max(s_i, 1e-3 s_1)`` (at most ``_MAX_DEPTH`` blocks); the
+    accepted triplets are tested again with the residual computed from ``W`` (one product of ``r``
+    columns, on the side that the construction does not make exact), and what fails either test gets the
+    exact SVD (:func:`lowrank.svd`). See :func:`pissa_factors` (Notes).
     """
-    from lowrank.svd import rsvd, svd
+    from lowrank.svd import krylov_until, svd
 
     batched = work.dim() == 3
     stack = work if batched else work[None]
     count, m, n = stack.shape
     block = min(max(r, 8), m, n)
     limit = 0.5 * math.sqrt(tol)
-    U = stack.new_empty(count, m, r)
-    S = stack.new_empty(count, r)
-    Vh = stack.new_empty(count, r, n)
-    pending = torch.arange(count)
-    for n_iter in _CHECKED_STAGES:
-        part = stack if len(pending) == count else stack[pending]
-        u, s, vh = rsvd(part, r, block_size=block, n_iter=n_iter, seed=0)
-        ok = (_relative_residuals(part, u, s, vh) <= limit).all(dim=-1)
-        done = pending[ok]
-        U[done], S[done], Vh[done] = u[ok], s[ok], vh[ok]
-        pending = pending[~ok]
-        if len(pending) == 0:
-            break
+    depth = min(_MAX_DEPTH, (min(m, n) - 1) // block - 1)
+    if depth < 1 or (depth + 1) * block < r:
+        U, S, Vh = svd(stack, r)
+        return (U, S, Vh) if batched else (U[0], S[0], Vh[0])
+    (U, S, Vh), ok = krylov_until(stack, r, block_size=block, max_iter=depth, residual_tol=limit, seed=0)
+    if m > n:  # krylov_until worked on W^T: W v_i = s_i u_i holds by construction, test W^T u_i = s_i v_i
+        ok &= (_relative_residuals(stack.mT, Vh.mT, S, U.mT) <= limit).all(dim=-1)
+    else:
+        ok &= (_relative_residuals(stack, U, S, Vh) <= limit).all(dim=-1)
+    pending = (~ok).nonzero()[:, 0]
     if len(pending):
         u, s, vh = svd(stack[pending], r)
         U[pending], S[pending], Vh[pending] = u, s, vh
@@ -160,42 +160,15 @@ def checked_top_triplets(
 GROUP_LAYERS = 16
 GROUP_BYTES = 256 << 20
 
-# Triplets computed ahead by precomputed_pissa(), consumed (popped) by pissa_factors: key -> (U, S, Vh).
-_PRECOMPUTED: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+#: Top-``r`` singular triplets ``(U, S, Vh)`` of one weight (view), as :func:`pissa_triplets` returns them.
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _view_key(weight: torch.Tensor, r: int, variant: tuple) -> tuple:
-    """Identity of a weight (view): storage, layout, dtype, device, and what the triplets were for."""
-    return (
-        weight.untyped_storage().data_ptr(),
-        weight.storage_offset(),
-        tuple(weight.shape),
-        tuple(weight.stride()),
-        weight.dtype,
-        weight.device,
-        r,
-        variant,
-    )
-
-
-def _span(key: tuple) -> tuple[int, int, int]:
-    """``(storage, first, last)`` elements a view of ``_view_key`` ``key`` can touch."""
-    ptr, offset, shape, stride = key[:4]
-    return ptr, offset, offset + sum((size - 1) * step for size, step in zip(shape, stride))
-
-
-def _take_precomputed(weight: torch.Tensor, r: int, variant: tuple):
-    """The triplets :func:`precomputed_pissa` computed for ``weight``, or ``None``; the caller is about to
-    rewrite that view, so every other entry overlapping it is dropped (a tied weight is factored again)."""
-    key = _view_key(weight, r, variant)
-    hit = _PRECOMPUTED.pop(key, None)
-    if hit is not None:
-        ptr, first, last = _span(key)
-        for other in [k for k in _PRECOMPUTED if k[0] == ptr]:
-            _, lo, hi = _span(other)
-            if lo <= last and first <= hi:
-                del _PRECOMPUTED[other]
-    return hit
+def _span(view: torch.Tensor) -> tuple[int, int, int]:
+    """``(storage, first, last)``: the storage elements a strided view can touch."""
+    offset = view.storage_offset()
+    last = offset + sum((size - 1) * step for size, step in zip(view.shape, view.stride()))
+    return view.untyped_storage().data_ptr(), offset, last
 
 
 def same_shape_groups(
@@ -222,50 +195,47 @@ def same_shape_groups(
     yield from pending.values()
 
 
-@contextlib.contextmanager
 @torch.no_grad()
-def precomputed_pissa(weights: list[torch.Tensor], r: int, tol: float = PISSA_TOL) -> Iterator[None]:
-    """Inside the ``with`` block, :func:`pissa_factors` (default ``method``/``n_iter``, this ``r`` and
-    ``tol``) finds the triplets of each of ``weights`` computed ahead, same-shape weights (dtype, device)
-    batched into one :func:`checked_top_triplets` call per group of at most ``GROUP_LAYERS`` weights and
-    ``GROUP_BYTES``.
+def pissa_triplets(weights: list[torch.Tensor], r: int, tol: float = PISSA_TOL) -> list[Triplets | None]:
+    """The top-``r`` singular triplets :func:`pissa_factors` (default ``method``/``n_iter``, this ``r`` and
+    ``tol``) would compute for each of ``weights``, same-shape weights (dtype, device) batched into one
+    :func:`checked_top_triplets` call per group of at most ``GROUP_LAYERS`` weights and ``GROUP_BYTES``.
 
-    ``weights`` are the (out, in) matrices (views allowed) the layers will factor. An entry is used once;
-    using it drops the entries of views overlapping it (the caller rewrites that view to the residual), so
-    a weight met twice (tied) is factored again on the spot, as without this context; so is a weight not
-    listed. The entries assume the weights change only through those rewrites while the block runs
-    (``inject_lora``'s build). Entries left unused are dropped at exit. Not thread-safe (one model at a
-    time per process). Weights on the meta device or with a dimension below ``r`` are skipped.
+    ``weights`` are the (out, in) matrices (views allowed) the layers will factor, in the order they will
+    factor them; pass each entry on as ``pissa_factors(..., triplets=...)`` (the LoRA layers' and
+    constructors' ``pissa_triplets=``). An entry is ``None`` (factor on the spot) for a weight on the meta
+    device, not 2-D, with a dimension below ``r``, or overlapping the storage of an earlier entry (tied
+    weights): the earlier one's layer rewrites that storage to its residual first, and the later one
+    factors the residual, as without precomputation. The triplets assume the weights do not change
+    otherwise until they are used.
     """
-    variant = ("pissa", tol)
-    seen: dict[tuple, torch.Tensor] = {}
-    for weight in weights:
-        if weight.device.type != "meta" and weight.dim() == 2 and r <= min(weight.shape):
-            seen.setdefault(_view_key(weight, r, variant), weight)
-    entries = list(seen.items())
-    keys: list[tuple] = []
-    try:
-        for group in same_shape_groups(
-            entries,
-            key=lambda kw: (tuple(kw[1].shape), kw[1].dtype, kw[1].device),
-            size=lambda kw: kw[1].numel() * torch.finfo(_work_dtype(kw[1].dtype)).bits // 8,
-        ):
-            work = _work_dtype(group[0][1].dtype)
-            if len(group) == 1:  # as pissa_factors would compute it alone
-                U, S, Vh = checked_top_triplets(group[0][1].detach().to(work), r, tol)
-                results = [(U, S, Vh)]
-            else:
-                stack = torch.stack([w.detach().to(work) for _, w in group])
-                U, S, Vh = checked_top_triplets(stack, r, tol)
-                del stack
-                results = [(U[i], S[i], Vh[i]) for i in range(len(group))]
-            for (key, _), triplets in zip(group, results):
-                _PRECOMPUTED[key] = triplets
-                keys.append(key)
-        yield
-    finally:
-        for key in keys:
-            _PRECOMPUTED.pop(key, None)
+    out: list[Triplets | None] = [None] * len(weights)
+    spans: dict[int, list[tuple[int, int]]] = {}
+    todo: list[tuple[int, torch.Tensor]] = []
+    for i, weight in enumerate(weights):
+        if weight.device.type == "meta" or weight.dim() != 2 or not r <= min(weight.shape):
+            continue
+        ptr, first, last = _span(weight)
+        taken = spans.setdefault(ptr, [])
+        if any(lo <= last and first <= hi for lo, hi in taken):
+            continue
+        taken.append((first, last))
+        todo.append((i, weight))
+    for group in same_shape_groups(
+        todo,
+        key=lambda iw: (tuple(iw[1].shape), iw[1].dtype, iw[1].device),
+        size=lambda iw: iw[1].numel() * torch.finfo(_work_dtype(iw[1].dtype)).bits // 8,
+    ):
+        work = _work_dtype(group[0][1].dtype)
+        if len(group) == 1:  # as pissa_factors would compute it alone
+            out[group[0][0]] = checked_top_triplets(group[0][1].detach().to(work), r, tol)
+            continue
+        stack = torch.stack([w.detach().to(work) for _, w in group])
+        U, S, Vh = checked_top_triplets(stack, r, tol)
+        del stack
+        for j, (i, _) in enumerate(group):
+            out[i] = (U[j], S[j], Vh[j])
+    return out
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -295,6 +265,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _check_r(r: object, shape: tuple[int, ...]) -> int:
+    r = python_number(r)  # NumPy integers (np.int64(5)) as the model-level API takes them
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(shape):
         raise ValueError(f"r must be an int in [1, {min(shape)}] for shape {tuple(shape)}, got {r!r}")
     return r
@@ -310,6 +281,7 @@ def pissa_factors(
     method: str = "rsvd",
     n_iter: int | None = None,
     tol: float = PISSA_TOL,
+    triplets: Triplets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""PiSSA initialisation: LoRA factors from the principal singular triplets of ``weight``.
 
@@ -339,6 +311,10 @@ def pissa_factors(
     tol : float, default 1e-4
         Target relative accuracy of each of the top-``r`` singular values of ``scale * B @ A`` (default
         ``method="rsvd"``, ``n_iter=None`` only), in (0, 1).
+    triplets : (U, S, Vh), optional
+        The top-``r`` singular triplets of ``weight`` computed ahead (shapes (out, r), (r,), (r, in);
+        :func:`pissa_triplets` batches them over a model's same-shape weights); no SVD is then run here
+        (``method``, ``n_iter`` and ``tol`` are not used).
 
     Returns
     -------
@@ -357,18 +333,20 @@ def pissa_factors(
 
     Notes
     -----
-    Default (``method="rsvd"``, ``n_iter=None``): randomized block Krylov (:func:`lowrank.rsvd` with
-    ``block_size=max(r, 8)``), first with ``n_iter=8``, then, if its Ritz triplets ``(u_i, s_i, v_i)`` fail
-    the residual test ``||W v_i - s_i u_i|| <= sqrt(tol) / 2 * s_i`` (``s_i`` floored at ``1e-3 s_1``),
-    again with ``n_iter=16``, and if that fails too the exact SVD. A Ritz value's error is of the order
-    of its squared relative residual (times ``s_i`` over the gap to the rest of the spectrum): measured on
-    BERT-base shapes (768x768, 3072x768, 768x3072, r = 16, block Krylov with 4-14 iterations) it stayed
-    within 3 times the squared residual, also on the flat Marchenko-Pastur bulk of a randomly initialised
-    weight (the hardest case), so the test accepts errors up to about ``0.75 tol``. Trained-like spectra
-    (a decaying top) pass after ``n_iter=8``; the flat bulk needs ``n_iter=16`` (cost of both stages).
-    The test costs one product ``W V_r`` per stage. Figures: ``benchmarks/bench_init.py``.
+    Default (``method="rsvd"``, ``n_iter=None``): randomized block Krylov (:func:`lowrank.svd.krylov_until`,
+    blocks of ``max(r, 8)`` columns on the short side of ``weight``) whose Krylov space is *extended* until
+    its Ritz triplets ``(u_i, s_i, v_i)`` pass the residual test
+    ``||W v_i - s_i u_i|| <= sqrt(tol) / 2 * s_i`` (``s_i`` floored at ``1e-3 s_1``; estimated from the
+    iteration's own products, then confirmed with one product ``W V_r``), at most 24 blocks deep; a weight
+    that still fails gets the exact SVD. A Ritz value's error is of the order of its squared relative
+    residual (times ``s_i`` over the gap to the rest of the spectrum): measured on BERT-base shapes
+    (768x768, 3072x768, 768x3072, r = 16) it stayed within 3 times the squared residual, also on the flat
+    Marchenko-Pastur bulk of a randomly initialised weight (the hardest case), so the test accepts errors
+    up to about ``0.75 tol``. Trained-like spectra (a decaying top) pass at depth 6-8; the flat bulk at
+    13-17 (checks at depth 6, 8, then where the residuals' decay predicts). Figures:
+    ``benchmarks/bench_init.py``.
     :func:`lowrank.inject_lora` computes the triplets of all its targets ahead, same-shape weights in one
-    batched call per group (:func:`precomputed_pissa`).
+    batched call per group (:func:`pissa_triplets`), and passes each weight's on as ``triplets``.
 
     References
     ----------
@@ -377,14 +355,15 @@ def pissa_factors(
     """
     _check_svd_method(method)
     _check_weight(weight, "weight")
-    _check_r(r, tuple(weight.shape))
+    r = _check_r(r, tuple(weight.shape))
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a finite number > 0 for PiSSA, got {scale!r}")
     _check_tol(tol)
     work = weight.detach().to(_work_dtype(weight.dtype))
-    if method == "rsvd" and n_iter is None:
-        hit = _take_precomputed(weight, r, ("pissa", tol))
-        U, S, Vh = hit if hit is not None else checked_top_triplets(work, r, tol)
+    if triplets is not None:
+        U, S, Vh = _check_triplets(triplets, tuple(weight.shape), r, work)
+    elif method == "rsvd" and n_iter is None:
+        U, S, Vh = checked_top_triplets(work, r, tol)
     else:
         U, S, Vh = _top_singular_triplets(work, r, method, n_iter)
     root = (S / scale).sqrt()
@@ -392,6 +371,35 @@ def pissa_factors(
     A = root[:, None] * Vh
     residual = work - scale * (B @ A)
     return B.to(weight.dtype), A.to(weight.dtype), residual.to(weight.dtype)
+
+
+def weight_init_factors(
+    init: str, triplets: Sequence[Triplets | None] | None, count: int
+) -> Callable[[int, torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``factors(i, weight, r, scale) -> (B, A, residual)`` of a weight-rewriting ``init`` (``"pissa"``,
+    ``"olora"``) for a layer that factors ``count`` matrices; with ``triplets`` (PiSSA only, one entry per
+    matrix, ``None`` entries computed on the spot) the ``i``-th uses ``triplets[i]``."""
+    if triplets is not None and len(triplets) != count:
+        raise ValueError(f"pissa_triplets has {len(triplets)} entries; this layer factors {count} matrices")
+    if init == "olora":
+        return lambda i, weight, r, scale: olora_factors(weight, r, scale)
+    return lambda i, weight, r, scale: pissa_factors(
+        weight, r, scale, triplets=None if triplets is None else triplets[i]
+    )
+
+
+def _check_triplets(triplets: object, shape: tuple[int, int], r: int, work: torch.Tensor) -> Triplets:
+    """``triplets`` as ``(U, S, Vh)`` of an (out, in) = ``shape`` weight and rank ``r``, in ``work``'s dtype
+    and device, or a TypeError/ValueError naming ``triplets``."""
+    if not isinstance(triplets, (tuple, list)) or len(triplets) != 3:
+        raise TypeError(f"triplets must be a (U, S, Vh) tuple of tensors, got {type(triplets).__name__}")
+    expected = ((shape[0], r), (r,), (r, shape[1]))
+    for name, value, want in zip(("U", "S", "Vh"), triplets, expected):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"triplets: {name} must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != want:
+            raise ValueError(f"triplets: {name} has shape {tuple(value.shape)}, expected {want} here")
+    return tuple(t.detach().to(work.device, work.dtype) for t in triplets)  # type: ignore[return-value]
 
 
 class LoRAFactors(tuple):
@@ -458,7 +466,7 @@ def extract_lora(
         raise ValueError(
             f"base_weight {tuple(base_weight.shape)} and tuned_weight {tuple(tuned_weight.shape)} differ"
         )
-    _check_r(r, tuple(base_weight.shape))
+    r = _check_r(r, tuple(base_weight.shape))
     _check_svd_method(method)
     work_dtype = _work_dtype(base_weight.dtype)
     delta = tuned_weight.detach().to(base_weight.device, work_dtype) - base_weight.detach().to(work_dtype)
@@ -524,7 +532,7 @@ def olora_factors(
     K. Büyükakyüz, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models", arXiv:2406.01775.
     """
     _check_weight(weight, "weight")
-    _check_r(r, tuple(weight.shape))
+    r = _check_r(r, tuple(weight.shape))
     scale = _check_scale(scale, "OLoRA")
     work = weight.detach().to(_work_dtype(weight.dtype))
     Q, R_panel = torch.linalg.qr(work[:, :r])  # Householder (geqrf + orgqr), the full QR's first r columns
@@ -621,7 +629,7 @@ def corda_factors(
     _check_weight(weight, "weight")
     n = weight.shape[1]
     _check_covariance(covariance, n)
-    _check_r(r, tuple(weight.shape))
+    r = _check_r(r, tuple(weight.shape))
     scale = _check_scale(scale, "CorDA")
     if mode not in CORDA_MODES:
         raise ValueError(f"mode must be one of {CORDA_MODES}, got {mode!r}")

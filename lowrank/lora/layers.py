@@ -26,7 +26,8 @@ from torch import nn
 from lowrank._linop import python_number
 from lowrank._ops import lora_linear, lora_linear_multi
 from lowrank.lora.dora import dora_row_norms, weight_row_sq_norms
-from lowrank.lora.init import WEIGHT_INITS, check_init, olora_factors, pissa_factors, reset_lora_factors_
+from lowrank.lora.init import WEIGHT_INITS, check_init, reset_lora_factors_
+from lowrank.lora.init import weight_init_factors as _weight_init_factors
 
 __all__ = [
     "BASE_ADAPTER",
@@ -107,7 +108,7 @@ class LoRALayer(nn.Module):
     def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
-    def _reset_factors(self, name: str, init: str) -> None:
+    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
         raise NotImplementedError
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
@@ -125,6 +126,7 @@ class LoRALayer(nn.Module):
         use_rslora: bool = False,
         init: str = "default",
         use_dora: bool = False,
+        pissa_triplets: Sequence | None = None,
     ) -> None:
         """Create adapter ``name`` of rank ``r`` and make it active (when no adapter is active yet).
 
@@ -156,6 +158,11 @@ class LoRALayer(nn.Module):
             to the row norms of ``W + scale B A`` (``W`` in the (out, in) layout) after the factors' init,
             rescales each output row (see :class:`LoRALinear`).
             Other layer types raise ValueError naming ``use_dora``.
+        pissa_triplets : list of (U, S, Vh) or None, optional
+            ``init="pissa"`` only: the top-``r`` singular triplets of each matrix the layer factors (one
+            per enabled slice of a :class:`LoRAMergedLinear`; the (out, in) view of a Conv1D; the table of
+            an embedding), computed ahead by :func:`lowrank.lora.init.pissa_triplets` (as
+            :func:`lowrank.inject_lora` does, batched over a model); a ``None`` entry is computed here.
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
@@ -191,6 +198,16 @@ class LoRALayer(nn.Module):
                 "LoRALinear and LoRAConv1D layers only)"
             )
         check_init(init)
+        if pissa_triplets is not None:
+            if init != "pissa" or not isinstance(pissa_triplets, (list, tuple)):
+                raise ValueError(
+                    "pissa_triplets must be a list (an entry per factored matrix) with init='pissa'"
+                )
+            count = len(getattr(self, "_enabled_sizes", (self.weight,)))  # enabled slices of a fused layer
+            if len(pissa_triplets) != count:
+                raise ValueError(
+                    f"pissa_triplets has {len(pissa_triplets)} entries; the layer factors {count}"
+                )
         if init in WEIGHT_INITS and init not in self._weight_inits:
             raise ValueError(
                 f"init={init!r} is not supported by {type(self).__name__} (use {self._weight_inits})"
@@ -215,7 +232,7 @@ class LoRALayer(nn.Module):
         self.use_rslora[name] = use_rslora
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
         self.use_dora[name] = use_dora
-        self._reset_factors(name, init)
+        self._reset_factors(name, init, pissa_triplets)
         if init in WEIGHT_INITS:
             self.__dict__.setdefault("weight_init", {})[name] = init
         if use_dora:
@@ -543,15 +560,23 @@ class LoRALinear(LoRALayer):
         use_rslora: bool = False,
         init: str = "default",
         use_dora: bool = False,
+        pissa_triplets: Sequence | None = None,
     ) -> LoRALinear:
-        """Wrap ``linear`` without copying: the layer holds its ``weight``/``bias`` Parameters (frozen)."""
+        """Wrap ``linear`` without copying: the layer holds its ``weight``/``bias`` Parameters (frozen);
+        ``pissa_triplets`` as in :meth:`add_adapter`."""
         if not isinstance(linear, nn.Linear) or isinstance(linear, LoRALayer):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(linear.weight, linear.bias)
         layer._add_first_adapter(
-            r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora
+            r,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            init=init,
+            use_dora=use_dora,
+            pissa_triplets=pissa_triplets,
         )
         return layer
 
@@ -657,14 +682,14 @@ class LoRALinear(LoRALayer):
     def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
 
-    def _reset_factors(self, name: str, init: str) -> None:
+    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
         if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
-        factors = pissa_factors if init == "pissa" else olora_factors
+        factors = _weight_init_factors(init, triplets, 1)
         with torch.no_grad():
-            B0, A0, residual = factors(self.weight, self.r[name], self.scaling[name])
+            B0, A0, residual = factors(0, self.weight, self.r[name], self.scaling[name])
             A.copy_(A0)
             B.copy_(B0)
             self.weight.copy_(residual)
@@ -933,8 +958,10 @@ class LoRAMergedLinear(LoRALinear):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        pissa_triplets: Sequence | None = None,
     ) -> LoRAMergedLinear:
-        """Wrap a fused projection ``linear`` without copying; ``out_slices`` defaults to equal slices."""
+        """Wrap a fused projection ``linear`` without copying; ``out_slices`` defaults to equal slices;
+        ``pissa_triplets`` as in :meth:`add_adapter` (one entry per enabled slice)."""
         if not isinstance(linear, nn.Linear) or isinstance(linear, LoRALayer):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         flags = list(enable_lora)
@@ -953,7 +980,9 @@ class LoRAMergedLinear(LoRALinear):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup_merged(linear.weight, linear.bias, slices, flags)
-        layer._add_first_adapter(r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        layer._add_first_adapter(
+            r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, pissa_triplets=pissa_triplets
+        )
         return layer
 
     def _shape_text(self) -> str:
@@ -967,17 +996,17 @@ class LoRAMergedLinear(LoRALinear):
     def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r * len(self._enabled_sizes), self.in_features), (sum(self._enabled_sizes), r)
 
-    def _reset_factors(self, name: str, init: str) -> None:
+    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
         if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
         r, scale = self.r[name], self.scaling[name]
-        factors = pissa_factors if init == "pissa" else olora_factors
+        factors = _weight_init_factors(init, triplets, len(self._enabled_sizes))
         with torch.no_grad():
             offset = 0
             for i, (start, size) in enumerate(zip(self._enabled_starts, self._enabled_sizes)):
-                B0, A0, residual = factors(self.weight[start : start + size], r, scale)
+                B0, A0, residual = factors(i, self.weight[start : start + size], r, scale)
                 A[i * r : (i + 1) * r].copy_(A0)
                 B[offset : offset + size].copy_(B0)
                 self.weight[start : start + size].copy_(residual)
@@ -1081,8 +1110,10 @@ class LoRAConv1D(LoRALinear):
         use_rslora: bool = False,
         init: str = "default",
         use_dora: bool = False,
+        pissa_triplets: Sequence | None = None,
     ) -> LoRAConv1D:
-        """Wrap a transformers ``Conv1D`` without copying: the layer holds its weight and bias (frozen)."""
+        """Wrap a transformers ``Conv1D`` without copying: the layer holds its weight and bias (frozen);
+        ``pissa_triplets`` as in :meth:`add_adapter`."""
         if not is_conv1d(conv1d) or isinstance(conv1d, LoRALayer):
             raise TypeError(f"conv1d must be a transformers Conv1D, got {type(conv1d).__name__}")
         layer = cls.__new__(cls)
@@ -1090,7 +1121,13 @@ class LoRAConv1D(LoRALinear):
         layer._base_class = type(conv1d)
         layer._setup(conv1d.weight, conv1d.bias)
         layer._add_first_adapter(
-            r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora
+            r,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            init=init,
+            use_dora=use_dora,
+            pissa_triplets=pissa_triplets,
         )
         return layer
 
@@ -1121,14 +1158,14 @@ class LoRAConv1D(LoRALinear):
     def _linear_weight(self) -> torch.Tensor:
         return self.weight.T  # a view: (out, in)
 
-    def _reset_factors(self, name: str, init: str) -> None:
+    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
         if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
-        factors = pissa_factors if init == "pissa" else olora_factors
+        factors = _weight_init_factors(init, triplets, 1)
         with torch.no_grad():  # on the (out, in) view, as for nn.Linear; the residual goes back as (in, out)
-            B0, A0, residual = factors(self.weight.T, self.r[name], self.scaling[name])
+            B0, A0, residual = factors(0, self.weight.T, self.r[name], self.scaling[name])
             A.copy_(A0)
             B.copy_(B0)
             self.weight.copy_(residual.T)
@@ -1216,14 +1253,18 @@ class LoRAEmbedding(LoRALayer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        pissa_triplets: Sequence | None = None,
     ) -> LoRAEmbedding:
-        """Wrap ``embedding`` without copying: the layer holds the same ``weight`` Parameter (frozen)."""
+        """Wrap ``embedding`` without copying: the layer holds the same ``weight`` Parameter (frozen);
+        ``pissa_triplets`` as in :meth:`add_adapter`."""
         if not isinstance(embedding, nn.Embedding) or isinstance(embedding, LoRALayer):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(embedding)
-        layer._add_first_adapter(r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        layer._add_first_adapter(
+            r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, pissa_triplets=pissa_triplets
+        )
         return layer
 
     def _max_rank(self) -> int:
@@ -1233,12 +1274,13 @@ class LoRAEmbedding(LoRALayer):
         return (r, self.num_embeddings), (self.embedding_dim, r)
 
     @torch.no_grad()
-    def _reset_factors(self, name: str, init: str) -> None:
+    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
         if init == "pissa":
             # table E = U S V^T (num, dim); update is scale * A^T B^T, so A^T = U_r sqrt(S/scale) and
             # B^T = sqrt(S/scale) V_r^T: pissa_factors on E gives (A^T, B^T, residual).
-            left, right, residual = pissa_factors(self.weight, self.r[name], self.scaling[name])
+            factors = _weight_init_factors(init, triplets, 1)
+            left, right, residual = factors(0, self.weight, self.r[name], self.scaling[name])
             A.copy_(left.T)
             B.copy_(right.T)
             self.weight.copy_(residual)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lowrank._linop import python_number
-from lowrank.lora.init import WEIGHT_INITS, all_finite, precomputed_pissa
+from lowrank.lora.init import WEIGHT_INITS, all_finite, pissa_triplets
 from lowrank.lora.layers import (
     BASE_ADAPTER,
     LoRAConv1D,
@@ -266,15 +266,15 @@ def inject_lora(
                 )
     # ... then change the model with an undo log: a failure in a later target restores every earlier one.
     undo: list[Callable[[], object]] = []
-    # PiSSA: the weights' triplets are computed up front, same-shape ones in one batched SVD call each
-    ahead = (
-        precomputed_pissa([view for _, module, flags in plan for view in _pissa_views(module, flags)], r)
-        if init == "pissa" and isinstance(r, int) and not isinstance(r, bool) and r >= 1
-        else contextlib.nullcontext()
-    )
+    # PiSSA: the weights' triplets are computed up front, same-shape ones in one batched SVD call each,
+    # and handed to each layer (pissa_triplets=, one entry per matrix it factors)
+    triplets: dict[str, list] = {}
+    if init == "pissa" and isinstance(r, int) and not isinstance(r, bool) and r >= 1:
+        views = [(name, view) for name, module, flags in plan for view in _pissa_views(module, flags)]
+        for (name, _), entry in zip(views, pissa_triplets([view for _, view in views], r)):
+            triplets.setdefault(name, []).append(entry)
     try:
-        with ahead:
-            _build(model, plan, saved_plan, r, options, adapter_name, undo)
+        _build(model, plan, saved_plan, r, options, adapter_name, undo, triplets)
         if freeze_base:
             grads = [(p, p.requires_grad) for p in model.parameters()]
             undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
@@ -312,10 +312,16 @@ def _build(
     options: dict,
     adapter_name: str,
     undo: list[Callable[[], object]],
+    triplets: dict[str, list],
 ) -> None:
-    """Create the LoRA layers of ``plan`` and the wrappers of ``saved_plan``, logging undo steps."""
+    """Create the LoRA layers of ``plan`` and the wrappers of ``saved_plan``, logging undo steps;
+    ``triplets``: module name -> the PiSSA triplets computed ahead for it (``pissa_triplets=``)."""
     init = options["init"]
     for name, module, flags in plan:
+        if name in triplets:
+            options = {**options, "pissa_triplets": triplets[name]}
+        else:
+            options = {k: v for k, v in options.items() if k != "pissa_triplets"}
         if init in WEIGHT_INITS:
             saved = module.weight.detach().clone()
             undo.append(lambda w=module.weight, o=saved: w.data.copy_(o))
