@@ -105,7 +105,11 @@ def lora_linear(
     scale = _check_scale("lora_linear", scale)
     if _no_grad_needed(x, weight, lora_A, lora_B, bias):
         # Inference: straight to the device kernel, past the (Python) autograd layer of the op. Measured
-        # on 4096x4096 fp32 at one token, that layer cost ~1.5% of the call (benchmarks/bench_lora.py).
+        # on 4096x4096 fp32 at one token, that layer cost ~1.5% of the call (benchmarks/bench_lora.py);
+        # the unboxed entry (lora_linear_inference) also skips torch.ops' boxing (~3 us a call).
+        out = lora_linear_inference(x, weight, lora_A, lora_B, scale, bias)
+        if out is not None:
+            return out
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.lowrank.lora_linear.default(x, weight, lora_A, lora_B, scale, bias)
     return torch.ops.lowrank.lora_linear.default(x, weight, lora_A, lora_B, scale, bias)
