@@ -16,6 +16,10 @@
 #include "lora_linear_quantized.h"
 #include "sparse_sign.h"
 
+namespace lowrank {
+PyMethodDef* python_methods();  // csrc/lora_linear_python.cpp: the module's functions
+}  // namespace lowrank
+
 #define LOWRANK_STR_(x) #x
 #define LOWRANK_STR(x) LOWRANK_STR_(x)
 
@@ -25,6 +29,10 @@ PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "lowrank compiled operators", -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
+  if (PyModule_AddFunctions(module, lowrank::python_methods()) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
   PyModule_AddStringConstant(
       module, "torch_version",
       LOWRANK_STR(TORCH_VERSION_MAJOR) "." LOWRANK_STR(TORCH_VERSION_MINOR) "." LOWRANK_STR(TORCH_VERSION_PATCH));

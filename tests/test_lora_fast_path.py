@@ -9,6 +9,7 @@ from torch import nn
 
 import lowrank
 from lowrank import LoRALinear, LoRAMergedLinear
+from lowrank._ops import _lora_linear_inference_py, lora_linear_inference
 
 
 def _reference(layer: LoRALinear, x: torch.Tensor, name: str | None) -> torch.Tensor:
@@ -226,7 +227,7 @@ def test_dora_adapter_never_takes_the_cached_lora_path():
     _assert_ref(_run(layer, x), layer, x, "default")
     layer.set_adapter("dora")
     y = _run(layer, x)
-    assert layer._fast is None or layer._fast[0][0] != "dora"
+    assert layer._fast is None or layer._fast[0] != "dora"
     W, b = layer.weight.double(), layer.bias.double()
     A, B = layer.lora_A["dora"].double(), layer.lora_B["dora"].double()
     s = layer.scaling["dora"]
@@ -262,3 +263,76 @@ def test_conv1d_layer_caches_the_transposed_view_and_sees_merges():
     with torch.no_grad():
         layer.weight.mul_(2.0)  # in place on the (in, out) storage: the cached view sees it
     assert (_run(layer, x).double() - ref()).abs().max().item() <= 1e-5
+
+
+# -- lowrank._ops.lora_linear_inference: the direct call of the op that the cached path makes ---------
+_INFERENCE_FNS = [pytest.param(lora_linear_inference, id="extension")]
+if lora_linear_inference is not _lora_linear_inference_py:
+    _INFERENCE_FNS.append(pytest.param(_lora_linear_inference_py, id="python-twin"))
+
+
+def _op_args(dtype=torch.float32, bias=True, rows=(2, 5)):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*rows, 24, generator=gen).to(dtype)
+    W, A, B = (torch.randn(s, generator=gen).to(dtype) for s in [(16, 24), (3, 24), (16, 3)])
+    b = torch.randn(16, generator=gen).to(dtype) if bias else None
+    return x, W, A, B, 0.75, b
+
+
+@pytest.mark.parametrize("fn", _INFERENCE_FNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_fn_serves_plain_calls(fn, dtype, bias):
+    x, W, A, B, s, b = _op_args(dtype, bias)
+    with torch.no_grad():
+        y = fn(x, W, A, B, s, b)
+    ref = x.double() @ W.double().T + s * (x.double() @ A.double().T) @ B.double().T
+    if b is not None:
+        ref = ref + b.double()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2e-2)
+    assert y is not None and y.dtype == dtype and y.shape == (2, 5, 16) and not y.requires_grad
+    assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    # autograd on but nothing requires grad: still served; Parameters are plain tensors here
+    y2 = fn(x, nn.Parameter(W, requires_grad=False), A, B, s, b)
+    assert y2 is not None and not y2.requires_grad
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+class _Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fn", _INFERENCE_FNS)
+def test_inference_fn_declines_what_needs_the_general_path(fn):
+    x, W, A, B, s, b = _op_args()
+    assert fn(x.double(), W, A, B, s, b) is None  # mixed dtypes
+    assert fn(x, W, A, B.double(), s, b) is None
+    assert fn(x, W, A, B, s, b.double()) is None
+    assert fn(x.as_subclass(_Sub), W, A, B, s, b) is None  # a subclass must see the op
+    assert fn(x, W.as_subclass(_Sub), A, B, s, b) is None
+    assert fn(x, W, A, B, 1, b) is None  # scale not a float
+    assert fn(x.to("meta"), W.to("meta"), A.to("meta"), B.to("meta"), s, b.to("meta")) is None
+    with torch.enable_grad():
+        assert fn(x.requires_grad_(), W, A, B, s, b) is None  # autograd needed
+        x.requires_grad_(False)
+        assert fn(x, W, A.requires_grad_(), B, s, b) is None
+    A.requires_grad_(False)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fn(x, W, A, B, s, b) is None
+        with _Mode():
+            assert fn(x, W, A, B, s, b) is None
+        assert fn(x, W, A, B, s, b) is not None
+
+
+def test_inference_fn_errors():
+    x, W, A, B, s, b = _op_args()
+    with pytest.raises(TypeError, match="6 arguments"):
+        lora_linear_inference(x, W, A, B, s)
+    with torch.no_grad(), pytest.raises(ValueError, match="lora_A"):
+        lora_linear_inference(x, W, A[:, :5], B, s, b)  # the op's own checks, as ValueError

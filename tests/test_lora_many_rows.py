@@ -53,7 +53,9 @@ def _check(y, x, W, A, B, scale, b):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [5, 6, 7, 8, 13])
-@pytest.mark.parametrize("in_features,out_features,r", [(384, 384, 8), (17, 27, 3), (5, 1, 1), (40, 43, 24)])
+@pytest.mark.parametrize(
+    "in_features,out_features,r", [(384, 384, 8), (17, 27, 3), (5, 1, 1), (40, 43, 24), (33, 20, 12)]
+)
 def test_many_rows_match_float64(dtype, M, in_features, out_features, r):
     x, W, A, B, b = _make((M, in_features), out_features, r, dtype, seed=M + r)
     y = lowrank.lora_linear(x, W, A, B, 1.5, b)

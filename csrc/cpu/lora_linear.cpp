@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -276,6 +277,52 @@ LOWRANK_AVX2 void up_rows(const float* u, int64_t r, const float* Bt, const T* b
   }
 }
 
+// Rows v[0..7] become the columns (v[i][k] -> v[k][i]): the usual unpack / shuffle / 128-bit permute sequence.
+LOWRANK_AVX2_INLINE void transpose8x8(__m256 v[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  v[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  v[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  v[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  v[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// Bt (r x N, fp32) = B^T for B (N x r, contiguous, dtype T): 8 x 8 blocks through registers, the rest one by one.
+// Each entry is the exact widening of B's (as before: the old scalar loop wrote the same values).
+template <typename T>
+LOWRANK_AVX2 void transpose_to_float(const T* B, int64_t N, int64_t r, float* Bt) {
+  int64_t n0 = 0;
+  for (; n0 + 8 <= N; n0 += 8) {
+    int64_t j0 = 0;
+    for (; j0 + 8 <= r; j0 += 8) {
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = load8(B + (n0 + i) * r + j0);
+      transpose8x8(v);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(Bt + (j0 + i) * N + n0, v[i]);
+    }
+    for (; j0 < r; ++j0) {
+      for (int64_t i = 0; i < 8; ++i) Bt[j0 * N + n0 + i] = static_cast<float>(B[(n0 + i) * r + j0]);
+    }
+  }
+  for (; n0 < N; ++n0) {
+    for (int64_t j = 0; j < r; ++j) Bt[j * N + n0] = static_cast<float>(B[n0 * r + j]);
+  }
+}
+
 // MB rows: u = scale x A^T (two rows of A per step, then the odd one), then y = bias + u B^T.
 template <int MB, typename T>
 LOWRANK_AVX2 void lora_rows(const T* x, int64_t ldx, const T* A, const float* Bt, const T* bias, T* y, int64_t K,
@@ -293,13 +340,10 @@ LOWRANK_AVX2 void lora_rows(const T* x, int64_t ldx, const T* A, const float* Bt
 template <typename T>
 void lora_term_many_rows(const T* x, int64_t ldx, const T* A, const T* B, const T* bias, T* y, int64_t M, int64_t K,
                          int64_t r, int64_t N, float scale) {
-  // B^T in fp32 (r x N): the up step reads its rows as vectors. Written row by row (contiguous stores; the reads
-  // stride by r through B, which is small and in cache).
-  std::vector<float> Bt(static_cast<size_t>(r * N));
-  for (int64_t j = 0; j < r; ++j) {
-    float* bt = Bt.data() + j * N;
-    for (int64_t n = 0; n < N; ++n) bt[n] = static_cast<float>(B[n * r + j]);
-  }
+  // B^T in fp32 (r x N): the up step reads its rows as vectors. Uninitialised storage (every entry is written
+  // below), built by 8 x 8 register transposes.
+  const std::unique_ptr<float[]> Bt(new float[static_cast<size_t>(r * N)]);
+  transpose_to_float(B, N, r, Bt.get());
   constexpr int64_t MB = 4;
   const int64_t tiles = (M + MB - 1) / MB;
   const int64_t per_tile = MB * r * (K + N);
@@ -312,16 +356,16 @@ void lora_term_many_rows(const T* x, int64_t ldx, const T* A, const T* B, const 
       T* yt = y + m0 * N;
       switch (std::min<int64_t>(MB, M - m0)) {
         case 4:
-          lora_rows<4, T>(xt, ldx, A, Bt.data(), bias, yt, K, r, N, scale, u.data());
+          lora_rows<4, T>(xt, ldx, A, Bt.get(), bias, yt, K, r, N, scale, u.data());
           break;
         case 3:
-          lora_rows<3, T>(xt, ldx, A, Bt.data(), bias, yt, K, r, N, scale, u.data());
+          lora_rows<3, T>(xt, ldx, A, Bt.get(), bias, yt, K, r, N, scale, u.data());
           break;
         case 2:
-          lora_rows<2, T>(xt, ldx, A, Bt.data(), bias, yt, K, r, N, scale, u.data());
+          lora_rows<2, T>(xt, ldx, A, Bt.get(), bias, yt, K, r, N, scale, u.data());
           break;
         default:
-          lora_rows<1, T>(xt, ldx, A, Bt.data(), bias, yt, K, r, N, scale, u.data());
+          lora_rows<1, T>(xt, ldx, A, Bt.get(), bias, yt, K, r, N, scale, u.data());
       }
     }
   });

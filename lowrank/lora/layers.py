@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank._linop import python_number
-from lowrank._ops import lora_linear, lora_linear_multi
+from lowrank._ops import lora_linear, lora_linear_inference, lora_linear_multi
 from lowrank.lora.dora import dora_row_norms, weight_row_sq_norms
 from lowrank.lora.init import WEIGHT_INITS, check_init, reset_lora_factors_
 from lowrank.lora.init import weight_init_factors as _weight_init_factors
@@ -38,9 +38,6 @@ __all__ = [
     "LoRAEmbedding",
     "is_conv1d",
 ]
-
-# The fused op itself (schema in csrc/lowrank.cpp), called directly by LoRALinear's inference fast path.
-_lora_linear_op = torch.ops.lowrank.lora_linear.default
 
 #: The adapter name that selects the base layer alone for a row of a mixed-adapter batch.
 BASE_ADAPTER = "__base__"
@@ -748,62 +745,57 @@ class LoRALinear(LoRALayer):
         return lora_linear_multi(x.to(dtype), weight, A_stack, B_stack, row_ids, scales, bias)
 
     # -- inference fast path (issue 19) ------------------------------------------------------------------
-    # On small layers the per-call Python (adapter/dtype/device look-ups, the op's Python face, the autograd
-    # layer of the op) was the whole cost of LoRA over the base layer (a MiniLM-sized BERT ran at 1.10x its
-    # base at 1 x 16 tokens). Without autograd, forward reuses ONE cached decision per layer: the fused op's
-    # arguments, stored with a key of everything they were derived from (active adapter, merged state,
-    # train/eval, x's dtype and device, the identities, dtypes and versions of the Parameters, the scale,
-    # autocast). Each call rebuilds the key from a few attribute reads and compares it: any change
-    # (set_adapter, delete_adapter, merge/unmerge, .to(), train()/eval(), Parameters replaced or edited in
-    # place, another input dtype/device, autocast) misses, and the general path runs and re-caches.
-    # Ids in the key cannot be reused while cached: the cache holds the objects they name.
+    # On small layers the per-call Python (adapter/dtype/device look-ups, the op's Python face, the boxed
+    # dispatch of torch.ops and its autograd layer) was most of the cost of LoRA over the base layer (a
+    # MiniLM-sized BERT ran at 1.07-1.13x its base at 1 x 16 tokens). Without autograd, forward reuses ONE
+    # cached decision per layer: the fused op's arguments, with the module state they were derived from
+    # (active adapter, train/eval, scale, and the identities of the Parameters). Each call checks that state
+    # with a few identity tests, then hands the arguments to lowrank._ops.lora_linear_inference, a direct
+    # call of the op (unboxed dispatch below autograd) that itself checks what depends on the call (x a plain
+    # tensor of the layer's dtype and device, no autograd, no autocast, no torch-function mode) and answers
+    # None when it cannot serve. Any miss (set_adapter, delete_adapter, merge/unmerge, .to(), train()/eval(),
+    # Parameters replaced, another input dtype/device, autocast, grad mode) runs the general path, which
+    # re-caches. In-place edits of a cached Parameter reach the op by themselves (it reads the Parameter);
+    # where the cached factors are derived from the Parameters (LoRAMergedLinear's block layout of B) their
+    # version counters are part of the state.
     _fast: tuple | None = None
 
     def _apply(self, fn, recurse=True):  # .to()/.half()/.cuda() swap Parameter data: drop the cache
         self._fast = None
         return super()._apply(fn, recurse)
 
-    def _fast_key(self, x: torch.Tensor) -> tuple | None:
-        """What the cached fused-op arguments depend on, or None when the fast path does not apply."""
+    def _fast_state(self) -> tuple | None:
+        """The module state the cached op arguments depend on (see above), or None when not cacheable."""
         name = self.active_adapter
         if name is None or self.merged_adapters or self._row_adapters is not None or self.use_dora.get(name):
             return None
         params = self._parameters
-        weight, bias = params["weight"], params.get("bias")
         A = self._modules[self._factor_names[0]]._parameters.get(name)
         B = self._modules[self._factor_names[1]]._parameters.get(name)
         if A is None or B is None:
             return None
-        device = x.device
-        return (
-            name,
-            self.training,
-            x.dtype,
-            device,
-            torch.is_autocast_enabled(device.type) if device.type in ("cpu", "cuda") else None,
-            self.scaling.get(name),
-            id(weight),
-            weight.dtype,
-            id(bias),
-            id(A),
-            A._version,
-            A.dtype,
-            id(B),
-            B._version,
-            B.dtype,
-        )
+        return (name, self.training, self.scaling.get(name), params["weight"], params.get("bias"), A, B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast
-        if (
-            fast is not None
-            and type(x) is torch.Tensor
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and fast[0] == self._fast_key(x)
-        ):
-            with torch._C._AutoDispatchBelowAutograd():  # no autograd: past the op's (Python) autograd layer
-                return _lora_linear_op(x, *fast[1])
+        if fast is not None and not torch.compiler.is_compiling():
+            name, training, scale, weight, bias, A, B, versions, args = fast
+            params = self._parameters
+            if (
+                self.active_adapter == name
+                and self.training is training
+                and not self.merged_adapters
+                and self._row_adapters is None
+                and params["weight"] is weight
+                and params.get("bias") is bias
+                and self.scaling.get(name) == scale
+                and self._modules[self._factor_names[0]]._parameters.get(name) is A
+                and self._modules[self._factor_names[1]]._parameters.get(name) is B
+                and (versions is None or versions == (A._version, B._version))
+            ):
+                out = lora_linear_inference(x, *args)
+                if out is not None:
+                    return out
         _check_input(x, self.weight, floating=True)
         if self._row_adapters is not None:
             return self._forward_mixed(x)
@@ -831,17 +823,13 @@ class LoRALinear(LoRALayer):
         if A.dtype != dtype:
             A, B = A.to(dtype), B.to(dtype)
         self._fast = None
-        if (
-            cacheable
-            and type(x) is torch.Tensor
-            and x.device.type in ("cpu", "cuda")
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        ):
+        if cacheable and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # fast-path cache (see above): the exact arguments of this call, for the next calls
-            key = self._fast_key(x)
-            if key is not None:
-                self._fast = (key, (weight, A, B, float(scale), bias))
+            state = self._fast_state()
+            if state is not None:
+                derived = A is not state[5] or B is not state[6]
+                versions = (state[5]._version, state[6]._version) if derived else None
+                self._fast = (*state, versions, (weight, A, B, float(scale), bias))
         return lora_linear(x, weight, A, B, scale, bias)
 
     def _forward_dora(
