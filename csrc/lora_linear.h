@@ -94,4 +94,20 @@ inline at::Tensor lora_linear_composite(const at::Tensor& x2, const at::Tensor& 
   return y;
 }
 
+// scale == 0: exactly the base layer, y = bias + x W^T. The factors are not read, so a non-finite adapter cannot
+// leak in through 0 * inf (BLAS skips alpha = 0 products for some dtypes and devices, not for others; the
+// streaming kernels would form 0 * inf). Every backend of lora_linear takes this path first.
+inline at::Tensor lora_linear_base_only(const at::Tensor& x2, const at::Tensor& weight,
+                                        const c10::optional<at::Tensor>& bias, const std::vector<int64_t>& out_sizes) {
+  at::Tensor y = at::empty(out_sizes, x2.options());
+  at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
+  if (bias.has_value()) {
+    y2.copy_(bias->expand({x2.size(0), weight.size(0)}));
+  } else {
+    y2.zero_();
+  }
+  y2.addmm_(x2, weight.t());
+  return y;
+}
+
 }  // namespace lowrank

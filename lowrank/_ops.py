@@ -75,7 +75,8 @@ def lora_linear(
     the output in one pass over four-row tiles (AVX2; BLAS for float64), then the base GEMM accumulates
     into it (one BLAS call, as ``F.linear``). On CUDA, small token counts (M <= 16) use a kernel that
     streams ``weight`` once with 16-byte loads and adds the LoRA term in the same pass; larger M use cuBLAS.
-    On CPU, ``scale == 0`` computes exactly the base layer (the factors are not read).
+    ``scale == 0`` computes exactly the base layer on every device (the factors are not read, so a
+    non-finite adapter cannot leak in through ``0 * inf``).
 
     Autograd gives gradients for ``x``, ``lora_A``, ``lora_B`` and, when they require grad, ``weight``
     and ``bias``. The backward saves only the inputs and recomputes the r-wide ``u = x @ lora_A.T``

@@ -72,6 +72,19 @@ def assert_close(y, ref, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 16, 33])
+def test_scale_zero_is_the_base_layer_even_with_a_non_finite_adapter(dtype, m):
+    """scale == 0 on both CUDA paths (streaming kernel at m <= 16, cuBLAS beyond): the base layer exactly as
+    on the CPU; an inf in lora_A must not leak in as 0 * inf = NaN."""
+    x, w, a, b, bias = problem(m, 256, 96, 4, dtype, seed=11)
+    a[0, 0] = float("inf")
+    for with_bias in (bias, None):
+        y = lowrank.lora_linear(x, w, a, b, scale=0.0, bias=with_bias)
+        assert torch.isfinite(y).all()
+        assert_close(y, reference(x, w, torch.zeros_like(a), b, 0.0, with_bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 4, 16, 33])
 def test_transposed_weight_is_read_in_place(dtype, m):
     """A weight stored (in, out) and passed as its transposed view (GPT-2's Conv1D) at decode sizes: right

@@ -418,19 +418,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const auto shape = check_lora_linear_args(x, weight, lora_A, lora_B, bias, /*check_devices=*/true);
   at::Tensor x2 = x.reshape({shape.rows, shape.in_features});
   if (x2.size(0) == 0 || shape.out_features == 0) return at::empty(shape.out_sizes, x.options());
-  if (scale == 0.0) {
-    // Exactly the base layer: the factors are not read, so a non-finite adapter cannot leak in through 0 * inf
-    // (BLAS skips alpha = 0 products for some dtypes, not for others).
-    at::Tensor y = at::empty(shape.out_sizes, x.options());
-    at::Tensor y2 = y.view({shape.rows, shape.out_features});
-    if (bias.has_value()) {
-      y2.copy_(bias->expand({shape.rows, shape.out_features}));
-    } else {
-      y2.zero_();
-    }
-    y2.addmm_(x2, weight.t());
-    return y;
-  }
+  if (scale == 0.0) return lora_linear_base_only(x2, weight, bias, shape.out_sizes);
   if (shape.rows > kStreamMaxRows) return lora_linear_many_rows(x2, weight, lora_A, lora_B, scale, bias, shape);
   x2 = x2.contiguous();
   const at::Tensor a = lora_A.contiguous();

@@ -97,6 +97,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   at::Tensor x2 = x.reshape({shape.rows, shape.in_features});
   const int64_t M = x2.size(0);
   if (M == 0 || shape.out_features == 0) return at::empty(shape.out_sizes, x.options());
+  if (scale == 0.0) return lora_linear_base_only(x2, weight, bias, shape.out_sizes);  // as on the CPU
 
   // A weight that is not row-major (a transposed view, e.g. a GPT-2 Conv1D weight stored (in, out)) goes to
   // cuBLAS, which reads it in place: the streaming kernels would need a copy of W on every call.
