@@ -397,3 +397,35 @@ def test_model_functions_bad_input(case):
     call, error, message = BAD_CALLS[case]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_peft_init_spellings():
+    # PEFT's init_lora_weights values: True = the default init; "pissa_niter_N" = PiSSA (served by the
+    # accuracy-checked one); False (both factors random) refused with a clear error
+    ours, peftish = _mlp(), _mlp()
+    torch.manual_seed(5)
+    lowrank.inject_lora(ours, ["0", "2"], r=4, init="default")
+    torch.manual_seed(5)
+    lowrank.inject_lora(peftish, ["0", "2"], r=4, init=True)
+    for (_, a), (_, b) in zip(lora_layers(ours), lora_layers(peftish)):
+        for (name, p), (_, q) in zip(a.lora_parameters(), b.lora_parameters()):
+            assert torch.equal(p, q), name
+
+    model = _mlp().double()
+    original = [m.weight.detach().clone() for m in (model[0], model[2])]
+    lowrank.inject_lora(model, ["0", "2"], r=4, init="pissa_niter_4")
+    for W, (_, layer) in zip(original, lora_layers(model)):
+        delta = layer.delta_weight()
+        torch.testing.assert_close(layer.weight.detach() + delta, W, rtol=0, atol=1e-12)  # residual exact
+        exact = torch.linalg.svdvals(W)[:4]
+        got = torch.linalg.svdvals(delta)[:4]
+        assert ((got - exact).abs() / exact).max() <= 1e-4
+        assert layer.weight_init["default"] == "pissa"
+
+    with pytest.raises(ValueError, match="init=False"):
+        lowrank.inject_lora(_mlp(), ["0"], r=2, init=False)
+    with pytest.raises(ValueError, match="init must be one of"):
+        lowrank.inject_lora(_mlp(), ["0"], r=2, init="pissa_niter_0")
+    layer = LoRALinear(8, 6, r=2)
+    layer.add_adapter("b", 2, init=True)
+    assert layer.lora_B["b"].abs().max() == 0 and layer.lora_A["b"].abs().max() > 0

@@ -145,9 +145,11 @@ class LoRALayer(nn.Module):
             Dropout probability on the adapter's input, in [0, 1).
         use_rslora : bool, default False
         init : {"default", "gaussian", "pissa", "olora", "zeros"}
-            See :func:`lowrank.lora.init.reset_lora_factors_`, :func:`lowrank.lora.init.pissa_factors` and
-            :func:`lowrank.lora.init.olora_factors`. ``"pissa"`` / ``"olora"`` rewrite ``weight`` to the
-            residual of its top-``r`` SVD / QR part (output unchanged); ``"olora"`` is for linear layers.
+            Also PEFT's ``True`` (= ``"default"``) and ``"pissa_niter_N"`` (= ``"pissa"``; see
+            :func:`lowrank.lora.init.check_init`). See :func:`lowrank.lora.init.reset_lora_factors_`,
+            :func:`lowrank.lora.init.pissa_factors` and :func:`lowrank.lora.init.olora_factors`.
+            ``"pissa"`` / ``"olora"`` rewrite ``weight`` to the residual of its top-``r`` SVD / QR part
+            (output unchanged); ``"olora"`` is for linear layers.
             The data-driven ``"corda"`` / ``"eva"`` go through :func:`lowrank.lora.calibrate_lora`.
         use_dora : bool, default False
             Make it a DoRA adapter (Liu et al. 2024, arXiv:2402.09353; :class:`LoRALinear` and
@@ -194,7 +196,7 @@ class LoRALayer(nn.Module):
                 f"use_dora=True is not supported by {type(self).__name__} (DoRA adapters are available on "
                 "LoRALinear and LoRAConv1D layers only)"
             )
-        check_init(init)
+        init = check_init(init)  # PEFT's spellings (True, "pissa_niter_N") as ours
         if pissa_triplets is not None:
             if init != "pissa" or not isinstance(pissa_triplets, (list, tuple)):
                 raise ValueError(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lowrank._linop import python_number
-from lowrank.lora.init import WEIGHT_INITS, all_finite, pissa_triplets
+from lowrank.lora.init import WEIGHT_INITS, all_finite, check_init, pissa_triplets
 from lowrank.lora.layers import (
     BASE_ADAPTER,
     LoRAConv1D,
@@ -182,6 +182,7 @@ def inject_lora(
         raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
     # NumPy scalars are numbers to users (r=np.int64(8), alpha=np.float32(16)); the layers check plain ones
     r, alpha, dropout = python_number(r), python_number(alpha), python_number(dropout)
+    init = check_init(init)  # PEFT's spellings (True, "pissa_niter_N") as ours; bad names refused up front
     options = {"alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "init": init}
     if use_dora:
         options["use_dora"] = True
