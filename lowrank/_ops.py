@@ -116,36 +116,11 @@ def lora_linear(
     return torch.ops.lowrank.lora_linear.default(x, weight, lora_A, lora_B, scale, bias)
 
 
-def _lora_linear_inference_py(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scale: float,
-    bias: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """Python twin of ``_C.lora_linear_inference`` (for an extension built before it existed): the op below
-    autograd, or None where the call needs the general path (see csrc/lora_linear_python.cpp)."""
-    plain = (torch.Tensor, torch.nn.Parameter)
-    tensors = (weight, lora_A, lora_B) if bias is None else (weight, lora_A, lora_B, bias)
-    if type(x) is not torch.Tensor or type(scale) is not float or any(type(t) not in plain for t in tensors):
-        return None
-    dtype, device = x.dtype, x.device
-    if any(t.dtype != dtype or t.device != device for t in tensors) or device.type not in ("cpu", "cuda"):
-        return None
-    if torch.is_autocast_enabled(device.type) or torch._C._is_torch_function_mode_enabled():
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
-        return None
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.lowrank.lora_linear.default(x, weight, lora_A, lora_B, scale, bias)
-
-
 #: ``lora_linear_inference(x, weight, lora_A, lora_B, scale, bias)``: ``lowrank::lora_linear`` without its
 #: autograd layer through the dispatcher's unboxed path (C++), or None where the call needs the general path
 #: (x not a plain tensor, mixed dtypes/devices, autograd needed, autocast or a torch-function mode on).
 #: LoRALinear's cached inference path calls it; ``scale`` must be a Python float.
-lora_linear_inference = getattr(_C, "lora_linear_inference", _lora_linear_inference_py)
+lora_linear_inference = _C.lora_linear_inference  # csrc/lora_linear_python.cpp
 
 
 def _raise_not_tensor(op: str, **arguments: object) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 import lowrank
 from lowrank import LoRALinear, LoRAMergedLinear
-from lowrank._ops import _lora_linear_inference_py, lora_linear_inference
+from lowrank._ops import lora_linear_inference
 
 
 def _reference(layer: LoRALinear, x: torch.Tensor, name: str | None) -> torch.Tensor:
@@ -267,8 +267,6 @@ def test_conv1d_layer_caches_the_transposed_view_and_sees_merges():
 
 # -- lowrank._ops.lora_linear_inference: the direct call of the op that the cached path makes ---------
 _INFERENCE_FNS = [pytest.param(lora_linear_inference, id="extension")]
-if lora_linear_inference is not _lora_linear_inference_py:
-    _INFERENCE_FNS.append(pytest.param(_lora_linear_inference_py, id="python-twin"))
 
 
 def _op_args(dtype=torch.float32, bias=True, rows=(2, 5)):
