@@ -38,6 +38,7 @@ import time
 import torch
 
 from benchmarks.common import BenchResult, SkipBenchmark, Table, Timing
+from lowrank._ops import range_gram
 from lowrank.sketch import StreamingSVD, gemm_rows
 
 
@@ -95,16 +96,22 @@ def _clock(device: str, cpu_time: bool = True):
 
 
 def _floor_pass(stream: Stream, width: int, clock, chunked: bool = False) -> float:
-    """One pass, each block through ``A_b @ G`` (``G`` ``n x width`` Gaussian); seconds inside the GEMMs."""
+    """One pass, each block through ``A_b @ G`` (``G`` ``n x width`` Gaussian); seconds inside the GEMMs.
+    ``chunked``: on the CPU the same product in row chunks of :func:`gemm_rows` rows, scheduled as
+    ``StreamingSVD.update`` does (``lowrank._ops.range_gram`` without its Gram matrix: threads take runs of
+    whole chunks)."""
     G = torch.randn(stream.n, width, device=stream.device)
-    step = gemm_rows(stream.n, 4) if chunked else stream.block
+    step = gemm_rows(stream.n, 4)
     inside, Y = 0.0, None
     for block in stream:
         begin = clock()
         if Y is None or Y.shape[0] < block.shape[0]:
             Y = torch.empty(block.shape[0], width, device=stream.device)
-        for start in range(0, block.shape[0], step):
-            torch.matmul(block[start : start + step], G, out=Y[start : start + step])
+        out = Y[: block.shape[0]]
+        if chunked and block.device.type == "cpu":
+            range_gram(block, G, step, gram=False, out=out)
+        else:
+            torch.matmul(block, G, out=out)
         inside += clock() - begin
     return inside
 
@@ -301,9 +308,9 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
                 f"error_estimate / true error = {estimate / err:.3f}",
                 f"'inside its calls' ({clock_name}): StreamingSVD's update + result + error_estimate, the "
                 "floors' GEMMs; block generation is not timed (not subtracted). The issue's floor is one "
-                "GEMM A_b @ G per block (G n x s Gaussian); the chunked floor is the same product in calls "
-                + (f"of {step} rows" if step < m else "of one block (more than one thread: no chunks)")
-                + " (lowrank.sketch.gemm_rows), as StreamingSVD.update does it: the stricter floor.",
+                "GEMM A_b @ G per block (G n x s Gaussian); the chunked floor is the same product in chunks "
+                f"of {step} rows (lowrank.sketch.gemm_rows), threads taking runs of whole chunks, as "
+                "StreamingSVD.update does it (lowrank._ops.range_gram without the Gram): the stricter floor.",
                 f"Per row StreamingSVD does one GEMM of width s = {s} (A @ Omega, as the floor), the "
                 "float64 Gram Y^T Y (s^2 per row) and one pass of lowrank._ops.sparse_sign_add_ "
                 "over the block for [Psi A; Phi A; Theta A; 1^T A]: 8 + 8 signed adds of the row "

@@ -14,6 +14,7 @@
 #include "lora_linear.h"
 #include "lora_linear_multi.h"
 #include "lora_linear_quantized.h"
+#include "range_gram.h"
 #include "sparse_sign.h"
 
 namespace lowrank {
@@ -89,6 +90,13 @@ at::Tensor& sparse_sign_add_meta(at::Tensor& out, const at::Tensor& block, const
   return out;
 }
 
+at::Tensor range_gram_meta(const at::Tensor& block, const at::Tensor& omega, int64_t chunk_rows, bool gram,
+                           at::Tensor& out) {
+  check_range_gram_args(block, omega, chunk_rows, out);
+  const int64_t s = gram ? omega.size(1) : 0;
+  return at::empty({s, s}, block.options().dtype(at::kDouble));
+}
+
 TORCH_LIBRARY(lowrank, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias) -> Tensor");
   m.def(
@@ -102,6 +110,7 @@ TORCH_LIBRARY(lowrank, m) {
       "Tensor? bias) -> Tensor");
   m.def("sparse_sign_add_(Tensor(a!) out, Tensor block, Tensor rows, Tensor signs, Tensor? dense=None) -> Tensor(a!)");
   m.def("floyd_distinct(Tensor u, int[] sizes) -> Tensor");
+  m.def("range_gram(Tensor block, Tensor omega, int chunk_rows, bool gram=True, *, Tensor(a!) out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowrank, Meta, m) {
@@ -110,6 +119,7 @@ TORCH_LIBRARY_IMPL(lowrank, Meta, m) {
   m.impl("lora_linear_multi_backward", &lora_linear_multi_backward_meta);
   m.impl("lora_linear_quantized", &lora_linear_quantized_meta);
   m.impl("sparse_sign_add_", &sparse_sign_add_meta);
+  m.impl("range_gram", &range_gram_meta);
 }
 
 }  // namespace lowrank

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lowrank._linop import _from_numpy_or_scipy, as_linop, check_seed, compute_dtype, no_autocast
-from lowrank._ops import floyd_distinct, sparse_sign_add_
+from lowrank._ops import floyd_distinct, range_gram, sparse_sign_add_
 from lowrank.svd import SVDResult
 
 __all__ = ["ROW_CHUNK", "StreamingSVD", "is_row_stream", "iter_row_blocks", "stream_rsvd"]
@@ -74,15 +74,13 @@ _STATE_VERSION = 3
 GEMM_BYTES = 1 << 22
 
 
-def gemm_rows(n: int, itemsize: int, threads: int | None = None) -> int:
-    """Rows per call of the range GEMM ``A_b Omega`` on the CPU: with one thread (``threads``, default
-    ``torch.get_num_threads()``) :data:`GEMM_BYTES` of the block, at least 256 rows (MKL's one call on a
-    ``5000 x 3000`` float32 block took 10-25% longer than calls on such chunks); with more threads no
-    chunking (``2**62``): with 2 threads on a loaded 2-core machine, chunks of 349 rows took 2.3x, of 2048
-    rows 1.05x, the time of one call (a barrier per call)."""
-    threads = torch.get_num_threads() if threads is None else threads
-    if threads > 1:
-        return 1 << 62
+def gemm_rows(n: int, itemsize: int) -> int:
+    """Rows per chunk of the range GEMM ``A_b Omega`` on the CPU (:func:`lowrank._ops.range_gram`):
+    :data:`GEMM_BYTES` of the block, at least 256 rows. Threads take runs of whole chunks, each chunk's
+    GEMM on one thread (no barrier per chunk); the sums, hence the result, do not depend on the thread
+    count. One MKL call on a ``5000 x 3000`` float32 block took 10-25% longer than calls on such chunks with
+    one thread; with two, one call each for the GEMM and the float64 Gram took ~1.2x the time of the
+    GEMM call, the chunks' pair 0.9x."""
     return max(256, GEMM_BYTES // max(1, n * itemsize))
 
 
@@ -412,13 +410,14 @@ class StreamingSVD:
         R = self._row_test(start, start + b)
         strided = isinstance(A, torch.Tensor)
         acc = self._acc
-        Y = self._range(A) if strided else A.matmul(self._omega())  # b x s: the one GEMM
-        if Y.dtype == torch.float64:
-            Yd = Y
-        else:  # the float64 copy of Y for the Gram matrix, in a buffer reused across blocks on the CPU
-            Yd = self._scratch("Yd", b, torch.float64).copy_(Y) if Y.device.type == "cpu" else Y.double()
-        ysum = Yd.sum(dim=0)
-        G = torch.addmm(acc["G"], Yd.mT, Yd)  # Y^T Y, float64 (products of float32 entries are exact)
+        if strided:  # Y = A Omega (the one GEMM) and its float64 Gram matrix, per row chunk
+            Y = self._y_buffer(b)
+            G = acc["G"] + range_gram(A, self._omega(), gemm_rows(A.shape[1], A.element_size()), out=Y)
+        else:
+            Y = A.matmul(self._omega())
+            Yd = Y.double()
+            G = torch.addmm(acc["G"], Yd.mT, Yd)  # Y^T Y, float64 (products of float32 entries are exact)
+        ysum = Y.sum(dim=0, dtype=torch.float64)
         # one check (one sync) before anything is added: NaN/Inf in A reach A Omega (a Gaussian has no
         # zero entry); Y^T Y squares the entries, so a float64 block can overflow it
         if not bool(torch.isfinite(torch.stack([ysum.sum(), G.abs().amax()])).all()):
@@ -455,22 +454,12 @@ class StreamingSVD:
             self._buffers[name] = buf
         return buf[:rows]
 
-    def _range(self, A: torch.Tensor) -> torch.Tensor:
-        """``Y = A Omega`` (``b x s``) for a dense block. On the CPU in calls of :func:`gemm_rows` rows (one
-        thread: a ``5000 x 3000`` float32 block with ``s = 161`` took 0.75-0.85x the time of one GEMM),
-        into a buffer reused across blocks unless ``Y`` is kept."""
-        omega = self._omega()
-        if A.device.type != "cpu":
-            return A @ omega
-        b = A.shape[0]
+    def _y_buffer(self, rows: int) -> torch.Tensor:
+        """Where ``Y = A Omega`` of a dense block goes: a new tensor when ``U`` is kept, else a buffer reused
+        across blocks."""
         if self.keep_u:
-            Y = torch.empty(b, self.sketch, dtype=self.dtype, device=self.device)
-        else:
-            Y = self._scratch("Y", b, self.dtype)
-        step = gemm_rows(A.shape[1], A.element_size())
-        for start in range(0, b, step):
-            torch.matmul(A[start : start + step], omega, out=Y[start : start + step])
-        return Y
+            return torch.empty(rows, self.sketch, dtype=self.dtype, device=self.device)
+        return self._scratch("Y", rows, self.dtype)
 
     # ------------------------------------------------------------------------------------------ result
 

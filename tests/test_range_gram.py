@@ -1,0 +1,117 @@
+"""lowrank._ops.range_gram (csrc/cpu/range_gram.cpp and the torch fallback on other devices) against float64
+references: out = block @ omega and the Gram matrix out^T out of the float32/float64 result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank._ops import range_gram
+
+
+def _case(b, n, s, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(b, n, generator=gen, dtype=torch.float64).to(dtype)
+    omega = torch.randn(n, s, generator=gen, dtype=torch.float64).to(dtype)
+    return block, omega
+
+
+@pytest.mark.parametrize(
+    ("b", "n", "s", "chunk", "dtype"),
+    [
+        (1, 1, 1, 1, torch.float32),
+        (7, 5, 3, 1, torch.float64),  # one row per chunk
+        (300, 40, 9, 256, torch.float32),  # a short last chunk
+        (1000, 70, 21, 333, torch.float64),
+        (513, 64, 17, 10_000, torch.float32),  # one chunk
+    ],
+)
+def test_range_and_gram_match_float64(b, n, s, chunk, dtype):
+    block, omega = _case(b, n, s, dtype)
+    out = torch.full((b, s), float("nan"), dtype=dtype)
+    gram = range_gram(block, omega, chunk, out=out)
+    want = block.double() @ omega.double()
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert gram.dtype == torch.float64 and gram.shape == (s, s)
+    yd = out.double()  # the Gram matrix of the rounded result, exact products in float64
+    torch.testing.assert_close(gram, yd.mT @ yd, rtol=1e-12, atol=1e-12 * float(gram.abs().max()))
+    none = range_gram(block, omega, chunk, gram=False, out=torch.empty_like(out))
+    assert none.shape == (0, 0)
+
+
+def test_strided_inputs_and_thread_count(request):
+    """Transposed / sliced block and omega; the result is the same bit for bit with 1 and 2 threads."""
+    block, omega = _case(900, 60, 11, torch.float32, seed=1)
+    block_t = block.mT.contiguous().mT  # column-major
+    omega_s = torch.stack([omega, omega], dim=2)[:, :, 0]  # column stride 2
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    results = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        out = torch.empty(900, 11)
+        results.append((range_gram(block_t, omega_s, 128, out=out), out))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    want = block.double() @ omega.double()
+    torch.testing.assert_close(results[0][1].double(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
+
+
+def test_empty_block():
+    block, omega = _case(0, 8, 4, torch.float32)
+    gram = range_gram(block, omega, 16, out=torch.empty(0, 4))
+    assert torch.equal(gram, torch.zeros(4, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((torch.ones(4, 3), torch.ones(2, 2), 2), {"out": torch.empty(4, 2)}, ValueError, "omega has 2 rows"),
+        (
+            (torch.ones(4, 3), torch.ones(3, 2), 2),
+            {"out": torch.empty(3, 2)},
+            ValueError,
+            "out must have shape",
+        ),
+        ((torch.ones(4, 3), torch.ones(3, 2), 0), {"out": torch.empty(4, 2)}, ValueError, "chunk_rows"),
+        ((torch.ones(4), torch.ones(3, 2), 2), {"out": torch.empty(4, 2)}, ValueError, "block must be 2-D"),
+        ((torch.ones(4, 3), torch.ones(3, 2).double(), 2), {"out": torch.empty(4, 2)}, TypeError, "dtype"),
+        (
+            (torch.ones(4, 3).half(), torch.ones(3, 2).half(), 2),
+            {"out": torch.empty(4, 2).half()},
+            TypeError,
+            "block",
+        ),
+        ((torch.ones(4, 3), torch.ones(3, 2), 2), {"out": torch.empty(2, 4).mT}, ValueError, "contiguous"),
+        ((torch.ones(4, 3), torch.ones(3, 2), 2.0), {"out": torch.empty(4, 2)}, TypeError, "chunk_rows"),
+        ((torch.ones(4, 3), torch.ones(3, 2), True), {"out": torch.empty(4, 2)}, TypeError, "chunk_rows"),
+        (
+            ([[1.0]], torch.ones(1, 1), 1),
+            {"out": torch.empty(1, 1)},
+            TypeError,
+            "block must be a torch.Tensor",
+        ),
+    ],
+)
+def test_bad_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        range_gram(*args, **kwargs)
+
+
+def test_meta():
+    block = torch.empty(10, 6, device="meta")
+    gram = range_gram(block, torch.empty(6, 3, device="meta"), 4, out=torch.empty(10, 3, device="meta"))
+    assert gram.shape == (3, 3) and gram.dtype == torch.float64 and gram.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_float64():
+    block, omega = _case(700, 90, 13, torch.float32, seed=2)
+    out = torch.empty(700, 13, device="cuda")
+    gram = range_gram(block.cuda(), omega.cuda(), 256, out=out)
+    want = block.double() @ omega.double()
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    yd = out.double().cpu()
+    torch.testing.assert_close(gram.cpu(), yd.mT @ yd, rtol=1e-10, atol=1e-10 * float(gram.abs().max()))
+    with pytest.raises(ValueError, match="one device"):
+        range_gram(block.cuda(), omega, 256, out=out)
