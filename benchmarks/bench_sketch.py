@@ -101,7 +101,7 @@ def _floor_pass(stream: Stream, width: int, clock, chunked: bool = False) -> flo
     ``StreamingSVD.update`` does (``lowrank._ops.range_gram`` without its Gram matrix: threads take runs of
     whole chunks)."""
     G = torch.randn(stream.n, width, device=stream.device)
-    step = gemm_rows(stream.n, 4)
+    step = gemm_rows(stream.n, 4, stream.block)
     inside, Y = 0.0, None
     for block in stream:
         begin = clock()
@@ -284,7 +284,7 @@ def run(*, quick: bool = True, device: str = "cpu") -> BenchResult:
                 f"{inside.median / chunk_t:.2f}x" if timed else "",
             ]
         )
-    step = gemm_rows(n, 4)
+    step = gemm_rows(n, 4, block)
     clock_name = (
         "CUDA-synchronised wall clock"
         if torch.device(device).type == "cuda"

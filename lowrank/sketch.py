@@ -74,14 +74,20 @@ _STATE_VERSION = 3
 GEMM_BYTES = 1 << 22
 
 
-def gemm_rows(n: int, itemsize: int) -> int:
+def gemm_rows(n: int, itemsize: int, rows: int | None = None) -> int:
     """Rows per chunk of the range GEMM ``A_b Omega`` on the CPU (:func:`lowrank._ops.range_gram`):
-    :data:`GEMM_BYTES` of the block, at least 256 rows. Threads take runs of whole chunks, each chunk's
-    GEMM on one thread (no barrier per chunk); the sums, hence the result, do not depend on the thread
-    count. One MKL call on a ``5000 x 3000`` float32 block took 10-25% longer than calls on such chunks with
-    one thread; with two, one call each for the GEMM and the float64 Gram took ~1.2x the time of the
-    GEMM call, the chunks' pair 0.9x."""
-    return max(256, GEMM_BYTES // max(1, n * itemsize))
+    :data:`GEMM_BYTES` of the block, at least 256 rows; for a block of ``rows`` rows with fewer such chunks
+    than torch threads, ``ceil(rows / threads)`` (at least 16) so that every thread gets one. Threads take
+    runs of whole chunks, each chunk's GEMM on one thread (no barrier per chunk), so the result depends on
+    the chunks alone: on the thread count only through that small-block rule. One MKL call on a
+    ``5000 x 3000`` float32 block took 10-25% longer than calls on such chunks with one thread; with two,
+    one call each for the GEMM and the float64 Gram took ~1.2x the time of the GEMM call, the chunks' pair
+    0.9x."""
+    step = max(256, GEMM_BYTES // max(1, n * itemsize))
+    threads = torch.get_num_threads()
+    if rows is not None and threads > 1 and -(-rows // step) < threads:
+        step = max(16, -(-rows // threads))
+    return step
 
 
 def _distinct_rows(count: int, sizes: tuple[int, ...], zeta: int, gen: torch.Generator) -> torch.Tensor:
@@ -412,7 +418,8 @@ class StreamingSVD:
         acc = self._acc
         if strided:  # Y = A Omega (the one GEMM) and its float64 Gram matrix, per row chunk
             Y = self._y_buffer(b)
-            G = acc["G"] + range_gram(A, self._omega(), gemm_rows(A.shape[1], A.element_size()), out=Y)
+            step = gemm_rows(A.shape[1], A.element_size(), b)
+            G = acc["G"] + range_gram(A, self._omega(), step, out=Y)
         else:
             Y = A.matmul(self._omega())
             Yd = Y.double()

@@ -24,6 +24,8 @@ def _case(b, n, s, dtype, seed=0):
         (300, 40, 9, 256, torch.float32),  # a short last chunk
         (1000, 70, 21, 333, torch.float64),
         (513, 64, 17, 10_000, torch.float32),  # one chunk
+        (1000, 12, 5, 10, torch.float32),  # 100 chunks: two groups of at most 64
+        (50, 10, 1500, 5, torch.float64),  # a wide sketch: groups of 3 chunks (64 MiB of Gram matrices)
     ],
 )
 def test_range_and_gram_match_float64(b, n, s, chunk, dtype):

@@ -130,10 +130,11 @@ def test_stream_cut_invariance_across_row_chunks():
 def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, request, keep_u):
     """Y = A Omega in row chunks (GEMM_BYTES), the lean mode's reused buffers (blocks growing and
     shrinking): equal to rounding to float64 products of the whole matrix and to one unchunked update;
-    equal bit for bit with one thread and with two (threads take whole chunks)."""
+    equal bit for bit with one thread and with two (threads take whole chunks; every block has at least
+    two chunks, so the small-block rule does not apply)."""
     m, n = 2300, 50
     A = _decaying(m, n, 0.85, seed=11, offset=0.5, dtype=torch.float32)
-    cuts = [700, 900, 1900]  # blocks of 700, 200, 1000, 400 rows: chunked, buffer reused and grown
+    cuts = [700, 1000, 1900]  # blocks of 700, 300, 900, 400 rows: chunked, buffer reused and grown
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
@@ -142,6 +143,18 @@ def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, request, keep_
     one = _stream(A, [], k=5, seed=3, center=True, keep_u=keep_u)  # one update
     monkeypatch.setattr(sketch_mod, "GEMM_BYTES", 1)
     assert sketch_mod.gemm_rows(n, 4) == 256
+    torch.set_num_threads(2)  # a block with fewer chunks than threads: one chunk per thread
+    assert (
+        sketch_mod.gemm_rows(n, 4, 200),
+        sketch_mod.gemm_rows(n, 4, 20),
+        sketch_mod.gemm_rows(n, 4, 600),
+    ) == (
+        100,
+        16,
+        256,
+    )
+    torch.set_num_threads(1)
+    assert sketch_mod.gemm_rows(n, 4, 200) == 256
     chunked = _stream(A, cuts, k=5, seed=3, center=True, keep_u=keep_u)
     torch.set_num_threads(2)
     two = _stream(A, cuts, k=5, seed=3, center=True, keep_u=keep_u)
@@ -155,7 +168,7 @@ def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, request, keep_
     if keep_u:
         torch.testing.assert_close(torch.cat(chunked._Y).double(), Y, rtol=1e-5, atol=1e-5)
     else:
-        assert chunked._Y == [] and chunked._buffers["Y"].shape == (1000, chunked.sketch)
+        assert chunked._Y == [] and chunked._buffers["Y"].shape == (900, chunked.sketch)
     for ref, tol in ((plain, 1e-6), (one, 1e-4)):  # float32 sums over a block depend on its cut
         a, b = ref.result(), chunked.result()
         torch.testing.assert_close(b.S, a.S, rtol=tol, atol=0)

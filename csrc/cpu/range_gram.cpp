@@ -4,8 +4,9 @@
 // The block's rows are cut into chunks of chunk_rows rows (a few MiB: a chunk stays in L3 while the GEMM sweeps
 // it); at::parallel_for hands each thread a run of whole chunks, and inside the parallel region every GEMM runs on
 // one thread (MKL / OpenMP do not nest). Per chunk: out_c = block_c @ omega, its float64 copy (exact), and the
-// chunk's Gram matrix out_c^T out_c; after the loop the chunks' Gram matrices are summed in chunk order. So the
-// result depends on chunk_rows alone, not on the thread count, and there is no barrier per chunk: on 2 cores,
+// chunk's Gram matrix out_c^T out_c; the chunks' Gram matrices are summed in chunk order (after each group of up
+// to 64 chunks: bounded memory). So the result depends on chunk_rows alone (on the thread count only beyond 64
+// threads, or fewer for very wide sketches), and there is no barrier per chunk: on 2 cores,
 // 5000 x 3000 float32 blocks with s = 161 took 0.92x the time of one 2-thread GEMM call for GEMM + Gram, against
 // 1.17x for one GEMM call plus one Gram call (the latter's float64 GEMM with a 161 x 161 output scales poorly).
 #include "range_gram.h"
@@ -39,24 +40,31 @@ at::Tensor range_gram_cpu(const at::Tensor& block, const at::Tensor& omega, int6
     });
     return at::empty({0, 0}, f64);
   }
-  if (b == 0 || s == 0) return at::zeros({s, s}, f64);
+  at::Tensor sum = at::zeros({s, s}, f64);
+  if (b == 0 || s == 0) return sum;
   const int64_t chunks = (b + chunk_rows - 1) / chunk_rows;
-  at::Tensor parts = at::empty({chunks, s, s}, f64);
+  // the chunks' Gram matrices are kept for at most `group` chunks at a time (64 MiB of them, 64 chunks, but
+  // one per thread at least), then summed in chunk order: bounded memory for long blocks and wide sketches
+  const int64_t fit = std::max<int64_t>(1, (int64_t{64} << 20) / (s * s * static_cast<int64_t>(sizeof(double))));
+  const int64_t group = std::max<int64_t>(at::get_num_threads(), std::min<int64_t>(64, fit));
+  at::Tensor parts = at::empty({std::min(chunks, group), s, s}, f64);
   const bool is_double = block.scalar_type() == at::kDouble;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    at::Tensor scratch = is_double ? at::Tensor() : at::empty({std::min(chunk_rows, b), s}, f64);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * chunk_rows;
-      const int64_t rows = std::min(chunk_rows, b - lo);
-      at::Tensor y = out.narrow(0, lo, rows);
-      at::mm_out(y, block.narrow(0, lo, rows), omega);
-      const at::Tensor yd = is_double ? y : scratch.narrow(0, 0, rows).copy_(y);
-      at::Tensor part = parts.select(0, c);
-      at::mm_out(part, yd.t(), yd);
-    }
-  });
-  at::Tensor sum = parts.select(0, 0).clone();
-  for (int64_t c = 1; c < chunks; ++c) sum.add_(parts.select(0, c));
+  for (int64_t g0 = 0; g0 < chunks; g0 += group) {
+    const int64_t g1 = std::min(chunks, g0 + group);
+    at::parallel_for(g0, g1, 1, [&](int64_t c0, int64_t c1) {
+      at::Tensor scratch = is_double ? at::Tensor() : at::empty({std::min(chunk_rows, b), s}, f64);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = c * chunk_rows;
+        const int64_t rows = std::min(chunk_rows, b - lo);
+        at::Tensor y = out.narrow(0, lo, rows);
+        at::mm_out(y, block.narrow(0, lo, rows), omega);
+        const at::Tensor yd = is_double ? y : scratch.narrow(0, 0, rows).copy_(y);
+        at::Tensor part = parts.select(0, c - g0);
+        at::mm_out(part, yd.t(), yd);
+      }
+    });
+    for (int64_t c = g0; c < g1; ++c) sum.add_(parts.select(0, c - g0));
+  }
   return sum;
 }
 
