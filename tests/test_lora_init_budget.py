@@ -168,3 +168,28 @@ def test_krylov_until_fixed_depth_arguments():
         svd_module.krylov_until(W, 4, block_size=4, max_iter=0, residual_tol=0.1)
     with pytest.raises(ValueError, match="block_size"):
         svd_module.krylov_until(W, 4, block_size=10, max_iter=3, residual_tol=None)  # 40 columns
+
+
+def test_pissa_triplets_at_the_budget_batches_same_shape_weights(monkeypatch):
+    """pissa_triplets(n_iter=N): one engine call per same-shape group; each weight's triplets as accurate
+    as PEFT-budget calls alone, and pissa_factors(triplets=...) keeps the contract."""
+    from lowrank.lora.init import pissa_triplets
+
+    calls = []
+    original = svd_module.krylov_until
+
+    def wrapped(A, k, **kw):
+        calls.append((A.shape[0] if A.dim() == 3 else 1, kw["residual_tol"]))
+        return original(A, k, **kw)
+
+    monkeypatch.setattr(svd_module, "krylov_until", wrapped)
+    weights = [_trained_like(300, 200, seed=s) for s in range(3)] + [_trained_like(200, 300, seed=9)]
+    triplets = pissa_triplets(weights, 8, n_iter=4)
+    assert sorted(calls) == [(1, None), (3, None)]
+    for W, (U, S, Vh) in zip(weights, triplets):
+        assert _sv_error(S.double().numpy(), _exact_sv(W, 8)) < 2e-2
+        B, A, residual = pissa_factors(W, 8, 2.0, triplets=(U, S, Vh))
+        back = residual.double() + 2.0 * (B.double() @ A.double())
+        assert float((back - W.double()).norm() / W.double().norm()) < 1e-6
+    with pytest.raises(ValueError, match="n_iter"):
+        pissa_triplets(weights, 8, n_iter=-2)
