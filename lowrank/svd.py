@@ -1121,8 +1121,9 @@ def _krylov_fixed(
     repeated while it fails). Products take the forms BLAS streams the stored matrix in: with ``M`` the
     row-major storage of ``A`` (``A = M`` or ``A = M^T``), ``M X`` and ``M^T X`` as ``M @ X`` and
     ``(X^T M)^T``, never ``X^T M^T`` (measured 15-20% slower for 16 columns of a 3072 x 768 fp32 weight,
-    1 thread). ``c = max|A^H Q_0|`` divides the images before they are multiplied again (``A A^H Q`` stays
-    in the floating range for any scale of ``A``); the singular values are multiplied back.
+    1 thread). When ``c = max|A^H Q_0|`` is outside ``[1e-15, 1e15]``, the images are divided by it before
+    they are multiplied again (``A A^H Q`` stays in the floating range for any scale of ``A``); the
+    singular values are multiplied back.
 
     References: G. Golub, W. Kahan, "Calculating the singular values and pseudo-inverse of a matrix", SIAM
     J. Numer. Anal. 2(2), 1965 (bidiagonalisation); C. Musco, C. Musco 2015 (randomized block Krylov: the
@@ -1151,17 +1152,16 @@ def _krylov_fixed(
     for j in range(depth + 1):
         lo, hi = j * b, (j + 1) * b
         image = times_ah(basis[..., :, lo:hi])
-        if scale is None and not robust:
-            scale = _max_abs(image)
+        if j == 0:
+            c = _max_abs(image)
+            # c within [1e-15, 1e15] (any sane weight): A A^H Q is far inside the floating range unscaled
+            scale = None if bool(((c >= 1e-15) & (c <= 1e15)).all()) else c
+        if scale is not None:
+            image = image.div_(scale)
+        images.append(image)
         if j == depth:
-            images.append(image if robust else image.div_(scale))
             break
-        if robust:
-            images.append(image)
-            Y = times_a(orthonormalize(image, "qr"))
-        else:
-            images.append(image.div_(scale))
-            Y = times_a(image)
+        Y = times_a(orthonormalize(image, "qr") if robust else image)
         basis[..., :, hi : hi + b] = _orth_against(Y, basis[..., :, :hi], robust)
     return _ritz(basis, images, k, robust, flags, scale=scale)
 

@@ -193,3 +193,13 @@ def test_pissa_triplets_at_the_budget_batches_same_shape_weights(monkeypatch):
         assert float((back - W.double()).norm() / W.double().norm()) < 1e-6
     with pytest.raises(ValueError, match="n_iter"):
         pissa_triplets(weights, 8, n_iter=-2)
+
+
+@pytest.mark.parametrize("factor", [1e-30, 1e-16, 1e16, 1e30])
+def test_any_scale_of_the_weight_gives_the_same_relative_result(factor):
+    """Weights far from unit scale (images then divided by c = max|A^H Q_0| before the next product): the
+    singular values scale with the weight, to rounding (float64 reference of the unit-scale run)."""
+    W = _trained_like(200, 150, seed=10)
+    (_, S1, _), _ = svd_module.krylov_until(W, 8, block_size=8, max_iter=3, residual_tol=None)
+    (_, S2, _), _ = svd_module.krylov_until(W * factor, 8, block_size=8, max_iter=3, residual_tol=None)
+    assert torch.allclose(S2.double() / factor, S1.double(), rtol=1e-4)
