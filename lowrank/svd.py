@@ -1116,13 +1116,13 @@ def _krylov_fixed(
     finder followed by ``B = Q^H A``, as ``torch.svd_lowrank``, spends one). Rayleigh-Ritz: :func:`_ritz`
     on the images (top-``k`` ``Z_k`` of their Gram, ``S`` and ``V`` from ``A^H Q Z_k``, ``U = Q Z_k``).
 
-    Orthonormalisation of a new block (:func:`_orth_against`): projection against the basis, Householder
-    QR, projection and Householder QR again (BCGS2; Kahan's "twice is enough" test on ``R``'s diagonal,
-    repeated while it fails). Products take the forms BLAS streams the stored matrix in: with ``M`` the
-    row-major storage of ``A`` (``A = M`` or ``A = M^T``), ``M X`` and ``M^T X`` as ``M @ X`` and
-    ``(X^T M)^T``, never ``X^T M^T`` (measured 15-20% slower for 16 columns of a 3072 x 768 fp32 weight,
-    1 thread). When ``c = max|A^H Q_0|`` is outside ``[1e-15, 1e15]``, the images are divided by it before
-    they are multiplied again (``A A^H Q`` stays in the floating range for any scale of ``A``); the
+    Orthonormalisation of a new block (:func:`_orth_against`): projection against the basis twice (block
+    classical Gram-Schmidt with reorthogonalisation, Kahan's test) and one Householder QR. Products take
+    the forms BLAS streams the stored matrix in: with ``M`` the row-major storage of ``A`` (``A = M`` or
+    ``A = M^T``), ``M X`` and ``M^T X`` as ``M @ X`` and ``(X^T M)^T``, never ``X^T M^T`` (measured 15-20%
+    slower for 16 columns of a 3072 x 768 fp32 weight, 1 thread). When ``c = max|A^H Q_0|`` is outside
+    ``[1e-15, 1e15]``, the images are divided by it before they are multiplied again (``A A^H Q`` stays in
+    the floating range for any scale of ``A``); the
     singular values are multiplied back.
 
     References: G. Golub, W. Kahan, "Calculating the singular values and pseudo-inverse of a matrix", SIAM
@@ -1167,13 +1167,26 @@ def _krylov_fixed(
 
 
 def _orth_against(Y: torch.Tensor, basis: torch.Tensor | None, robust: bool) -> torch.Tensor:
-    """Orthonormal basis of the part of ``range(Y)`` orthogonal to the orthonormal columns ``basis``:
-    BCGS2 with Householder QR after each projection, the projection repeated (at most 3 more times) while
-    Kahan's test fails (a column of the second QR kept less than ``1/sqrt(2)`` of its norm: the block was
-    numerically inside the span). ``robust``: the same with the projection done twice each time."""
-    Q = torch.linalg.qr(Y if basis is None else Y - basis @ (basis.mT @ Y)).Q
+    """Orthonormal basis of the part of ``range(Y)`` orthogonal to the orthonormal columns ``basis``.
+
+    Classical Gram-Schmidt twice (``Y1 = Y - P Y``, ``Y2 = Y1 - P Y1`` with ``P = basis basis^H``), then one
+    Householder QR of ``Y2``, accepted when Kahan's test holds column by column (``||Y2_j|| >=
+    ||Y1_j|| / sqrt(2)``: the second projection removed little, so ``Y2`` is orthogonal to the basis to
+    working accuracy; Daniel et al. 1976, "twice is enough"). Otherwise (a block numerically inside the
+    span, as on the short side of a rank-deficient matrix) the projection and Householder QR are repeated
+    on the orthonormal ``Q`` (at most 4 times) until Kahan's test holds on ``R``'s diagonal. One QR per
+    block instead of two: measured 0.3 ms less per call of :func:`_krylov_fixed` on a 768 x 768 weight
+    (blocks of 16, depth 4, 1 thread). ``robust``: the projection is done twice in every repetition."""
     if basis is None:
-        return Q
+        return torch.linalg.qr(Y).Q
+    Y1 = Y - basis @ (basis.mT @ Y)
+    Y2 = Y1 - basis @ (basis.mT @ Y1)
+    if not robust:
+        before = torch.linalg.vector_norm(Y1, dim=-2)
+        after = torch.linalg.vector_norm(Y2, dim=-2)
+        if bool((after >= 0.7071 * before).all()):
+            return torch.linalg.qr(Y2).Q
+    Q = torch.linalg.qr(Y2).Q
     for _ in range(4):
         Q = Q - basis @ (basis.mT @ Q)
         if robust:
