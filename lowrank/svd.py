@@ -1163,7 +1163,33 @@ def _krylov_fixed(
             break
         Y = times_a(orthonormalize(image, "qr") if robust else image)
         basis[..., :, hi : hi + b] = _orth_against(Y, basis[..., :, :hi], robust)
-    return _ritz(basis, images, k, robust, flags, scale=scale)
+    W = _cat_columns(images)
+    if robust or W.dtype != torch.float32 or W.device.type != "cpu":
+        return _ritz(basis, W, k, robust, flags, scale=scale)
+    # fp32 on CPU: the Gram of the images in fp32 selects Z_k (its error, u sigma_1^2, moves the
+    # eigenvectors to second order only), S are the norms of W Z_k (the Rayleigh quotients, as accurate as
+    # the fp64 path's); one synchronisation for every check (the unscaled images of a sane weight stay far
+    # from the fp32 range, see above). Measured 1.97 -> ~1.6 ms against _ritz for 768 x 80 images.
+    evals, Z = torch.linalg.eigh(W.mT @ W)  # ascending
+    top = evals[..., -1:]
+    if not bool(
+        torch.isfinite(evals).all() & (top > 0).all() & (evals[..., -k : -k + 1] >= 1e-4 * top).all()
+    ):
+        return _ritz(basis, W, k, robust, flags, scale=scale)
+    Zk = Z[..., :, -k:].flip(-1)
+    V = W @ Zk
+    S = torch.linalg.vector_norm(V, dim=-2)
+    V, R, info = cholqr_pass(V.div_(S[..., None, :]), by_inverse=True)
+    flags.append(info > 0 if info.dim() == 0 else (info > 0).any())
+    S = S * torch.diagonal(R, dim1=-2, dim2=-1)
+    if not bool((S[..., 1:] <= S[..., :-1]).all()):  # nearly equal Ritz values may come out swapped
+        S, order = S.sort(dim=-1, descending=True)
+        Zk = Zk.gather(-1, order[..., None, :].expand_as(Zk))
+        V = V.gather(-1, order[..., None, :].expand_as(V))
+    if scale is not None:
+        S = S * scale[..., 0]
+    U, Vh = _flip_signs(basis @ Zk, V.mT, inplace=True)
+    return SVDResult(U, S, Vh)
 
 
 def _orth_against(Y: torch.Tensor, basis: torch.Tensor | None, robust: bool) -> torch.Tensor:
