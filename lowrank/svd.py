@@ -1032,13 +1032,16 @@ def krylov_until(
         Largest depth (Krylov blocks after the first), ``>= 1``; ``(max_iter + 1) * block_size`` must be
         at least ``k`` and below ``min(m, n)``.
     residual_tol : float or None
-        Target relative residual; ``None``: no check, exactly ``max_iter`` (a fixed-cost randomized SVD).
+        Target relative residual; ``None``: no check, exactly ``max_iter`` (a fixed-cost randomized SVD,
+        the lean form of :func:`_krylov_fixed`: ``2 (max_iter + 1)`` products of ``block_size`` columns,
+        no residual bookkeeping, no final pass; ``max_iter=0`` allowed).
     seed : int or torch.Generator, optional
 
     Returns
     -------
     result : SVDResult
-        ``U`` (..., m, k), ``S`` (..., k), ``Vh`` (..., k, n) as :func:`rsvd`'s.
+        ``U`` (..., m, k), ``S`` (..., k), ``Vh`` (..., k, n) as :func:`rsvd`'s (with ``residual_tol=None``
+        the signs are not normalised: deterministic for a given seed, but not :func:`rsvd`'s convention).
     converged : Tensor of bool, shape (...)
         Whether the residual estimate met ``residual_tol`` (all True when it is ``None``).
 
@@ -1087,7 +1090,7 @@ def krylov_until(
     if residual_tol is None:  # fixed depth: the lean form, no residual bookkeeping
         U, S, Vh = _run_with_fallback(_krylov_fixed, work, gen, k, block, max_iter)
         if transpose:
-            U, Vh = _flip_signs(_adjoint(Vh), _adjoint(U), inplace=True)
+            U, Vh = _adjoint(Vh), _adjoint(U)
         return SVDResult(U, S, Vh), torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
     state = gen.get_state()
     flags: list = []
@@ -1120,10 +1123,10 @@ def _krylov_fixed(
     classical Gram-Schmidt with reorthogonalisation, Kahan's test) and one Householder QR. Products take
     the forms BLAS streams the stored matrix in: with ``M`` the row-major storage of ``A`` (``A = M`` or
     ``A = M^T``), ``M X`` and ``M^T X`` as ``M @ X`` and ``(X^T M)^T``, never ``X^T M^T`` (measured 15-20%
-    slower for 16 columns of a 3072 x 768 fp32 weight, 1 thread). When ``c = max|A^H Q_0|`` is outside
-    ``[1e-15, 1e15]``, the images are divided by it before they are multiplied again (``A A^H Q`` stays in
-    the floating range for any scale of ``A``); the
-    singular values are multiplied back.
+    slower for 16 columns of a 3072 x 768 fp32 weight, 1 thread). When ``max|A G|`` is outside
+    ``[1e-12, 1e12]``, the images are divided by ``c = max|A^H Q_0|`` before they are multiplied again
+    (``A A^H Q`` stays in the floating range for any scale of ``A``); the singular values are multiplied
+    back. Signs are not normalised (deterministic for a given seed): see :func:`krylov_until`.
 
     References: G. Golub, W. Kahan, "Calculating the singular values and pseudo-inverse of a matrix", SIAM
     J. Numer. Anal. 2(2), 1965 (bidiagonalisation); C. Musco, C. Musco 2015 (randomized block Krylov: the
@@ -1145,17 +1148,22 @@ def _krylov_fixed(
     basis = torch.empty(*batch, width, m, dtype=A.dtype, device=A.device).mT  # column-major (m, width)
     start = torch.randn(*batch, n, b, dtype=A.dtype, device=A.device, generator=gen)
     Y = times_a(start)
-    _check_product(Y)
+    # one pass over the first product for both checks: NaN/Inf in A (they propagate into A G), and whether
+    # A's scale needs the images divided (max|A G| in [1e-12, 1e12], any sane weight: sigma_1^2 stays far
+    # inside the fp32 range, so A A^H Q is formed unscaled)
+    low, high = torch.aminmax(Y)
+    peak = torch.maximum(-low, high)
+    finite, sane = torch.stack([torch.isfinite(peak), (peak >= 1e-12) & (peak <= 1e12)]).tolist()
+    if not finite:
+        raise ValueError("A contains NaN or Inf entries (or its products overflow)")
     basis[..., :, :b] = _orth_against(Y, None, robust)
     images = []
     scale = None
     for j in range(depth + 1):
         lo, hi = j * b, (j + 1) * b
         image = times_ah(basis[..., :, lo:hi])
-        if j == 0:
-            c = _max_abs(image)
-            # c within [1e-15, 1e15] (any sane weight): A A^H Q is far inside the floating range unscaled
-            scale = None if bool(((c >= 1e-15) & (c <= 1e15)).all()) else c
+        if j == 0 and not sane:
+            scale = _max_abs(image)
         if scale is not None:
             image = image.div_(scale)
         images.append(image)
@@ -1188,8 +1196,7 @@ def _krylov_fixed(
         V = V.gather(-1, order[..., None, :].expand_as(V))
     if scale is not None:
         S = S * scale[..., 0]
-    U, Vh = _flip_signs(basis @ Zk, V.mT, inplace=True)
-    return SVDResult(U, S, Vh)
+    return SVDResult(basis @ Zk, S, V.mT)
 
 
 def _orth_against(Y: torch.Tensor, basis: torch.Tensor | None, robust: bool) -> torch.Tensor:
