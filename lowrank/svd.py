@@ -1040,8 +1040,7 @@ def krylov_until(
     Returns
     -------
     result : SVDResult
-        ``U`` (..., m, k), ``S`` (..., k), ``Vh`` (..., k, n) as :func:`rsvd`'s (with ``residual_tol=None``
-        the signs are not normalised: deterministic for a given seed, but not :func:`rsvd`'s convention).
+        ``U`` (..., m, k), ``S`` (..., k), ``Vh`` (..., k, n) as :func:`rsvd`'s.
     converged : Tensor of bool, shape (...)
         Whether the residual estimate met ``residual_tol`` (all True when it is ``None``).
 
@@ -1090,7 +1089,7 @@ def krylov_until(
     if residual_tol is None:  # fixed depth: the lean form, no residual bookkeeping
         U, S, Vh = _run_with_fallback(_krylov_fixed, work, gen, k, block, max_iter)
         if transpose:
-            U, Vh = _adjoint(Vh), _adjoint(U)
+            U, Vh = _flip_signs(_adjoint(Vh), _adjoint(U), inplace=True)
         return SVDResult(U, S, Vh), torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
     state = gen.get_state()
     flags: list = []
@@ -1126,7 +1125,7 @@ def _krylov_fixed(
     slower for 16 columns of a 3072 x 768 fp32 weight, 1 thread). When ``max|A G|`` is outside
     ``[1e-12, 1e12]``, the images are divided by ``c = max|A^H Q_0|`` before they are multiplied again
     (``A A^H Q`` stays in the floating range for any scale of ``A``); the singular values are multiplied
-    back. Signs are not normalised (deterministic for a given seed): see :func:`krylov_until`.
+    back.
 
     References: G. Golub, W. Kahan, "Calculating the singular values and pseudo-inverse of a matrix", SIAM
     J. Numer. Anal. 2(2), 1965 (bidiagonalisation); C. Musco, C. Musco 2015 (randomized block Krylov: the
@@ -1196,7 +1195,8 @@ def _krylov_fixed(
         V = V.gather(-1, order[..., None, :].expand_as(V))
     if scale is not None:
         S = S * scale[..., 0]
-    return SVDResult(basis @ Zk, S, V.mT)
+    U, Vh = _flip_signs(basis @ Zk, V.mT, inplace=True)
+    return SVDResult(U, S, Vh)
 
 
 def _orth_against(Y: torch.Tensor, basis: torch.Tensor | None, robust: bool) -> torch.Tensor:
