@@ -127,3 +127,52 @@ def test_extract_lora_takes_a_numpy_rank():
     for factors in (lowrank.lora.pissa_factors, lowrank.lora.olora_factors):
         for got, want in zip(factors(W, np.int64(3), 2.0), factors(W, 3, 2.0)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --- math-side user trial (user-test5) ------------------------------------------------------------------
+
+
+def _safetensors_entries(tensors):
+    from lowrank import io as lowrank_io
+
+    return lowrank_io.entries_from_dict(tensors)
+
+
+@pytest.mark.parametrize(
+    "tensors, metadata, error, match",
+    [
+        # each of these wrote a file that safetensors then refused to open ("invalid JSON in header")
+        ({"a": torch.ones(2)}, {"step": 3}, TypeError, "metadata must map str to str"),
+        ({"a": torch.ones(2)}, {"note": None}, TypeError, "metadata must map str to str"),
+        ({"__metadata__": torch.ones(2), "b": torch.zeros(1)}, None, ValueError, "__metadata__"),
+        # these failed inside torch after the header was written (RuntimeError / NotImplementedError)
+        ({"a": torch.ones(3).to_sparse()}, None, TypeError, "dense"),
+        ({"a": torch.ones(3, device="meta")}, None, ValueError, "meta"),
+    ],
+    ids=["int-metadata", "none-metadata", "metadata-name", "sparse", "meta"],
+)
+def test_write_safetensors_refuses_what_readers_cannot_read(tmp_path, tensors, metadata, error, match):
+    from safetensors.torch import load_file, save_file
+
+    from lowrank import io as lowrank_io
+
+    path = tmp_path / "x.safetensors"
+    save_file({"old": torch.arange(3.0)}, str(path))
+    with pytest.raises(error, match=match):
+        lowrank_io.write_safetensors(path, _safetensors_entries(tensors), metadata)
+    torch.testing.assert_close(load_file(str(path))["old"], torch.arange(3.0))  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no temporary left behind
+
+
+def test_write_safetensors_round_trip_with_string_metadata(tmp_path):
+    from safetensors import safe_open
+
+    from lowrank import io as lowrank_io
+
+    path = tmp_path / "x.safetensors"
+    tensors = {"a": torch.randn(3, 4, dtype=torch.float64).T, "b": torch.arange(5), "c": torch.zeros(0, 2)}
+    lowrank_io.write_safetensors(path, _safetensors_entries(tensors), {"step": "3"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "step": "3"}
+        for name, value in tensors.items():
+            torch.testing.assert_close(f.get_tensor(name), value, rtol=0, atol=0)
