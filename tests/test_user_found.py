@@ -176,3 +176,144 @@ def test_write_safetensors_round_trip_with_string_metadata(tmp_path):
         assert f.metadata() == {"format": "pt", "step": "3"}
         for name, value in tensors.items():
             torch.testing.assert_close(f.get_tensor(name), value, rtol=0, atol=0)
+
+
+def _low_rank_rows(m=200, n=50, rank=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, rank, dtype=torch.float64, generator=g) @ torch.randn(
+        rank, n, dtype=torch.float64, generator=g
+    )
+    return (A + 1e-3 * torch.randn(m, n, dtype=torch.float64, generator=g)).to(dtype)
+
+
+def _corrupt(name):
+    def edit(state):
+        if name == "no-sketches":
+            del state["sketches"]
+        elif name == "no-n_rows":
+            del state["n_rows"]
+        elif name == "no-Y":
+            del state["Y"]
+        elif name == "dtype-unknown":
+            state["dtype"] = "nope"
+        elif name == "dtype-int32":
+            state["dtype"] = "int32"
+        elif name == "sketches-list":
+            state["sketches"] = [1, 2]
+        elif name == "sketch-G-missing":
+            del state["sketches"]["G"]
+        elif name == "sketch-G-ndarray":
+            state["sketches"]["G"] = state["sketches"]["G"].numpy()
+        elif name == "sketch-G-shape":
+            state["sketches"]["G"] = torch.zeros(3, 3, dtype=torch.float64)
+        elif name == "sketch-nan":
+            state["sketches"]["G"] = torch.full_like(state["sketches"]["G"], float("nan"))
+        elif name == "Y-columns":
+            state["Y"] = state["Y"][:, :3]
+        elif name == "n_rows-str":
+            state["n_rows"] = "x"
+        elif name == "row_offset-negative":
+            state["row_offset"] = -5
+        elif name == "row_offset-str":
+            state["row_offset"] = "a"
+
+    return edit
+
+
+_CORRUPTIONS = [
+    "no-sketches",
+    "no-n_rows",
+    "no-Y",
+    "dtype-unknown",
+    "dtype-int32",
+    "sketches-list",
+    "sketch-G-missing",
+    "sketch-G-ndarray",
+    "sketch-G-shape",
+    "sketch-nan",
+    "Y-columns",
+    "n_rows-str",
+    "row_offset-negative",
+    "row_offset-str",
+]
+
+
+@pytest.mark.parametrize("corruption", _CORRUPTIONS)
+def test_streaming_load_of_a_corrupted_state_is_a_value_error_and_changes_nothing(corruption):
+    """Were KeyError / AttributeError / TypeError / RuntimeError / torch's _LinAlgError at result(), or were
+    accepted (an int32 dtype returned int32 singular values; a negative or str row_offset); a state that
+    failed its shape check had already overwritten this instance's sketches (S off by 96)."""
+    A = _low_rank_rows()
+    state = lowrank.StreamingSVD(50, 5, seed=0).update(A[:50]).state_dict()
+    _corrupt(corruption)(state)
+    sk = lowrank.StreamingSVD(50, 5, seed=0).update(A[:100])
+    before = sk.result()
+    with pytest.raises(ValueError, match="state"):
+        sk.load_state_dict(state)
+    assert sk.n_rows == 100 and sk.row_offset == 0
+    sk.update(A[100:])
+    reference = torch.linalg.svdvals(A)[:5]  # the stream continues as if the load had not been tried
+    assert float((sk.result().S - reference).abs().max() / reference[0]) < 1e-3
+    torch.testing.assert_close(before.S, lowrank.StreamingSVD(50, 5, seed=0).update(A[:100]).result().S)
+
+
+def test_streaming_update_takes_a_block_that_requires_grad():
+    """Was "matmul(): functions with out=... arguments don't support automatic differentiation"."""
+    A = _low_rank_rows()
+    plain = lowrank.StreamingSVD(50, 5, seed=0, center=True)
+    tracked = lowrank.StreamingSVD(50, 5, seed=0, center=True)
+    for start in range(0, 200, 50):
+        plain.update(A[start : start + 50])
+        tracked.update(A[start : start + 50].clone().requires_grad_())
+    for got, want in zip(tracked.result(), plain.result()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    reference = torch.linalg.svdvals(A - A.mean(0))[:5]
+    assert float((tracked.result().S - reference).abs().max() / reference[0]) < 1e-3
+
+
+@pytest.mark.parametrize("device", ["nope", 3.5])
+def test_streaming_bad_device_is_named(device):
+    """Were torch's RuntimeError ("Expected one of cpu, cuda, ...") / TypeError ("device() received an
+    invalid combination of arguments")."""
+    with pytest.raises(ValueError, match="device"):
+        lowrank.StreamingSVD(50, 5, device=device)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="sketch.py update/result: the float64 Gram Y^T Y underflows for data below ~1e-160 (entries of "
+    "Y^T Y ~ 1e-320), and result() returns S = 0 and error_estimate() 0 without a word; large data raise "
+    "ValueError ('rescale the data') but small data do not (fix: keep a running power-of-two exponent per "
+    "stream, scale each block by it before the GEMM and the sign maps, rescale the accumulated sketches "
+    "when a block raises it, and multiply S back at result time)",
+)
+@pytest.mark.parametrize("scale", [1e-170, 1e-300])
+def test_streaming_float64_at_tiny_scales(scale):
+    A = _low_rank_rows()
+    sk = lowrank.StreamingSVD(50, 5, seed=0)
+    for start in range(0, 200, 50):
+        sk.update(A[start : start + 50] * scale)
+    reference = torch.linalg.svdvals(A)[:5]
+    assert float((sk.result().S / scale - reference).abs().max() / reference[0]) < 1e-3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="sketch.py state_dict/load_state_dict: the summed row count of lowrank.distributed.reduce_sketch "
+    "(_reduced_rows) is not saved, so a reduced sketch reloads as one of its rank's rows only: centring "
+    "divides by the local count (S off by 65 here) and update() is accepted again (fix: state_dict writes "
+    "'reduced_rows', load_state_dict restores _reduced_rows from it, None when absent)",
+)
+def test_streaming_state_of_a_reduced_sketch_round_trips():
+    A = _low_rank_rows(900, 40, 6) + 3.0
+    whole = lowrank.StreamingSVD(40, 5, seed=4, center=True).update(A)
+    top = lowrank.StreamingSVD(40, 5, seed=4, center=True).update(A[:500])
+    bottom = lowrank.StreamingSVD(40, 5, seed=4, center=True, row_offset=500).update(A[500:])
+    for mine, theirs in zip(top._sum_buffers(), bottom._sum_buffers()):  # what reduce_sketch does
+        mine += theirs
+    top._reduced_rows = 900
+    torch.testing.assert_close(top.result().S, whole.result().S, rtol=1e-10, atol=0)
+    back = lowrank.StreamingSVD(40, 5, seed=4, center=True).load_state_dict(top.state_dict())
+    torch.testing.assert_close(back.result().S, whole.result().S, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="already summed"):
+        back.update(A[:3])
