@@ -317,3 +317,37 @@ def test_streaming_state_of_a_reduced_sketch_round_trips():
     torch.testing.assert_close(back.result().S, whole.result().S, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="already summed"):
         back.update(A[:3])
+
+
+def _completion_problem():
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((60, 3)) @ rng.standard_normal((3, 40))
+    return M, rng.random((60, 40)) < 0.5
+
+
+def test_als_takes_numpy_masks_with_negative_strides():
+    """A reversed view (``mask[::-1]``) was refused as "mask must be a boolean tensor or array, got
+    ndarray"; the fit must equal that of the same data and mask made contiguous."""
+    M, mask = _completion_problem()
+    X, observed = M[::-1], mask[::-1]
+    U, V = lowrank.als(X, observed, 3, seed=0)
+    U2, V2 = lowrank.als(X.copy(), observed.copy(), 3, seed=0)
+    torch.testing.assert_close(U @ V.T, U2 @ V2.T, rtol=0, atol=0)
+    assert float(np.linalg.norm(X - (U @ V.T).numpy()) / np.linalg.norm(X)) < 1e-3
+    _, _, history = lowrank.als(M, mask, 3, seed=0, validation=(~mask)[:, ::-1], return_history=True)
+    assert np.isfinite(history["val_rmse"]).all()
+
+
+@pytest.mark.parametrize(
+    "validation, error, match",
+    [
+        (np.ones((5, 40), dtype=bool), ValueError, "^validation has shape"),  # said "mask has shape"
+        (np.ones((60, 40), dtype=np.int8), TypeError, "^validation must have a floating dtype"),
+        (np.zeros((60, 40), dtype=bool), ValueError, "no held-out entries"),  # val_rmse was all NaN
+    ],
+    ids=["shape", "dtype", "empty"],
+)
+def test_als_validation_errors_name_validation(validation, error, match):
+    M, mask = _completion_problem()
+    with pytest.raises(error, match=match):
+        lowrank.als(M, mask, 3, seed=0, validation=validation)
