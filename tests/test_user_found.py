@@ -351,3 +351,19 @@ def test_als_validation_errors_name_validation(validation, error, match):
     M, mask = _completion_problem()
     with pytest.raises(error, match=match):
         lowrank.als(M, mask, 3, seed=0, validation=validation)
+
+
+def test_nmf_takes_data_that_requires_grad():
+    """Was "addmv(): functions with out=... arguments don't support automatic differentiation"; the factors
+    must equal those of the detached data, and fit it about as well as scikit-learn's NMF (30 iterations)."""
+    from sklearn.decomposition import NMF
+
+    X = torch.rand(40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = NMF(3, init="nndsvd", max_iter=500, tol=1e-6).fit(X.numpy())
+    best = float(np.linalg.norm(X.numpy() - reference.transform(X.numpy()) @ reference.components_))
+    for init in ("nndsvd", "random"):
+        W, H = lowrank.nmf(X.clone().requires_grad_(), 3, init=init, seed=0, max_iter=30, tol=0)
+        W0, H0 = lowrank.nmf(X, 3, init=init, seed=0, max_iter=30, tol=0)
+        torch.testing.assert_close(W, W0, rtol=0, atol=0)
+        torch.testing.assert_close(H, H0, rtol=0, atol=0)
+        assert not W.requires_grad and float((X - W @ H).norm()) <= 1.05 * best
