@@ -220,6 +220,8 @@ def cholesky_qr(
         X = X.float()
     if not bool(torch.isfinite(X).all()):
         raise ValueError("X contains NaN or Inf entries")
+    if X.numel() == 0:  # an empty batch of matrices: empty factors of the right shapes
+        return _householder(X)
 
     u = _unit_roundoff(X.dtype)
     use_shift = shift is True or (not isinstance(shift, bool) and isinstance(shift, (int, float)))

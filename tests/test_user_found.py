@@ -367,3 +367,22 @@ def test_nmf_takes_data_that_requires_grad():
         torch.testing.assert_close(W, W0, rtol=0, atol=0)
         torch.testing.assert_close(H, H0, rtol=0, atol=0)
         assert not W.requires_grad and float((X - W @ H).norm()) <= 1.05 * best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
+def test_cholesky_qr_of_an_empty_batch(dtype):
+    """Was "amax(): Expected reduction dim to be specified for input.numel() == 0"; torch.linalg.qr and
+    lowrank.rsvd / lowrank.svd return empty batches."""
+    X = torch.zeros(0, 5, 3, dtype=dtype)
+    Q, R = lowrank.cholesky_qr(X)
+    Q0, R0 = torch.linalg.qr(X)
+    assert Q.shape == Q0.shape == (0, 5, 3) and R.shape == R0.shape == (0, 3, 3)
+    assert Q.dtype == R.dtype == dtype
+    # a non-empty batch is unchanged: orthonormal Q, R with a positive diagonal, Q R = X
+    X = torch.randn(2, 5, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    Q, R = lowrank.cholesky_qr(X)
+    eye = torch.eye(3, dtype=dtype).expand(2, 3, 3)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(Q.mH @ Q, eye, rtol=0, atol=tol)
+    torch.testing.assert_close(Q @ R, X, rtol=0, atol=tol)
+    assert bool((torch.diagonal(R, dim1=-2, dim2=-1).real > 0).all())
