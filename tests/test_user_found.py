@@ -386,3 +386,28 @@ def test_cholesky_qr_of_an_empty_batch(dtype):
     torch.testing.assert_close(Q.mH @ Q, eye, rtol=0, atol=tol)
     torch.testing.assert_close(Q @ R, X, rtol=0, atol=tol)
     assert bool((torch.diagonal(R, dim1=-2, dim2=-1).real > 0).all())
+
+
+def test_svd_error_refuses_factors_whose_batch_shapes_do_not_match():
+    """S given as the k x k matrix diag(S) (as some libraries return it) was broadcast as a batch: the
+    estimate came back with shape (k,) and wrong values (55.7, 59.1, 55.8 for a residual norm of 40.2)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 6, dtype=torch.float64, generator=g) @ torch.randn(
+        6, 40, dtype=torch.float64, generator=g
+    )
+    A = A + 1e-3 * torch.randn(50, 40, dtype=torch.float64, generator=g)
+    U, S, Vh = lowrank.svd(A, 3)
+    exact = torch.linalg.svdvals(A)[3]  # ||A - A_3||_2
+    assert float(abs(lowrank.svd_error(A, U, S, Vh, seed=0) - exact) / exact) < 1e-3
+    for bad in [
+        (U, torch.diag(S), Vh),
+        (U.expand(2, 50, 3), S, Vh),
+        (U[0], S, Vh),
+        (U, S, Vh.expand(2, 3, 40)),
+    ]:
+        with pytest.raises(ValueError, match="do not factor"):
+            lowrank.svd_error(A, *bad, seed=0)
+    # batched factors of a batched A keep working
+    batch = A.expand(2, 50, 40)
+    est = lowrank.svd_error(batch, U.expand(2, 50, 3), S.expand(2, 3), Vh.expand(2, 3, 40), seed=0)
+    assert est.shape == (2,) and float((est - exact).abs().max() / exact) < 1e-3
