@@ -188,7 +188,12 @@ def pca(
         Number of components, ``1 <= k <= min(n_samples, n_features)``.
     center : bool
         Remove the column means first (PCA). ``False`` gives the uncentred decomposition (what
-        TruncatedSVD / LSA compute); ``mean`` is then zero.
+        TruncatedSVD / LSA compute: the same ``components`` and ``singular_values``); ``mean`` is then
+        zero, ``explained_variance`` is ``S²/(n_samples − 1)`` and ``explained_variance_ratio`` is
+        ``S²/‖X‖_F²`` (second moments about zero). These are *not* TruncatedSVD's ``explained_variance_``
+        and ``explained_variance_ratio_``, which are the variances of the score columns about their means
+        over the total variance of the centred columns; compute those from ``result.transform(X)`` if
+        needed.
     method : {"auto", "exact", "randomized"}
         ``"exact"``: full SVD (``lowrank.svd``), O(mn·min(m, n)), densifies sparse input. ``"randomized"``:
         ``lowrank.rsvd``, O(mnk) per pass, accurate when the spectrum decays. ``"auto"`` follows
