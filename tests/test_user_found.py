@@ -458,3 +458,35 @@ def test_uncentred_pca_is_truncated_svd_with_second_moments():
     np.testing.assert_allclose(res.explained_variance.numpy(), S2 / (400 - 1), rtol=1e-10)
     np.testing.assert_allclose(res.explained_variance_ratio.numpy(), S2 / sp.linalg.norm(X) ** 2, rtol=1e-10)
     assert np.all(res.mean.numpy() == 0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="svd.py (rsvd docstring / default n_iter): 'the default n_iter=2 (6 passes) [is] at least as "
+    "accurate as scikit-learn's randomized_svd defaults (16 passes)' holds on the fast-decaying spectra it "
+    "was measured on, not on slowly decaying or flat ones: sigma_i = i^-0.5, 400 x 300, k = 10: excess "
+    "Frobenius error 7.4e-4 against scikit-learn's 2.2e-7; a Gaussian 500 x 300, k = 10: 3.6e-3 against "
+    "7.4e-4; sparse 2000 x 500 (density 1%), k = 10: 2.1e-3 against 6.4e-4. Fix: qualify the claim in "
+    "the docstring (decaying spectra, sigma_{3k}/sigma_k well below 1), or raise the default n_iter when "
+    "k is small against min(m, n) (passes are cheap there)",
+)
+@pytest.mark.parametrize("spectrum", ["i^-0.5", "gaussian"])
+def test_rsvd_default_is_at_least_as_accurate_as_scikit_learns_default(spectrum):
+    from sklearn.utils.extmath import randomized_svd
+
+    rng = np.random.default_rng(0)
+    if spectrum == "gaussian":
+        A = rng.standard_normal((500, 300))
+    else:
+        left = np.linalg.qr(rng.standard_normal((400, 300)))[0]
+        right = np.linalg.qr(rng.standard_normal((300, 300)))[0]
+        A = left @ np.diag(np.arange(1, 301) ** -0.5) @ right
+    s = np.linalg.svd(A, compute_uv=False)
+    k, optimal = 10, np.sqrt((s[10:] ** 2).sum())
+
+    def excess(U, S, Vh):
+        return np.linalg.norm(A - (U * S) @ Vh) / optimal - 1
+
+    ours = np.mean([excess(*(x.numpy() for x in lowrank.rsvd(A, k, seed=seed))) for seed in range(3)])
+    theirs = np.mean([excess(*randomized_svd(A, k, random_state=seed)) for seed in range(3)])
+    assert ours <= theirs
