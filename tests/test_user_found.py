@@ -490,3 +490,20 @@ def test_rsvd_default_is_at_least_as_accurate_as_scikit_learns_default(spectrum)
     ours = np.mean([excess(*(x.numpy() for x in lowrank.rsvd(A, k, seed=seed))) for seed in range(3)])
     theirs = np.mean([excess(*randomized_svd(A, k, random_state=seed)) for seed in range(3)])
     assert ours <= theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nystrom_of_the_zero_matrix_is_zero(dtype):
+    """Was eigenvalues of 4e-323 (subnormal remainders of a shift grown to make the Cholesky factorisation
+    of a zero sketch succeed) where the exact answer, and the Nystrom approximation, is 0."""
+    U, L = lowrank.nystrom(torch.zeros(10, 10, dtype=dtype), 3, seed=0)
+    assert L.dtype == dtype and torch.equal(L, torch.zeros(3, dtype=dtype))
+    torch.testing.assert_close(U.mT @ U, torch.eye(3, dtype=dtype), rtol=0, atol=1e-5)
+    # a PSD matrix of rank 3 asked for 5: the top 3 exact, the rest zero to rounding
+    Q = torch.linalg.qr(torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[
+        0
+    ]
+    U, L = lowrank.nystrom((Q * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ Q.T, 5, seed=0)
+    torch.testing.assert_close(
+        L, torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12
+    )
