@@ -830,8 +830,8 @@ def stream_rsvd(
 ) -> SVDResult:
     """:func:`lowrank.rsvd` of a row-block stream: one pass through :class:`StreamingSVD`.
 
-    ``oversample`` sets the sketch size ``k + oversample`` (default ``k + 1``, i.e. ``2k + 1``); ``tol``,
-    ``n_iter > 0`` and ``method`` other than ``"auto"`` need several passes and raise ``ValueError``.
+    ``oversample`` sets the sketch size ``k + oversample`` (default: StreamingSVD's ``min(4k + 1, n)``);
+    ``tol``, ``n_iter > 0`` and ``method`` other than ``"auto"`` need several passes and raise ``ValueError``.
     """
     if tol is not None:
         raise ValueError("tol (fixed precision) needs several passes; a row-block stream allows one")

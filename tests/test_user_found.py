@@ -507,3 +507,19 @@ def test_nystrom_of_the_zero_matrix_is_zero(dtype):
     torch.testing.assert_close(
         L, torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12
     )
+
+
+def test_streamed_rsvd_default_sketch_is_streaming_svds_default():
+    """stream_rsvd's docstring said the default sketch was ``k + 1`` (2k + 1); it is StreamingSVD's default
+    ``min(4k + 1, n)``: rsvd of a list of blocks equals that stream, and not the 2k + 1 one."""
+    A = _low_rank_rows(300, 60, 12)
+    blocks = [A[i : i + 100] for i in range(0, 300, 100)]
+    got = lowrank.rsvd(blocks, 5, seed=3)
+    default = lowrank.StreamingSVD(60, 5, seed=3)
+    narrow = lowrank.StreamingSVD(60, 5, seed=3, sketch=11)
+    for b in blocks:
+        default.update(b)
+        narrow.update(b)
+    assert default.sketch == 21
+    torch.testing.assert_close(got.S, default.result().S, rtol=0, atol=0)
+    assert not torch.equal(got.S, narrow.result().S)
