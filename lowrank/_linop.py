@@ -409,7 +409,8 @@ class CallbackOp(LinOp):
         except NotImplementedError as err:  # e.g. scipy's "rmatvec is not defined"
             raise ValueError(f"{self.name}.{what} is not implemented ({err}); it is needed here") from err
         if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(np.asarray(out))
+            # contiguous: NumPy views with negative strides (np.flipud(...)) have no torch view
+            out = torch.as_tensor(np.ascontiguousarray(out))
         out = out.to(device=self.device, dtype=self.dtype)
         if out.shape != (rows, X.shape[-1]):
             raise ValueError(

@@ -523,3 +523,34 @@ def test_streamed_rsvd_default_sketch_is_streaming_svds_default():
     assert default.sketch == 21
     torch.testing.assert_close(got.S, default.result().S, rtol=0, atol=0)
     assert not torch.equal(got.S, narrow.result().S)
+
+
+def test_operator_products_returned_as_negative_stride_views():
+    """An operator whose products come back as NumPy views with negative strides (``np.flipud(D @ X)``, a
+    row reversal) failed with torch's "At least one stride in the given numpy array is negative"."""
+    rng = np.random.default_rng(0)
+    D = rng.standard_normal((50, 8)) @ rng.standard_normal((8, 40))
+    J = np.flipud(D)  # the matrix both operators represent
+
+    class Flipped:
+        shape, dtype = (50, 40), np.float64
+
+        def matmul(self, X):
+            return np.flipud(D @ X.numpy())
+
+        def rmatmul(self, Y):
+            return D.T @ np.flipud(Y.numpy())
+
+    scipy_op = spl.LinearOperator(
+        D.shape,
+        matvec=lambda x: np.flipud(D @ x),
+        matmat=lambda X: np.flipud(D @ X),
+        rmatvec=lambda y: D.T @ np.flipud(y),
+        rmatmat=lambda Y: D.T @ np.flipud(Y),
+        dtype=np.float64,
+    )
+    s = np.linalg.svd(J, compute_uv=False)
+    for op in (Flipped(), scipy_op):
+        U, S, Vh = lowrank.rsvd(op, 8, seed=0)
+        np.testing.assert_allclose(S.numpy(), s[:8], rtol=1e-10)
+        np.testing.assert_allclose((U * S) @ Vh, J, atol=1e-10)
