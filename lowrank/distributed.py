@@ -718,6 +718,7 @@ def pca(
     """
     error: Exception | None = None
     k, oversample, n_iter = python_number(k), python_number(oversample), python_number(n_iter)
+    center = python_number(center)
     if method not in _PCA_METHODS:
         error = ValueError(f"method must be one of {_PCA_METHODS}, got {method!r}")
     elif not isinstance(center, bool):

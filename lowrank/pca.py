@@ -6,7 +6,16 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lowrank._linop import CenteredOp, DenseOp, SparseOp, as_linop, check_seed, check_tensor, no_autocast
+from lowrank._linop import (
+    CenteredOp,
+    DenseOp,
+    SparseOp,
+    as_linop,
+    check_seed,
+    check_tensor,
+    no_autocast,
+    python_number,
+)
 from lowrank.factor import _check_rank
 from lowrank.svd import rsvd, svd
 
@@ -234,6 +243,7 @@ def pca(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    center = python_number(center)  # np.bool_ too
     if not isinstance(center, bool):
         raise TypeError(f"center must be a bool, got {type(center).__name__}")
     seed = check_seed(seed)

@@ -287,6 +287,7 @@ class StreamingSVD:
         seed: int | None = None,
         row_offset: int = 0,
     ) -> None:
+        center, keep_u = python_number(center), python_number(keep_u)  # np.bool_ too
         if device is not None and not isinstance(device, torch.device):
             try:
                 device = torch.device(device)

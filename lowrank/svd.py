@@ -563,6 +563,7 @@ def rsvd(
     """
     from lowrank.sketch import is_row_stream, stream_rsvd  # sketch.py imports this module
 
+    center = python_number(center)  # np.bool_ too
     if is_row_stream(A):  # row blocks, shard paths, a large memmap: one pass (lowrank.sketch)
         if block_size is not None:
             raise ValueError("block_size is a multi-pass (Krylov) option; row-block streams take one pass")

@@ -554,3 +554,20 @@ def test_operator_products_returned_as_negative_stride_views():
         U, S, Vh = lowrank.rsvd(op, 8, seed=0)
         np.testing.assert_allclose(S.numpy(), s[:8], rtol=1e-10)
         np.testing.assert_allclose((U * S) @ Vh, J, atol=1e-10)
+
+
+def test_numpy_bool_flags():
+    """``center=np.True_`` (e.g. read from a NumPy config array) was "center must be a bool, got bool" in
+    rsvd, pca and StreamingSVD (keep_u too); results must equal those of Python bools."""
+    A = _low_rank_rows(120, 30, 6) + 2.0
+    reference = torch.linalg.svdvals(A - A.mean(0))[:4]
+    got = lowrank.rsvd(A, 4, center=np.True_, seed=0)
+    torch.testing.assert_close(got.S, lowrank.rsvd(A, 4, center=True, seed=0).S, rtol=0, atol=0)
+    torch.testing.assert_close(got.S, reference, rtol=1e-8, atol=0)
+    streamed = lowrank.rsvd([A[:60], A[60:]], 4, center=np.True_, seed=0)
+    torch.testing.assert_close(streamed.S, lowrank.rsvd([A[:60], A[60:]], 4, center=True, seed=0).S)
+    pcs = lowrank.pca(A, 4, center=np.True_)
+    torch.testing.assert_close(pcs.singular_values, reference, rtol=1e-10, atol=0)
+    sk = lowrank.StreamingSVD(30, 4, center=np.True_, keep_u=np.False_, seed=0).update(A)
+    assert sk.center is True and sk.keep_u is False and sk.result().U is None
+    assert float((sk.result().S - reference).abs().max() / reference[0]) < 1e-3
