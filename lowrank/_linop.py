@@ -511,6 +511,16 @@ class TransposedOp(LinOp):
         return _adjoint(self.base.to_dense())
 
 
+def _coo_without_dense_dims(A: torch.Tensor) -> torch.Tensor:
+    """A 2-D hybrid COO tensor (``to_sparse(sparse_dim=1)``: whole rows stored as dense values) as a plain
+    COO matrix of the same entries (torch converts only ``sparse_dim == 2`` tensors to CSR)."""
+    A = A.coalesce()
+    rows, n = A.indices()[0], A.shape[1]
+    cols = torch.arange(n, device=A.device).repeat(rows.numel())
+    indices = torch.stack([rows.repeat_interleave(n), cols])
+    return torch.sparse_coo_tensor(indices, A.values().reshape(-1), tuple(A.shape), is_coalesced=True)
+
+
 def _check_finite(values: torch.Tensor, name: str) -> None:
     if values.numel() and not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} contains NaN or Inf entries")
@@ -560,6 +570,8 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
             if A.dim() != 2:
                 raise ValueError(f"{name}: sparse inputs must be 2-D, got shape {tuple(A.shape)}")
             _check_nonempty(A.shape, name)
+            if A.layout == torch.sparse_coo and A.dense_dim() > 0:
+                A = _coo_without_dense_dims(A)
             dtype = compute_dtype(A.dtype, name)
             A = A.to(dtype)
             if check_finite:

@@ -571,3 +571,31 @@ def test_numpy_bool_flags():
     sk = lowrank.StreamingSVD(30, 4, center=np.True_, keep_u=np.False_, seed=0).update(A)
     assert sk.center is True and sk.keep_u is False and sk.result().U is None
     assert float((sk.result().S - reference).abs().max() / reference[0]) < 1e-3
+
+
+def test_hybrid_sparse_coo_inputs():
+    """A 2-D COO tensor with a dense dimension (``X.to_sparse(sparse_dim=1)``: whole rows stored) failed in
+    every routine with torch's "coo_to_sparse_csr: conversion ... with sparse_dim()!=2 is not supported";
+    results must equal those of the dense matrix."""
+    D = _low_rank_rows(30, 20, 4)
+    D[::3] = 0
+    rows = torch.tensor([[1, 1, 4]])  # uncoalesced: row 1 stored twice (summed)
+    D2 = torch.zeros(30, 20, dtype=torch.float64)
+    D2[1], D2[4] = 2.0, torch.arange(20.0, dtype=torch.float64)
+    H2 = torch.sparse_coo_tensor(rows, torch.stack([D2[1] / 2, D2[1] / 2, D2[4]]), (30, 20))
+    for hybrid, dense in ((D.to_sparse(sparse_dim=1), D), (H2, D2)):
+        s = torch.linalg.svdvals(dense)
+        torch.testing.assert_close(lowrank.rsvd(hybrid, 2, seed=0).S, s[:2], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(lowrank.svd(hybrid, 2).S, s[:2], rtol=1e-10, atol=1e-12)
+        sk = lowrank.StreamingSVD(20, 2, seed=0).update(hybrid)  # one pass: equal to the dense stream's
+        torch.testing.assert_close(
+            sk.result().S, lowrank.StreamingSVD(20, 2, seed=0).update(dense).result().S
+        )
+    s = torch.linalg.svdvals(D - D.mean(0))
+    torch.testing.assert_close(lowrank.pca(D.to_sparse(sparse_dim=1), 3, seed=0).singular_values, s[:3])
+    P = D.T @ D
+    _, L = lowrank.nystrom(P.to_sparse(sparse_dim=1), 3, seed=0)
+    torch.testing.assert_close(L, torch.linalg.eigvalsh(P).flip(0)[:3], rtol=1e-8, atol=0)
+    W, H = lowrank.nmf(D.abs().to_sparse(sparse_dim=1), 2, seed=0, max_iter=20, tol=0)
+    W0, H0 = lowrank.nmf(D.abs().to_sparse(), 2, seed=0, max_iter=20, tol=0)
+    torch.testing.assert_close(W @ H, W0 @ H0)
