@@ -159,12 +159,15 @@ def check_not_meta(value: torch.Tensor, name: str) -> None:
 
 
 def compute_dtype(dtype: torch.dtype, name: str = "A") -> torch.dtype:
-    """The dtype the algorithms run in for an input of ``dtype``: fp16/bf16 -> fp32, else itself.
+    """The dtype the algorithms run in for an input of ``dtype``: fp16/bf16 and the 8-bit float formats ->
+    fp32, complex32 -> complex64 (torch has no linear algebra in those), else itself.
 
     Raises ``TypeError`` (naming ``name``) for non-floating dtypes.
     """
-    if dtype in _LOW_PRECISION:
+    if dtype in _LOW_PRECISION or (dtype.is_floating_point and dtype.itemsize == 1):
         return torch.float32
+    if dtype == torch.complex32:
+        return torch.complex64
     if not (dtype.is_floating_point or dtype.is_complex):
         raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {dtype}")
     return dtype
@@ -562,10 +565,10 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
                     f"got shape {tuple(A.shape)}"
                 )
             _check_nonempty(A.shape[-2:], name)
-            dtype = compute_dtype(A.dtype, name)
+            A = A.to(compute_dtype(A.dtype, name))  # before the checks: no isfinite for 8-bit floats
             if check_finite:
                 _check_finite(A, name)
-            return DenseOp(A.to(dtype))
+            return DenseOp(A)
         if A.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc):
             if A.dim() != 2:
                 raise ValueError(f"{name}: sparse inputs must be 2-D, got shape {tuple(A.shape)}")

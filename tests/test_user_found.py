@@ -558,3 +558,33 @@ def test_rsvd_float32_near_the_top_of_its_range(scale, method):
     assert bool(torch.isfinite(exact).all())
     got = lowrank.rsvd(A, 5, seed=0, method=method).S.double()
     torch.testing.assert_close(got / scale, exact / scale, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32])
+def test_eight_bit_float_and_complex32_inputs_are_computed_in_single_precision(dtype):
+    """float8 (e.g. a quantized checkpoint's raw weights) and complex32 inputs failed inside torch
+    ("normal_kernel_cpu" / "isfinite" / "addmm_impl_cpu_" not implemented); they are now computed in
+    float32 / complex64 as fp16/bf16 are in float32, with the results of the upcast matrix."""
+    g = torch.Generator().manual_seed(0)
+    A = (torch.randn(30, 4, generator=g) @ torch.randn(4, 20, generator=g)).to(dtype)
+    wide = A.to(torch.complex64 if dtype.is_complex else torch.float32)
+    s = torch.linalg.svdvals(wide)
+    for got in (lowrank.rsvd(A, 3, seed=0).S, lowrank.svd(A, 3).S):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, s[:3], rtol=1e-5, atol=0)
+    Q, R = lowrank.cholesky_qr(A[:, :4])
+    assert Q.dtype == wide.dtype
+    torch.testing.assert_close(Q @ R, wide[:, :4], rtol=0, atol=1e-5)
+    if dtype.is_complex:
+        return
+    ref = lowrank.pca(wide, 3)
+    torch.testing.assert_close(lowrank.pca(A, 3).singular_values, ref.singular_values, rtol=0, atol=0)
+    sk = lowrank.StreamingSVD(20, 3, seed=0).update(A)
+    torch.testing.assert_close(sk.result().S, lowrank.StreamingSVD(20, 3, seed=0).update(wide).result().S)
+    W, H = lowrank.nmf(A.float().abs().to(dtype), 2, seed=0, max_iter=10, tol=0)
+    assert W.dtype == torch.float32 and bool((W >= 0).all())
+    B, Ah = lowrank.low_rank_factor(A, 4)
+    assert B.dtype == Ah.dtype == dtype
+    assert float((B.float() @ Ah.float() - wide).norm() / wide.norm()) < 0.2  # 8-bit factors
+    C, U, Rr, rows, cols = lowrank.cur(A, 4, seed=0)
+    torch.testing.assert_close(C, wide[:, cols], rtol=0, atol=0)
