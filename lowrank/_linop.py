@@ -159,12 +159,15 @@ def check_not_meta(value: torch.Tensor, name: str) -> None:
 
 
 def compute_dtype(dtype: torch.dtype, name: str = "A") -> torch.dtype:
-    """The dtype the algorithms run in for an input of ``dtype``: fp16/bf16 -> fp32, else itself.
+    """The dtype the algorithms run in for an input of ``dtype``: fp16/bf16 and the 8-bit float formats ->
+    fp32, complex32 -> complex64 (torch has no linear algebra in those), else itself.
 
     Raises ``TypeError`` (naming ``name``) for non-floating dtypes.
     """
-    if dtype in _LOW_PRECISION:
+    if dtype in _LOW_PRECISION or (dtype.is_floating_point and dtype.itemsize == 1):
         return torch.float32
+    if dtype == torch.complex32:
+        return torch.complex64
     if not (dtype.is_floating_point or dtype.is_complex):
         raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {dtype}")
     return dtype
@@ -409,7 +412,8 @@ class CallbackOp(LinOp):
         except NotImplementedError as err:  # e.g. scipy's "rmatvec is not defined"
             raise ValueError(f"{self.name}.{what} is not implemented ({err}); it is needed here") from err
         if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(np.asarray(out))
+            # contiguous: NumPy views with negative strides (np.flipud(...)) have no torch view
+            out = torch.as_tensor(np.ascontiguousarray(out))
         out = out.to(device=self.device, dtype=self.dtype)
         if out.shape != (rows, X.shape[-1]):
             raise ValueError(
@@ -510,6 +514,16 @@ class TransposedOp(LinOp):
         return _adjoint(self.base.to_dense())
 
 
+def _coo_without_dense_dims(A: torch.Tensor) -> torch.Tensor:
+    """A 2-D hybrid COO tensor (``to_sparse(sparse_dim=1)``: whole rows stored as dense values) as a plain
+    COO matrix of the same entries (torch converts only ``sparse_dim == 2`` tensors to CSR)."""
+    A = A.coalesce()
+    rows, n = A.indices()[0], A.shape[1]
+    cols = torch.arange(n, device=A.device).repeat(rows.numel())
+    indices = torch.stack([rows.repeat_interleave(n), cols])
+    return torch.sparse_coo_tensor(indices, A.values().reshape(-1), tuple(A.shape), is_coalesced=True)
+
+
 def _check_finite(values: torch.Tensor, name: str) -> None:
     if values.numel() and not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} contains NaN or Inf entries")
@@ -551,14 +565,16 @@ def as_linop(A: Any, *, name: str = "A", check_finite: bool = True, allow_batch:
                     f"got shape {tuple(A.shape)}"
                 )
             _check_nonempty(A.shape[-2:], name)
-            dtype = compute_dtype(A.dtype, name)
+            A = A.to(compute_dtype(A.dtype, name))  # before the checks: no isfinite for 8-bit floats
             if check_finite:
                 _check_finite(A, name)
-            return DenseOp(A.to(dtype))
+            return DenseOp(A)
         if A.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc):
             if A.dim() != 2:
                 raise ValueError(f"{name}: sparse inputs must be 2-D, got shape {tuple(A.shape)}")
             _check_nonempty(A.shape, name)
+            if A.layout == torch.sparse_coo and A.dense_dim() > 0:
+                A = _coo_without_dense_dims(A)
             dtype = compute_dtype(A.dtype, name)
             A = A.to(dtype)
             if check_finite:

@@ -25,8 +25,11 @@ from lowrank.svd import rsvd
 __all__ = ["als"]
 
 
-def _observed_entries(X: Any, mask: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
-    """(rows, cols, values, shape) of the observed entries given dense X + boolean mask, or sparse X."""
+def _observed_entries(
+    X: Any, mask: Any, name: str, mask_name: str = "mask"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+    """(rows, cols, values, shape) of the observed entries given dense X + boolean mask, or sparse X.
+    ``mask_name`` is the argument the mask came in (``mask`` or ``validation``), for the error messages."""
     X = _as_matrix(X, name, check_finite=False)  # unobserved entries of dense X may be NaN
     if X.is_complex():
         raise TypeError(f"{name} must be real, got complex dtype {X.dtype}")
@@ -40,17 +43,21 @@ def _observed_entries(X: Any, mask: Any, name: str) -> tuple[torch.Tensor, torch
         raise ValueError(
             f"mask is required when {name} is dense (or pass {name} as a sparse tensor of observations)"
         )
+    if isinstance(mask, np.ndarray):
+        mask = np.ascontiguousarray(mask)  # NumPy views with negative strides (a[::-1]) have no torch view
     if not isinstance(mask, torch.Tensor):
         try:
             mask = torch.as_tensor(mask)
         except Exception as error:
-            raise TypeError(f"mask must be a boolean tensor or array, got {type(mask).__name__}") from error
+            raise TypeError(
+                f"{mask_name} must be a boolean tensor or array, got {type(mask).__name__}"
+            ) from error
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+        raise TypeError(f"{mask_name} must have dtype bool, got {mask.dtype}")
     if tuple(mask.shape) != tuple(X.shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but {name} has shape {tuple(X.shape)}")
+        raise ValueError(f"{mask_name} has shape {tuple(mask.shape)} but {name} has shape {tuple(X.shape)}")
     if mask.device.type == "meta":
-        raise ValueError("mask is on the meta device (it has no data); materialise it first")
+        raise ValueError(f"{mask_name} is on the meta device (it has no data); materialise it first")
     rows, cols = mask.to(X.device).nonzero(as_tuple=True)
     return rows, cols, X[rows, cols], tuple(X.shape)
 
@@ -248,13 +255,15 @@ def als(
                 raise ValueError(
                     "a boolean validation mask needs dense X; pass held-out entries as a sparse tensor"
                 )
-            vr, vc, vv, vshape = _observed_entries(X, validation, "X")
+            vr, vc, vv, vshape = _observed_entries(X, validation, "X", "validation")
             what = "the held-out entries of X (under the validation mask)"
         else:
             vr, vc, vv, vshape = _observed_entries(validation, None, "validation")
             what = "the held-out entries in validation"
         if vshape != shape:
             raise ValueError(f"validation has shape {vshape} but X has shape {shape}")
+        if vv.numel() == 0:  # its RMSE would be NaN after every sweep
+            raise ValueError("validation holds no held-out entries")
         if not bool(torch.isfinite(vv).all()):
             raise ValueError(f"{what} contain NaN or Inf; validation entries must be finite")
         vv = vv.to(device=device, dtype=dtype)

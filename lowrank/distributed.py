@@ -39,7 +39,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowrank._linop import DenseOp, LinOp, as_linop, check_not_meta, check_seed, compute_dtype, no_autocast
+from lowrank._linop import (
+    DenseOp,
+    LinOp,
+    as_linop,
+    check_not_meta,
+    check_seed,
+    compute_dtype,
+    no_autocast,
+    python_number,
+)
 from lowrank.pca import PCAResult, _variance_ratio
 from lowrank.qr import cholesky_qr, orthonormalize
 from lowrank.sketch import StreamingSVD
@@ -520,6 +529,7 @@ def rsvd(
     TSQR of ``A`` (all-gather of ``P n^2`` numbers) as :func:`lowrank.rsvd` switches to its exact path.
     """
     error: Exception | None = None
+    k, oversample, n_iter = python_number(k), python_number(oversample), python_number(n_iter)
     if method not in _METHODS:
         error = ValueError(f"method must be one of {_METHODS}, got {method!r}")
     try:
@@ -587,9 +597,25 @@ def rsvd_comm_bytes(
     return s * ((q + 1) * n * b + grams * b * b + 2 * world_size * k) + 8 * _HEADER * world_size
 
 
+_SKETCH_CONFIG = ("n_features", "k", "sketch", "core", "n_test", "seed", "center", "keep_u", "dtype")
+
+
+def _sketch_header(sketch: Any) -> list[int]:
+    """The int64 fields :func:`reduce_sketch` agrees on: the configuration (``_SKETCH_CONFIG``), then
+    ``row_offset`` and the rows seen. Raises TypeError/ValueError for a sketch that cannot be reduced."""
+    if not isinstance(sketch, StreamingSVD):
+        raise TypeError(f"sketch must be a lowrank.StreamingSVD, got {type(sketch).__name__}")
+    if sketch._reduced_rows is not None:
+        raise ValueError("this sketch was already reduced")
+    if sketch.dtype is None:
+        raise ValueError("a rank that saw no rows needs StreamingSVD(dtype=...) to contribute zeros")
+    config = [getattr(sketch, name) for name in _SKETCH_CONFIG[:-1]]
+    return [int(v) for v in config] + [_DTYPE_IDS[sketch.dtype], sketch.row_offset, sketch.n_rows]
+
+
 def reduce_sketch(sketch: StreamingSVD, group=None) -> StreamingSVD:
-    """Sum the streaming sketches of all ranks in place, with one all-reduce: every rank then describes
-    the whole row-sharded matrix (:class:`lowrank.sketch.StreamingSVD`).
+    """Sum the streaming sketches of all ranks in place: every rank then describes the whole row-sharded
+    matrix (:class:`lowrank.sketch.StreamingSVD`).
 
     Each rank streams its own rows into a ``StreamingSVD`` built with the same ``n_features``, ``k``, sizes,
     ``center`` and ``seed``, and ``row_offset`` = the global index of its first row (rank order as in
@@ -598,41 +624,54 @@ def reduce_sketch(sketch: StreamingSVD, group=None) -> StreamingSVD:
     with a different but equally distributed draw). After the call, ``result()`` gives ``S`` and ``Vh``
     of the whole matrix on every rank and ``U`` for this rank's rows; ``update()`` is refused.
 
-    One ``all_reduce`` of a float64 buffer of about ``(s + c + q + 1) n + s^2`` entries: the co-range, core
-    (``Phi A``) and test sketches (``(s + c + q) x n``), the column sums, the Gram matrix ``Y^T Y`` and a
-    configuration check (two numbers).
+    Two collectives: an all-gather of 12 int64 per rank (configuration, row range, "valid" flag), so that
+    a configuration mismatch or a bad argument on any rank raises on every rank -- the sketch buffers differ
+    in size when the configurations do, and an all-reduce of buffers of different sizes aborts the process
+    (gloo) or hangs -- then one all-reduce of a float64 buffer of about ``(s + c + q + 1) n + s^2`` entries:
+    the co-range, core (``Phi A``) and test sketches (``(s + c + q) x n``), the column sums and the Gram
+    matrix ``Y^T Y``.
 
     Raises
     ------
     TypeError
-        ``sketch`` is not a StreamingSVD.
+        ``sketch`` is not a StreamingSVD (on that rank; the others raise ValueError).
     ValueError
-        The ranks' configurations (sizes, seed, centring, dtype) differ; the sketch was already reduced; a
-        rank saw no rows and has no ``dtype``.
+        The ranks' configurations (sizes, seed, centring, ``keep_u``, dtype) differ; their row ranges
+        ``[row_offset, row_offset + rows seen)`` overlap; the sketch was already reduced; a rank saw no
+        rows and has no ``dtype``. Raised on every rank.
     """
-    if not isinstance(sketch, StreamingSVD):
-        raise TypeError(f"sketch must be a lowrank.StreamingSVD, got {type(sketch).__name__}")
-    if sketch._reduced_rows is not None:
-        raise ValueError("this sketch was already reduced")
-    _group_info(group)
-    buffers = sketch._sum_buffers()
-    config = (sketch.n_features, sketch.k, sketch.sketch, sketch.core, sketch.n_test, sketch.seed)
-    config += (int(sketch.center), int(sketch.keep_u), int(sketch.dtype == torch.float64))
-    digest = hashlib.blake2b(repr(config).encode(), digest_size=8).digest()
-    h = float(int.from_bytes(digest, "little") % (1 << 20))
-    header = torch.tensor(
-        [float(sketch.n_rows), 1.0, h, h * h], dtype=torch.float64, device=buffers[0].device
+    rank, world = _group_info(group)
+    error: Exception | None = None
+    try:
+        local = _sketch_header(sketch)
+    except (TypeError, ValueError) as bad:
+        error, local = bad, [0] * (len(_SKETCH_CONFIG) + 2)
+    device = torch.device("cpu")
+    if error is None and sketch.device is not None:
+        device = sketch.device
+    table = _agree(rank, world, group, device, local, error)  # raises on every rank if one failed
+    width = len(_SKETCH_CONFIG)
+    differ = [name for col, name in enumerate(_SKETCH_CONFIG, 1) if (table[:, col] != table[0, col]).any()]
+    if differ:
+        raise ValueError(
+            f"the ranks' StreamingSVD configurations (sizes, seed, center, dtype) differ: {', '.join(differ)}"
+        )
+    ranges = sorted(
+        (int(start), int(start) + int(rows)) for start, rows in table[:, width + 1 :].tolist() if rows > 0
     )
-    flat = _all_reduce(torch.cat([header] + [b.reshape(-1) for b in buffers]), group, "sketch")
-    rows, world, hsum, hsq = (float(x) for x in flat[:4])
-    # all configurations equal iff (sum h)^2 == P sum h^2 (Cauchy-Schwarz); exact in float64 for h < 2^20
-    if hsum * hsum != world * hsq:
-        raise ValueError("the ranks' StreamingSVD configurations (sizes, seed, center, dtype) differ")
-    offset = 4
+    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:]):
+        if next_lo < hi:
+            raise ValueError(
+                f"the ranks' row ranges [row_offset, row_offset + rows) overlap ([{lo}, {hi}) and "
+                f"[{next_lo}, ...)): give each rank the global index of its first row as row_offset"
+            )
+    buffers = sketch._sum_buffers()
+    flat = _all_reduce(torch.cat([b.reshape(-1) for b in buffers]), group, "sketch")
+    offset = 0
     for b in buffers:
         b.copy_(flat[offset : offset + b.numel()].view_as(b))
         offset += b.numel()
-    sketch._reduced_rows = int(rows)
+    sketch._reduced_rows = int(table[:, -1].sum())
     return sketch
 
 
@@ -678,6 +717,8 @@ def pca(
         of the local samples: ``result.transform(X_local)``.
     """
     error: Exception | None = None
+    k, oversample, n_iter = python_number(k), python_number(oversample), python_number(n_iter)
+    center = python_number(center)
     if method not in _PCA_METHODS:
         error = ValueError(f"method must be one of {_PCA_METHODS}, got {method!r}")
     elif not isinstance(center, bool):

@@ -183,12 +183,12 @@ def low_rank_factor(
         raise ValueError(f"method must be 'svd' or 'rsvd', got {method!r}")
     if balance not in ("sqrt", "left", "right"):
         raise ValueError(f"balance must be 'sqrt', 'left' or 'right', got {balance!r}")
-    if not bool(torch.isfinite(W).all()):
+    work = W if W.dtype in (torch.float32, torch.float64) else W.to(torch.float32)  # fp16/bf16/fp8
+    if not bool(torch.isfinite(work).all()):
         raise ValueError("W contains NaN or Inf")
 
     from lowrank.svd import rsvd, svd
 
-    work = W if W.dtype in (torch.float32, torch.float64) else W.to(torch.float32)
     if method == "svd":
         U, S, Vh = svd(work, r)
     else:
@@ -206,7 +206,9 @@ def low_rank_factor(
     # float16 tops out at 65504: the factors of a finite W can exceed it (balance="left"/"right" put a whole
     # singular value into one factor), which must not come back as silent inf
     for name, value in (("B", B), ("A", A), ("residual", residual)):
-        if value is not None and not bool(torch.isfinite(value).all()):
+        if value is not None and not bool(
+            torch.isfinite(value if value.element_size() > 1 else value.float()).all()
+        ):
             raise ValueError(
                 f"the factor {name} overflows W's dtype {W.dtype} (largest singular value "
                 f"{float(S[0]):.3g}, balance={balance!r}); use balance='sqrt' or a wider dtype"

@@ -124,6 +124,15 @@ def write_safetensors(
     metadata : dict of str to str, optional
         Stored under ``__metadata__``; ``{"format": "pt"}`` is added as transformers expects.
 
+    Raises
+    ------
+    TypeError
+        Metadata keys or values that are not ``str``, tensor names that are not ``str``, a dtype safetensors
+        has no code for, a produced value that is not a dense (strided) tensor.
+    ValueError
+        A duplicate tensor name or the name ``"__metadata__"``, a produced tensor on the meta device or of
+        another dtype or shape than declared. The destination is then left as it was.
+
     Notes
     -----
     The format is an 8-byte little-endian header length, a JSON header mapping each name to its dtype, shape
@@ -141,10 +150,23 @@ def write_safetensors_to(
 
     See :func:`write_safetensors` for the format.
     """
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    for key, value in (metadata or {}).items():
+        # readers (safetensors, transformers) refuse a header whose metadata holds anything but strings
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(
+                f"metadata must map str to str (safetensors readers refuse other values), got "
+                f"{key!r}: {type(value).__name__}"
+            )
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     seen: set[str] = set()
     for entry in entries:
+        if not isinstance(entry.name, str):
+            raise TypeError(f"entries: tensor names must be str, got {entry.name!r}")
+        if entry.name == "__metadata__":
+            raise ValueError("entries: '__metadata__' is the header's metadata key, not a tensor name")
         if entry.name in seen:
             raise ValueError(f"entries: duplicate tensor name {entry.name!r}")
         seen.add(entry.name)
@@ -164,6 +186,11 @@ def write_safetensors_to(
     f.write(header_bytes)
     for entry in entries:
         tensor = entry.produce()
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            what = type(tensor).__name__ if not isinstance(tensor, torch.Tensor) else str(tensor.layout)
+            raise TypeError(f"entries: tensor {entry.name!r} must be a dense (strided) tensor, got {what}")
+        if tensor.device.type == "meta":
+            raise ValueError(f"entries: tensor {entry.name!r} is on the meta device (it has no data)")
         if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
             raise ValueError(
                 f"tensor {entry.name!r}: produced {tensor.dtype} {tuple(tensor.shape)}, "

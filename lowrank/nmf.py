@@ -228,7 +228,8 @@ def nmf(
     ----------
     X : Tensor (dense or sparse), numpy array or scipy.sparse matrix, shape (m, n)
         Non-negative data (float32 or float64). Sparse X is never densified: the solver only needs
-        ``X @ Hᵀ`` and ``Xᵀ @ W``.
+        ``X @ Hᵀ`` and ``Xᵀ @ W``. A tensor that requires grad is read detached (no gradient flows
+        through the iterations).
     k : int
         Number of components, >= 1 (``k <= min(m, n)`` for the NNDSVD initialisations).
     init : {"nndsvd", "nndsvda", "random"}
@@ -275,6 +276,8 @@ def nmf(
     ConvergenceWarning
         When ``max_iter`` iterations ran without meeting ``tol`` (``tol > 0``), as scikit-learn warns.
     """
+    if isinstance(X, torch.Tensor) and X.requires_grad:
+        X = X.detach()  # the iterations run in place: NMF is not differentiable through them
     data = _Data(X)
     X = data.X
     m, n = data.shape

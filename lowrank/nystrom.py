@@ -117,7 +117,9 @@ def nystrom(
     # eigenvalues multiplied back, so that the Gram, Cholesky and SVD steps work at any scale (a PSD matrix
     # of order 1e300 failed its Cholesky factorisation as "not positive semidefinite").
     largest = float(Y.abs().amax())
-    exponent = math.frexp(largest)[1] if largest > 0 else 0
+    if largest == 0:  # A Omega = 0: the Nystrom approximation Y (Omega^T Y)^+ Y^T is exactly zero
+        return omega[:, :k].contiguous(), torch.zeros(k, dtype=dtype, device=device)
+    exponent = math.frexp(largest)[1]
     if exponent:
         Y = torch.ldexp(Y, torch.tensor(-exponent, device=device))
     eps = torch.finfo(dtype).eps

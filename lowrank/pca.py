@@ -6,7 +6,16 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lowrank._linop import CenteredOp, DenseOp, SparseOp, as_linop, check_seed, check_tensor, no_autocast
+from lowrank._linop import (
+    CenteredOp,
+    DenseOp,
+    SparseOp,
+    as_linop,
+    check_seed,
+    check_tensor,
+    no_autocast,
+    python_number,
+)
 from lowrank.factor import _check_rank
 from lowrank.svd import rsvd, svd
 
@@ -188,7 +197,12 @@ def pca(
         Number of components, ``1 <= k <= min(n_samples, n_features)``.
     center : bool
         Remove the column means first (PCA). ``False`` gives the uncentred decomposition (what
-        TruncatedSVD / LSA compute); ``mean`` is then zero.
+        TruncatedSVD / LSA compute: the same ``components`` and ``singular_values``); ``mean`` is then
+        zero, ``explained_variance`` is ``S²/(n_samples − 1)`` and ``explained_variance_ratio`` is
+        ``S²/‖X‖_F²`` (second moments about zero). These are *not* TruncatedSVD's ``explained_variance_``
+        and ``explained_variance_ratio_``, which are the variances of the score columns about their means
+        over the total variance of the centred columns; compute those from ``result.transform(X)`` if
+        needed.
     method : {"auto", "exact", "randomized"}
         ``"exact"``: full SVD (``lowrank.svd``), O(mn·min(m, n)), densifies sparse input. ``"randomized"``:
         ``lowrank.rsvd``, O(mnk) per pass, accurate when the spectrum decays. ``"auto"`` follows
@@ -229,6 +243,7 @@ def pca(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    center = python_number(center)  # np.bool_ too
     if not isinstance(center, bool):
         raise TypeError(f"center must be a bool, got {type(center).__name__}")
     seed = check_seed(seed)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from lowrank._linop import check_tensor, no_autocast, python_number
+from lowrank._linop import check_tensor, compute_dtype, no_autocast, python_number
 
 __all__ = ["cholesky_qr"]
 
@@ -216,10 +216,12 @@ def cholesky_qr(
         raise TypeError(f"shift must be None, a bool or a float, got {type(shift).__name__}")
     if not isinstance(shift, bool) and isinstance(shift, (int, float)) and not 0 <= shift < math.inf:
         raise ValueError(f"shift must be >= 0 and finite, got {shift}")
-    if X.dtype in (torch.float16, torch.bfloat16):
-        X = X.float()
+    if compute_dtype(X.dtype, "X") != X.dtype:  # fp16/bf16/fp8 -> fp32, complex32 -> complex64
+        X = X.to(compute_dtype(X.dtype, "X"))
     if not bool(torch.isfinite(X).all()):
         raise ValueError("X contains NaN or Inf entries")
+    if X.numel() == 0:  # an empty batch of matrices: empty factors of the right shapes
+        return _householder(X)
 
     u = _unit_roundoff(X.dtype)
     use_shift = shift is True or (not isinstance(shift, bool) and isinstance(shift, (int, float)))

@@ -48,7 +48,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowrank._linop import _from_numpy_or_scipy, as_linop, check_seed, compute_dtype, no_autocast
+from lowrank._linop import (
+    _from_numpy_or_scipy,
+    as_linop,
+    check_seed,
+    compute_dtype,
+    no_autocast,
+    python_number,
+)
 from lowrank._ops import floyd_distinct, range_gram, sparse_sign_add_
 from lowrank.svd import SVDResult
 
@@ -119,6 +126,61 @@ def _sign_fix(PV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = PV.abs().argmax(dim=0, keepdim=True)
     sign = torch.where(torch.gather(PV, 0, idx) < 0, -1.0, 1.0).to(PV.dtype)
     return PV * sign, sign
+
+
+def _check_state(sk: StreamingSVD, state: Any) -> None:
+    """Everything :meth:`StreamingSVD.load_state_dict` reads, checked before it changes anything: a state
+    with a missing or mistyped entry (a corrupted or hand-edited file) raises ``ValueError`` naming it and
+    leaves ``sk`` as it was."""
+    if not isinstance(state, dict) or "version" not in state:
+        raise ValueError("state is not a StreamingSVD.state_dict()")
+    if state["version"] != _STATE_VERSION:
+        return  # load_state_dict says which versions differ
+    for name in (*sk._CONFIG, "n_rows", "dtype", "sketches", "Y"):
+        if name not in state:
+            raise ValueError(f"state lacks {name!r}")
+    counts = {name: python_number(state[name]) for name in ("n_rows", "row_offset")}
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"state has {name}={state[name]!r}, expected an int >= 0")
+    if state["dtype"] not in (None, "float32", "float64"):
+        raise ValueError(f"state has dtype={state['dtype']!r}, expected 'float32' or 'float64'")
+    sketches, Y = state["sketches"], state["Y"]
+    if sketches is None:
+        if counts["n_rows"] != 0 or Y is not None:
+            raise ValueError("state has no sketches but rows or a range sketch Y")
+        return
+    if state["dtype"] is None:
+        raise ValueError("state has sketches but dtype=None")
+    s, c, q, n = sk.sketch, sk.core, sk.n_test, sk.n_features
+    shapes = {"sketch": (s + c + q + 1, n), "G": (s, s), "rowsum": (s + c + q,), "ysum": (s,)}
+    if not isinstance(sketches, dict) or set(sketches) != set(shapes):
+        got = sorted(sketches) if isinstance(sketches, dict) else type(sketches).__name__
+        raise ValueError(f"state sketches must be a dict with keys {sorted(shapes)}, got {got}")
+    for key, shape in shapes.items():
+        value = sketches[key]
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.shape != shape:
+            what = (
+                f"{value.dtype} {tuple(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else type(value).__name__
+            )
+            raise ValueError(f"state sketch {key!r} must be a floating tensor of shape {shape}, got {what}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"state sketch {key!r} holds NaN or Inf entries")
+    if Y is not None:
+        if (
+            not isinstance(Y, torch.Tensor)
+            or Y.dim() != 2
+            or Y.shape[1] != s
+            or not Y.dtype.is_floating_point
+        ):
+            what = f"{Y.dtype} {tuple(Y.shape)}" if isinstance(Y, torch.Tensor) else type(Y).__name__
+            raise ValueError(f"state's range sketch Y must be a floating (rows x {s}) tensor, got {what}")
+        if Y.shape[0] != counts["n_rows"] or not bool(torch.isfinite(Y).all()):
+            raise ValueError("state's kept range sketch Y does not match its row count or is not finite")
+    elif sk.keep_u and counts["n_rows"] > 0:
+        raise ValueError("state's kept range sketch Y does not match its row count (keep_u=True, Y is None)")
 
 
 class StreamingSVD:
@@ -225,6 +287,14 @@ class StreamingSVD:
         seed: int | None = None,
         row_offset: int = 0,
     ) -> None:
+        center, keep_u = python_number(center), python_number(keep_u)  # np.bool_ too
+        if device is not None and not isinstance(device, torch.device):
+            try:
+                device = torch.device(device)
+            except (TypeError, RuntimeError) as error:
+                raise ValueError(
+                    f"device must be a torch.device or a name such as 'cuda:0', got {device!r}"
+                ) from error
         n = _check_int(n_features, "n_features", 1)
         k = _check_int(k, "k", 1)
         if k > n:
@@ -396,7 +466,8 @@ class StreamingSVD:
         """Add a block of rows (``b x n``): dense tensor, ``torch.sparse``, ndarray or ``scipy.sparse``.
 
         Rows are appended after those seen so far. The block is read once (two products); NaN/Inf in it
-        raise ``ValueError`` before anything is added, so a bad block leaves the state as it was.
+        raise ``ValueError`` before anything is added, so a bad block leaves the state as it was. A block
+        that requires grad is read detached (the sketch is not differentiable).
 
         Raises
         ------
@@ -405,6 +476,8 @@ class StreamingSVD:
         TypeError
             Unsupported type, non-real-float dtype, or a dtype other than the stream's (``dtype=None``).
         """
+        if isinstance(block, torch.Tensor) and block.requires_grad:
+            block = block.detach()  # the sketches are data, not part of an autograd graph
         if self._reduced_rows is not None:
             raise ValueError("update() after lowrank.distributed.reduce_sketch: the sketch is already summed")
         if getattr(block, "ndim", None) == 2 and block.shape[0] == 0 and block.shape[1] == self.n_features:
@@ -616,10 +689,9 @@ class StreamingSVD:
         Raises
         ------
         ValueError
-            Configuration mismatch, or a malformed state.
+            Configuration mismatch, or a malformed state (then this instance is left as it was).
         """
-        if not isinstance(state, dict) or "version" not in state:
-            raise ValueError("state is not a StreamingSVD.state_dict()")
+        _check_state(self, state)
         if state["version"] != _STATE_VERSION:
             raise ValueError(
                 f"state is a StreamingSVD.state_dict() of version {state['version']!r}, this is version "
@@ -759,8 +831,8 @@ def stream_rsvd(
 ) -> SVDResult:
     """:func:`lowrank.rsvd` of a row-block stream: one pass through :class:`StreamingSVD`.
 
-    ``oversample`` sets the sketch size ``k + oversample`` (default ``k + 1``, i.e. ``2k + 1``); ``tol``,
-    ``n_iter > 0`` and ``method`` other than ``"auto"`` need several passes and raise ``ValueError``.
+    ``oversample`` sets the sketch size ``k + oversample`` (default: StreamingSVD's ``min(4k + 1, n)``);
+    ``tol``, ``n_iter > 0`` and ``method`` other than ``"auto"`` need several passes and raise ``ValueError``.
     """
     if tol is not None:
         raise ValueError("tol (fixed precision) needs several passes; a row-block stream allows one")

@@ -563,6 +563,7 @@ def rsvd(
     """
     from lowrank.sketch import is_row_stream, stream_rsvd  # sketch.py imports this module
 
+    center = python_number(center)  # np.bool_ too
     if is_row_stream(A):  # row blocks, shard paths, a large memmap: one pass (lowrank.sketch)
         if block_size is not None:
             raise ValueError("block_size is a multi-pass (Krylov) option; row-block streams take one pass")
@@ -1438,9 +1439,21 @@ def svd_error(
         check_tensor(value, name)
         if value.numel() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contains NaN or Inf entries")
-    if U.shape[-2] != m or Vh.shape[-1] != n or U.shape[-1] != S.shape[-1] or Vh.shape[-2] != S.shape[-1]:
+    batch = tuple(op.batch_shape)
+    if (
+        U.dim() < 2
+        or Vh.dim() < 2
+        or S.dim() < 1
+        or U.shape[-2] != m
+        or Vh.shape[-1] != n
+        or U.shape[-1] != S.shape[-1]
+        or Vh.shape[-2] != S.shape[-1]
+        or not tuple(U.shape[:-2]) == tuple(S.shape[:-1]) == tuple(Vh.shape[:-2]) == batch
+    ):  # the batch dimensions too: a diag(S) matrix for S broadcast into a batch of wrong estimates
         raise ValueError(
             f"U {tuple(U.shape)}, S {tuple(S.shape)}, Vh {tuple(Vh.shape)} do not factor an {m}x{n} matrix"
+            + (f" (batch {batch})" if batch else "")
+            + ": expected (..., m, k), (..., k), (..., k, n)"
         )
     U, S, Vh = (t.to(device=op.device, dtype=op.dtype) for t in (U, S, Vh))
     gen = _generator(seed, op.device)

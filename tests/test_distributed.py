@@ -593,3 +593,18 @@ def test_distributed_rsvd_bad_input(single_rank, fn, error, match):
 @pytest.mark.parametrize("fn, error, match", [r[1:] for r in DIST_PCA_BAD], ids=[r[0] for r in DIST_PCA_BAD])
 def test_distributed_pca_bad_input(single_rank, fn, error, match):
     check_bad(fn, error, match)
+
+
+def test_distributed_numpy_integer_arguments(single_rank):
+    """Found by a user test: ``k=np.int64(3)`` was refused ("k must be an int, got int64") by the distributed
+    rsvd and pca, which lowrank.rsvd / lowrank.pca accept (center=np.True_ likewise); the results equal those
+    of Python ints."""
+    import lowrank.distributed as ld
+
+    A = _test_matrix(120, 40, 0.8, dtype=torch.float64)
+    ref = ld.rsvd(A, 3, oversample=4, n_iter=2, seed=0)
+    got = ld.rsvd(A, np.int64(3), oversample=np.int64(4), n_iter=np.int32(2), seed=0)
+    torch.testing.assert_close(got.S, ref.S, rtol=0, atol=0)
+    S = torch.linalg.svdvals(A - A.mean(0))[:3]
+    pcs = ld.pca(A, np.int64(3), seed=0, method="randomized", n_iter=np.int64(4), center=np.True_)
+    torch.testing.assert_close(pcs.singular_values, S, rtol=1e-10, atol=0)

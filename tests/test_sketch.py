@@ -478,6 +478,19 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
             lowrank.distributed.reduce_sketch(bad)
         except ValueError as error:
             results["mismatch"] = str(error)
+        # found by a user test: sketches of different sizes (k differs) made gloo abort the process in the
+        # all-reduce; overlapping row ranges were summed silently; a bad argument on one rank left the
+        # other waiting in the collective. Each is now a ValueError/TypeError on every rank, in step.
+        cases = {
+            "k": lambda: StreamingSVD(40, 5 + rank, seed=7, row_offset=lo).update(A[lo:hi]),
+            "overlap": lambda: StreamingSVD(40, 5, seed=7).update(A[lo:hi]),
+            "type": lambda: StreamingSVD(40, 5, seed=7, row_offset=lo).update(A[lo:hi]) if rank == 0 else "x",
+        }
+        for name, make in cases.items():
+            try:
+                lowrank.distributed.reduce_sketch(make())
+            except (TypeError, ValueError) as error:
+                results[f"bad_{name}"] = f"{type(error).__name__}: {error}"
     except BaseException:
         results["crash"] = traceback.format_exc()
     finally:
@@ -512,7 +525,11 @@ def test_distributed_reduce_equals_single_process(tmp_path):
         torch.testing.assert_close(S, ref.S, rtol=1e-9, atol=0)
         torch.testing.assert_close(Vh, ref.Vh, rtol=0, atol=1e-9)
         assert abs(res["estimate"] - single.error_estimate()) < 1e-10
-        assert res["calls"] == 1  # one all-reduce
+        assert res["calls"] == 2  # one all-gather of the 12-int64 header, one all-reduce of the sketches
         assert "already summed" in res["after"] and "differ" in res["mismatch"]
+        assert res["bad_k"].startswith("ValueError") and "differ: k, sketch, core" in res["bad_k"]
+        assert res["bad_overlap"].startswith("ValueError") and "overlap" in res["bad_overlap"]
+        expected = "ValueError: invalid arguments on rank(s) [1]" if rank == 0 else "TypeError: sketch must"
+        assert res["bad_type"].startswith(expected)
         U_parts.append(U)
     torch.testing.assert_close(torch.cat(U_parts), ref.U, rtol=0, atol=1e-9)
