@@ -78,7 +78,7 @@ SPARSITY = 8
 _STATE_VERSION = 3
 
 #: Bytes of a block's rows per GEMM call of :meth:`StreamingSVD.update` on the CPU (see :func:`gemm_rows`).
-GEMM_BYTES = 1 << 22
+GEMM_BYTES = 1 << 23
 
 
 def gemm_rows(n: int, itemsize: int, rows: int | None = None) -> int:
