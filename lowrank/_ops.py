@@ -650,9 +650,10 @@ def range_gram(
     -----
     Cost ``2 b n s`` (GEMM) + ``2 b s^2`` (float64 Gram) flops, ``block`` read once. On CPU
     (``csrc/cpu/range_gram.cpp``) each thread takes a run of whole chunks and runs their GEMMs on one thread
-    each (no barrier per chunk, and a chunk of a few MiB stays in cache for its Gram matrix); on 2 cores this
-    took 0.9x the time of one 2-thread GEMM call for the pair, against ~1.2x for one GEMM call plus one Gram
-    call. Other devices: one GEMM and one float64 ``mm`` (``chunk_rows`` is then only checked).
+    each (no barrier per chunk, and a chunk of a few MiB stays in cache for its Gram matrix); on 2 cores
+    (5000 x 3000 float32 blocks, s = 161, chunks of 700 rows) this took 0.98x the time of one 2-thread GEMM
+    call for the pair, against 1.16x for one GEMM call plus one Gram call. Other devices: one GEMM and one
+    float64 ``mm`` (``chunk_rows`` is then only checked).
     """
     _raise_not_tensor("range_gram", block=block, omega=omega, out=out)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):

@@ -86,10 +86,11 @@ def gemm_rows(n: int, itemsize: int, rows: int | None = None) -> int:
     :data:`GEMM_BYTES` of the block, at least 256 rows; for a block of ``rows`` rows with fewer such chunks
     than torch threads, ``ceil(rows / threads)`` (at least 16) so that every thread gets one. Threads take
     runs of whole chunks, each chunk's GEMM on one thread (no barrier per chunk), so the result depends on
-    the chunks alone: on the thread count only through that small-block rule. One MKL call on a
-    ``5000 x 3000`` float32 block took 10-25% longer than calls on such chunks with one thread; with two,
-    one call each for the GEMM and the float64 Gram took ~1.2x the time of the GEMM call, the chunks' pair
-    0.9x."""
+    the chunks alone: on the thread count only through that small-block rule. On ``5000 x 3000``
+    float32 blocks (``s = 161``, 2 cores, quiet, 30 interleaved rounds) GEMM + Gram took 0.85x (1 thread)
+    / 0.98x (2 threads) the time of one GEMM call per block in chunks of 700 rows (8 MiB), 0.87x / 1.02x
+    in chunks of 349, against 0.89x / 1.16x for the former path (chunked GEMM with one thread, one call
+    with two, then one Gram call)."""
     step = max(256, GEMM_BYTES // max(1, n * itemsize))
     threads = torch.get_num_threads()
     if rows is not None and threads > 1 and -(-rows // step) < threads:
@@ -225,21 +226,21 @@ class StreamingSVD:
     the cost and the memory of ``Y`` but measured up to 1.56x the optimal error at ``k = 10`` on a
     ``0.9^i`` spectrum (1.01x with the default; ``tests/test_sketch.py``).
     Per block of ``b`` rows the cost is one GEMM ``Y_b = A_b Omega`` (``2 b n s`` flops: the floor of any
-    one-pass sketch of width ``s``; on the CPU with one thread in calls of :func:`gemm_rows` rows, into a
-    buffer reused across blocks when ``U`` is not kept), the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64
-    so that small singular values keep the data's precision), and one pass of
+    one-pass sketch of width ``s``) and the float64 Gram ``Y_b^T Y_b`` (``2 b s^2``; float64 so that small
+    singular values keep the data's precision), both per row chunk of :func:`gemm_rows` rows on the CPU
+    (:func:`lowrank._ops.range_gram`: threads take runs of whole chunks, each chunk's GEMM on one thread;
+    ``Y`` goes to a buffer reused across blocks when ``U`` is not kept), and one pass of
     :func:`lowrank._ops.sparse_sign_add_` over the block for ``[Psi A; Phi A; Theta A; 1^T A]`` (``zeta_s +
     zeta_c = 16`` signed adds and ``q + 1`` dense multiply-adds per entry, summed per target row in
     registers); each row is read twice (the GEMM, the sign maps). :meth:`result` adds ``2 c (c + s) n`` for
     ``Z`` and ``Phi Y`` (kept, with ``Xi``, until the next update: :meth:`error_estimate` reuses it). Sparse
     blocks stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional
-    to the block's nonzeros). Measured on 2 shared CPU cores, 1 thread, CPU time, ``5000 x 3000`` float32
-    blocks, ``k = 40``, in units of one GEMM ``A_b G`` per block (``F``, the issue's floor): the chunked GEMM
-    0.75-0.8, sign maps with ``Theta``/ones 0.28-0.3, Gram 0.10, draws 0.02-0.03, :meth:`result` +
-    :meth:`error_estimate` ~1-2 ``F`` once per stream. The 100000-row stream (``benchmarks/bench_sketch.py
-    --full``, in-call time, generation excluded): 1.31x ``F`` with ``keep_u=False``, 1.33x with ``U`` kept
-    (1.58x/1.56x before the chunked GEMM and the kept reconstruction); against the same GEMM in row chunks
-    (0.80 ``F``), 1.63x and 1.66x.
+    to the block's nonzeros). Measured on 2 CPU cores, quiet, ``5000 x 3000`` float32 blocks, ``k = 40``, in
+    units of one GEMM ``A_b G`` per block (``F``, the issue's floor): GEMM + Gram 0.85 (1 thread) / 0.98
+    (2 threads), sign maps with ``Theta``/ones 0.29 / 0.35-0.42, draws 0.05-0.07, :meth:`result` +
+    :meth:`error_estimate` 0.05-0.09 per block. The 100000-row stream (in-call time, generation excluded;
+    ``benchmarks/bench_sketch.py --full``): 1.30x ``F`` with ``keep_u=False``, 1.35x with ``U`` kept at 1
+    thread; 1.6-1.8x at 2 threads (the sign-map pass scales less than the GEMM).
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is
