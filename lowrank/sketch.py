@@ -144,6 +144,9 @@ def _check_state(sk: StreamingSVD, state: Any) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"state has {name}={state[name]!r}, expected an int >= 0")
+    reduced = python_number(state.get("reduced_rows"))  # absent in states saved before it was kept
+    if reduced is not None and (isinstance(reduced, bool) or not isinstance(reduced, int) or reduced < 0):
+        raise ValueError(f"state has reduced_rows={state['reduced_rows']!r}, expected None or an int >= 0")
     if state["dtype"] not in (None, "float32", "float64"):
         raise ValueError(f"state has dtype={state['dtype']!r}, expected 'float32' or 'float64'")
     sketches, Y = state["sketches"], state["Y"]
@@ -675,6 +678,7 @@ class StreamingSVD:
         state: dict[str, Any] = {name: getattr(self, name) for name in self._CONFIG}
         state["version"] = _STATE_VERSION
         state["n_rows"] = self.n_rows
+        state["reduced_rows"] = self._reduced_rows  # rows of all ranks after a distributed reduce, else None
         state["dtype"] = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
         state["dtype_fixed"] = self._dtype_fixed
         state["sketches"] = None if self._acc is None else {key: t.clone() for key, t in self._acc.items()}
@@ -709,6 +713,8 @@ class StreamingSVD:
         if self._seed_drawn and state["seed"] != self.seed:
             self.seed = check_seed(state["seed"], allow_generator=False)
             self._forget_derived()
+        reduced = python_number(state.get("reduced_rows"))
+        self._reduced_rows = None if reduced is None else int(reduced)
         if state["sketches"] is None:
             self._acc, self._Y, self.n_rows = None, [], 0
             return self

@@ -297,14 +297,9 @@ def test_streaming_float64_at_tiny_scales(scale):
     assert float((sk.result().S / scale - reference).abs().max() / reference[0]) < 1e-3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sketch.py state_dict/load_state_dict: the summed row count of lowrank.distributed.reduce_sketch "
-    "(_reduced_rows) is not saved, so a reduced sketch reloads as one of its rank's rows only: centring "
-    "divides by the local count (S off by 65 here) and update() is accepted again (fix: state_dict writes "
-    "'reduced_rows', load_state_dict restores _reduced_rows from it, None when absent)",
-)
 def test_streaming_state_of_a_reduced_sketch_round_trips():
+    """The summed row count of lowrank.distributed.reduce_sketch was not saved: a reduced sketch reloaded as
+    one rank's rows (centring divided by the local count, S off by 65) and update() was accepted again."""
     A = _low_rank_rows(900, 40, 6) + 3.0
     whole = lowrank.StreamingSVD(40, 5, seed=4, center=True).update(A)
     top = lowrank.StreamingSVD(40, 5, seed=4, center=True).update(A[:500])
@@ -317,6 +312,12 @@ def test_streaming_state_of_a_reduced_sketch_round_trips():
     torch.testing.assert_close(back.result().S, whole.result().S, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="already summed"):
         back.update(A[:3])
+    # a state without the entry (saved before it was kept) loads as not reduced; a bad one is named
+    old = top.state_dict()
+    del old["reduced_rows"]
+    assert lowrank.StreamingSVD(40, 5, seed=4, center=True).load_state_dict(old)._reduced_rows is None
+    with pytest.raises(ValueError, match="reduced_rows"):
+        lowrank.StreamingSVD(40, 5, seed=4, center=True).load_state_dict({**old, "reduced_rows": -1})
 
 
 def _completion_problem():
@@ -540,17 +541,11 @@ def test_hybrid_sparse_coo_inputs():
     torch.testing.assert_close(W @ H, W0 @ H0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="svd.py engine: float32 data whose singular values are still within float32's range (sigma_1 = "
-    "9e37 at scale 3e35, 3e38 at 1e36) make rsvd raise torch's _LinAlgError ('linalg.eigh: failed to "
-    "converge' for method='subspace', 'linalg.svd: ... non-finite values' for 'auto'/'krylov'): "
-    "intermediate Gram/power products overflow, while lowrank.svd and StreamingSVD return the right values "
-    "(fix: divide A by a power of two near max |A| inside rsvd -- a scaled operator, exact -- and multiply "
-    "S back, as nystrom/nmf/als do; at least a ValueError naming A)",
-)
 @pytest.mark.parametrize("scale, method", [(3e35, "subspace"), (1e36, "auto"), (1e36, "krylov")])
 def test_rsvd_float32_near_the_top_of_its_range(scale, method):
+    """float32 data with sigma_1 = 9e37-3e38 (within range) made rsvd raise torch's _LinAlgError from
+    overflowing intermediate products; it now reruns on A over a power of two and scales S back. NaN data
+    still raise ValueError naming A."""
     rng = np.random.default_rng(0)
     D = rng.standard_normal((300, 8)) @ rng.standard_normal((8, 200))
     A = torch.tensor(D * scale, dtype=torch.float32)
@@ -558,6 +553,10 @@ def test_rsvd_float32_near_the_top_of_its_range(scale, method):
     assert bool(torch.isfinite(exact).all())
     got = lowrank.rsvd(A, 5, seed=0, method=method).S.double()
     torch.testing.assert_close(got / scale, exact / scale, rtol=1e-5, atol=0)
+    bad = A.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        lowrank.rsvd(bad, 5, seed=0, method=method)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32])
