@@ -612,12 +612,27 @@ def rsvd(
         op = CenteredOp(op)
     if transpose:
         op = TransposedOp(op)  # after the centring: A's column means stay what is removed
-    if tol is not None:
-        if len(op.batch_shape):
-            raise ValueError("tol (fixed-precision mode) needs a 2-D A, got a batch of matrices")
-        result = _fixed_precision(op, float(tol), cap, oversample, n_iter, gen)
-    else:
-        result = _fixed_rank(op, k, oversample, n_iter, method, gen, block_size)
+    if tol is not None and len(op.batch_shape):
+        raise ValueError("tol (fixed-precision mode) needs a 2-D A, got a batch of matrices")
+    try:
+        if tol is not None:
+            result = _fixed_precision(op, float(tol), cap, oversample, n_iter, gen)
+        else:
+            result = _fixed_rank(op, k, oversample, n_iter, method, gen, block_size)
+    except (ValueError, torch.linalg.LinAlgError):
+        # a finite dense A near the top of its dtype's range can overflow the engine's products (fp32 with
+        # sigma_1 ~ 1e37): rerun on A divided by a power of two (exact), the singular values multiplied back
+        exponent = _overflow_exponent(A)
+        if exponent is None:
+            raise
+        again = rsvd(
+            A * 2.0**-exponent, k, tol=tol, oversample=oversample, n_iter=n_iter, method=method,
+            seed=seed, center=center, block_size=block_size,
+        )  # fmt: skip
+        S = again.S * 2.0**exponent
+        if not bool(torch.isfinite(S).all()):
+            raise ValueError(f"the singular values of A overflow its dtype {S.dtype}") from None
+        return SVDResult(again.U, S, again.Vh)
     if transpose:
         # the SVD of A^H is V S U^H: swap the factors, then A's sign convention (on U) again
         U, Vh = _flip_signs(_adjoint(result.Vh), _adjoint(result.U), inplace=True)
@@ -625,6 +640,17 @@ def rsvd(
     if grad:
         result = _differentiable_ritz(A, result.U, center)
     return result
+
+
+def _overflow_exponent(A: Any) -> int | None:
+    """For a finite dense float ``A`` with ``max|A| >= 2^60``: the exponent ``e`` of a power of two near
+    ``max|A|`` (``A / 2^e`` has entries below 2); ``None`` otherwise (the engine's error stands)."""
+    if not isinstance(A, torch.Tensor) or A.layout != torch.strided or not A.is_floating_point():
+        return None
+    big = A.detach().abs().amax() if A.numel() else torch.zeros(())
+    if not bool(torch.isfinite(big)) or float(big) < 2.0**60:
+        return None
+    return int(math.frexp(float(big))[1])
 
 
 def _differentiable_ritz(A: torch.Tensor, Q: torch.Tensor, center: bool) -> SVDResult:
