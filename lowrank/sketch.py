@@ -503,10 +503,19 @@ class StreamingSVD:
             G = torch.addmm(acc["G"], Yd.mT, Yd)  # Y^T Y, float64 (products of float32 entries are exact)
         ysum = Y.sum(dim=0, dtype=torch.float64)
         # one check (one sync) before anything is added: NaN/Inf in A reach A Omega (a Gaussian has no
-        # zero entry); Y^T Y squares the entries, so a float64 block can overflow it
-        if not bool(torch.isfinite(torch.stack([ysum.sum(), G.abs().amax()])).all()):
+        # zero entry); Y^T Y squares the entries, so a float64 block can overflow it, and a stream of tiny
+        # float64 data (below ~1e-120) can underflow it (to 0 below ~1e-160: S = 0 without a word)
+        scale = torch.stack([ysum.sum(), G.abs().amax()])
+        tiny = (ysum.abs().amax() > 0) & (torch.diagonal(G).amax() < 2.0**-800)
+        if not bool(torch.isfinite(scale).all() & ~tiny):
             if not bool(torch.isfinite(ysum.sum())):
                 raise ValueError("block contains NaN or Inf entries (or its products overflow)")
+            if bool(tiny):
+                raise ValueError(
+                    "block entries are too small: the sketch's Gram matrix Y^T Y underflows float64 "
+                    "(entries below ~1e-120 in every block so far); rescale the data (the SVD of c A is c "
+                    "times that of A)"
+                )
             raise ValueError(
                 "block entries are too large: the sketch's Gram matrix Y^T Y overflows float64 (entries "
                 "beyond ~1e150); rescale the data (the SVD of c A is c times that of A)"
