@@ -26,6 +26,7 @@ def _case(b, n, s, dtype, seed=0):
         (513, 64, 17, 10_000, torch.float32),  # one chunk
         (1000, 12, 5, 10, torch.float32),  # 100 chunks: two groups of at most 64
         (50, 10, 1500, 5, torch.float64),  # a wide sketch: groups of 3 chunks (64 MiB of Gram matrices)
+        (400, 50, 41, 64, torch.float32),  # s >= 32: the Gram matrix by halves, mirrored
     ],
 )
 def test_range_and_gram_match_float64(b, n, s, chunk, dtype):
@@ -38,6 +39,9 @@ def test_range_and_gram_match_float64(b, n, s, chunk, dtype):
     assert gram.dtype == torch.float64 and gram.shape == (s, s)
     yd = out.double()  # the Gram matrix of the rounded result, exact products in float64
     torch.testing.assert_close(gram, yd.mT @ yd, rtol=1e-12, atol=1e-12 * float(gram.abs().max()))
+    if s >= 32:  # the lower left block is the mirrored upper right one
+        h = s // 2
+        assert torch.equal(gram[h:, :h], gram[:h, h:].mT)
     none = range_gram(block, omega, chunk, gram=False, out=torch.empty_like(out))
     assert none.shape == (0, 0)
 

@@ -60,7 +60,21 @@ at::Tensor range_gram_cpu(const at::Tensor& block, const at::Tensor& omega, int6
         at::mm_out(y, block.narrow(0, lo, rows), omega);
         const at::Tensor yd = is_double ? y : scratch.narrow(0, 0, rows).copy_(y);
         at::Tensor part = parts.select(0, c - g0);
-        at::mm_out(part, yd.t(), yd);
+        if (s < 32) {
+          at::mm_out(part, yd.t(), yd);
+          continue;
+        }
+        // the upper rows [Y_1^T Y_1, Y_1^T Y_2] and the lower right Y_2^T Y_2, the lower left mirrored: 3/4 of
+        // the flops of the full product (5000 x 3000 blocks, s = 161, chunks of 700 rows, quiet, 30 interleaved
+        // rounds: GEMM + Gram 0.85 -> 0.83 of the one-GEMM floor with 1 thread, 0.98 -> 0.88 with 2)
+        const int64_t h = s / 2;
+        const at::Tensor y1 = yd.narrow(1, 0, h);
+        const at::Tensor y2 = yd.narrow(1, h, s - h);
+        at::Tensor top = part.narrow(0, 0, h);
+        at::mm_out(top, y1.t(), yd);
+        at::Tensor corner = part.narrow(0, h, s - h).narrow(1, h, s - h);
+        at::mm_out(corner, y2.t(), y2);
+        part.narrow(0, h, s - h).narrow(1, 0, h).copy_(top.narrow(1, h, s - h).t());
       }
     });
     for (int64_t c = g0; c < g1; ++c) sum.add_(parts.select(0, c - g0));
