@@ -90,7 +90,7 @@ def gemm_rows(n: int, itemsize: int, rows: int | None = None) -> int:
     float32 blocks (``s = 161``, 2 cores, quiet, 30 interleaved rounds) GEMM + Gram took 0.85x (1 thread)
     / 0.98x (2 threads) the time of one GEMM call per block in chunks of 700 rows (8 MiB), 0.87x / 1.02x
     in chunks of 349, against 0.89x / 1.16x for the former path (chunked GEMM with one thread, one call
-    with two, then one Gram call)."""
+    with two, then one Gram call); 0.83x / 0.88x once each chunk's Gram came by halves."""
     step = max(256, GEMM_BYTES // max(1, n * itemsize))
     threads = torch.get_num_threads()
     if rows is not None and threads > 1 and -(-rows // step) < threads:
@@ -239,11 +239,11 @@ class StreamingSVD:
     ``Z`` and ``Phi Y`` (kept, with ``Xi``, until the next update: :meth:`error_estimate` reuses it). Sparse
     blocks stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional
     to the block's nonzeros). Measured on 2 CPU cores, quiet, ``5000 x 3000`` float32 blocks, ``k = 40``, in
-    units of one GEMM ``A_b G`` per block (``F``, the issue's floor): GEMM + Gram 0.85 (1 thread) / 0.98
+    units of one GEMM ``A_b G`` per block (``F``, the issue's floor): GEMM + Gram 0.83 (1 thread) / 0.88
     (2 threads), sign maps with ``Theta``/ones 0.29 / 0.35-0.42, draws 0.05-0.07, :meth:`result` +
     :meth:`error_estimate` 0.05-0.09 per block. The 100000-row stream (in-call time, generation excluded;
-    ``benchmarks/bench_sketch.py --full``): 1.30x ``F`` with ``keep_u=False``, 1.35x with ``U`` kept at 1
-    thread; 1.6-1.8x at 2 threads (the sign-map pass scales less than the GEMM).
+    ``benchmarks/bench_sketch.py --full``): 1.25-1.30x ``F`` with ``keep_u=False``, 1.25-1.35x with ``U``
+    kept at 1 thread; 1.6-1.9x at 2 threads (the sign-map pass scales less than the GEMM).
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is
