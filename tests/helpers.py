@@ -1,4 +1,4 @@
-"""Shared test helpers: a tiny Llama config (offline, no download), a matrix seen only through products."""
+"""Shared test helpers: tiny Llama / BERT models (offline), a matrix seen only through products."""
 
 from __future__ import annotations
 
@@ -18,6 +18,23 @@ def tiny_llama_config(vocab_size: int = 128):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+
+
+def tiny_bert_classifier():
+    """A 2-layer BERT sequence classifier (hidden 32, 4 heads, 3 labels) in eval mode, from torch's current
+    random state: modules_to_save targets (the classifier head) beside LoRA targets."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config).eval()
 
 
 class MatrixOperator:

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_bert_classifier
 from safetensors.torch import load_file, save_file
 
 import lowrank
@@ -145,16 +146,7 @@ def test_bias_all_with_modules_to_save_both_ways(tmp_path):
     # PEFT writes the copy's bias twice (<path>.bias and <path>.modules_to_save.bias) and the wrapped
     # original's trained bias as <path>.original_module.bias; the second was refused as an unknown key
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    base = transformers.BertForSequenceClassification(config).eval()
+    base = tiny_bert_classifier()
     peft_config = peft.LoraConfig(
         r=4,
         lora_alpha=8,

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_bert_classifier
 
 import lowrank
 
@@ -28,16 +29,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    base = transformers.BertForSequenceClassification(config).eval()
+    base = tiny_bert_classifier()
     theirs = peft.get_peft_model(
         copy.deepcopy(base),
         peft.LoraConfig(
