@@ -538,21 +538,17 @@ class StreamingSVD:
         self._factor_cache = None
         return self
 
-    def _scratch(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """A ``rows x s`` buffer kept across blocks (grown to the largest block seen): no allocation, and
-        no fresh pages to fault in, per block."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.dtype != dtype or buf.device != self.device:
-            buf = torch.empty(rows, self.sketch, dtype=dtype, device=self.device)
-            self._buffers[name] = buf
-        return buf[:rows]
-
     def _y_buffer(self, rows: int) -> torch.Tensor:
-        """Where ``Y = A Omega`` of a dense block goes: a new tensor when ``U`` is kept, else a buffer reused
-        across blocks."""
+        """Where ``Y = A Omega`` of a dense block goes: a new tensor when ``U`` is kept, else a ``rows x s``
+        buffer kept across blocks (grown to the largest block seen): no allocation, and no fresh pages to
+        fault in, per block."""
         if self.keep_u:
             return torch.empty(rows, self.sketch, dtype=self.dtype, device=self.device)
-        return self._scratch("Y", rows, self.dtype)
+        buf = self._buffers.get("Y")
+        if buf is None or buf.shape[0] < rows or buf.dtype != self.dtype or buf.device != self.device:
+            buf = torch.empty(rows, self.sketch, dtype=self.dtype, device=self.device)
+            self._buffers["Y"] = buf
+        return buf[:rows]
 
     # ------------------------------------------------------------------------------------------ result
 

@@ -644,7 +644,8 @@ def rsvd(
 
 def _overflow_exponent(A: Any) -> int | None:
     """For a finite dense float ``A`` with ``max|A| >= 2^60``: the exponent ``e`` of a power of two near
-    ``max|A|`` (``A / 2^e`` has entries below 2); ``None`` otherwise (the engine's error stands)."""
+    ``max|A|`` (``A / 2^e`` has entries below 1 in magnitude); ``None`` otherwise (the engine's error
+    stands)."""
     if not isinstance(A, torch.Tensor) or A.layout != torch.strided or not A.is_floating_point():
         return None
     big = A.detach().abs().amax() if A.numel() else torch.zeros(())

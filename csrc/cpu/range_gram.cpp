@@ -28,36 +28,26 @@ at::Tensor range_gram_cpu(const at::Tensor& block, const at::Tensor& omega, int6
   const int64_t b = block.size(0);
   const int64_t s = omega.size(1);
   const auto f64 = block.options().dtype(at::kDouble);
-  if (!gram) {
-    // the GEMM alone (the chunked floor of benchmarks/bench_sketch.py), scheduled as below
-    at::parallel_for(0, (b + chunk_rows - 1) / chunk_rows, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * chunk_rows;
-        const int64_t rows = std::min(chunk_rows, b - lo);
-        at::Tensor y = out.narrow(0, lo, rows);
-        at::mm_out(y, block.narrow(0, lo, rows), omega);
-      }
-    });
-    return at::empty({0, 0}, f64);
-  }
-  at::Tensor sum = at::zeros({s, s}, f64);
+  at::Tensor sum = gram ? at::zeros({s, s}, f64) : at::empty({0, 0}, f64);
   if (b == 0 || s == 0) return sum;
   const int64_t chunks = (b + chunk_rows - 1) / chunk_rows;
   // the chunks' Gram matrices are kept for at most `group` chunks at a time (64 MiB of them, 64 chunks, but
-  // one per thread at least), then summed in chunk order: bounded memory for long blocks and wide sketches
+  // one per thread at least), then summed in chunk order: bounded memory for long blocks and wide sketches.
+  // Without the Gram (the chunked floor of benchmarks/bench_sketch.py) all chunks form one group.
   const int64_t fit = std::max<int64_t>(1, (int64_t{64} << 20) / (s * s * static_cast<int64_t>(sizeof(double))));
-  const int64_t group = std::max<int64_t>(at::get_num_threads(), std::min<int64_t>(64, fit));
-  at::Tensor parts = at::empty({std::min(chunks, group), s, s}, f64);
+  const int64_t group = gram ? std::max<int64_t>(at::get_num_threads(), std::min<int64_t>(64, fit)) : chunks;
+  at::Tensor parts = gram ? at::empty({std::min(chunks, group), s, s}, f64) : at::Tensor();
   const bool is_double = block.scalar_type() == at::kDouble;
   for (int64_t g0 = 0; g0 < chunks; g0 += group) {
     const int64_t g1 = std::min(chunks, g0 + group);
     at::parallel_for(g0, g1, 1, [&](int64_t c0, int64_t c1) {
-      at::Tensor scratch = is_double ? at::Tensor() : at::empty({std::min(chunk_rows, b), s}, f64);
+      at::Tensor scratch = (is_double || !gram) ? at::Tensor() : at::empty({std::min(chunk_rows, b), s}, f64);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t lo = c * chunk_rows;
         const int64_t rows = std::min(chunk_rows, b - lo);
         at::Tensor y = out.narrow(0, lo, rows);
         at::mm_out(y, block.narrow(0, lo, rows), omega);
+        if (!gram) continue;
         const at::Tensor yd = is_double ? y : scratch.narrow(0, 0, rows).copy_(y);
         at::Tensor part = parts.select(0, c - g0);
         if (s < 32) {
@@ -77,7 +67,9 @@ at::Tensor range_gram_cpu(const at::Tensor& block, const at::Tensor& omega, int6
         part.narrow(0, h, s - h).narrow(1, 0, h).copy_(top.narrow(1, h, s - h).t());
       }
     });
-    for (int64_t c = g0; c < g1; ++c) sum.add_(parts.select(0, c - g0));
+    if (gram) {
+      for (int64_t c = g0; c < g1; ++c) sum.add_(parts.select(0, c - g0));
+    }
   }
   return sum;
 }
