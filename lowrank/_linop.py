@@ -275,6 +275,15 @@ class DenseOp(LinOp):
             return (Y.mT @ self.A).mT
         return _adjoint(self.A) @ Y
 
+    def rmatmul_into(self, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``A^H Y`` written into a column-major ``out`` (``out.mT`` contiguous, as a slice of columns of a
+        column-major buffer is) for a 2-D real matrix on CPU: the transposed product of :meth:`rmatmul`
+        with its ``(b, n)`` output in place, no copy; a fresh tensor otherwise."""
+        if self._transposed_products and Y.dim() == 2 and out.mT.is_contiguous() and Y.dtype == self.dtype:
+            torch.mm(Y.mT, self.A, out=out.mT)
+            return out
+        return self.rmatmul(Y)
+
     @property
     def _transposed_products(self) -> bool:
         # On CPU, computing the transposed product (X^T A^T)^T, whose output is a row-major (b, m) block

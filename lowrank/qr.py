@@ -50,8 +50,14 @@ def matmul_rows_inplace(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     the GEMM (about 2 us per 4 KiB page). Returns ``X``."""
     rows, cols = X.shape
     step = max(64, (1 << 18) // max(cols, 1))
-    if rows <= step:
-        return X.copy_(X @ M)
+    column_major = X.mT.is_contiguous() and not X.is_contiguous()
+    if rows <= step:  # the product in X's own layout: a straight copy back, not a transposing one
+        return X.copy_(matmul_like(X, M, X))
+    if column_major:  # a row block of a column-major X: its product as the (cols, r) row-major M^T X^T
+        for start in range(0, rows, step):
+            block = X[start : start + step]
+            block.copy_((M.mT @ block.mT).mT)
+        return X
     buffer = torch.empty(step, cols, dtype=X.dtype, device=X.device)
     for start in range(0, rows, step):
         block = X[start : start + step]
