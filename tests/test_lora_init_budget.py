@@ -203,3 +203,46 @@ def test_any_scale_of_the_weight_gives_the_same_relative_result(factor):
     (_, S1, _), _ = svd_module.krylov_until(W, 8, block_size=8, max_iter=3, residual_tol=None)
     (_, S2, _), _ = svd_module.krylov_until(W * factor, 8, block_size=8, max_iter=3, residual_tol=None)
     assert torch.allclose(S2.double() / factor, S1.double(), rtol=1e-4)
+
+
+def test_peft_spelling_pissa_niter_runs_the_budget_path():
+    """``init="pissa_niter_N"`` (inject_lora's batched triplets and a layer's own add_adapter) is PiSSA at
+    PEFT's budget: the factors of ``pissa_factors(n_iter=N)``, more accurate than ``torch.svd_lowrank``
+    at the same products, and the residual exact."""
+    import torch.nn as nn
+
+    import lowrank
+    from lowrank.lora import LoRALinear
+
+    r, n_iter = 4, 2
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 260), nn.ReLU(), nn.Linear(260, 200))
+    with torch.no_grad():
+        model[0].weight.copy_(_trained_like(260, 300, seed=11))
+        model[2].weight.copy_(_trained_like(200, 260, seed=12))
+    original = [model[i].weight.detach().clone() for i in (0, 2)]
+    lowrank.inject_lora(model, ["0", "2"], r=r, alpha=8, init=f"pissa_niter_{n_iter}")
+    for W, index in zip(original, (0, 2)):
+        layer = model[index]
+        assert layer.weight_init["default"] == "pissa"
+        delta = layer.delta_weight()
+        back = layer.weight.detach().double() + delta.double()
+        assert float((back - W.double()).norm() / W.double().norm()) < 1e-6  # residual exact
+        B, A, _ = pissa_factors(W, r, 2.0, n_iter=n_iter)  # the budget path on its own (group of one)
+        torch.testing.assert_close(layer.lora_B["default"].detach(), B, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.lora_A["default"].detach(), A, rtol=1e-4, atol=1e-6)
+        exact = _exact_sv(W, r)
+        ours = _sv_error(_factor_sv(B, A, 2.0, r), exact)
+        torch.manual_seed(0)
+        _, S_t, _ = torch.svd_lowrank(W, q=r, niter=n_iter)
+        assert ours < _sv_error(S_t.double().numpy(), exact)
+        assert ours > 1e-6  # not the exact SVD: the budget was the point
+
+    W = _trained_like(200, 260, seed=13)
+    layer = LoRALinear(260, 200, r=r, alpha=8, init=f"pissa_niter_{n_iter}")
+    with torch.no_grad():  # a fresh layer: add a second adapter on a known weight
+        layer.weight.copy_(W)
+    layer.add_adapter("b", r, alpha=8, init=f"pissa_niter_{n_iter}")
+    B, A, residual = pissa_factors(W, r, 2.0, n_iter=n_iter)
+    torch.testing.assert_close(layer.lora_B["b"].detach(), B)
+    torch.testing.assert_close(layer.weight.detach(), residual)

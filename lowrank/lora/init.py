@@ -38,10 +38,11 @@ def check_init(init: str | bool) -> str:
 
     PEFT's ``init_lora_weights`` spellings are accepted: ``True`` is PEFT's default (Kaiming-uniform A, zero
     B) = ``"default"``; ``"pissa_niter_N"`` (PEFT: ``torch.svd_lowrank`` with N iterations, approximate) is
-    served by ``"pissa"``, whose accuracy-checked SVD is 1e-4-accurate at ~2x that cost (the residual
-    ``W - s B A`` is exact either way). ``False`` (PEFT: both factors random, for tests) is refused.
-    PEFT's cost and unchecked accuracy, on lowrank's engine: ``pissa_factors(weight, r, scale, n_iter=N)``
-    (or :func:`pissa_triplets` with ``n_iter=N`` for a batch), see :func:`budget_top_triplets`.
+    ``"pissa"`` at PEFT's cost: the layers pass :func:`pissa_budget`'s ``N`` on as
+    ``pissa_factors(..., n_iter=N)`` / ``pissa_triplets(..., n_iter=N)`` (a block Krylov space with PEFT's
+    ``2 N + 2`` products, see :func:`budget_top_triplets`; the residual ``W - s B A`` is exact either way).
+    ``"pissa"`` itself is accuracy-checked (top-r singular values within 1e-4, about twice PEFT's
+    niter-4 time). ``False`` (PEFT: both factors random, for tests) is refused.
     """
     if init is True:
         return "default"
@@ -60,6 +61,14 @@ def check_init(init: str | bool) -> str:
     if not isinstance(init, str) or init not in INIT_METHODS:
         raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
     return init
+
+
+def pissa_budget(init: object) -> int | None:
+    """``N`` of PEFT's ``init="pissa_niter_N"`` spelling (PiSSA at the product budget of
+    ``torch.svd_lowrank(W, q=r, niter=N)``), ``None`` for any other ``init``."""
+    if isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9][0-9]*", init):
+        return int(init[len("pissa_niter_") :])
+    return None
 
 
 @torch.no_grad()
@@ -458,17 +467,18 @@ def pissa_factors(
 
 
 def weight_init_factors(
-    init: str, triplets: Sequence[Triplets | None] | None, count: int
+    init: str, triplets: Sequence[Triplets | None] | None, count: int, n_iter: int | None = None
 ) -> Callable[[int, torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``factors(i, weight, r, scale) -> (B, A, residual)`` of a weight-rewriting ``init`` (``"pissa"``,
     ``"olora"``) for a layer that factors ``count`` matrices; with ``triplets`` (PiSSA only, one entry per
-    matrix, ``None`` entries computed on the spot) the ``i``-th uses ``triplets[i]``."""
+    matrix, ``None`` entries computed on the spot) the ``i``-th uses ``triplets[i]``; ``n_iter`` (PiSSA
+    only): those computed on the spot at PEFT's ``pissa_niter_<n_iter>`` budget."""
     if triplets is not None and len(triplets) != count:
         raise ValueError(f"pissa_triplets has {len(triplets)} entries; this layer factors {count} matrices")
     if init == "olora":
         return lambda i, weight, r, scale: olora_factors(weight, r, scale)
     return lambda i, weight, r, scale: pissa_factors(
-        weight, r, scale, triplets=None if triplets is None else triplets[i]
+        weight, r, scale, n_iter=n_iter, triplets=None if triplets is None else triplets[i]
     )
 
 

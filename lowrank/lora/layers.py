@@ -26,7 +26,7 @@ from torch import nn
 from lowrank._linop import python_number
 from lowrank._ops import lora_linear, lora_linear_inference, lora_linear_multi
 from lowrank.lora.dora import dora_row_norms, weight_row_sq_norms
-from lowrank.lora.init import WEIGHT_INITS, check_init, reset_lora_factors_
+from lowrank.lora.init import WEIGHT_INITS, check_init, pissa_budget, reset_lora_factors_
 from lowrank.lora.init import weight_init_factors as _weight_init_factors
 
 __all__ = [
@@ -105,7 +105,9 @@ class LoRALayer(nn.Module):
     def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
-    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
+    def _reset_factors(
+        self, name: str, init: str, triplets: Sequence | None = None, n_iter: int | None = None
+    ) -> None:
         raise NotImplementedError
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
@@ -145,9 +147,10 @@ class LoRALayer(nn.Module):
             Dropout probability on the adapter's input, in [0, 1).
         use_rslora : bool, default False
         init : {"default", "gaussian", "pissa", "olora", "zeros"}
-            Also PEFT's ``True`` (= ``"default"``) and ``"pissa_niter_N"`` (= ``"pissa"``; see
-            :func:`lowrank.lora.init.check_init`). See :func:`lowrank.lora.init.reset_lora_factors_`,
-            :func:`lowrank.lora.init.pissa_factors` and :func:`lowrank.lora.init.olora_factors`.
+            Also PEFT's ``True`` (= ``"default"``) and ``"pissa_niter_N"`` (= ``"pissa"`` at PEFT's
+            cost, ``2 N + 2`` products, unchecked; see :func:`lowrank.lora.init.check_init`). See
+            :func:`lowrank.lora.init.reset_lora_factors_`, :func:`lowrank.lora.init.pissa_factors` and
+            :func:`lowrank.lora.init.olora_factors`.
             ``"pissa"`` / ``"olora"`` rewrite ``weight`` to the residual of its top-``r`` SVD / QR part
             (output unchanged); ``"olora"`` is for linear layers.
             The data-driven ``"corda"`` / ``"eva"`` go through :func:`lowrank.lora.calibrate_lora`.
@@ -196,6 +199,7 @@ class LoRALayer(nn.Module):
                 f"use_dora=True is not supported by {type(self).__name__} (DoRA adapters are available on "
                 "LoRALinear and LoRAConv1D layers only)"
             )
+        n_iter = pissa_budget(init)  # "pissa_niter_N": PiSSA at PEFT's product budget
         init = check_init(init)  # PEFT's spellings (True, "pissa_niter_N") as ours
         if pissa_triplets is not None:
             if init != "pissa" or not isinstance(pissa_triplets, (list, tuple)):
@@ -231,7 +235,7 @@ class LoRALayer(nn.Module):
         self.use_rslora[name] = use_rslora
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
         self.use_dora[name] = use_dora
-        self._reset_factors(name, init, pissa_triplets)
+        self._reset_factors(name, init, pissa_triplets, n_iter)
         if init in WEIGHT_INITS:
             self.__dict__.setdefault("weight_init", {})[name] = init
         if use_dora:
@@ -681,12 +685,14 @@ class LoRALinear(LoRALayer):
     def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
 
-    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
+    def _reset_factors(
+        self, name: str, init: str, triplets: Sequence | None = None, n_iter: int | None = None
+    ) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
         if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
-        factors = _weight_init_factors(init, triplets, 1)
+        factors = _weight_init_factors(init, triplets, 1, n_iter)
         with torch.no_grad():
             B0, A0, residual = factors(0, self.weight, self.r[name], self.scaling[name])
             A.copy_(A0)
@@ -986,13 +992,15 @@ class LoRAMergedLinear(LoRALinear):
     def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r * len(self._enabled_sizes), self.in_features), (sum(self._enabled_sizes), r)
 
-    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
+    def _reset_factors(
+        self, name: str, init: str, triplets: Sequence | None = None, n_iter: int | None = None
+    ) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
         if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
         r, scale = self.r[name], self.scaling[name]
-        factors = _weight_init_factors(init, triplets, len(self._enabled_sizes))
+        factors = _weight_init_factors(init, triplets, len(self._enabled_sizes), n_iter)
         with torch.no_grad():
             offset = 0
             for i, (start, size) in enumerate(zip(self._enabled_starts, self._enabled_sizes)):
@@ -1148,12 +1156,14 @@ class LoRAConv1D(LoRALinear):
     def _linear_weight(self) -> torch.Tensor:
         return self.weight.T  # a view: (out, in)
 
-    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
+    def _reset_factors(
+        self, name: str, init: str, triplets: Sequence | None = None, n_iter: int | None = None
+    ) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
         if init not in WEIGHT_INITS:
             reset_lora_factors_(A, B, init)
             return
-        factors = _weight_init_factors(init, triplets, 1)
+        factors = _weight_init_factors(init, triplets, 1, n_iter)
         with torch.no_grad():  # on the (out, in) view, as for nn.Linear; the residual goes back as (in, out)
             B0, A0, residual = factors(0, self.weight.T, self.r[name], self.scaling[name])
             A.copy_(A0)
@@ -1264,12 +1274,14 @@ class LoRAEmbedding(LoRALayer):
         return (r, self.num_embeddings), (self.embedding_dim, r)
 
     @torch.no_grad()
-    def _reset_factors(self, name: str, init: str, triplets: Sequence | None = None) -> None:
+    def _reset_factors(
+        self, name: str, init: str, triplets: Sequence | None = None, n_iter: int | None = None
+    ) -> None:
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
         if init == "pissa":
             # table E = U S V^T (num, dim); update is scale * A^T B^T, so A^T = U_r sqrt(S/scale) and
             # B^T = sqrt(S/scale) V_r^T: pissa_factors on E gives (A^T, B^T, residual).
-            factors = _weight_init_factors(init, triplets, 1)
+            factors = _weight_init_factors(init, triplets, 1, n_iter)
             left, right, residual = factors(0, self.weight, self.r[name], self.scaling[name])
             A.copy_(left.T)
             B.copy_(right.T)

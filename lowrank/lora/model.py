@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lowrank._linop import python_number
-from lowrank.lora.init import WEIGHT_INITS, all_finite, check_init, pissa_triplets
+from lowrank.lora.init import WEIGHT_INITS, all_finite, check_init, pissa_budget, pissa_triplets
 from lowrank.lora.layers import (
     BASE_ADAPTER,
     LoRAConv1D,
@@ -182,6 +182,7 @@ def inject_lora(
         raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
     # NumPy scalars are numbers to users (r=np.int64(8), alpha=np.float32(16)); the layers check plain ones
     r, alpha, dropout = python_number(r), python_number(alpha), python_number(dropout)
+    n_iter = pissa_budget(init)  # "pissa_niter_N": PiSSA at PEFT's product budget
     init = check_init(init)  # PEFT's spellings (True, "pissa_niter_N") as ours; bad names refused up front
     options = {"alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "init": init}
     if use_dora:
@@ -272,7 +273,7 @@ def inject_lora(
     triplets: dict[str, list] = {}
     if init == "pissa" and isinstance(r, int) and not isinstance(r, bool) and r >= 1:
         views = [(name, view) for name, module, flags in plan for view in _pissa_views(module, flags)]
-        for (name, _), entry in zip(views, pissa_triplets([view for _, view in views], r)):
+        for (name, _), entry in zip(views, pissa_triplets([view for _, view in views], r, n_iter=n_iter)):
             triplets.setdefault(name, []).append(entry)
     try:
         _build(model, plan, saved_plan, r, options, adapter_name, undo, triplets)

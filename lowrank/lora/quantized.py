@@ -131,13 +131,13 @@ class QuantizedLoRALinear(LoRALinear):
         work = torch.float64 if self._base_dtype == torch.float64 else torch.float32
         return (B.to(work) @ A.to(work)) * self.scaling[name]
 
-    def _reset_factors(self, name: str, init: str, triplets=None) -> None:
+    def _reset_factors(self, name: str, init: str, triplets=None, n_iter=None) -> None:
         if init in WEIGHT_INITS:
             raise ValueError(
                 f"init={init!r} rewrites the base weight, which is quantized here: add the {init} adapter "
                 "before quantize_base"
             )
-        super()._reset_factors(name, init, triplets)
+        super()._reset_factors(name, init, triplets, n_iter)
 
     def _add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
         warnings.warn(
