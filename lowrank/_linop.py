@@ -276,21 +276,38 @@ class DenseOp(LinOp):
         return _adjoint(self.A) @ Y
 
     def rmatmul_into(self, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``A^H Y`` written into a column-major ``out`` (``out.mT`` contiguous, as a slice of columns of a
-        column-major buffer is) for a 2-D real matrix on CPU: the transposed product of :meth:`rmatmul`
-        with its ``(b, n)`` output in place, no copy; a fresh tensor otherwise."""
-        if self._transposed_products and Y.dim() == 2 and out.mT.is_contiguous() and Y.dtype == self.dtype:
-            torch.mm(Y.mT, self.A, out=out.mT)
-            return out
+        """``A^H Y`` written into ``out`` for a 2-D real matrix on CPU, in the layout of :meth:`rmatmul`'s
+        products: a column-major ``out`` (``out.mT`` contiguous, a slice of columns of a column-major
+        buffer) with transposed products, else one with unit column stride (a slice of columns of a
+        row-major buffer); a fresh tensor otherwise."""
+        if Y.dim() == 2 and Y.dtype == self.dtype and self.A.dim() == 2 and not self.dtype.is_complex:
+            if self._transposed_products and out.mT.is_contiguous():
+                torch.mm(Y.mT, self.A, out=out.mT)
+                return out
+            if not self._transposed_products and self.device.type == "cpu" and out.stride(-1) == 1:
+                torch.mm(self.A.mT, Y, out=out)
+                return out
         return self.rmatmul(Y)
 
     @property
+    def column_major_products(self) -> bool:
+        """Whether :meth:`matmul` / :meth:`rmatmul` return column-major blocks (see ``_transposed_products``);
+        else row-major ones. Iterations keep their bases in the same layout (no transposing copies)."""
+        return self._transposed_products
+
+    @property
     def _transposed_products(self) -> bool:
-        # On CPU, computing the transposed product (X^T A^T)^T, whose output is a row-major (b, m) block
-        # seen as a column-major (m, b) one, measured 1.0-1.5x faster than A @ X for thin X (fp32, 1 and 2
-        # threads, 1000-20000 rows, b = 16-150): the BLAS kernel then streams A along its rows. Column-major
-        # blocks are also what LAPACK (LU, triangular solves) wants. Real dtypes only (complex keeps A^H).
-        return self.device.type == "cpu" and not self.dtype.is_complex
+        # On CPU, the transposed product (X^T A^T)^T, whose output is a row-major (b, m) block seen as a
+        # column-major (m, b) one, measured 1.0-1.5x faster than A @ X for thin X in fp32 with one thread
+        # (1000-20000 rows, b = 16-150; 1500^2, b = 40: 3.3 / 3.0 against 3.7 / 4.0 ms for A X / A^T Y) and
+        # 1.2-4x in fp64 with one and two threads. fp32 with two threads is the exception: MKL splits the
+        # direct product better (1500^2, b = 40: 1.6 / 1.75 ms direct against 2.0 / 1.9 ms transposed,
+        # quiet; 8000 x 1000: 6.9-7.4 against 11.7 ms, loaded, best of 40), so those products stay direct
+        # (row-major blocks); more threads were not measured. Column-major blocks are also what LAPACK
+        # wants (QR copies either way). Real dtypes only (complex keeps A^H).
+        if self.device.type != "cpu" or self.dtype.is_complex:
+            return False
+        return self.dtype != torch.float32 or torch.get_num_threads() == 1
 
     def column_mean(self) -> torch.Tensor:
         """Column means (conjugated, as ``A^H 1 / m``), ``(*batch, n, 1)``, accumulated in fp64: an fp32

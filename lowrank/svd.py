@@ -270,6 +270,9 @@ def _cholqr_kept(P: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if out is not None and out.mT.is_contiguous() and P.mT.is_contiguous():
         torch.mm(inverse.mT, P.mT, out=out.mT)
         return out
+    if out is not None and out.stride(-1) == 1 and P.stride(-1) == 1:
+        torch.mm(P, inverse, out=out)
+        return out
     return matmul_like(P, inverse, P)
 
 
@@ -904,10 +907,16 @@ def _block_krylov(
     _check_product(Y)
     Q, bad = _basis(Y, robust)
     flags.append(bad)
-    # the basis [Q_0 ... Q_q] lives in one column-major buffer: the projection of a new block against it
-    # is one GEMM pair, not one per block (1500 x 32 blocks: 12 small GEMMs of 0.15 ms became 6), and
-    # Rayleigh-Ritz reads it without a concatenated copy
-    store = torch.empty(*op.batch_shape, block * (n_iter + 1), m, dtype=Q.dtype, device=Q.device).mT
+    # the basis [Q_0 ... Q_q] lives in one buffer, column-major unless the products come row-major (a dense
+    # A with several threads): the projection of a new block against it is one GEMM pair, not one per
+    # block (1500 x 32 blocks: 12 small GEMMs of 0.15 ms became 6), and Rayleigh-Ritz reads it without a
+    # concatenated copy
+    column_major = _column_major(op)
+    width = block * (n_iter + 1)
+    if column_major:
+        store = torch.empty(*op.batch_shape, width, m, dtype=Q.dtype, device=Q.device).mT
+    else:
+        store = torch.empty(*op.batch_shape, m, width, dtype=Q.dtype, device=Q.device)
     store[..., :, :block] = Q
     # short-side Rayleigh-Ritz needs no long images but the last: each one is scaled in place and dropped
     # after its product (a fresh long buffer per block cost more in page faults than the sparse product)
@@ -919,12 +928,15 @@ def _block_krylov(
     images = []
     products = []  # A (A^H Q_i) / c and c, for the short-side Gram of _ritz_short_side
     buffer = torch.empty(n, block, dtype=Q.dtype, device=Q.device) if short else None
-    # the long-side images [W_0 ... W_q] of a dense A go straight into one column-major buffer (its
-    # rmatmul_into writes there): Rayleigh-Ritz then reads them without a concatenated copy (0.8 ms of
-    # ~45 for 1500 x 1500, k = 64, 1 thread)
+    # the long-side images [W_0 ... W_q] of a dense A go straight into one buffer in the products' layout
+    # (its rmatmul_into writes there): Rayleigh-Ritz then reads them without a concatenated copy (0.8 ms
+    # of ~45 for 1500 x 1500, k = 64, 1 thread)
     wide = None
     if not (short or robust or len(op.batch_shape)) and isinstance(_stored(op), DenseOp):
-        wide = torch.empty(block * (n_iter + 1), n, dtype=Q.dtype, device=Q.device).mT
+        if column_major:
+            wide = torch.empty(width, n, dtype=Q.dtype, device=Q.device).mT
+        else:
+            wide = torch.empty(n, width, dtype=Q.dtype, device=Q.device)
     in_wide = wide is not None
 
     def image(Q: torch.Tensor, i: int) -> torch.Tensor:
@@ -972,6 +984,13 @@ def _block_krylov(
         W = W.div_(scale) if owned or in_wide else W / scale
     images.append(W)
     return _ritz(store, [wide] if in_wide else images, k, robust, flags, scale=scale)
+
+
+def _column_major(op: LinOp) -> bool:
+    """Whether the products of ``op`` come column-major (all but a dense A's with several CPU threads,
+    see ``DenseOp._transposed_products``): the layout the Krylov bases are kept in."""
+    base = _stored(op)
+    return base.column_major_products if isinstance(base, DenseOp) else True
 
 
 def _owns_products(op: LinOp) -> bool:

@@ -359,3 +359,42 @@ def test_krylov_block_normalisation_cholesky_or_householder(monkeypatch, decay):
         U, Vh = res.U.double().numpy(), res.Vh.double().numpy()
         np.testing.assert_allclose(U.T @ U, np.eye(k), atol=1e-5)
         np.testing.assert_allclose(Vh @ Vh.T, np.eye(k), atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_products_and_bases_follow_the_thread_count(monkeypatch, threads):
+    """A dense real A on CPU: transposed products (column-major blocks) with one thread, direct ones
+    (row-major) with more; the Krylov store, the images buffer (``rmatmul_into``) and the CholeskyQR'd
+    blocks (``_cholqr_kept`` writing into the store) follow that layout, and the factorization matches the
+    exact SVD either way (and the other thread count's to rounding)."""
+    i = np.arange(300, dtype=np.float64)
+    A = _slow_decay(400, 300, (i + 1) ** -0.7, seed=3)
+    X = torch.from_numpy(A).float()
+    k = 24
+    torch.set_num_threads(threads)
+    try:
+        op = svd_module.as_linop(X)
+        assert op.column_major_products == (threads == 1)
+        Y = torch.randn(400, 8)
+        out = torch.empty(8, 300).mT if threads == 1 else torch.empty(300, 16)[:, 4:12]
+        assert op.rmatmul_into(Y, out) is out
+        torch.testing.assert_close(out, X.mT @ Y, rtol=1e-5, atol=1e-5)
+        kept = []
+        cholqr = svd_module._cholqr_kept
+
+        def spy(P, out=None):
+            Q = cholqr(P, out)
+            kept.append(Q is not None and Q is out)
+            return Q
+
+        monkeypatch.setattr(svd_module, "_cholqr_kept", spy)
+        res = lowrank.rsvd(X, k, seed=0)
+        other_threads = 2 if threads == 1 else 1
+        torch.set_num_threads(other_threads)
+        other = lowrank.rsvd(X, k, seed=0)
+    finally:
+        torch.set_num_threads(1)
+    assert kept and all(kept), kept  # every projected block passed Kahan's test and went into the store
+    assert res.U.is_contiguous() == (threads != 1)  # U = basis Z_k in the basis' layout
+    _check_against_exact(A, res, k, excess=2e-2, sv_rtol=2e-2, orth_atol=1e-5)
+    np.testing.assert_allclose(res.S.numpy(), other.S.numpy(), rtol=1e-5)
