@@ -612,6 +612,19 @@ def floyd_distinct(u: torch.Tensor, sizes: list[int] | tuple[int, ...]) -> torch
     return torch.ops.lowrank.floyd_distinct.default(u, [int(d) for d in sizes])
 
 
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans (first to last element, bytes) of two strided tensors intersect."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def range_gram(
     block: torch.Tensor, omega: torch.Tensor, chunk_rows: int, gram: bool = True, *, out: torch.Tensor
 ) -> torch.Tensor:
@@ -642,7 +655,8 @@ def range_gram(
     Raises
     ------
     ValueError
-        Shapes that do not match, ``chunk_rows < 1``, a non-contiguous ``out``, tensors on different devices.
+        Shapes that do not match, ``chunk_rows < 1``, a non-contiguous ``out``, an ``out`` that overlaps
+        ``block`` or ``omega`` in memory, tensors on different devices.
     TypeError
         A non-tensor argument, or dtypes other than the above.
 
@@ -674,6 +688,9 @@ def range_gram(
     s = omega.shape[1] if gram else 0
     if block.device.type == "meta":
         return torch.empty(s, s, dtype=torch.float64, device="meta")
+    for name, tensor in (("block", block), ("omega", omega)):  # the CPU kernel's check, for torch's GEMM
+        if _spans_overlap(out, tensor):
+            raise ValueError(f"range_gram: out must not overlap {name} in memory")
     torch.matmul(block, omega, out=out)
     if not gram:
         return torch.empty(0, 0, dtype=torch.float64, device=block.device)

@@ -121,3 +121,30 @@ def test_cuda_matches_float64():
     torch.testing.assert_close(gram.cpu(), yd.mT @ yd, rtol=1e-10, atol=1e-10 * float(gram.abs().max()))
     with pytest.raises(ValueError, match="one device"):
         range_gram(block.cuda(), omega, 256, out=out)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+        ),
+    ],
+)
+def test_out_overlapping_an_input_is_refused_and_disjoint_views_of_one_buffer_are_not(device):
+    """out is written while block and omega are read: any shared byte is refused by name (the C++ check on
+    CPU, the Python one before torch's GEMM elsewhere); disjoint slices of one buffer work (vs float64)."""
+    gen = torch.Generator().manual_seed(3)
+    buffer = torch.randn(40, 6, generator=gen).to(device)
+    omega = torch.randn(6, 6, generator=gen).to(device)
+    with pytest.raises(ValueError, match="out must not overlap block"):
+        range_gram(buffer[:20], omega, 7, out=buffer[10:30])
+    square = torch.randn(6, 6, generator=gen).to(device)
+    with pytest.raises(ValueError, match="out must not overlap omega"):
+        range_gram(torch.randn(6, 6).to(device), square, 7, out=square)
+    block, out = buffer[:20], buffer[20:]
+    want = block.double() @ omega.double()
+    gram = range_gram(block, omega, 7, out=out)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gram, want.mT @ want, rtol=1e-4, atol=1e-4)
