@@ -9,27 +9,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <cstdint>
-#include <utility>
+#include "memory_overlap.h"
 
 namespace lowrank {
-
-// Whether the memory spans of two strided tensors with storage intersect (the span of each from its first to its
-// last element, in bytes; conservative: interleaved views of one buffer count as overlapping). Meta tensors have no
-// memory: false.
-inline bool memory_spans_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.is_meta() || b.is_meta() || a.numel() == 0 || b.numel() == 0) return false;
-  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
-  const auto span = [](const at::Tensor& t) {
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    return std::make_pair(begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()));
-  };
-  const auto [a0, a1] = span(a);
-  const auto [b0, b1] = span(b);
-  return a0 < b1 && b0 < a1;
-}
 
 // Shape, dtype and device checks (ValueError / TypeError in Python, each naming the argument).
 inline void check_range_gram_args(const at::Tensor& block, const at::Tensor& omega, int64_t chunk_rows,

@@ -12,6 +12,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "memory_overlap.h"
+
 namespace lowrank {
 
 // Shape, dtype and device checks (ValueError / TypeError in Python, each naming the argument). The bounds of the
@@ -48,7 +50,12 @@ inline void check_sparse_sign_add_args(const at::Tensor& out, const at::Tensor& 
     TORCH_CHECK_TYPE(w.scalar_type() == at::kDouble, op, ": dense must be float64, got ", w.scalar_type());
     TORCH_CHECK_VALUE(w.device() == device, op, ": all tensors must be on one device, got out on ", device,
                       ", dense on ", w.device());
+    TORCH_CHECK_VALUE(!memory_spans_overlap(out, w), op, ": out must not overlap dense in memory");
   }
+  // out is written while the others are read
+  TORCH_CHECK_VALUE(!memory_spans_overlap(out, block), op, ": out must not overlap block in memory");
+  TORCH_CHECK_VALUE(!memory_spans_overlap(out, rows), op, ": out must not overlap rows in memory");
+  TORCH_CHECK_VALUE(!memory_spans_overlap(out, signs), op, ": out must not overlap signs in memory");
 }
 
 }  // namespace lowrank

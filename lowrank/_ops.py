@@ -525,8 +525,8 @@ def sparse_sign_add_(
     Raises
     ------
     ValueError
-        Shapes that do not match, an entry of ``rows`` outside ``[0, d - p)``, a non-contiguous ``out``, or
-        tensors on different devices.
+        Shapes that do not match, an entry of ``rows`` outside ``[0, d - p)``, a non-contiguous ``out``, an
+        ``out`` that overlaps another argument in memory, or tensors on different devices.
     TypeError
         A non-tensor argument or a dtype other than the above.
 
@@ -561,6 +561,9 @@ def sparse_sign_add_(
                 f"{name} on {t.device}" for name, t in zip(("out", "block", "rows", "signs", "dense"), args)
             )
         )
+    for name, tensor in zip(("block", "rows", "signs", "dense"), args[1:]):  # the CPU kernel's check
+        if _spans_overlap(out, tensor):
+            raise ValueError(f"sparse_sign_add_: out must not overlap {name} in memory")
     p = 0 if dense is None else dense.shape[1]
     ds = out.shape[0] - p
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= ds):

@@ -213,3 +213,29 @@ def test_floyd_distinct_bad_arguments():
         v[2, 1, 0] = bad
         with pytest.raises(ValueError, match=r"every entry of u must lie in \[0, 1\).*flat index 15"):
             floyd_distinct(v, [4, 4])
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
+def test_out_overlapping_another_argument_is_refused(device):
+    """out is accumulated into while block, signs and dense are read: a float64 block, signs or dense that
+    shares memory with out is refused by name; disjoint slices of one buffer work (vs float64)."""
+    out, block, rows, signs = _case(10, 6, 8, 2, torch.float64, seed=4)
+    buffer = torch.cat([out, block]).to(device)  # out rows 0..9, block rows 10..15 of one tensor
+    rows, signs = rows.to(device), signs.to(device)
+    with pytest.raises(ValueError, match="out must not overlap block"):
+        sparse_sign_add_(buffer[:10], buffer[6:12], rows, signs)
+    flat = torch.randn(200, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="out must not overlap signs"):
+        sparse_sign_add_(flat[:80].view(10, 8), block.to(device), rows, flat[70:82].view(6, 2))
+    with pytest.raises(ValueError, match="out must not overlap dense"):
+        sparse_sign_add_(flat[:96].view(12, 8), block.to(device), rows, signs, flat[90:102].view(6, 2))
+    got = sparse_sign_add_(buffer[:10], buffer[10:], rows, signs)
+    torch.testing.assert_close(
+        got.cpu(), _reference(out, block, rows.cpu(), signs.cpu()), rtol=1e-13, atol=1e-13
+    )
