@@ -201,8 +201,13 @@ def _basis(
         # Kahan's test holds on the diagonal of R (every column kept >= 1/sqrt(2) of its norm); on CPU
         # the check costs nothing, and blocks with fresh directions pass it the first time. When the
         # first projected block passes the test (the common case), one CholeskyQR pass replaces its
-        # Householder QR (see _cholqr_kept)
-        Q = _normalize_block(Y) if against else None
+        # Householder QR (see _cholqr_kept); a block without ``against`` (the first of a Krylov space, the
+        # last of subspace iteration) whose R is well conditioned gets a second CholeskyQR pass instead
+        # of Householder QR (1500 x 40: ~0.25 ms against 0.57 / 0.72 ms at 1 / 2 threads)
+        Q = _normalize_block(Y)
+        if not against:  # CholeskyQR2 for a first block with a well-conditioned R, else Householder
+            fast = None if Q is None else _cholqr_kept(Q, out)
+            return (torch.linalg.qr(Y).Q if fast is None else fast), None
         if Q is None:
             Q = torch.linalg.qr(Y).Q
         if against:
@@ -905,8 +910,6 @@ def _block_krylov(
     m, n = op.shape
     Y = op.matmul(_gaussian(op, n, block, gen))
     _check_product(Y)
-    Q, bad = _basis(Y, robust)
-    flags.append(bad)
     # the basis [Q_0 ... Q_q] lives in one buffer, column-major unless the products come row-major (a dense
     # A with several threads): the projection of a new block against it is one GEMM pair, not one per
     # block (1500 x 32 blocks: 12 small GEMMs of 0.15 ms became 6), and Rayleigh-Ritz reads it without a
@@ -914,10 +917,14 @@ def _block_krylov(
     column_major = _column_major(op)
     width = block * (n_iter + 1)
     if column_major:
-        store = torch.empty(*op.batch_shape, width, m, dtype=Q.dtype, device=Q.device).mT
+        store = torch.empty(*op.batch_shape, width, m, dtype=Y.dtype, device=Y.device).mT
     else:
-        store = torch.empty(*op.batch_shape, m, width, dtype=Q.dtype, device=Q.device)
-    store[..., :, :block] = Q
+        store = torch.empty(*op.batch_shape, m, width, dtype=Y.dtype, device=Y.device)
+    first = store[..., :, :block]
+    Q, bad = _basis(Y, robust, out=first)
+    flags.append(bad)
+    if Q is not first:
+        first.copy_(Q)
     # short-side Rayleigh-Ritz needs no long images but the last: each one is scaled in place and dropped
     # after its product (a fresh long buffer per block cost more in page faults than the sparse product)
     short = not robust and _short_side_ritz(op)
