@@ -58,3 +58,38 @@ def test_dequantize_non_tensors_are_type_errors():
         lowrank.dequantize(q.tolist(), s)
     with pytest.raises(TypeError, match="weight_scale must be a torch.Tensor"):
         lowrank.dequantize(q, 1.0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3fn"])
+def test_quantize_base_on_a_meta_model_then_to_empty_and_load(fmt):
+    """Deferred init: build on meta, inject, quantize, shape-check, materialise, load the real state."""
+    from torch import nn
+
+    def build(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+        lowrank.inject_lora(model, ["0", "2"], r=2)
+        return lowrank.quantize_base(model, fmt)
+
+    real = build("cpu")
+    for name, p in real.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    lazy = build("meta")
+    assert lazy(torch.empty(3, 16, device="meta")).shape == (3, 8)
+    lazy.to_empty(device="cpu")
+    assert lazy[0].qweight.device.type == "cpu" and lazy[0].qweight.dtype == real[0].qweight.dtype
+    lazy.load_state_dict(real.state_dict())
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        h = x.double() @ _dequant64(real[0].qweight, real[0].weight_scale).T + real[0].bias.double()
+        h = h + real[0].scaling["default"] * (x.double() @ real[0].lora_A["default"].double().T) @ (
+            real[0].lora_B["default"].double().T
+        )
+        h = h.relu()
+        y = h @ _dequant64(real[2].qweight, real[2].weight_scale).T + real[2].bias.double()
+        y = y + real[2].scaling["default"] * (h @ real[2].lora_A["default"].double().T) @ (
+            real[2].lora_B["default"].double().T
+        )
+        torch.testing.assert_close(lazy(x).double(), y, rtol=1e-5, atol=1e-5)
