@@ -1,6 +1,7 @@
 // The lowrank operator library: every op schema, declared once. Backends register in csrc/cpu and
 // csrc/cuda; the Meta (fake tensor) kernels live here because they share the argument checks of the
-// real kernels (one source of truth for shapes and error messages).
+// real kernels (one source of truth for shapes and error messages). They read sizes as SymInts (shape_int.h), so
+// dynamic dimensions under torch.compile / torch.export stay symbolic.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -54,8 +55,8 @@ at::Tensor lora_linear_meta(const at::Tensor& x, const at::Tensor& weight, const
                             const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias) {
   // Devices are compared here too: under FakeTensorMode every input presents as meta, while a real tensor mixed
   // with a meta one dispatches here and must be an error, not an uninitialised result on the real device.
-  const auto shape = check_lora_linear_args(x, weight, lora_A, lora_B, bias, /*check_devices=*/true);
-  return at::empty(shape.out_sizes, x.options());
+  const auto shape = check_lora_linear_args<c10::SymInt>(x, weight, lora_A, lora_B, bias, /*check_devices=*/true);
+  return at::empty_symint(shape.out_sizes, x.options());
 }
 
 // The multi-adapter Meta kernels compare devices too: under FakeTensorMode every input presents as meta, and a
@@ -63,18 +64,18 @@ at::Tensor lora_linear_meta(const at::Tensor& x, const at::Tensor& weight, const
 at::Tensor lora_linear_multi_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                                   const at::Tensor& lora_B, const at::Tensor& adapter_ids, const at::Tensor& scales,
                                   const c10::optional<at::Tensor>& bias) {
-  const auto shape = check_lora_linear_multi_args("lora_linear_multi", x, weight, lora_A, lora_B, adapter_ids, scales,
-                                                  bias, /*check_devices=*/true);
-  return at::empty(shape.out_sizes, x.options());
+  const auto shape = check_lora_linear_multi_args<c10::SymInt>("lora_linear_multi", x, weight, lora_A, lora_B,
+                                                               adapter_ids, scales, bias, /*check_devices=*/true);
+  return at::empty_symint(shape.out_sizes, x.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_backward_meta(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& adapter_ids, const at::Tensor& scales, std::array<bool, 4> mask) {
-  check_lora_linear_multi_args("lora_linear_multi_backward", x, weight, lora_A, lora_B, adapter_ids, scales,
-                               c10::nullopt, /*check_devices=*/true);
+  check_lora_linear_multi_args<c10::SymInt>("lora_linear_multi_backward", x, weight, lora_A, lora_B, adapter_ids,
+                                            scales, c10::nullopt, /*check_devices=*/true);
   const auto grad = [](bool wanted, const at::Tensor& like) {
-    return wanted ? at::empty(like.sizes(), like.options()) : at::empty({0}, like.options());
+    return wanted ? at::empty_symint(like.sym_sizes(), like.options()) : at::empty({0}, like.options());
   };
   return {grad(mask[0], x), grad(mask[1], lora_A), grad(mask[2], lora_B), grad(mask[3], scales)};
 }
@@ -82,8 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_bac
 at::Tensor lora_linear_quantized_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& weight_scale,
                                       const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                                       const c10::optional<at::Tensor>& bias) {
-  const auto shape = check_lora_linear_quantized_args(x, qweight, weight_scale, lora_A, lora_B, bias);
-  return at::empty(shape.out_sizes, x.options());
+  const auto shape = check_lora_linear_quantized_args<c10::SymInt>(x, qweight, weight_scale, lora_A, lora_B, bias);
+  return at::empty_symint(shape.out_sizes, x.options());
 }
 
 at::Tensor& sparse_sign_add_meta(at::Tensor& out, const at::Tensor& block, const at::Tensor& rows,

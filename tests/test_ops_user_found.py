@@ -324,3 +324,111 @@ def test_ops_under_cuda_autocast():
             torch.testing.assert_close(
                 y.double().cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item()
             )
+
+
+def _dynamic_cases():
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(N, K, generator=g)
+    A, B = torch.randn(R, K, generator=g), torch.randn(N, R, generator=g)
+    Am, Bm = torch.randn(2, R, K, generator=g), torch.randn(2, N, R, generator=g)
+    scales = torch.tensor([0.5, -1.0])
+    q, s = lowrank.quantize_weight(W)
+
+    def ids_for(x):
+        return torch.arange(x.shape[:-1].numel()).remainder(3).sub(1).reshape(x.shape[:-1])
+
+    return {
+        "lora_linear": (
+            lambda x: lowrank.lora_linear(x, W, A, B, 0.5),
+            lambda x: _ref(x, W, A, B, 0.5, None),
+        ),
+        "lora_linear_multi": (
+            lambda x, ids: lowrank.lora_linear_multi(x, W, Am, Bm, ids, scales),
+            lambda x, ids: _ref_multi(x, W, Am, Bm, ids, scales, None),
+            ids_for,
+        ),
+        "lora_linear_quantized": (
+            lambda x: lowrank.lora_linear_quantized(x, q, s, A, B, 0.5),
+            lambda x: _ref(x, _dequant64(q, s), A, B, 0.5, None),
+        ),
+    }
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "lora_linear_multi", "lora_linear_quantized"])
+def test_compile_with_dynamic_shapes_compiles_once(op):
+    """The Meta kernels keep the batch dimension symbolic: one graph for all sizes (was one per size)."""
+    from torch._dynamo.testing import CompileCounter
+
+    case = _dynamic_cases()[op]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(case[0], backend=counter, dynamic=True, fullgraph=True)
+    for rows in (3, 5, 9, 17, 40):
+        x = torch.randn(2, rows, K)
+        args = (x, case[2](x)) if len(case) == 3 else (x,)
+        expected = case[1](*args)
+        torch.testing.assert_close(
+            compiled(*args).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max()
+        )
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "lora_linear_multi", "lora_linear_quantized"])
+def test_export_with_a_dynamic_batch_dimension(op):
+    case = _dynamic_cases()[op]
+
+    class One(nn.Module):
+        def forward(self, x):
+            return case[0](x)
+
+    class Two(nn.Module):
+        def forward(self, x, ids):
+            return case[0](x, ids)
+
+    Module = Two if len(case) == 3 else One
+
+    x = torch.randn(6, K)
+    batch = torch.export.Dim("batch", min=2)
+    if len(case) == 3:
+        args, dynamic = (x, case[2](x)), ({0: batch}, {0: batch})
+    else:
+        args, dynamic = (x,), ({0: batch},)
+    program = torch.export.export(Module(), args, dynamic_shapes=dynamic)
+    for rows in (2, 11, 33):
+        x = torch.randn(rows, K)
+        args = (x, case[2](x)) if len(case) == 3 else (x,)
+        expected = case[1](*args)
+        torch.testing.assert_close(
+            program.module()(*args).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max()
+        )
+
+
+def test_compiled_training_step_with_dynamic_shapes_compiles_once():
+    from torch._dynamo.testing import CompileCounter
+
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(N, K, generator=g)
+    A = torch.randn(R, K, generator=g, requires_grad=True)
+    B = torch.randn(N, R, generator=g, requires_grad=True)
+    q, s = lowrank.quantize_weight(W)
+
+    def step(x):
+        return (
+            (lowrank.lora_linear(x, W, A, B, 0.5) + lowrank.lora_linear_quantized(x, q, s, A, B, 0.5))
+            .square()
+            .sum()
+        )
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, dynamic=True)
+    for rows in (3, 7, 20):
+        x = torch.randn(rows, K, generator=g)
+        compiled(x).backward()
+        got = (A.grad.clone(), B.grad.clone())
+        A.grad = B.grad = None
+        step(x).backward()
+        torch.testing.assert_close(got[0], A.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], B.grad, rtol=1e-4, atol=1e-4)
+        A.grad = B.grad = None
+    assert counter.frame_count == 1
