@@ -231,7 +231,9 @@ inline at::Tensor with_output_shape(at::Tensor y, c10::IntArrayRef sizes) {
 // shrink GEMM (M_a x r) and an expand GEMM accumulated into the segment's rows of y (alpha = scales[a]).
 // Contiguous layout: the expand accumulates in place into y's row slice. Sorted layout: the rows are
 // gathered once (index_select), the segment products written into one (M' x out) buffer, and scattered
-// back with one index_add_. x2: (M, in) contiguous. groups.perm must be on x2's device when sorted.
+// back with one index_add_. x2: (M, in) contiguous. groups.perm must be on x2's device when sorted. An adapter
+// whose scale is 0 adds nothing and its factors are not read (BLAS skips alpha = 0 products for some dtypes, not
+// others: a non-finite adapter would leak in as 0 * inf for half types).
 inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
                                               const at::Tensor& lora_B, const std::vector<double>& scale_values,
                                               const c10::optional<at::Tensor>& bias, const AdapterGroups& groups) {
@@ -242,6 +244,7 @@ inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Te
   if (groups.contiguous) {
     for_each_segment(groups, on_cpu, [&](size_t k) {
       const int64_t a = groups.adapter[k];
+      if (scale_values[a] == 0.0) return;  // base layer only: the factors are not read (no 0 * inf)
       const at::Tensor xs = x2.narrow(0, groups.start[k], groups.length[k]);
       const at::Tensor u = at::mm(xs, lora_A[a].t());
       at::Tensor ys = y.narrow(0, groups.start[k], groups.length[k]);
@@ -254,9 +257,13 @@ inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Te
   at::Tensor ys = at::empty({groups.grouped_rows, y.size(1)}, x2.options());
   for_each_segment(groups, on_cpu, [&](size_t k) {
     const int64_t a = groups.adapter[k];
+    at::Tensor yk = ys.narrow(0, groups.start[k], groups.length[k]);
+    if (scale_values[a] == 0.0) {  // base layer only: the factors are not read (no 0 * inf)
+      yk.zero_();
+      return;
+    }
     at::Tensor u = us.narrow(0, groups.start[k], groups.length[k]);
     at::mm_out(u, xs.narrow(0, groups.start[k], groups.length[k]), lora_A[a].t());
-    at::Tensor yk = ys.narrow(0, groups.start[k], groups.length[k]);
     // beta = 0: the uninitialised buffer is not read (NaN/Inf in it do not propagate).
     at::addmm_out(yk, yk, u, lora_B[a].t(), /*beta=*/0, /*alpha=*/scale_values[a]);
   });

@@ -247,7 +247,9 @@ def lora_linear_multi(
         Out-of-range ids raise ValueError (on CUDA's gather path: a device-side assertion, see Notes).
     scales : Tensor, shape (num_adapters,)
         Floating-point multiplier of each adapter's term (``alpha / r`` in LoRA, ``alpha / sqrt(r)`` in
-        rsLoRA). Any floating dtype; on the same device as ``x``.
+        rsLoRA). Any floating dtype; on the same device as ``x``. A zero scale gives exactly the base layer
+        for that adapter's rows (its factors are not read, so a non-finite adapter cannot leak in as
+        ``0 * inf``).
     bias : Tensor, shape (out_features,), optional
         Base bias, applied to every row.
 

@@ -8,6 +8,8 @@
   RuntimeErrors in lora_linear_multi / lora_linear_quantized), and bf16 activations with float32
   parameters were refused; the ops now follow F.linear's autocast policy.
 - A ``scale`` tensor that requires grad was silently read as a constant (no gradient).
+- lora_linear_multi with ``scales[a] == 0`` let a non-finite adapter leak in for bf16/fp16 (BLAS skips
+  alpha = 0 products for float32/float64 only).
 """
 
 from __future__ import annotations
@@ -432,3 +434,59 @@ def test_compiled_training_step_with_dynamic_shapes_compiles_once():
         torch.testing.assert_close(got[1], B.grad, rtol=1e-4, atol=1e-4)
         A.grad = B.grad = None
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ids", [[0, 0, 1, -1], [0, 1, 0, 1], [1] * 40, [1, 0, -1, 1] * 10])
+def test_multi_zero_scale_is_exactly_the_base_layer_for_its_rows(dtype, ids):
+    g = torch.Generator().manual_seed(13)
+    W = torch.randn(N, K, generator=g)
+    A, B = torch.randn(2, R, K, generator=g), torch.randn(2, N, R, generator=g)
+    A[1, 0, 0] = float("inf")
+    B[1, 2, 1] = float("nan")
+    x = torch.randn(len(ids), K, generator=g)
+    bias = torch.randn(N, generator=g)
+    ids = torch.tensor(ids)
+    scales = torch.tensor([0.5, 0.0])
+    y = lowrank.lora_linear_multi(
+        x.to(dtype), W.to(dtype), A.to(dtype), B.to(dtype), ids, scales, bias.to(dtype)
+    )
+    keep = ids != 1
+    expected = _ref_multi(
+        x.to(dtype),
+        W.to(dtype),
+        A.to(dtype).nan_to_num(0, 0, 0),
+        B.to(dtype).nan_to_num(0, 0, 0),
+        ids,
+        scales,
+        bias,
+    )
+    base = x.to(dtype).double() @ W.to(dtype).double().T + bias.to(dtype).double()
+    assert torch.isfinite(y).all()
+    tol = TOL.get(dtype, 2e-3) * 4
+    torch.testing.assert_close(y.double()[~keep], base[~keep], rtol=tol, atol=tol * base.abs().max().item())
+    torch.testing.assert_close(
+        y.double()[keep], expected[keep], rtol=tol, atol=tol * expected.abs().max().item()
+    )
+
+
+@requires_cuda
+@pytest.mark.parametrize("ids", [[0, 1, 0, 1], [1] * 200, [1, 0, -1, 1] * 50])
+def test_multi_zero_scale_is_exactly_the_base_layer_cuda(ids):
+    g = torch.Generator().manual_seed(14)
+    W = torch.randn(N, K, generator=g)
+    A, B = torch.randn(2, R, K, generator=g), torch.randn(2, N, R, generator=g)
+    A[1, 0, 0] = float("inf")
+    B[1, 2, 1] = float("nan")
+    x = torch.randn(len(ids), K, generator=g)
+    ids = torch.tensor(ids)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        y = lowrank.lora_linear_multi(
+            *(t.to(dtype).cuda() for t in (x, W, A, B)), ids.cuda(), torch.tensor([0.5, 0.0]).cuda()
+        )
+        assert torch.isfinite(y).all()
+        base = x.to(dtype).double() @ W.to(dtype).double().T
+        rows = ids == 1
+        torch.testing.assert_close(
+            y.double().cpu()[rows], base[rows], rtol=1e-2, atol=1e-2 * base.abs().max().item()
+        )
