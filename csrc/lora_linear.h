@@ -11,39 +11,45 @@
 
 #include <vector>
 
+#include "shape_int.h"
+
 namespace lowrank {
 
-struct LoraLinearShape {
-  int64_t rows;  // M: the product of x's leading dimensions
-  int64_t in_features;
-  int64_t out_features;
-  int64_t rank;
-  std::vector<int64_t> out_sizes;  // x.shape[:-1] + (out_features,)
+template <typename Int>
+struct LoraLinearShapeT {
+  Int rows;  // M: the product of x's leading dimensions
+  Int in_features;
+  Int out_features;
+  Int rank;
+  std::vector<Int> out_sizes;  // x.shape[:-1] + (out_features,)
 };
+using LoraLinearShape = LoraLinearShapeT<int64_t>;
 
 // Validates the arguments of lora_linear and returns the problem sizes. Shape and dtype errors raise
 // ValueError / TypeError in Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) and name the argument.
-// check_devices compares every tensor's device with x's (all backends and the Meta kernel do).
-inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-                                              const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias,
-                                              bool check_devices) {
+// check_devices compares every tensor's device with x's (all backends and the Meta kernel do). Int: int64_t in the
+// real kernels, c10::SymInt in the Meta kernel (shape_int.h: dynamic dimensions stay symbolic).
+template <typename Int = int64_t>
+inline LoraLinearShapeT<Int> check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                                    const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                    const c10::optional<at::Tensor>& bias, bool check_devices) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "lora_linear: x must have shape (..., in_features), got a 0-d tensor");
   TORCH_CHECK_VALUE(weight.dim() == 2, "lora_linear: weight must be 2-D (out_features, in_features), got ",
-                    weight.dim(), "-D shape ", weight.sizes());
+                    weight.dim(), "-D shape ", sizes_of<Int>(weight));
   TORCH_CHECK_VALUE(lora_A.dim() == 2, "lora_linear: lora_A must be 2-D (r, in_features), got ", lora_A.dim(),
-                    "-D shape ", lora_A.sizes());
+                    "-D shape ", sizes_of<Int>(lora_A));
   TORCH_CHECK_VALUE(lora_B.dim() == 2, "lora_linear: lora_B must be 2-D (out_features, r), got ", lora_B.dim(),
-                    "-D shape ", lora_B.sizes());
-  const int64_t in = x.size(-1);
-  const int64_t out = weight.size(0);
-  const int64_t r = lora_A.size(0);
-  TORCH_CHECK_VALUE(weight.size(1) == in, "lora_linear: weight has shape ", weight.sizes(),
+                    "-D shape ", sizes_of<Int>(lora_B));
+  const Int in = size_of<Int>(x, -1);
+  const Int out = size_of<Int>(weight, 0);
+  const Int r = size_of<Int>(lora_A, 0);
+  TORCH_CHECK_VALUE(size_of<Int>(weight, 1) == in, "lora_linear: weight has shape ", sizes_of<Int>(weight),
                     " but x has in_features=", in, "; expected weight of shape (out_features, ", in, ")");
-  TORCH_CHECK_VALUE(r >= 1, "lora_linear: lora_A must have rank r >= 1 rows, got shape ", lora_A.sizes());
-  TORCH_CHECK_VALUE(lora_A.size(1) == in, "lora_linear: lora_A has shape ", lora_A.sizes(),
+  TORCH_CHECK_VALUE(r >= 1, "lora_linear: lora_A must have rank r >= 1 rows, got shape ", sizes_of<Int>(lora_A));
+  TORCH_CHECK_VALUE(size_of<Int>(lora_A, 1) == in, "lora_linear: lora_A has shape ", sizes_of<Int>(lora_A),
                     " but x has in_features=", in, "; expected lora_A of shape (r, ", in, ")");
-  TORCH_CHECK_VALUE(lora_B.size(0) == out && lora_B.size(1) == r, "lora_linear: lora_B has shape ", lora_B.sizes(),
-                    " but expected (out_features, r) = (", out, ", ", r, ")");
+  TORCH_CHECK_VALUE(size_of<Int>(lora_B, 0) == out && size_of<Int>(lora_B, 1) == r, "lora_linear: lora_B has shape ",
+                    sizes_of<Int>(lora_B), " but expected (out_features, r) = (", out, ", ", r, ")");
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "lora_linear: x must be a floating-point tensor, got ",
                    x.scalar_type());
   const auto check_same_dtype = [&](const at::Tensor& t, const char* name) {
@@ -54,8 +60,8 @@ inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Ten
   check_same_dtype(lora_A, "lora_A");
   check_same_dtype(lora_B, "lora_B");
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "lora_linear: bias must have shape (", out, ",), got ",
-                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && size_of<Int>(*bias, 0) == out, "lora_linear: bias must have shape (", out,
+                      ",), got ", sizes_of<Int>(*bias));
     check_same_dtype(*bias, "bias");
   }
   if (check_devices) {
@@ -68,9 +74,10 @@ inline LoraLinearShape check_lora_linear_args(const at::Tensor& x, const at::Ten
     check_same_device(lora_B, "lora_B");
     if (bias.has_value()) check_same_device(*bias, "bias");
   }
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  const auto x_sizes = sizes_of<Int>(x);
+  std::vector<Int> out_sizes(x_sizes.begin(), x_sizes.end());
   out_sizes.back() = out;
-  int64_t rows = 1;
+  Int rows = 1;
   for (size_t d = 0; d + 1 < out_sizes.size(); ++d) rows *= out_sizes[d];
   return {rows, in, out, r, std::move(out_sizes)};
 }

@@ -21,48 +21,55 @@
 #include <cstdint>
 #include <vector>
 
+#include "shape_int.h"
+
 namespace lowrank {
 
-struct LoraMultiShape {
-  int64_t rows;  // M: number of rows of x once its leading dims are flattened
-  int64_t in_features;
-  int64_t out_features;
-  int64_t rank;                    // r: the (padded) rank shared by every adapter
-  int64_t num_adapters;            // N
-  std::vector<int64_t> out_sizes;  // x.shape[:-1] + (out_features,)
+template <typename Int>
+struct LoraMultiShapeT {
+  Int rows;  // M: number of rows of x once its leading dims are flattened
+  Int in_features;
+  Int out_features;
+  Int rank;                    // r: the (padded) rank shared by every adapter
+  Int num_adapters;            // N
+  std::vector<Int> out_sizes;  // x.shape[:-1] + (out_features,)
 };
+using LoraMultiShape = LoraMultiShapeT<int64_t>;
 
 // Validates the arguments of lora_linear_multi (and of its backward) and returns the problem sizes.
 // Shape/device errors raise ValueError and dtype errors TypeError in Python; each message names the
-// argument. check_devices is false for the Meta kernel (fake tensors carry no real device to compare).
-// The values of adapter_ids are checked where they are read (group_rows_by_adapter).
-inline LoraMultiShape check_lora_linear_multi_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                   const at::Tensor& adapter_ids, const at::Tensor& scales,
-                                                   const c10::optional<at::Tensor>& bias, bool check_devices) {
+// argument. check_devices compares every tensor's device with x's (the Meta kernel too: a real tensor mixed with a
+// meta one is an error). The values of adapter_ids are checked where they are read (group_rows_by_adapter).
+// Int: int64_t in the real kernels, c10::SymInt in the Meta kernels (shape_int.h).
+template <typename Int = int64_t>
+inline LoraMultiShapeT<Int> check_lora_linear_multi_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                         const at::Tensor& adapter_ids, const at::Tensor& scales,
+                                                         const c10::optional<at::Tensor>& bias, bool check_devices) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape (..., in_features), got a 0-d tensor");
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", weight.dim(),
-                    "-D shape ", weight.sizes());
+                    "-D shape ", sizes_of<Int>(weight));
   TORCH_CHECK_VALUE(lora_A.dim() == 3, op, ": lora_A must be 3-D (num_adapters, r, in_features), got ", lora_A.dim(),
-                    "-D shape ", lora_A.sizes());
+                    "-D shape ", sizes_of<Int>(lora_A));
   TORCH_CHECK_VALUE(lora_B.dim() == 3, op, ": lora_B must be 3-D (num_adapters, out_features, r), got ", lora_B.dim(),
-                    "-D shape ", lora_B.sizes());
-  const int64_t in = x.size(-1);
-  const int64_t out = weight.size(0);
-  const int64_t n = lora_A.size(0);
-  const int64_t r = lora_A.size(1);
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
-  TORCH_CHECK_VALUE(weight.size(1) == in, op, ": weight has shape ", weight.sizes(), " but x has in_features=", in,
-                    "; expected weight of shape (out_features, ", in, ")");
+                    "-D shape ", sizes_of<Int>(lora_B));
+  const Int in = size_of<Int>(x, -1);
+  const Int out = size_of<Int>(weight, 0);
+  const Int n = size_of<Int>(lora_A, 0);
+  const Int r = size_of<Int>(lora_A, 1);
+  Int rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= size_of<Int>(x, d);
+  TORCH_CHECK_VALUE(size_of<Int>(weight, 1) == in, op, ": weight has shape ", sizes_of<Int>(weight),
+                    " but x has in_features=", in, "; expected weight of shape (out_features, ", in, ")");
   TORCH_CHECK_VALUE(r >= 1, op, ": lora_A must have rank r >= 1 (pad smaller ranks with zeros), got shape ",
-                    lora_A.sizes());
-  TORCH_CHECK_VALUE(lora_A.size(2) == in, op, ": lora_A has shape ", lora_A.sizes(), " but x has in_features=", in,
-                    "; expected lora_A of shape (num_adapters, r, ", in, ")");
-  TORCH_CHECK_VALUE(lora_B.size(0) == n && lora_B.size(1) == out && lora_B.size(2) == r, op, ": lora_B has shape ",
-                    lora_B.sizes(), " but expected (num_adapters, out_features, r) = (", n, ", ", out, ", ", r, ")");
-  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == n, op, ": scales must have shape (num_adapters,) = (", n,
-                    ",), got ", scales.sizes());
+                    sizes_of<Int>(lora_A));
+  TORCH_CHECK_VALUE(size_of<Int>(lora_A, 2) == in, op, ": lora_A has shape ", sizes_of<Int>(lora_A),
+                    " but x has in_features=", in, "; expected lora_A of shape (num_adapters, r, ", in, ")");
+  TORCH_CHECK_VALUE(size_of<Int>(lora_B, 0) == n && size_of<Int>(lora_B, 1) == out && size_of<Int>(lora_B, 2) == r, op,
+                    ": lora_B has shape ", sizes_of<Int>(lora_B), " but expected (num_adapters, out_features, r) = (",
+                    n, ", ", out, ", ", r, ")");
+  TORCH_CHECK_VALUE(scales.dim() == 1 && size_of<Int>(scales, 0) == n, op,
+                    ": scales must have shape (num_adapters,) = (", n, ",), got ", sizes_of<Int>(scales));
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got ",
                    x.scalar_type());
   TORCH_CHECK_TYPE(at::isFloatingType(scales.scalar_type()), op, ": scales must be a floating-point tensor, got ",
@@ -70,10 +77,12 @@ inline LoraMultiShape check_lora_linear_multi_args(const char* op, const at::Ten
   TORCH_CHECK_TYPE(adapter_ids.scalar_type() == at::kLong || adapter_ids.scalar_type() == at::kInt, op,
                    ": adapter_ids must be an int64 or int32 tensor, got ", adapter_ids.scalar_type());
   // adapter_ids: one id per row, either flat (M,) or shaped like x's leading dims.
-  const auto lead = x.sizes().slice(0, x.dim() - 1);
-  TORCH_CHECK_VALUE((adapter_ids.dim() == 1 && adapter_ids.size(0) == rows) || adapter_ids.sizes() == lead, op,
-                    ": adapter_ids must hold one id per row of x: shape (", rows, ",) or x.shape[:-1] = ", lead,
-                    ", got ", adapter_ids.sizes());
+  const auto x_sizes = sizes_of<Int>(x);
+  const auto lead = x_sizes.slice(0, x.dim() - 1);
+  TORCH_CHECK_VALUE(
+      (adapter_ids.dim() == 1 && size_of<Int>(adapter_ids, 0) == rows) || sizes_of<Int>(adapter_ids) == lead, op,
+      ": adapter_ids must hold one id per row of x: shape (", rows, ",) or x.shape[:-1] = ", lead, ", got ",
+      sizes_of<Int>(adapter_ids));
   const auto check_same_dtype = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
                      " but x has dtype ", x.scalar_type(), "; x, weight, lora_A, lora_B and bias share one dtype");
@@ -82,8 +91,8 @@ inline LoraMultiShape check_lora_linear_multi_args(const char* op, const at::Ten
   check_same_dtype(lora_A, "lora_A");
   check_same_dtype(lora_B, "lora_B");
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape (", out, ",), got ",
-                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && size_of<Int>(*bias, 0) == out, op, ": bias must have shape (", out,
+                      ",), got ", sizes_of<Int>(*bias));
     check_same_dtype(*bias, "bias");
   }
   if (check_devices) {
@@ -98,7 +107,7 @@ inline LoraMultiShape check_lora_linear_multi_args(const char* op, const at::Ten
     check_same_device(scales, "scales");
     if (bias.has_value()) check_same_device(*bias, "bias");
   }
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  std::vector<Int> out_sizes(x_sizes.begin(), x_sizes.end());
   out_sizes.back() = out;
   return {rows, in, out, r, n, std::move(out_sizes)};
 }
@@ -222,7 +231,9 @@ inline at::Tensor with_output_shape(at::Tensor y, c10::IntArrayRef sizes) {
 // shrink GEMM (M_a x r) and an expand GEMM accumulated into the segment's rows of y (alpha = scales[a]).
 // Contiguous layout: the expand accumulates in place into y's row slice. Sorted layout: the rows are
 // gathered once (index_select), the segment products written into one (M' x out) buffer, and scattered
-// back with one index_add_. x2: (M, in) contiguous. groups.perm must be on x2's device when sorted.
+// back with one index_add_. x2: (M, in) contiguous. groups.perm must be on x2's device when sorted. An adapter
+// whose scale is 0 adds nothing and its factors are not read (BLAS skips alpha = 0 products for some dtypes, not
+// others: a non-finite adapter would leak in as 0 * inf for half types).
 inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A,
                                               const at::Tensor& lora_B, const std::vector<double>& scale_values,
                                               const c10::optional<at::Tensor>& bias, const AdapterGroups& groups) {
@@ -233,6 +244,7 @@ inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Te
   if (groups.contiguous) {
     for_each_segment(groups, on_cpu, [&](size_t k) {
       const int64_t a = groups.adapter[k];
+      if (scale_values[a] == 0.0) return;  // base layer only: the factors are not read (no 0 * inf)
       const at::Tensor xs = x2.narrow(0, groups.start[k], groups.length[k]);
       const at::Tensor u = at::mm(xs, lora_A[a].t());
       at::Tensor ys = y.narrow(0, groups.start[k], groups.length[k]);
@@ -245,9 +257,13 @@ inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Te
   at::Tensor ys = at::empty({groups.grouped_rows, y.size(1)}, x2.options());
   for_each_segment(groups, on_cpu, [&](size_t k) {
     const int64_t a = groups.adapter[k];
+    at::Tensor yk = ys.narrow(0, groups.start[k], groups.length[k]);
+    if (scale_values[a] == 0.0) {  // base layer only: the factors are not read (no 0 * inf)
+      yk.zero_();
+      return;
+    }
     at::Tensor u = us.narrow(0, groups.start[k], groups.length[k]);
     at::mm_out(u, xs.narrow(0, groups.start[k], groups.length[k]), lora_A[a].t());
-    at::Tensor yk = ys.narrow(0, groups.start[k], groups.length[k]);
     // beta = 0: the uninitialised buffer is not read (NaN/Inf in it do not propagate).
     at::addmm_out(yk, yk, u, lora_B[a].t(), /*beta=*/0, /*alpha=*/scale_values[a]);
   });

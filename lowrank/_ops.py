@@ -58,7 +58,8 @@ def lora_linear(
     lora_B : Tensor, shape (out_features, r)
         The up-projection ("expand").
     scale : float, default 1.0
-        Multiplier of the LoRA term (``alpha / r`` in LoRA, ``alpha / sqrt(r)`` in rsLoRA).
+        Multiplier of the LoRA term (``alpha / r`` in LoRA, ``alpha / sqrt(r)`` in rsLoRA). A 1-element
+        tensor is read once as a float (a constant: no gradient; one that requires grad raises TypeError).
     bias : Tensor, shape (out_features,), optional
         Base bias.
 
@@ -78,9 +79,21 @@ def lora_linear(
     ``scale == 0`` computes exactly the base layer on every device (the factors are not read, so a
     non-finite adapter cannot leak in through ``0 * inf``).
 
+    Inside ``torch.autocast`` the op follows ``F.linear``: ``x``, ``weight``, the factors and ``bias`` are
+    cast to the autocast dtype of their device (float64 tensors are left alone), so bf16 activations with
+    float32 parameters work; the result is in the autocast dtype.
+
     Autograd gives gradients for ``x``, ``lora_A``, ``lora_B`` and, when they require grad, ``weight``
     and ``bias``. The backward saves only the inputs and recomputes the r-wide ``u = x @ lora_A.T``
     (2 M r in FLOPs, r/out of the forward), so no activation beyond ``x`` is kept.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match (named in the message), ``r = 0``, or tensors on different devices.
+    TypeError
+        A non-tensor argument, dtypes that differ or are not floating point, a ``scale`` that is not a real
+        number or 1-element real tensor, or a ``scale`` tensor that requires grad.
 
     References
     ----------
@@ -137,6 +150,13 @@ def _check_scale(op: str, scale: object) -> float:
             raise TypeError(
                 f"{op}: scale must be a real number or a 1-element real tensor, got a {scale.dtype} tensor "
                 f"of shape {tuple(scale.shape)}"
+            )
+        if scale.requires_grad and torch.is_grad_enabled():
+            # It is read once as a constant: training it through this op would silently give it no gradient.
+            raise TypeError(
+                f"{op}: scale is a tensor that requires grad, but the op takes scale as a constant and "
+                "gives it no gradient; pass scale.detach() (or a float), or scale the factors instead "
+                "(lora_linear_multi takes trainable per-adapter scales)"
             )
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{op}: scale must be a real number, got {type(scale).__name__}")
@@ -227,7 +247,9 @@ def lora_linear_multi(
         Out-of-range ids raise ValueError (on CUDA's gather path: a device-side assertion, see Notes).
     scales : Tensor, shape (num_adapters,)
         Floating-point multiplier of each adapter's term (``alpha / r`` in LoRA, ``alpha / sqrt(r)`` in
-        rsLoRA). Any floating dtype; on the same device as ``x``.
+        rsLoRA). Any floating dtype; on the same device as ``x``. A zero scale gives exactly the base layer
+        for that adapter's rows (its factors are not read, so a non-finite adapter cannot leak in as
+        ``0 * inf``).
     bias : Tensor, shape (out_features,), optional
         Base bias, applied to every row.
 
@@ -263,7 +285,13 @@ def lora_linear_multi(
     Autograd gives gradients for ``x``, ``lora_A``, ``lora_B`` and ``scales`` (training several adapters in
     one batch; adapters absent from the batch get zero gradient), and for ``weight`` and ``bias`` when they
     require grad. The backward is one compiled op (``lowrank::lora_linear_multi_backward``) that groups the
-    rows again and runs per-adapter segment GEMMs; it saves only the inputs.
+    rows again and runs per-adapter segment GEMMs; it saves only the inputs. With ``create_graph=True``
+    (double backward, e.g. a gradient penalty) the backward is built from differentiable torch ops instead,
+    one group of rows per adapter present.
+
+    Inside ``torch.autocast`` the op follows ``F.linear``: ``x``, ``weight``, the factors and ``bias`` are
+    cast to the autocast dtype of their device (float64 left alone); ``scales`` and ``adapter_ids`` keep
+    theirs.
 
     References
     ----------
@@ -307,11 +335,53 @@ def _lora_linear_multi_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, adapter_ids, scales)
 
 
+def _lora_linear_multi_backward_graph(grad_out, x, weight, lora_A, lora_B, adapter_ids, scales):
+    """The multi-adapter backward in differentiable torch ops, for ``create_graph=True`` (double backward).
+
+    The same formulas as ``lowrank::lora_linear_multi_backward`` (whose kernel is not differentiable), one
+    group of rows per adapter present in the batch: a Python loop over adapters, not rows. Returns
+    ``(grad_x, grad_A, grad_B, grad_scales)``; adapters absent from the batch get zero gradients.
+    """
+    rows = x.shape[:-1].numel()
+    x2 = x.reshape(rows, x.shape[-1])
+    g2 = grad_out.reshape(rows, weight.shape[0])
+    ids = adapter_ids.reshape(rows)
+    grad_x = torch.mm(g2, weight)
+    if lora_A.shape[0] == 0:  # no adapters stacked (every id is -1)
+        zeros = torch.zeros_like
+        return grad_x.reshape(x.shape), zeros(lora_A), zeros(lora_B), zeros(scales)
+    grad_a = [torch.zeros_like(lora_A[0])] * lora_A.shape[0]
+    grad_b = [torch.zeros_like(lora_B[0])] * lora_B.shape[0]
+    grad_s = [scales.new_zeros(())] * scales.shape[0]
+    for a in ids.unique().tolist():  # the ids were checked by the forward
+        if a < 0:
+            continue
+        index = (ids == a).nonzero().squeeze(1)
+        xa, ga = x2.index_select(0, index), g2.index_select(0, index)
+        s = scales[a].to(x.dtype)
+        gu = torch.mm(ga, lora_B[a])  # (M_a, r), unscaled
+        u = torch.mm(xa, lora_A[a].t())
+        grad_x = grad_x.index_add(0, index, torch.mm(gu, lora_A[a]) * s)
+        grad_a[a] = torch.mm(gu.t(), xa) * s
+        grad_b[a] = torch.mm(ga.t(), u) * s
+        grad_s[a] = (gu * u).sum().to(scales.dtype)
+    return grad_x.reshape(x.shape), torch.stack(grad_a), torch.stack(grad_b), torch.stack(grad_s)
+
+
 def _lora_linear_multi_backward(ctx, grad_out):
     x, weight, lora_A, lora_B, adapter_ids, scales = ctx.saved_tensors
     need_x, need_w, need_a, need_b, _, need_s, need_bias = ctx.needs_input_grad
     grad_x = grad_w = grad_a = grad_b = grad_s = grad_bias = None
-    if need_x or need_a or need_b or need_s:
+    if torch.is_grad_enabled() and (need_x or need_a or need_b or need_s):
+        # create_graph=True: the compiled backward is not differentiable, so build the graph from torch ops.
+        grad_x, grad_a, grad_b, grad_s = _lora_linear_multi_backward_graph(
+            grad_out, x, weight, lora_A, lora_B, adapter_ids, scales
+        )
+        grad_x = grad_x if need_x else None
+        grad_a = grad_a if need_a else None
+        grad_b = grad_b if need_b else None
+        grad_s = grad_s if need_s else None
+    elif need_x or need_a or need_b or need_s:
         grad_x, grad_a, grad_b, grad_s = torch.ops.lowrank.lora_linear_multi_backward.default(
             grad_out, x, weight, lora_A, lora_B, adapter_ids, scales, [need_x, need_a, need_b, need_s]
         )
@@ -361,7 +431,9 @@ def lora_linear_quantized(
     lora_B : Tensor, shape (out_features, r)
         Up-projection, dtype of ``x``.
     scale : float, default 1.0
-        Multiplier of the LoRA term (``alpha / r``).
+        Multiplier of the LoRA term (``alpha / r``). A 1-element tensor is read once as a float (a constant:
+        no gradient; one that requires grad raises TypeError). ``scale == 0`` computes exactly the base
+        layer (the factors are not read, so a non-finite adapter cannot leak in through ``0 * inf``).
     bias : Tensor, shape (out_features,), optional
         Dtype of ``x``.
 
@@ -376,7 +448,7 @@ def lora_linear_quantized(
         Shapes do not match, or the tensors are on different devices.
     TypeError
         Unsupported dtypes (``qweight`` not int8/float8_e4m3fn, ``weight_scale`` not float32, factors or
-        bias not in the dtype of ``x``).
+        bias not in the dtype of ``x``), a non-tensor argument, or a ``scale`` tensor that requires grad.
 
     Notes
     -----
@@ -392,6 +464,9 @@ def lora_linear_quantized(
     ``qweight`` once with 16-byte loads (16 weights per lane), widens in registers, applies ``weight_scale``
     once per row after the dot and adds the LoRA term before the warp reduction; more rows dequantize blocks
     of 2048 rows to the activation dtype (a temporary, rounded to that dtype) and use cuBLAS.
+
+    Inside ``torch.autocast`` the op follows ``F.linear``: ``x``, the factors and ``bias`` are cast to the
+    autocast dtype of their device (float64 left alone); ``qweight`` and ``weight_scale`` are not cast.
 
     Autograd gives gradients for ``x``, ``lora_A``, ``lora_B``, ``bias`` and ``weight_scale``. ``dx =
     (g * weight_scale) qweight + scale (g B) A`` runs the op itself on ``qweight`` transposed (a view,

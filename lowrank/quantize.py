@@ -49,14 +49,16 @@ def quantize_weight(
     qweight : Tensor, shape (out_features, in_features), dtype int8 or float8_e4m3fn
         Contiguous, on ``weight``'s device.
     weight_scale : Tensor, shape (out_features,), dtype float32
-        Per-row scales, strictly positive.
+        Per-row scales, strictly positive and normal (at least ``torch.finfo(torch.float32).tiny``: a row
+        whose ``max |W| / qmax`` is smaller gets that scale).
 
     Raises
     ------
     TypeError
         ``weight`` is not a floating-point tensor.
     ValueError
-        ``weight`` is not 2-D, holds NaN or infinity, or ``dtype`` is not supported.
+        ``weight`` is not 2-D, holds NaN or infinity, has a row whose scale ``max |W| / qmax`` exceeds
+        float32's range (only possible for a float64 weight), or ``dtype`` is not supported.
 
     Notes
     -----
@@ -95,14 +97,26 @@ def quantize_weight(
             f"{tuple(weight.shape)}"
         )
     work = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    if work.numel() and not bool(torch.isfinite(work).all()):
+    # (meta tensors: shapes and dtypes only, no values to check)
+    if work.numel() and not work.is_meta and not bool(torch.isfinite(work).all()):
         raise ValueError("quantize_weight: weight holds NaN or infinity; it cannot be quantized")
     if work.shape[1] == 0:
         amax = torch.zeros(work.shape[0], dtype=work.dtype, device=work.device)
     else:
         amax = work.abs().amax(dim=1)
+    # The scales are stored in float32: a row whose amax / qmax lies beyond float32's largest value cannot be
+    # represented (only a float64 weight can have one); one below its smallest normal number is raised to it
+    # (the row then quantizes with an absolute error <= 2**-127, below float32's resolution of such a row)
+    # instead of underflowing to a zero or subnormal scale that would lose the row.
+    f32 = torch.finfo(torch.float32)
     scale = amax / qmax
-    scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+    if not work.is_meta and bool((scale > f32.max).any()):
+        row = int(torch.argmax(amax))
+        raise ValueError(
+            f"quantize_weight: row {row} of weight has max |W| = {float(amax[row]):.3g}; its scale "
+            f"(max |W| / {qmax:g}) exceeds float32's range, in which the scales are stored"
+        )
+    scale = torch.where(amax > 0, scale.clamp(min=f32.tiny), torch.ones_like(scale))
     scaled = work / scale[:, None]
     if tdtype == torch.int8:
         qweight = scaled.round_().clamp_(-qmax, qmax).to(torch.int8)
@@ -133,13 +147,19 @@ def dequantize(
     Raises
     ------
     TypeError
-        Wrong dtypes. ValueError: shapes or devices do not match.
+        A non-tensor ``qweight``/``weight_scale``, or wrong dtypes.
+    ValueError
+        Shapes or devices do not match.
 
     Notes
     -----
     Cost: one pass, one dense result of ``out_features * in_features`` elements. The fused op
     :func:`lowrank.lora_linear_quantized` never forms it.
     """
+    if not isinstance(qweight, torch.Tensor):
+        raise TypeError(f"dequantize: qweight must be a torch.Tensor, got {type(qweight).__name__}")
+    if not isinstance(weight_scale, torch.Tensor):
+        raise TypeError(f"dequantize: weight_scale must be a torch.Tensor, got {type(weight_scale).__name__}")
     if qweight.dtype not in (torch.int8, torch.float8_e4m3fn):
         raise TypeError(f"dequantize: qweight must be int8 or float8_e4m3fn, got {qweight.dtype}")
     if not weight_scale.is_floating_point():

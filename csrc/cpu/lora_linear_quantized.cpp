@@ -246,7 +246,9 @@ void dot_rows_default(const float* xf, int64_t M, const typename Widen::stored_t
 template <typename T, typename Widen>
 void stream_pass(const float* xf, const T* A, const T* B, const T* bias, const typename Widen::stored_t* q, int64_t ldq,
                  const float* wscale, T* y, int64_t M, int64_t K, int64_t r, int64_t N, double scale, Widen widen) {
-  const std::vector<float> u = scaled_down_projection<float>(xf, A, M, K, r, scale);  // M x r, fp32
+  // scale == 0: the factors are not read (no u, no LoRA term), so a non-finite adapter cannot leak in as 0 * inf.
+  const bool lora = scale != 0.0;
+  const std::vector<float> u = lora ? scaled_down_projection<float>(xf, A, M, K, r, scale) : std::vector<float>();
   const bool avx2 = cpu_has_avx2_fma();
   // Grain: 64 rows of Q per task (64 x in bytes), a multiple of the 4-row step.
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
@@ -264,10 +266,12 @@ void stream_pass(const float* xf, const T* A, const T* B, const T* bias, const t
         const float sn = wscale[n];
         const float bn = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
         for (int64_t m = 0; m < M; ++m) {
-          const float* um = u.data() + m * r;
-          float lora = 0.f;
-          for (int64_t j = 0; j < r; ++j) lora += um[j] * static_cast<float>(b[j]);
-          y[m * N + n] = static_cast<T>(sn * dots[(n - c0) * M + m] + lora + bn);
+          float term = 0.f;
+          if (lora) {
+            const float* um = u.data() + m * r;
+            for (int64_t j = 0; j < r; ++j) term += um[j] * static_cast<float>(b[j]);
+          }
+          y[m * N + n] = static_cast<T>(sn * dots[(n - c0) * M + m] + term + bn);
         }
       }
     }
@@ -304,12 +308,24 @@ at::Tensor blocked_path(const at::Tensor& x2, const at::Tensor& qweight, const a
   const auto acc_type = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xa = x2.to(acc_type);
   const int64_t M = shape.rows, K = shape.in_features, N = shape.out_features;
-  at::Tensor ya = at::empty({M, N}, xa.options());
-  const at::Tensor u = at::mm(xa, lora_A.to(acc_type).t());
-  if (bias.has_value()) {
-    at::addmm_out(ya, bias->to(acc_type), u, lora_B.to(acc_type).t(), /*beta=*/1, /*alpha=*/scale);
+  // The result is a fresh tensor of the output shape (ya is its 2-D view, or the accumulator when x is half
+  // precision); returning a view of a temporary would make in-place use of the output fail under autograd.
+  const bool same_type = acc_type == x2.scalar_type();
+  at::Tensor y = same_type ? at::empty(shape.out_sizes, xa.options()) : at::Tensor();
+  at::Tensor ya = same_type ? y.view({M, N}) : at::empty({M, N}, xa.options());
+  if (scale == 0.0) {  // the factors are not read: a non-finite adapter cannot leak in as 0 * inf
+    if (bias.has_value()) {
+      ya.copy_(bias->expand({M, N}));
+    } else {
+      ya.zero_();
+    }
   } else {
-    at::addmm_out(ya, ya, u, lora_B.to(acc_type).t(), /*beta=*/0, /*alpha=*/scale);
+    const at::Tensor u = at::mm(xa, lora_A.to(acc_type).t());
+    if (bias.has_value()) {
+      at::addmm_out(ya, bias->to(acc_type), u, lora_B.to(acc_type).t(), /*beta=*/1, /*alpha=*/scale);
+    } else {
+      at::addmm_out(ya, ya, u, lora_B.to(acc_type).t(), /*beta=*/0, /*alpha=*/scale);
+    }
   }
   const at::Tensor ws = weight_scale.contiguous();
   const auto* q = reinterpret_cast<const typename Widen::stored_t*>(qweight.const_data_ptr());
@@ -331,7 +347,10 @@ at::Tensor blocked_path(const at::Tensor& x2, const at::Tensor& qweight, const a
       }
     });
   });
-  return ya.to(x2.scalar_type()).view(shape.out_sizes);
+  if (same_type) return y;
+  at::Tensor out = at::empty(shape.out_sizes, x2.options());
+  out.view({M, N}).copy_(ya);  // rounded once to x's dtype
+  return out;
 }
 
 }  // namespace

@@ -110,6 +110,7 @@ __global__ void bgmv_expand_kernel(const acc_t* __restrict__ u, const scalar_t* 
   CUDA_KERNEL_ASSERT_MSG(a >= -1 && a < num_adapters, "lora_linear_multi: adapter_ids out of [-1, num_adapters)");
   if (a < 0 || a >= num_adapters) return;  // uniform over the block: no thread reaches the barrier
   const acc_t s = scales[a];
+  if (s == acc_t(0)) return;  // scale 0: base only, B is not read (no 0 * inf); uniform over the block too
   for (int64_t k = threadIdx.x; k < r; k += blockDim.x) us[k] = u[i * r + k] * s;
   __syncthreads();
   const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;

@@ -279,16 +279,25 @@ void small_m_any(bool fp8, const at::Tensor& x2, const at::Tensor& q, const at::
 }
 
 // Large M: y = bias + scale (x A^T) B^T by cuBLAS, then per block of rows of Q: dequantize to x's dtype
-// (a kBlockRows x in temporary) and accumulate x Q_blk^T into y's column slice (beta = 1).
+// (a kBlockRows x in temporary) and accumulate x Q_blk^T into y's column slice (beta = 1). scale == 0 (any M) also
+// comes here: y = bias, the factors are never read.
 at::Tensor large_m(const at::Tensor& x2, const at::Tensor& q, const at::Tensor& weight_scale, const at::Tensor& lora_A,
                    const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias,
                    const LoraQuantizedShape& shape) {
   const int64_t M = shape.rows, N = shape.out_features;
   at::Tensor y = at::empty(shape.out_sizes, x2.options());
   at::Tensor y2 = y.view({M, N});
-  const at::Tensor u = at::mm(x2, lora_A.t());
-  at::addmm_out(y2, bias.has_value() ? *bias : y2, u, lora_B.t(), /*beta=*/bias.has_value() ? 1 : 0,
-                /*alpha=*/scale);
+  if (scale == 0.0) {  // the factors are not read: a non-finite adapter cannot leak in as 0 * inf
+    if (bias.has_value()) {
+      y2.copy_(bias->expand({M, N}));
+    } else {
+      y2.zero_();
+    }
+  } else {
+    const at::Tensor u = at::mm(x2, lora_A.t());
+    at::addmm_out(y2, bias.has_value() ? *bias : y2, u, lora_B.t(), /*beta=*/bias.has_value() ? 1 : 0,
+                  /*alpha=*/scale);
+  }
   const auto dtype = x2.scalar_type();
   for (int64_t n0 = 0; n0 < N; n0 += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, N - n0);
@@ -310,7 +319,7 @@ at::Tensor lora_linear_quantized_cuda(const at::Tensor& x, const at::Tensor& qwe
   if (M == 0 || N == 0) return at::empty(shape.out_sizes, x.options());
   at::Tensor x2 = x.reshape({M, K});
   const bool small = M <= kMaxSmallM && K > 0 && M * shape.rank <= kMaxLoraSmem && x.scalar_type() != at::kDouble &&
-                     qweight.stride(1) == 1 && qweight.stride(0) == K;
+                     qweight.stride(1) == 1 && qweight.stride(0) == K && scale != 0.0;  // 0: base only
   if (!small) return large_m(x2, qweight, weight_scale, lora_A, lora_B, scale, bias, shape);
   x2 = x2.contiguous();
   const at::Tensor a = lora_A.contiguous();

@@ -43,7 +43,8 @@ class QuantizedLoRALinear(LoRALinear):
       quantize again (new row scales): the merged weight carries a fresh rounding error, and unmerging does
       not restore the original codes exactly. A ``UserWarning`` says so.
     - ``module.to(dtype)`` changes the dtype the layer computes in (and of the bias and adapters) but never
-      touches ``qweight`` or ``weight_scale``; ``module.to(device)`` moves them.
+      touches ``qweight`` or ``weight_scale``; ``module.to(device)`` moves them. A model built on the meta
+      device can be quantized (shapes only) and materialised with ``to_empty`` before loading a state dict.
     - State-dict buffers: ``qweight`` (int8; float8 codes are stored as their bytes, uint8, so that dtype
       casts of the module skip them: the ``qweight`` attribute views them back) and ``weight_scale``.
     """
@@ -112,13 +113,17 @@ class QuantizedLoRALinear(LoRALinear):
             super()._apply(fn, recurse)
         finally:
             probe = fn(torch.empty(0, dtype=self._base_dtype, device=scale.device))
-            self._buffers["qweight"] = codes.to(probe.device)
-            self._buffers["weight_scale"] = scale.to(probe.device)
+            for key, value in (("qweight", codes), ("weight_scale", scale)):
+                if value.is_meta and probe.device.type != "meta":  # to_empty() of a model built on meta
+                    self._buffers[key] = torch.empty_like(value, device=probe.device)
+                else:
+                    self._buffers[key] = value.to(probe.device)
         self._base_dtype = probe.dtype
         return self
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
+        # meta (shape inference): torch keeps no autocast state for it, and asking raises
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return self._base_dtype
 
