@@ -28,7 +28,9 @@ Every file written here carries, in its safetensors metadata (``lowrank.layers``
 layer's rank, shape, ``||D||_F`` and achieved relative Frobenius error ``||D - B A||_F / ||D||_F``.
 
 Checkpoints are read tensor by tensor with ``safetensors.safe_open`` (memory-mapped), from a file or a
-directory of shards, so memory stays near one tensor (plus, for ``compress``, the factors written so far).
+directory (its ``model.safetensors.index.json`` shards, else its ``model.safetensors``, else every
+``*.safetensors`` file but an ``adapter_model.safetensors``), so memory stays near one tensor (plus, for
+``compress``, the factors written so far).
 User mistakes print one line on stderr and exit with status 2 (an internal error: one line, status 1).
 Progress bars use tqdm when it is installed (optional; without it the per-layer lines alone are printed).
 """
@@ -88,8 +90,15 @@ class TensorSource:
                     files = sorted({os.path.join(path, v) for v in weight_map.values()})
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise CLIError(f"{label} {index!r}: unreadable shard index ({exc})") from None
+            elif os.path.isfile(os.path.join(path, "model.safetensors")):
+                files = [os.path.join(path, "model.safetensors")]  # what transformers loads
             else:
-                files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+                # shards without an index; never an adapter's weights saved beside the model
+                files = sorted(
+                    f
+                    for f in glob.glob(os.path.join(path, "*.safetensors"))
+                    if os.path.basename(f) != "adapter_model.safetensors"
+                )
             if not files:
                 pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
                 hint = " (only pickle-based .bin/.pt files, which lowrank does not read)" if pickled else ""
@@ -508,6 +517,16 @@ def _parse_rank(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def _parse_seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
     return value
 
 
@@ -1114,7 +1133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "beside the checkpoint, 'none', or a regex searched in module paths",
     )
     p.add_argument("--base-model-name", help="base_model_name_or_path for the config (default: BASE)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.add_argument("--seed", type=_parse_seed, default=0, help="seed of the randomized SVD (default 0)")
     p.set_defaults(run=cmd_extract)
 
     p = sub.add_parser("compress", help="replace 2-D weights of a checkpoint by low-rank factors")
@@ -1134,7 +1153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output .safetensors file, or a directory for model.safetensors"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.add_argument("--seed", type=_parse_seed, default=0, help="seed of the randomized SVD (default 0)")
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("info", help="show an adapter's config, ranks, targets, size and achieved errors")

@@ -1,0 +1,82 @@
+"""CLI faults found by a user test (user-test7): each asserts the behaviour a user should get."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowrank.cli import main
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {f"l{i}.proj.weight": torch.randn(12, 10, generator=g) for i in range(2)}
+    tuned = {
+        k: v + torch.randn(12, 2, generator=g) @ torch.randn(2, 10, generator=g) for k, v in base.items()
+    }
+    for name, state in (("base", base), ("tuned", tuned)):
+        os.makedirs(tmp_path / name)
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+    return tmp_path, base, tuned
+
+
+def test_bad_seed_is_refused_by_the_parser_naming_seed_before_any_work(pair, capsys):
+    # found: --seed -1 was accepted by argparse, the checkpoints were read and layers printed, then the
+    # error came from deep inside ("seed must be in [0, 2**63)"), without naming --seed
+    root, _, _ = pair
+    for seed in ("-1", str(2**63), "x"):
+        for argv in (
+            ["extract", str(root / "base"), str(root / "tuned"), "--rank", "1", "--out", str(root / "ad")],
+            ["compress", str(root / "tuned"), "--rank", "1", "--out", str(root / "c.safetensors")],
+        ):
+            assert main([*argv, "--seed", seed]) == 2
+            captured = capsys.readouterr()
+            assert "--seed" in captured.err and captured.out == ""
+    assert not (root / "ad").exists() and not (root / "c.safetensors").exists()
+
+
+def test_a_checkpoint_folder_holding_an_adapter_reads_only_the_model(pair, capsys):
+    # found: `extract BASE TUNED --out TUNED` (an adapter saved beside the model, a common layout) made the
+    # folder unreadable as a checkpoint: every *.safetensors was taken as a shard, so the next extract
+    # failed ("lora_A.weight is in TUNED but not in BASE") and compress factored the adapter's own
+    # lora_A/lora_B tensors into the compressed model.
+    root, base, tuned = pair
+    assert (
+        main(
+            ["extract", str(root / "base"), str(root / "tuned"), "--rank", "2", "--out", str(root / "tuned")]
+        )
+        == 0
+    )
+    assert os.path.isfile(root / "tuned" / "adapter_model.safetensors")
+    save_file({"other.weight": torch.ones(3, 3)}, str(root / "tuned" / "notes.safetensors"))
+    assert (
+        main(["extract", str(root / "base"), str(root / "tuned"), "--rank", "2", "--out", str(root / "ad")])
+        == 0
+    )
+    out = root / "c.safetensors"
+    assert main(["compress", str(root / "tuned"), "--rank", "2", "--out", str(out)]) == 0
+    written = load_file(str(out))
+    assert sorted(written) == sorted(f"{k}.{f}" for k in tuned for f in "AB")
+    for k, w in tuned.items():  # rank-2 factors of each weight: the optimal error to rounding
+        s = torch.linalg.svdvals(w.double())
+        err = torch.linalg.matrix_norm(w.double() - written[k + ".B"].double() @ written[k + ".A"].double())
+        assert float(err) <= float(s[2:].norm()) * (1 + 1e-4)
+    # a shard folder without an index or model.safetensors still reads every shard but the adapter
+    shards = root / "shards"
+    os.makedirs(shards)
+    names = sorted(tuned)
+    for i, k in enumerate(names):
+        save_file({k: tuned[k]}, str(shards / f"model-0000{i + 1}-of-00002.safetensors"))
+    os.link(root / "tuned" / "adapter_model.safetensors", shards / "adapter_model.safetensors")
+    capsys.readouterr()
+    assert main(["extract", str(root / "base"), str(shards), "--rank", "2", "--out", str(root / "ad2")]) == 0
+    a1, a2 = (
+        load_file(str(root / "ad" / "adapter_model.safetensors")),
+        load_file(str(root / "ad2" / "adapter_model.safetensors")),
+    )
+    assert sorted(a1) == sorted(a2) and all(torch.equal(a1[k], a2[k]) for k in a1)
+    assert len(a1) == 2 * len(base)
