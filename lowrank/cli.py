@@ -732,8 +732,8 @@ def _extract_budget(
     A layer's spectrum goes as far as the budget could ever give it (``budget // cost`` ranks, at most its
     smaller side); the triplets are kept so the checkpoints are read once. Memory: the kept triplets, each
     at most the budget's size. Errors from the residual at the computed rank plus the dropped values (see
-    ``_tail_error``), for the factors in the working precision: rounding them to a bf16/fp16 stored dtype
-    adds to it (the fixed-rank modes, which still hold the delta, record the stored factors' error).
+    ``_tail_error``) for fp32/fp64 factors; for bf16/fp16 factors the delta is read again and the error of
+    the stored (rounded) factors recorded, as the fixed-rank modes do.
     """
     kept = {}
     bar = _Bar(len(names), "spectra")
@@ -787,7 +787,13 @@ def _extract_budget(
             _write_line(f"{module:<48} {shape_text}  rank    0  left out: the budget buys more elsewhere")
             continue
         B, A = _balanced_factors(U[:, :k], S[:k], Vh[:k])
-        error = _tail_error(norm_sq, resid_sq, S, k)
+        if _work_dtype(out_dtype) == out_dtype:
+            error = _tail_error(norm_sq, resid_sq, S, k)
+        else:  # fp16/bf16 factors: their rounding is part of the achieved error (the delta is read again)
+            (layer,) = _deltas(base, tuned, [name], True, conv1d)
+            work = layer.delta.dtype
+            error = _relative_error(layer.delta, B.to(out_dtype).to(work), A.to(out_dtype).to(work))
+            del layer
         total_captured += (1.0 - error * error) * norm_sq
         ranks[module] = k
         records[module] = _layer_record(shape, k, math.sqrt(norm_sq), error)

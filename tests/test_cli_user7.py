@@ -80,3 +80,42 @@ def test_a_checkpoint_folder_holding_an_adapter_reads_only_the_model(pair, capsy
     )
     assert sorted(a1) == sorted(a2) and all(torch.equal(a1[k], a2[k]) for k in a1)
     assert len(a1) == 2 * len(base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_budget_records_the_error_of_the_stored_half_precision_factors(tmp_path, dtype, capsys):
+    # found: `extract --budget` on a bf16 checkpoint recorded (metadata, `lowrank info`) 5.4e-7 for a layer
+    # whose bf16 factors are 2.4e-3 off the delta: the error of the fp32 factors before rounding (here the
+    # budget buys full rank, so all of the error is the rounding)
+    from lowrank.cli import _layer_records
+
+    g = torch.Generator().manual_seed(1)
+    base = {
+        "a.weight": torch.randn(24, 16, generator=g).to(dtype),
+        "b.weight": torch.randn(20, 16, generator=g).to(dtype),
+    }
+    tuned = {k: (v.float() + torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    argv = [
+        "extract",
+        str(tmp_path / "b.safetensors"),
+        str(tmp_path / "t.safetensors"),
+        "--out",
+        str(tmp_path / "ad"),
+    ]
+    assert main([*argv, "--budget-params", "1300"]) == 0
+    from safetensors import safe_open
+
+    weights = str(tmp_path / "ad" / "adapter_model.safetensors")
+    with safe_open(weights, framework="pt") as f:
+        records = _layer_records(f.metadata(), weights)
+    adapter = load_file(weights)
+    assert set(records) == {"a", "b"}
+    for module, rec in records.items():
+        delta = tuned[module + ".weight"].double() - base[module + ".weight"].double()
+        B = adapter[f"base_model.model.{module}.lora_B.weight"].double()
+        A = adapter[f"base_model.model.{module}.lora_A.weight"].double()
+        assert A.dtype == torch.float64 and adapter[f"base_model.model.{module}.lora_A.weight"].dtype == dtype
+        true = float(torch.linalg.matrix_norm(delta - B @ A) / torch.linalg.matrix_norm(delta))
+        assert rec["rel_error"] == pytest.approx(true, rel=1e-3)
