@@ -275,13 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     begin = time.perf_counter()
     log = sys.stderr
     print(f"lowrank benchmarks: {mode} mode on {device}, {len(modules)} module(s) -> {out}", file=log)
-    if not args.no_ceilings:
-        try:
-            run["ceilings"] = ceilings(device)
-        except Exception as exc:  # the ceilings are context, not a benchmark: note and go on
-            run["ceilings"] = {"device": device, "error": f"{type(exc).__name__}: {exc}"}
     interrupted = False
     try:
+        if not args.no_ceilings:
+            try:
+                run["ceilings"] = ceilings(device)
+            except Exception as exc:  # the ceilings are context, not a benchmark: note and go on
+                run["ceilings"] = {"device": device, "error": f"{type(exc).__name__}: {exc}"}
         for number, mod in enumerate(modules, 1):
             print(f"[{number}/{len(modules)}] {mod.key} ...", file=log, flush=True)
             entry = run_module(mod, quick=args.quick, device=device)

@@ -321,3 +321,21 @@ def test_archive_never_overwrites_a_committed_report(bench_dir: Path, tmp_path: 
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "ignored")])
     assert not (tmp_path / "ignored").exists()
+
+
+def test_ctrl_c_while_measuring_the_ceilings_is_a_clean_interrupt(
+    bench_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    # found by a user test: Ctrl-C during the ceilings measurement (seconds, before the first module) was
+    # outside the interrupt handler: a KeyboardInterrupt traceback and no report
+    import benchmarks.__main__ as runner
+
+    def interrupted(device):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "ceilings", interrupted)
+    out = tmp_path / "out"
+    assert main(["--modules-dir", str(bench_dir), "--only", "fake", "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["modules"] == [] and "fake" not in (out / "report.md").read_text().split("## Machine")[1]
