@@ -569,6 +569,12 @@ def _conv1d_pattern(mode: str, sources: Sequence[TensorSource]) -> re.Pattern[st
     return None
 
 
+def _check_out_path(out: str) -> None:
+    """Refuse an empty ``--out`` (it names no path) before any work is done."""
+    if not out.strip():
+        raise CLIError(f"--out {out!r}: empty path; give the output file or folder")
+
+
 def _check_out_dir(folder: str) -> None:
     """Refuse an output folder that cannot be one (an existing file on its path) before any work is done."""
     probe = os.path.abspath(folder or ".")
@@ -591,6 +597,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise CLIError("extract: --rank auto needs --tol T (the relative error allowed per layer)")
     if args.rank != "auto" and args.tol is not None:
         raise CLIError("extract: --tol goes with --rank auto; pass either --rank R or --rank auto --tol T")
+    _check_out_path(args.out)
     _check_out_dir(args.out)  # before any reading or arithmetic
     base, tuned = TensorSource(args.base, "BASE"), TensorSource(args.tuned, "TUNED")
     conv1d = _conv1d_pattern(args.fan_in_fan_out, (tuned, base))
@@ -832,6 +839,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     budget = _budget_of(args)
     if (args.rank is not None) + (args.tol is not None) + (budget is not None) != 1:
         raise CLIError("compress: pass exactly one of --rank R, --tol T, --budget SIZE or --budget-params N")
+    _check_out_path(args.out)
     out_file = args.out if args.out.endswith(".safetensors") else os.path.join(args.out, "model.safetensors")
     if os.path.isdir(out_file):
         raise CLIError(

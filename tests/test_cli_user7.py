@@ -119,3 +119,16 @@ def test_budget_records_the_error_of_the_stored_half_precision_factors(tmp_path,
         assert A.dtype == torch.float64 and adapter[f"base_model.model.{module}.lora_A.weight"].dtype == dtype
         true = float(torch.linalg.matrix_norm(delta - B @ A) / torch.linalg.matrix_norm(delta))
         assert rec["rel_error"] == pytest.approx(true, rel=1e-3)
+
+
+def test_empty_out_is_refused_before_any_work(pair, capsys, monkeypatch):
+    # found: `extract ... --out ''` read and factored everything, then failed with "[Errno 2] No such file
+    # or directory: ''" (not naming --out); `compress ... --out ''` silently wrote ./model.safetensors
+    root, _, _ = pair
+    monkeypatch.chdir(root)
+    for argv in (["extract", "base", "tuned", "--rank", "1"], ["compress", "tuned", "--rank", "1"]):
+        for out in ("", "  "):
+            assert main([*argv, "--out", out]) == 2
+            captured = capsys.readouterr()
+            assert "--out" in captured.err and "empty" in captured.err and captured.out == ""
+    assert sorted(os.listdir(root)) == ["base", "tuned"]
