@@ -253,8 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.archive:
         out = archive_folder(REPO_ROOT / "benchmarks" / "results", device_label(machine, device), mode)
     else:
-        out = Path(args.out or "bench_out")
+        out = Path("bench_out" if args.out is None else args.out)
     try:
+        if args.out is not None and not args.out.strip():
+            raise ValueError(f"--out {args.out!r}: empty path; give the output folder")
         check_out_dir(out)
     except ValueError as exc:
         print(f"python -m benchmarks: error: {exc}", file=sys.stderr)

@@ -280,7 +280,7 @@ def test_measure_apart_never_times_a_torch_call_right_after_a_numpy_blas_one() -
 
 
 def test_bad_out_paths_and_empty_only_fail_before_any_benchmark_runs(
-    bench_dir: Path, tmp_path: Path, capsys
+    bench_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     # found by a user test: --out naming a file (or a path under one) ran every module, then died with a
     # FileExistsError / NotADirectoryError traceback; --only '' ran the whole suite instead of refusing.
@@ -294,6 +294,9 @@ def test_bad_out_paths_and_empty_only_fail_before_any_benchmark_runs(
     assert afile.read_text() == "keep me"
     assert main(["--modules-dir", str(bench_dir), "--out", str(tmp_path / "o"), "--only", ""]) == 2
     assert "--only" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--modules-dir", str(bench_dir), "--out", "", "--only", "fake"]) == 2  # wrote bench_out/
+    assert "--out" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["afile", "benches"]
 
 
 def test_archive_never_overwrites_a_committed_report(bench_dir: Path, tmp_path: Path, monkeypatch) -> None:
