@@ -16,6 +16,7 @@ import importlib.util
 import random
 import shlex
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -166,7 +167,7 @@ def resolve_device(requested: str) -> str:
 
 def select(modules: list[BenchModule], only: str | None) -> list[BenchModule]:
     """The modules named in ``--only`` (``svd,lora`` or ``bench_svd``), keeping the run order."""
-    if not only:
+    if only is None:
         return modules
     wanted = [name.strip().removeprefix("bench_").removesuffix(".py") for name in only.split(",")]
     wanted = [name for name in wanted if name]
@@ -178,6 +179,33 @@ def select(modules: list[BenchModule], only: str | None) -> list[BenchModule]:
             f"available: {', '.join(sorted(known)) or '(none)'}"
         )
     return [mod for mod in modules if mod.key in wanted]
+
+
+def archive_folder(results: Path, label: str, mode: str) -> Path:
+    """A new folder ``<date>[b, c, ...]_<label>_<mode>`` under ``results``: a committed archive of the same
+    day is never overwritten (a second run that day gets the suffix ``b``, then ``c``, ...)."""
+    stamp = _dt.date.today().isoformat()
+    for suffix in ("", *"bcdefghijklmnopqrstuvwxyz"):
+        out = results / f"{stamp}{suffix}_{label}_{mode}"
+        if not out.exists():
+            return out
+    raise ValueError(f"--archive: every folder {results}/{stamp}[a-z]_{label}_{mode} exists; use --out")
+
+
+def check_out_dir(out: Path) -> None:
+    """ValueError naming ``--out`` unless ``out`` is (or can be created as) a writable folder: checked
+    before any benchmark runs, so a bad path costs no measurement time."""
+    probe = out.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {str(out)!r}: cannot write there ({exc.strerror or exc})") from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -192,11 +220,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument("--full", dest="quick", action="store_false", help="full shapes and repeats")
     parser.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="default: auto")
     parser.add_argument("--only", default=None, help="comma-separated benchmarks, e.g. svd,lora")
-    parser.add_argument("--out", default=None, help="output directory (default: bench_out/)")
-    parser.add_argument(
+    out_or_archive = parser.add_mutually_exclusive_group()
+    out_or_archive.add_argument("--out", default=None, help="output directory (default: bench_out/)")
+    out_or_archive.add_argument(
         "--archive",
         action="store_true",
-        help="write to benchmarks/results/<date>_<machine>_<mode>/ (to commit) instead of --out",
+        help="write to a new folder benchmarks/results/<date>[b, c, ...]_<machine>_<mode>/ (to commit) "
+        "instead of --out; an existing archive is never overwritten",
     )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--no-ceilings", action="store_true", help="skip measuring bandwidth/matmul ceilings")
@@ -221,10 +251,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     machine = machine_info()
     if args.archive:
-        stamp = _dt.date.today().isoformat()
-        out = REPO_ROOT / "benchmarks" / "results" / f"{stamp}_{device_label(machine, device)}_{mode}"
+        out = archive_folder(REPO_ROOT / "benchmarks" / "results", device_label(machine, device), mode)
     else:
-        out = Path(args.out or "bench_out")
+        out = Path("bench_out" if args.out is None else args.out)
+    try:
+        if args.out is not None and not args.out.strip():
+            raise ValueError(f"--out {args.out!r}: empty path; give the output folder")
+        check_out_dir(out)
+    except ValueError as exc:
+        print(f"python -m benchmarks: error: {exc}", file=sys.stderr)
+        return 2
     command = "python -m benchmarks " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -241,13 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     begin = time.perf_counter()
     log = sys.stderr
     print(f"lowrank benchmarks: {mode} mode on {device}, {len(modules)} module(s) -> {out}", file=log)
-    if not args.no_ceilings:
-        try:
-            run["ceilings"] = ceilings(device)
-        except Exception as exc:  # the ceilings are context, not a benchmark: note and go on
-            run["ceilings"] = {"device": device, "error": f"{type(exc).__name__}: {exc}"}
     interrupted = False
     try:
+        if not args.no_ceilings:
+            try:
+                run["ceilings"] = ceilings(device)
+            except Exception as exc:  # the ceilings are context, not a benchmark: note and go on
+                run["ceilings"] = {"device": device, "error": f"{type(exc).__name__}: {exc}"}
         for number, mod in enumerate(modules, 1):
             print(f"[{number}/{len(modules)}] {mod.key} ...", file=log, flush=True)
             entry = run_module(mod, quick=args.quick, device=device)

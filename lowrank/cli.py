@@ -28,7 +28,9 @@ Every file written here carries, in its safetensors metadata (``lowrank.layers``
 layer's rank, shape, ``||D||_F`` and achieved relative Frobenius error ``||D - B A||_F / ||D||_F``.
 
 Checkpoints are read tensor by tensor with ``safetensors.safe_open`` (memory-mapped), from a file or a
-directory of shards, so memory stays near one tensor (plus, for ``compress``, the factors written so far).
+directory (its ``model.safetensors.index.json`` shards, else its ``model.safetensors``, else every
+``*.safetensors`` file but an ``adapter_model.safetensors``), so memory stays near one tensor (plus, for
+``compress``, the factors written so far).
 User mistakes print one line on stderr and exit with status 2 (an internal error: one line, status 1).
 Progress bars use tqdm when it is installed (optional; without it the per-layer lines alone are printed).
 """
@@ -88,8 +90,15 @@ class TensorSource:
                     files = sorted({os.path.join(path, v) for v in weight_map.values()})
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise CLIError(f"{label} {index!r}: unreadable shard index ({exc})") from None
+            elif os.path.isfile(os.path.join(path, "model.safetensors")):
+                files = [os.path.join(path, "model.safetensors")]  # what transformers loads
             else:
-                files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+                # shards without an index; never an adapter's weights saved beside the model
+                files = sorted(
+                    f
+                    for f in glob.glob(os.path.join(path, "*.safetensors"))
+                    if os.path.basename(f) != "adapter_model.safetensors"
+                )
             if not files:
                 pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
                 hint = " (only pickle-based .bin/.pt files, which lowrank does not read)" if pickled else ""
@@ -511,6 +520,16 @@ def _parse_rank(text: str) -> int | str:
     return value
 
 
+def _parse_seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
 def _parse_tol(text: str) -> float:
     try:
         value = float(text)
@@ -550,6 +569,12 @@ def _conv1d_pattern(mode: str, sources: Sequence[TensorSource]) -> re.Pattern[st
     return None
 
 
+def _check_out_path(out: str) -> None:
+    """Refuse an empty ``--out`` (it names no path) before any work is done."""
+    if not out.strip():
+        raise CLIError(f"--out {out!r}: empty path; give the output file or folder")
+
+
 def _check_out_dir(folder: str) -> None:
     """Refuse an output folder that cannot be one (an existing file on its path) before any work is done."""
     probe = os.path.abspath(folder or ".")
@@ -572,6 +597,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise CLIError("extract: --rank auto needs --tol T (the relative error allowed per layer)")
     if args.rank != "auto" and args.tol is not None:
         raise CLIError("extract: --tol goes with --rank auto; pass either --rank R or --rank auto --tol T")
+    _check_out_path(args.out)
     _check_out_dir(args.out)  # before any reading or arithmetic
     base, tuned = TensorSource(args.base, "BASE"), TensorSource(args.tuned, "TUNED")
     conv1d = _conv1d_pattern(args.fan_in_fan_out, (tuned, base))
@@ -713,8 +739,8 @@ def _extract_budget(
     A layer's spectrum goes as far as the budget could ever give it (``budget // cost`` ranks, at most its
     smaller side); the triplets are kept so the checkpoints are read once. Memory: the kept triplets, each
     at most the budget's size. Errors from the residual at the computed rank plus the dropped values (see
-    ``_tail_error``), for the factors in the working precision: rounding them to a bf16/fp16 stored dtype
-    adds to it (the fixed-rank modes, which still hold the delta, record the stored factors' error).
+    ``_tail_error``) for fp32/fp64 factors; for bf16/fp16 factors the delta is read again and the error of
+    the stored (rounded) factors recorded, as the fixed-rank modes do.
     """
     kept = {}
     bar = _Bar(len(names), "spectra")
@@ -768,7 +794,13 @@ def _extract_budget(
             _write_line(f"{module:<48} {shape_text}  rank    0  left out: the budget buys more elsewhere")
             continue
         B, A = _balanced_factors(U[:, :k], S[:k], Vh[:k])
-        error = _tail_error(norm_sq, resid_sq, S, k)
+        if _work_dtype(out_dtype) == out_dtype:
+            error = _tail_error(norm_sq, resid_sq, S, k)
+        else:  # fp16/bf16 factors: their rounding is part of the achieved error (the delta is read again)
+            (layer,) = _deltas(base, tuned, [name], True, conv1d)
+            work = layer.delta.dtype
+            error = _relative_error(layer.delta, B.to(out_dtype).to(work), A.to(out_dtype).to(work))
+            del layer
         total_captured += (1.0 - error * error) * norm_sq
         ranks[module] = k
         records[module] = _layer_record(shape, k, math.sqrt(norm_sq), error)
@@ -807,6 +839,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     budget = _budget_of(args)
     if (args.rank is not None) + (args.tol is not None) + (budget is not None) != 1:
         raise CLIError("compress: pass exactly one of --rank R, --tol T, --budget SIZE or --budget-params N")
+    _check_out_path(args.out)
     out_file = args.out if args.out.endswith(".safetensors") else os.path.join(args.out, "model.safetensors")
     if os.path.isdir(out_file):
         raise CLIError(
@@ -1114,7 +1147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "beside the checkpoint, 'none', or a regex searched in module paths",
     )
     p.add_argument("--base-model-name", help="base_model_name_or_path for the config (default: BASE)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.add_argument("--seed", type=_parse_seed, default=0, help="seed of the randomized SVD (default 0)")
     p.set_defaults(run=cmd_extract)
 
     p = sub.add_parser("compress", help="replace 2-D weights of a checkpoint by low-rank factors")
@@ -1134,7 +1167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output .safetensors file, or a directory for model.safetensors"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.add_argument("--seed", type=_parse_seed, default=0, help="seed of the randomized SVD (default 0)")
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("info", help="show an adapter's config, ranks, targets, size and achieved errors")

@@ -277,3 +277,68 @@ def test_measure_apart_never_times_a_torch_call_right_after_a_numpy_blas_one() -
     first_native = min(i for i, name in enumerate(calls) if name not in foreign)
     assert last_foreign < first_native  # one loop after the other
     assert len(calls) == 5 * (1 + 4)
+
+
+def test_bad_out_paths_and_empty_only_fail_before_any_benchmark_runs(
+    bench_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # found by a user test: --out naming a file (or a path under one) ran every module, then died with a
+    # FileExistsError / NotADirectoryError traceback; --only '' ran the whole suite instead of refusing.
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "sub"):
+        code = main(["--modules-dir", str(bench_dir), "--out", str(out), "--only", "broken", "--no-ceilings"])
+        err = capsys.readouterr().err
+        assert code == 2 and "--out" in err and "is a file" in err
+        assert "Traceback" not in err and "broken ..." not in err  # refused before running anything
+    assert afile.read_text() == "keep me"
+    assert main(["--modules-dir", str(bench_dir), "--out", str(tmp_path / "o"), "--only", ""]) == 2
+    assert "--only" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--modules-dir", str(bench_dir), "--out", "", "--only", "fake"]) == 2  # wrote bench_out/
+    assert "--out" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["afile", "benches"]
+
+
+def test_archive_never_overwrites_a_committed_report(bench_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    # found by a user test: a second --archive run on the same day replaced the committed report of the
+    # first (here: its results.json), and --out given with --archive was silently ignored.
+    import benchmarks.__main__ as runner
+
+    monkeypatch.setattr(runner, "REPO_ROOT", tmp_path)
+    args = [
+        "--modules-dir",
+        str(bench_dir),
+        "--only",
+        "fake",
+        "--archive",
+        "--no-ceilings",
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0 and main(args) == 0
+    folders = sorted(p.name for p in (tmp_path / "benchmarks" / "results").iterdir())
+    assert len(folders) == 2 and folders[0].split("_")[0] + "b" == folders[1].split("_")[0]
+    for folder in folders:
+        data = json.loads((tmp_path / "benchmarks" / "results" / folder / "results.json").read_text())
+        assert [m["key"] for m in data["modules"]] == ["fake"]
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "ignored")])
+    assert not (tmp_path / "ignored").exists()
+
+
+def test_ctrl_c_while_measuring_the_ceilings_is_a_clean_interrupt(
+    bench_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    # found by a user test: Ctrl-C during the ceilings measurement (seconds, before the first module) was
+    # outside the interrupt handler: a KeyboardInterrupt traceback and no report
+    import benchmarks.__main__ as runner
+
+    def interrupted(device):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "ceilings", interrupted)
+    out = tmp_path / "out"
+    assert main(["--modules-dir", str(bench_dir), "--only", "fake", "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["modules"] == [] and "fake" not in (out / "report.md").read_text().split("## Machine")[1]
