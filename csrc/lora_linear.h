@@ -15,14 +15,6 @@
 
 namespace lowrank {
 
-template <typename Int>
-struct LoraLinearShapeT {
-  Int rows;  // M: the product of x's leading dimensions
-  Int in_features;
-  Int out_features;
-  Int rank;
-  std::vector<Int> out_sizes;  // x.shape[:-1] + (out_features,)
-};
 using LoraLinearShape = LoraLinearShapeT<int64_t>;
 
 // Validates the arguments of lora_linear and returns the problem sizes. Shape and dtype errors raise

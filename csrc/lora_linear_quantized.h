@@ -14,15 +14,7 @@
 
 namespace lowrank {
 
-template <typename Int>
-struct LoraQuantizedShapeT {
-  Int rows;  // M: the product of x's leading dimensions
-  Int in_features;
-  Int out_features;
-  Int rank;
-  std::vector<Int> out_sizes;  // x.shape[:-1] + (out_features,)
-};
-using LoraQuantizedShape = LoraQuantizedShapeT<int64_t>;
+using LoraQuantizedShape = LoraLinearShapeT<int64_t>;  // the same sizes as lora_linear's
 
 inline bool is_quantized_weight_dtype(at::ScalarType t) { return t == at::kChar || t == at::ScalarType::Float8_e4m3fn; }
 
@@ -32,10 +24,10 @@ inline bool is_quantized_weight_dtype(at::ScalarType t) { return t == at::kChar 
 // is an error, not a silent meta result. Int: int64_t in the real kernels, c10::SymInt in the Meta kernel
 // (shape_int.h).
 template <typename Int = int64_t>
-inline LoraQuantizedShapeT<Int> check_lora_linear_quantized_args(const at::Tensor& x, const at::Tensor& qweight,
-                                                                 const at::Tensor& weight_scale,
-                                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                                 const c10::optional<at::Tensor>& bias) {
+inline LoraLinearShapeT<Int> check_lora_linear_quantized_args(const at::Tensor& x, const at::Tensor& qweight,
+                                                              const at::Tensor& weight_scale, const at::Tensor& lora_A,
+                                                              const at::Tensor& lora_B,
+                                                              const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "lora_linear_quantized";
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape (..., in_features), got a 0-d tensor");
   TORCH_CHECK_VALUE(qweight.dim() == 2, op, ": qweight must be 2-D (out_features, in_features), got ", qweight.dim(),

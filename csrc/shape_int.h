@@ -11,8 +11,19 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace lowrank {
+
+// The problem sizes of lora_linear and lora_linear_quantized, as their argument checks return them.
+template <typename Int>
+struct LoraLinearShapeT {
+  Int rows;  // M: the product of x's leading dimensions
+  Int in_features;
+  Int out_features;
+  Int rank;
+  std::vector<Int> out_sizes;  // x.shape[:-1] + (out_features,)
+};
 
 template <typename Int>
 inline Int size_of(const at::Tensor& t, int64_t d) {

@@ -266,12 +266,12 @@ class DenseOp(LinOp):
         self.device = A.device
 
     def matmul(self, X: torch.Tensor) -> torch.Tensor:
-        if self._transposed_products:
+        if self.column_major_products:
             return (X.mT @ self.A.mT).mT
         return self.A @ X
 
     def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
-        if self._transposed_products:
+        if self.column_major_products:
             return (Y.mT @ self.A).mT
         return _adjoint(self.A) @ Y
 
@@ -281,26 +281,23 @@ class DenseOp(LinOp):
         buffer) with transposed products, else one with unit column stride (a slice of columns of a
         row-major buffer); a fresh tensor otherwise."""
         if Y.dim() == 2 and Y.dtype == self.dtype and self.A.dim() == 2 and not self.dtype.is_complex:
-            if self._transposed_products and out.mT.is_contiguous():
+            if self.column_major_products and out.mT.is_contiguous():
                 torch.mm(Y.mT, self.A, out=out.mT)
                 return out
-            if not self._transposed_products and self.device.type == "cpu" and out.stride(-1) == 1:
+            if not self.column_major_products and self.device.type == "cpu" and out.stride(-1) == 1:
                 torch.mm(self.A.mT, Y, out=out)
                 return out
         return self.rmatmul(Y)
 
     @property
     def column_major_products(self) -> bool:
-        """Whether :meth:`matmul` / :meth:`rmatmul` return column-major blocks (see ``_transposed_products``);
-        else row-major ones. Iterations keep their bases in the same layout (no transposing copies)."""
-        return self._transposed_products
-
-    @property
-    def _transposed_products(self) -> bool:
+        """Whether :meth:`matmul` / :meth:`rmatmul` compute the transposed product and return column-major
+        blocks (else the direct product, row-major blocks); iterations keep their bases in the same layout
+        (no transposing copies)."""
         # On CPU, the transposed product (X^T A^T)^T, whose output is a row-major (b, m) block seen as a
         # column-major (m, b) one, measured 1.0-1.5x faster than A @ X for thin X in fp32 with one thread
         # (1000-20000 rows, b = 16-150; 1500^2, b = 40: 3.3 / 3.0 against 3.7 / 4.0 ms for A X / A^T Y) and
-        # 1.2-4x in fp64 with one and two threads. fp32 with two threads is the exception: MKL splits the
+        # 1.3-4x in fp64 with one and two threads. fp32 with two threads is the exception: MKL splits the
         # direct product better (1500^2, b = 40: 1.6 / 1.75 ms direct against 2.0 / 1.9 ms transposed,
         # quiet; 8000 x 1000: 6.9-7.4 against 11.7 ms, loaded, best of 40), so those products stay direct
         # (row-major blocks); more threads were not measured. Column-major blocks are also what LAPACK

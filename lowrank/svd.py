@@ -19,6 +19,7 @@ approximation", SIAM J. Matrix Anal. Appl. 39(3), 2018 (randQB_EI).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -181,8 +182,8 @@ def _basis(
     LU), then CholeskyQR2 with the small ``R^{-1}`` applied by GEMM, all level-3 BLAS. It breaks down only
     when ``Y`` is numerically rank deficient; the caller then reruns with ``robust=True``. On CPU:
     CholeskyQR (or Householder QR), projection, then CholeskyQR where Kahan's test passes, else
-    Householder QR (see the comment in the code). ``out`` (column-major, ``Y``'s shape): where the basis
-    is written when the fast path can; the returned ``Q`` is ``out`` then, else a fresh tensor.
+    Householder QR (see the comment in the code). ``out`` (``Y``'s shape, column- or row-major): where the
+    basis is written when the CholeskyQR path can; the returned ``Q`` is ``out`` then, else a fresh tensor.
     """
     if robust:
         if against:
@@ -201,23 +202,20 @@ def _basis(
         # Kahan's test holds on the diagonal of R (every column kept >= 1/sqrt(2) of its norm); on CPU
         # the check costs nothing, and blocks with fresh directions pass it the first time. When the
         # first projected block passes the test (the common case), one CholeskyQR pass replaces its
-        # Householder QR (see _cholqr_kept); a block without ``against`` (the first of a Krylov space, the
-        # last of subspace iteration) whose R is well conditioned gets a second CholeskyQR pass instead
-        # of Householder QR (1500 x 40: ~0.25 ms against 0.57 / 0.72 ms at 1 / 2 threads)
+        # Householder QR (see _cholqr_kept). A block without ``against`` keeps Householder QR (CholeskyQR2
+        # of a 1500 x 40 block measured no faster: 0.63-0.97 against 0.45-0.70 ms, 1 and 2 threads)
+        if not against:
+            return torch.linalg.qr(Y).Q, None
         Q = _normalize_block(Y)
-        if not against:  # CholeskyQR2 for a first block with a well-conditioned R, else Householder
-            fast = None if Q is None else _cholqr_kept(Q, out)
-            return (torch.linalg.qr(Y).Q if fast is None else fast), None
         if Q is None:
             Q = torch.linalg.qr(Y).Q
-        if against:
-            fast = _cholqr_kept(_project_out(Q, against), out)
-            if fast is not None:
-                return fast, None
-            for _ in range(4):
-                Q, R = torch.linalg.qr(_project_out(Q, against))
-                if bool((torch.diagonal(R, dim1=-2, dim2=-1).abs() >= 0.7071).all()):
-                    break
+        fast = _cholqr_kept(_project_out(Q, against), out)
+        if fast is not None:
+            return fast, None
+        for _ in range(4):
+            Q, R = torch.linalg.qr(_project_out(Q, against))
+            if bool((torch.diagonal(R, dim1=-2, dim2=-1).abs() >= 0.7071).all()):
+                break
         return Q, None
     Y = orthonormalize(Y, "lu")
     if against:
@@ -229,56 +227,57 @@ def _basis(
     return Q, bad
 
 
-def _normalize_block(Y: torch.Tensor) -> torch.Tensor | None:
-    """``Y R^{-1}`` with ``R`` the Cholesky factor of ``Y^T Y`` (one CholeskyQR pass), for a real 2-D fp32
-    ``Y`` on CPU whose ``R`` is well conditioned (diagonal within a factor 1e3, which also excludes a
-    Gram that overflowed); ``None`` otherwise (the caller then runs Householder QR).
-
-    The first orthonormalisation of a projected Krylov block in :func:`_basis`: only its span and a near
-    orthonormality matter there (the projection, Householder QR and Kahan test that follow make the
-    basis). With ``kappa(R) <= 1e3`` the columns are orthonormal to ``u kappa^2 <~ 0.06``, so the test
-    still reads how much of each column the projection kept; a block that fails it is redone from a
-    Householder basis anyway. Measured on 1500 x 40 blocks (1 thread, loaded machine): 0.37 ms against
-    0.74 ms for ``torch.linalg.qr``.
-    """
+def _cholqr_step(
+    Y: torch.Tensor, accept: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``Y R^{-1}`` with ``R`` the Cholesky factor of ``Y^T Y`` formed in fp32 and factored in fp64 (one
+    CholeskyQR pass, ``R^{-1}`` applied by GEMM) for a real 2-D fp32 ``Y`` on CPU when
+    ``accept(diag(R))`` holds; ``None`` otherwise. Written into ``out`` when given and in ``Y``'s layout
+    (column- or row-major), else a fresh tensor in that layout."""
     if Y.dtype != torch.float32 or Y.device.type != "cpu" or Y.dim() != 2:
         return None
     lower, info = torch.linalg.cholesky_ex((Y.mT @ Y).to(torch.float64))
-    diag = torch.diagonal(lower)
-    if not bool((info == 0) & (diag.amin() * 1e3 >= diag.amax())):
+    if not bool((info == 0) & accept(torch.diagonal(lower))):
         return None
     eye = torch.eye(lower.shape[-1], dtype=lower.dtype)
     inverse = torch.linalg.solve_triangular(lower, eye, upper=False).mT.to(Y.dtype)
+    if out is not None and out.mT.is_contiguous() and Y.mT.is_contiguous():
+        torch.mm(inverse.mT, Y.mT, out=out.mT)
+        return out
+    if out is not None and out.stride(-1) == 1 and Y.stride(-1) == 1:
+        torch.mm(Y, inverse, out=out)
+        return out
     return matmul_like(Y, inverse, Y)
 
 
+def _normalize_block(Y: torch.Tensor) -> torch.Tensor | None:
+    """``Y R^{-1}`` (:func:`_cholqr_step`) when ``R`` is well conditioned (diagonal within a factor 1e3,
+    which also excludes a Gram that overflowed); ``None`` otherwise (the caller then runs Householder QR).
+
+    The first orthonormalisation of a projected Krylov block in :func:`_basis`: only its span and a near
+    orthonormality matter there (the projection and the Kahan test that follow make the basis). With
+    ``kappa(R) <= 1e3`` the columns are orthonormal to ``u kappa^2 <~ 0.06``, so the test still reads how
+    much of each column the projection kept; a block that fails it is redone from a Householder basis
+    anyway. Measured on 1500 x 40 blocks (1 thread, loaded machine): 0.37 ms against 0.74 ms for
+    ``torch.linalg.qr``.
+    """
+    return _cholqr_step(Y, lambda diag: diag.amin() * 1e3 >= diag.amax())
+
+
 def _cholqr_kept(P: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``P R^{-1}`` (one CholeskyQR pass, Gram factored in fp64) for the projected block ``P`` of
-    :func:`_basis` (a real fp32 2-D block on CPU whose columns had unit norm before the projection) when
-    every column kept at least ``1/sqrt(2)`` of its norm (Kahan's test on the diagonal of ``R``);
-    ``None`` otherwise (the caller then runs the Householder loop). Written into ``out`` (column-major)
-    when given.
+    """``P R^{-1}`` (:func:`_cholqr_step`, into ``out`` when given) for the projected block ``P`` of
+    :func:`_basis` (its columns had unit norm before the projection) when every column kept at least
+    ``1/sqrt(2)`` of its norm (Kahan's test on the diagonal of ``R``); ``None`` otherwise (the caller then
+    runs the Householder loop).
 
     ``P`` is the second projection of a block already orthonormalised once: its columns are nearly
     orthonormal and the test bounds how far they moved, so ``kappa(P)`` is small and one pass gives an
-    orthonormal basis to ``O(u kappa^2)``, like Householder QR, with the same span. Measured on the
-    1500 x 1500, k = 64 narrow-branch case (blocks of 1500 x 40, 1 thread): 0.2 ms per block against
-    0.6-0.8 ms for ``torch.linalg.qr``, which also does not scale to 2 threads at this size.
+    orthonormal basis to ``O(u kappa^2)``, like Householder QR, with the same span. Measured on 1500 x 40
+    blocks (quiet, medians of 300): 0.35-0.46 / 0.31-0.39 ms at 1 / 2 threads against 0.45-0.70 /
+    0.54-0.69 ms for ``torch.linalg.qr``; with the projections, a whole block 1.67 -> 1.30 ms at 1 thread
+    and 1.11 -> 0.89 ms at 2 (against 120 columns, loaded).
     """
-    if P.dtype != torch.float32 or P.dim() != 2 or P.device.type != "cpu":
-        return None
-    lower, info = torch.linalg.cholesky_ex((P.mT @ P).to(torch.float64))
-    if not bool((info == 0) & (torch.diagonal(lower).amin() >= 0.7071)):
-        return None
-    eye = torch.eye(lower.shape[-1], dtype=lower.dtype)
-    inverse = torch.linalg.solve_triangular(lower, eye, upper=False).mT.to(P.dtype)
-    if out is not None and out.mT.is_contiguous() and P.mT.is_contiguous():
-        torch.mm(inverse.mT, P.mT, out=out.mT)
-        return out
-    if out is not None and out.stride(-1) == 1 and P.stride(-1) == 1:
-        torch.mm(P, inverse, out=out)
-        return out
-    return matmul_like(P, inverse, P)
+    return _cholqr_step(P, lambda diag: diag.amin() >= 0.7071, out)
 
 
 def _any_bad(flags: list) -> torch.Tensor | None:
@@ -995,7 +994,7 @@ def _block_krylov(
 
 def _column_major(op: LinOp) -> bool:
     """Whether the products of ``op`` come column-major (all but a dense A's with several CPU threads,
-    see ``DenseOp._transposed_products``): the layout the Krylov bases are kept in."""
+    see ``DenseOp.column_major_products``): the layout the Krylov bases are kept in."""
     base = _stored(op)
     return base.column_major_products if isinstance(base, DenseOp) else True
 

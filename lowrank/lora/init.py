@@ -51,7 +51,7 @@ def check_init(init: str | bool) -> str:
             "init=False (PEFT: both factors random, so the model changes at step 0) is not supported; use "
             "'default' (True in PEFT), 'gaussian' or 'zeros'"
         )
-    if isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9][0-9]*", init):
+    if pissa_budget(init) is not None:
         return "pissa"
     if isinstance(init, str) and init in CALIBRATED_INITS:
         raise ValueError(
