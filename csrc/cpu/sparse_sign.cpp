@@ -9,9 +9,11 @@
 // time per vector of columns. After the last panel the buffer is added to out (float64), so out is touched once
 // per call. Every nonzero costs 8 vector loads from L2 and 8 FMAs into registers (no store), against a load, FMA
 // and store to a buffer row per vector for a scatter. Sums over the rows of one call are rounded in the block's
-// dtype (as a float32 GEMM's would be) and accumulated in float64 across calls. at::parallel_for runs over tiles:
-// threads never write the same entries, the order of every sum is fixed by (panel, row, t), and the result does
-// not depend on the thread count. AVX2+FMA is chosen at run time (GCC vector extensions; SSE2 otherwise).
+// dtype (as a float32 GEMM's would be) and accumulated in float64 across calls. While a panel is summed, the next
+// panel's strips are prefetched (5000 x 3000 float32 block, 16 nonzeros per row with the dense rows: 10-17% less
+// time at 1 and 2 threads, 2 cores, interleaved runs). at::parallel_for runs over tiles: threads never write the
+// same entries, the order of every sum is fixed by (panel, row, t), and the result does not depend on the thread
+// count. AVX2+FMA is chosen at run time (GCC vector extensions; SSE2 otherwise).
 #include "sparse_sign.h"
 
 #include <ATen/Dispatch.h>
@@ -115,7 +117,19 @@ inline __attribute__((always_inline)) void tile_body(const Plan<scalar_t>& plan,
     const int64_t* off = plan.off.data() + q * plan.ds;
     const int32_t* src = plan.src.data();
     const scalar_t* weight = plan.weight.data();
+    // the next panel's strips are prefetched a few rows per target row, so that their misses (each row is on
+    // another page: DRAM and page walks) overlap this panel's sums
+    const int64_t next_rows = q + 1 < plan.panels ? std::min(kPanel, plan.b - p0 - kPanel) : 0;
+    const char* next = reinterpret_cast<const char*>(plan.block + j0);
+    const int64_t row_bytes = plan.ldb * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t strip = width * static_cast<int64_t>(sizeof(scalar_t));
+    int64_t ahead = 0;
     for (int64_t t = 0; t < plan.ds; ++t) {
+      for (const int64_t stop = (t + 1) * next_rows / plan.ds; ahead < stop; ++ahead) {
+        const char* r = next + (p0 + kPanel + ahead) * row_bytes;
+        for (int64_t k = 0; k < strip; k += 64) __builtin_prefetch(r + k, 0, 3);
+        __builtin_prefetch(r + strip - 1, 0, 3);
+      }
       const int64_t e0 = off[t];
       const int64_t e1 = off[t + 1];
       if (e0 == e1) continue;
