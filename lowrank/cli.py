@@ -473,7 +473,10 @@ def _parse_size(text: str) -> int:
     value = float(match[1]) * _SIZE_SUFFIX[suffix]
     if not math.isfinite(value) or value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return int(value)
+    whole = round(value)
+    if abs(value - whole) > 1e-9 * value:  # 0.3k is 300 to rounding; 1.5 (parameters or bytes) is no count
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes or parameters, got {text!r}")
+    return int(whole)
 
 
 def _budget_of(args: argparse.Namespace) -> tuple[int, str] | None:
@@ -576,12 +579,15 @@ def _check_out_path(out: str) -> None:
 
 
 def _check_out_dir(folder: str) -> None:
-    """Refuse an output folder that cannot be one (an existing file on its path) before any work is done."""
+    """Refuse an output folder that cannot be one (an existing file on its path) or cannot be written (its
+    nearest existing folder is not writable) before any work is done."""
     probe = os.path.abspath(folder or ".")
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise CLIError(f"--out: {probe!r} is a file, not a directory; choose another output path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"--out: {probe!r} is not writable; choose another output path")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

@@ -132,3 +132,45 @@ def test_empty_out_is_refused_before_any_work(pair, capsys, monkeypatch):
             captured = capsys.readouterr()
             assert "--out" in captured.err and "empty" in captured.err and captured.out == ""
     assert sorted(os.listdir(root)) == ["base", "tuned"]
+
+
+def test_unwritable_out_folder_is_refused_before_any_work(pair, capsys, monkeypatch):
+    # seen in the user test: an --out inside a folder that cannot be written was found only at write time,
+    # after every layer was read and factored. Root bypasses permission bits, so the test makes os.access
+    # report the folder unwritable (what it returns for another user on a read-only folder).
+    root, _, _ = pair
+    locked = root / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode)
+    )
+    for argv in (
+        ["extract", str(root / "base"), str(root / "tuned"), "--rank", "1", "--out", str(locked / "a" / "b")],
+        ["compress", str(root / "tuned"), "--rank", "1", "--out", str(locked / "c.safetensors")],
+    ):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert "--out" in captured.err and "not writable" in captured.err and captured.out == ""
+        assert "layer" not in captured.err  # refused before any layer was read
+    assert os.listdir(locked) == []
+
+
+@pytest.mark.parametrize(
+    "text,count", [("0.3k", 300), ("1.5GB", 1_500_000_000), ("1.5KiB", 1536), ("2e3", 2000), ("7", 7)]
+)
+def test_sizes_are_whole_counts(text, count):
+    from lowrank.cli import _parse_size
+
+    assert _parse_size(text) == count
+
+
+def test_fractional_count_is_refused_naming_the_option(pair, capsys):
+    # seen in the user test: --budget-params 1.5 was read as 1 parameter without a word
+    root, _, _ = pair
+    argv = ["extract", str(root / "base"), str(root / "tuned"), "--out", str(root / "ad")]
+    for option in ("--budget-params", "--budget"):
+        assert main([*argv, option, "1.5"]) == 2
+        err = capsys.readouterr().err
+        assert option in err and "whole number" in err
+    assert not (root / "ad").exists()
