@@ -243,7 +243,8 @@ class StreamingSVD:
     (2 threads), sign maps with ``Theta``/ones 0.29 / 0.35-0.42, draws 0.05-0.07, :meth:`result` +
     :meth:`error_estimate` 0.05-0.09 per block. The 100000-row stream (in-call time, generation excluded;
     ``benchmarks/bench_sketch.py --full``): 1.25-1.30x ``F`` with ``keep_u=False``, 1.25-1.35x with ``U``
-    kept at 1 thread; 1.44-1.9x at 2 threads (the sign-map pass scales less than the GEMM).
+    kept at 1 thread; at 2 threads 1.44-1.9x pass against pass, 1.53x (U kept) / 1.55x (lean) paired per
+    block with the floor (the sign-map pass scales less than the GEMM).
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is
