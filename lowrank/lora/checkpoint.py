@@ -50,7 +50,7 @@ from lowrank.io import (
     write_temporary,
 )
 from lowrank.lora.layers import is_conv1d
-from lowrank.lora.model import TRAINED_BIAS_ATTR, check_not_reserved
+from lowrank.lora.model import TRAINED_BIAS_ATTR, check_not_reserved, check_weights_unshared
 from lowrank.lora.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -1090,6 +1090,9 @@ def _apply(
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_rslora = bool(config.get("use_rslora", False))
     undo: list[Callable[[], None]] = []
+    if rewrite is not None:  # PEFT's load-time PiSSA/OLoRA rewrites the base weights
+        rewritten = [plan.module_path for plan in plans if not plan.embedding]
+        check_weights_unshared(model, rewritten, f"load_adapter (init_lora_weights={rewrite!r})")
     try:
         for plan in plans:
             module = model.get_submodule(plan.module_path)

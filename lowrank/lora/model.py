@@ -48,6 +48,42 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
             yield name, module
 
 
+def _memory_key(tensor: torch.Tensor) -> tuple:
+    """Identity of the memory a weight occupies (same Parameter, or the same region of one storage)."""
+    if tensor.device.type == "meta":
+        return ("id", id(tensor))
+    return ("mem", tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def check_weights_unshared(model: nn.Module, names: Sequence[str], action: str, hint: str = "") -> None:
+    """ValueError when the weight of a module in ``names`` is shared (tied) with another module of ``model``.
+
+    ``action`` (e.g. ``"merge_lora"``, ``"init='pissa'"``) writes into those weights in place; with a tied
+    weight (a causal LM's ``lm_head`` and ``embed_tokens`` under ``tie_word_embeddings``) the write would
+    change every module holding it: merging ``lm_head``'s adapter would also shift the input embeddings, and
+    two adapted modules on one weight would add both updates to both. PEFT warns and writes anyway
+    (huggingface/peft#2025, #2972); here nothing is changed and the message says how to untie.
+    """
+    owners: dict[tuple, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module._parameters.items():
+            if isinstance(param, torch.Tensor) and param_name == "weight":
+                owners.setdefault(_memory_key(param), []).append(module_name)
+    for name in names:
+        weight = model.get_submodule(name).weight if name else getattr(model, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        others = sorted({n for n in owners.get(_memory_key(weight), []) if n != name})
+        if others:
+            target = f"model.{name}" if name else "model"
+            raise ValueError(
+                f"{action}: the weight of module {name!r} is shared (tied) with {others}; writing into it "
+                "would change those modules too. Untie it first, e.g. "
+                f"`{target}.weight = nn.Parameter({target}.weight.detach().clone())` (and set the config's "
+                "tie_word_embeddings=False)" + (f", or {hint}" if hint else "")
+            )
+
+
 def _as_patterns(arg: str, value: str | Sequence[str]) -> list[str]:
     if not isinstance(value, (str, Sequence)) and not isinstance(value, (set, frozenset)):
         raise TypeError(
@@ -260,6 +296,7 @@ def inject_lora(
                 f"{tuple(module.weight.shape)}), got {r!r}"
             )
     if init in WEIGHT_INITS:
+        check_weights_unshared(model, [name for name, _, _ in plan], f"init={init!r}", "use init='default'")
         for name, module, _ in plan:
             if module.weight.device.type != "meta" and not all_finite(module.weight.detach()):
                 raise ValueError(
@@ -572,6 +609,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     already = [name for name, layer in lora_layers(model) if layer.merged_adapters]
     if already:
         raise RuntimeError(f"adapters are already merged in {already[:5]}; call unmerge_lora first")
+    check_weights_unshared(
+        model, [n for n, layer in lora_layers(model) if layer.active_adapter is not None], "merge_lora"
+    )
     for layer in layers:
         layer.merge()
     return model
@@ -636,6 +676,11 @@ def remove_lora(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers to remove")
+    if merge:
+        to_merge = [
+            n for n, layer in layers if not layer.merged_adapters and layer.active_adapter is not None
+        ]
+        check_weights_unshared(model, to_merge, "remove_lora(merge=True)", "remove it with merge=False")
     for name, wrapper in list(_wrappers(model)):
         if not merge:
             wrapper.set_adapter(None)
