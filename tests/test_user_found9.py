@@ -93,3 +93,24 @@ def test_unrelated_layers_still_merge():
     lowrank.merge_lora(model)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before, atol=1e-5, rtol=1e-5)
+
+
+# punica / vLLM "mixed-adapter index out of range" reports, embedding side: a token id outside the table
+# surfaced as torch's internal IndexError ("index out of range in self"); now a ValueError naming x.
+@pytest.mark.parametrize("bad", [10, -1])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_embedding_token_id_out_of_range_is_a_value_error(bad, mixed):
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    lowrank.inject_lora(model, ["0", "1"], r=2)
+    model[0].add_adapter("b", 2)
+    ids = torch.tensor([[1, bad], [3, 4]])
+    if mixed:
+        with pytest.raises(ValueError, match=r"x holds token ids .*\[0, 10\)"):
+            with lowrank.mixed_adapter_batch(model, ["default", "b"]):
+                model(ids)
+    else:
+        with pytest.raises(ValueError, match=r"x holds token ids .*\[0, 10\)"):
+            model(ids)
+    good = torch.tensor([[1, 9], [0, 4]])
+    expected = model[1](nn.functional.embedding(good, model[0].weight + model[0].delta_weight()))
+    torch.testing.assert_close(model(good), expected, atol=1e-6, rtol=1e-6)

@@ -1307,15 +1307,22 @@ class LoRAEmbedding(LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.weight, floating=False)
-        out = F.embedding(
-            x,
-            self.weight,
-            self.padding_idx,
-            self.max_norm,
-            self.norm_type,
-            self.scale_grad_by_freq,
-            self.sparse,
-        )
+        try:
+            out = F.embedding(
+                x,
+                self.weight,
+                self.padding_idx,
+                self.max_norm,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
+            )
+        except IndexError as error:  # torch's "index out of range in self" (CPU), named for the caller
+            low, high = int(x.min()), int(x.max())
+            raise ValueError(
+                f"x holds token ids in [{low}, {high}], outside [0, num_embeddings) = "
+                f"[0, {self.num_embeddings})"
+            ) from error
         if self._row_adapters is not None:
             used, ids = self._row_adapter_ids(x, min_dim=1)
             for j, name in enumerate(used):  # a loop over the adapters present (few), not over rows
