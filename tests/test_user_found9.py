@@ -114,3 +114,83 @@ def test_embedding_token_id_out_of_range_is_a_value_error(bad, mixed):
     good = torch.tensor([[1, 9], [0, 4]])
     expected = model[1](nn.functional.embedding(good, model[0].weight + model[0].delta_weight()))
     torch.testing.assert_close(model(good), expected, atol=1e-6, rtol=1e-6)
+
+
+def _two_layer() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 4))
+
+
+def _reference(model: nn.Module, x: torch.Tensor, adapters: dict[int, str | None]) -> torch.Tensor:
+    """float64 forward of the 3-layer MLP where layer i runs adapter adapters[i] (None: base only)."""
+    h = x.double()
+    for i in (0, 2, 4):
+        layer = model[i]
+        base = getattr(layer, "base_layer", layer)
+        w = layer.weight.double()
+        name = adapters.get(i)
+        if name is not None:
+            w = w + layer.delta_weight(name).double()
+        h = h @ w.T + base.bias.double()
+        if i < 4:
+            h = torch.tanh(h)
+    return h
+
+
+# huggingface/peft#1574 ("set_adapter() after load_adapter()") and the adapter-switching reports: loading or
+# injecting a second adapter into a model that runs "default" made the NEW layers run the new adapter at
+# once while the old layers kept "default" -- a mixture of two adapters nobody asked for (PEFT, and
+# load_adapter's own docstring: a new adapter is not activated). Now the model keeps running "default"
+# until set_adapter switches.
+@pytest.mark.parametrize("how", ["inject", "load"])
+def test_adding_an_adapter_keeps_the_running_one(how, tmp_path):
+    model = _two_layer()
+    lowrank.inject_lora(model, ["0"], r=2)
+    source = _two_layer()
+    lowrank.inject_lora(source, ["0", "2"], r=3, alpha=5)
+    _randomize_lora(model)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    if how == "inject":
+        lowrank.inject_lora(model, ["0", "2"], r=3, alpha=5, adapter_name="x")
+        with torch.no_grad():
+            for layer in (model[0], model[2]):
+                layer.lora_A["x"].copy_(torch.randn(layer.lora_A["x"].shape, generator=gen) * 0.3)
+                layer.lora_B["x"].copy_(torch.randn(layer.lora_B["x"].shape, generator=gen) * 0.3)
+    else:
+        lowrank.save_adapter(source, tmp_path)
+        lowrank.load_adapter(model, tmp_path, adapter_name="x")
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x).double(), _reference(model, x, {0: "default"}), atol=1e-5, rtol=1e-5
+        )
+        lowrank.set_adapter(model, "x")
+        expected_x = _reference(model, x, {0: "x", 2: "x"})
+        torch.testing.assert_close(model(x).double(), expected_x, atol=1e-5, rtol=1e-5)
+        if how == "load":
+            torch.testing.assert_close(model(x), source(x), atol=1e-5, rtol=1e-5)
+        lowrank.set_adapter(model, "default")
+        torch.testing.assert_close(
+            model(x).double(), _reference(model, x, {0: "default"}), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_adding_an_adapter_keeps_the_running_modules_to_save_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    lowrank.inject_lora(model, ["0"], r=2)
+    _randomize_lora(model)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = model(x)
+        lowrank.inject_lora(model, ["0"], r=2, adapter_name="y", modules_to_save=["2"])
+        model[2].modules_to_save["y"].weight.sub_(2.0)  # a trained copy for "y"
+        torch.testing.assert_close(model(x), before)  # the model still runs "default" (no copy for it)
+        lowrank.set_adapter(model, "y")
+        head = model[2].modules_to_save["y"]
+        hidden = torch.tanh(x @ (model[0].weight + model[0].delta_weight("y")).T + model[0].bias)
+        torch.testing.assert_close(model(x), head(hidden), atol=1e-5, rtol=1e-5)

@@ -84,6 +84,29 @@ def check_weights_unshared(model: nn.Module, names: Sequence[str], action: str, 
             )
 
 
+def active_adapter_names(model: nn.Module) -> set[str]:
+    """The adapters that LoRA layers and ``modules_to_save`` wrappers of ``model`` run now (None left out)."""
+    names = {layer.active_adapter for _, layer in lora_layers(model)}
+    names |= {m.active_adapter for m in model.modules() if isinstance(m, ModulesToSaveWrapper)}
+    names.discard(None)
+    return names  # type: ignore[return-value]
+
+
+def keep_running_adapter(model: nn.Module, adapter_name: str, before: set[str]) -> None:
+    """After ``adapter_name`` was added to ``model``: if the model ran other adapters (``before``), the
+    modules created for it (where it became active as their first adapter) run their base module, so that
+    the model keeps running what it ran, as in PEFT (``set_adapter`` switches). Without this, a model
+    running ``"default"`` ran the new adapter in its new layers and ``"default"`` in the old ones."""
+    if not before or adapter_name in before:
+        return
+    for _, layer in lora_layers(model):
+        if layer.active_adapter == adapter_name:
+            layer.set_adapter(None)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and module.active_adapter == adapter_name:
+            module.set_adapter(None)
+
+
 def _as_patterns(arg: str, value: str | Sequence[str]) -> list[str]:
     if not isinstance(value, (str, Sequence)) and not isinstance(value, (set, frozenset)):
         raise TypeError(
@@ -148,6 +171,9 @@ def inject_lora(
         and ``Conv1D`` targets. Targets that cannot take DoRA (``nn.Embedding``, ``merged_modules``) raise
         ValueError naming ``use_dora`` before anything changes.
     adapter_name : str, default "default"
+        The new adapter becomes active only in a model that runs no adapter yet; a model that runs another
+        one keeps running it, in its new LoRA layers and ``modules_to_save`` copies too (as PEFT's
+        ``add_adapter``); :func:`set_adapter` switches.
     merged_modules : mapping of pattern -> sequence of bool, optional
         Fused projections (e.g. ``{"qkv": [True, False, True]}``): matching ``nn.Linear`` modules become
         :class:`LoRAMergedLinear` with equal output slices and adapters on the flagged slices. Patterns
@@ -312,8 +338,10 @@ def inject_lora(
         views = [(name, view) for name, module, flags in plan for view in _pissa_views(module, flags)]
         for (name, _), entry in zip(views, pissa_triplets([view for _, view in views], r, n_iter=n_iter)):
             triplets.setdefault(name, []).append(entry)
+    running = active_adapter_names(model)
     try:
         _build(model, plan, saved_plan, r, options, adapter_name, undo, triplets)
+        keep_running_adapter(model, adapter_name, running)
         if freeze_base:
             grads = [(p, p.requires_grad) for p in model.parameters()]
             undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
