@@ -194,3 +194,24 @@ def test_adding_an_adapter_keeps_the_running_modules_to_save_copy():
         head = model[2].modules_to_save["y"]
         hidden = torch.tanh(x @ (model[0].weight + model[0].delta_weight("y")).T + model[0].bias)
         torch.testing.assert_close(model(x), head(hidden), atol=1e-5, rtol=1e-5)
+
+
+# huggingface/peft#1105 / #3512 (after deleting the active adapter, layers fell back to different
+# adapters): lowrank's delete_adapter let each layer pick its own first remaining adapter, so a model that
+# ran "x" ran "default" in one layer and "other" in the next. Now the model runs one replacement.
+def test_deleting_the_running_adapter_leaves_one_adapter_running():
+    model = _two_layer()
+    lowrank.inject_lora(model, ["0"], r=2)
+    lowrank.inject_lora(model, ["2"], r=2, adapter_name="other")
+    lowrank.inject_lora(model, ["0", "2", "4"], r=2, adapter_name="x")
+    _randomize_lora(model)
+    lowrank.set_adapter(model, "other")
+    lowrank.set_adapter(model, "x")
+    lowrank.delete_adapter(model, "x")
+    active = [layer.active_adapter for _, layer in lowrank.lora.lora_layers(model)]
+    assert active == ["default", None, None]
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x).double(), _reference(model, x, {0: "default"}), atol=1e-5, rtol=1e-5
+        )

@@ -782,9 +782,11 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> nn.Module:
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Delete adapter ``adapter_name`` from every LoRA layer and ``modules_to_save`` wrapper (its copies).
 
-    Where it was active, the first remaining adapter of that layer becomes active (as
-    :meth:`LoRALayer.delete_adapter`). Returns ``model``. Raises TypeError for a name that is not a str,
-    ValueError for an unknown name and RuntimeError (changing nothing) if it is merged somewhere.
+    If the model ran it, the model then runs one remaining adapter, the first in module order (layers and
+    wrappers without it run their base module, as after :func:`set_adapter`); PEFT likewise keeps the new
+    active adapter consistent across layers (huggingface/peft#1105). Returns ``model``. Raises TypeError
+    for a name that is not a str, ValueError for an unknown name and RuntimeError (changing nothing) if it
+    is merged somewhere.
     """
     _check_adapter_arg(adapter_name)
     if adapter_name not in _adapter_names(model):
@@ -793,11 +795,23 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     merged = [layer for layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapter {adapter_name!r} is merged; call unmerge_lora before deleting it")
+    running = active_adapter_names(model)
     for layer in layers:
         layer.delete_adapter(adapter_name)
     for _, wrapper in _wrappers(model):
         if adapter_name in wrapper.adapters:
             wrapper.delete_adapter(adapter_name)
+    if running == {adapter_name}:
+        # The model ran the deleted adapter: every layer and wrapper now runs ONE replacement (the first
+        # remaining adapter, in module order), not each its own first remaining adapter (a mixture).
+        remaining = [n for _, layer in lora_layers(model) for n in layer.r]
+        remaining += [n for _, wrapper in _wrappers(model) for n in wrapper.adapters]
+        new = remaining[0] if remaining else None
+        for _, layer in lora_layers(model):
+            if not layer.merged_adapters:
+                layer.set_adapter(new if new in layer.r else None)
+        for _, wrapper in _wrappers(model):
+            wrapper.set_adapter(new if new in wrapper.adapters else None)
     return model
 
 
