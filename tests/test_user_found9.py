@@ -215,3 +215,58 @@ def test_deleting_the_running_adapter_leaves_one_adapter_running():
         torch.testing.assert_close(
             model(x).double(), _reference(model, x, {0: "default"}), atol=1e-5, rtol=1e-5
         )
+
+
+def _overflowing_fp16_case(rows: int):
+    """float16 inputs whose r-wide u = x A^T (128000) exceeds float16's 65504, while the output and every
+    gradient are well inside its range (float64 reference)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.full((rows, 64), 100.0, dtype=torch.float16)
+    weight = (torch.randn(24, 64, generator=gen) * 1e-3).half()
+    lora_A = torch.full((4, 64), 20.0, dtype=torch.float16)
+    lora_B = (torch.rand(24, 4, generator=gen) * 1e-3).half()
+    grad = (torch.rand(rows, 24, generator=gen) * 0.01).half()
+    return x, weight, lora_A, lora_B, grad
+
+
+def _f64_grads(x, weight, lora_A, lora_B, grad, scale):
+    xd, Ad, Bd = (t.double().requires_grad_() for t in (x, lora_A, lora_B))
+    y = xd @ weight.double().T + scale * (xd @ Ad.T) @ Bd.T
+    y.backward(grad.double())
+    return y.detach(), xd.grad, Ad.grad, Bd.grad
+
+
+# punica/vLLM-style "LoRA kernel wrong for some shapes/dtypes" reports, float16 side: lora_linear keeps the
+# r-wide u in float32 in its forward (documented), but its backward recomputed u in float16: u = 128000
+# overflowed and grad_B came back inf / NaN on every step (a loss scaler cannot fix it: u does not depend on
+# the loss scale), while the true grad_B is ~1e2.
+@pytest.mark.parametrize("rows", [1, 5, 70])
+@pytest.mark.parametrize("block", [None, 2])
+def test_lora_linear_float16_backward_keeps_u_in_float32(rows, block, monkeypatch):
+    if block is not None:  # several row blocks of the float32 products
+        monkeypatch.setattr("lowrank._ops._FP16_BACKWARD_ROWS", block)
+    x, weight, lora_A, lora_B, grad = _overflowing_fp16_case(rows)
+    y_ref, gx_ref, ga_ref, gb_ref = _f64_grads(x, weight, lora_A, lora_B, grad, 0.5)
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, lora_A, lora_B))
+    y = lowrank.lora_linear(xg, weight, Ag, Bg, 0.5)
+    y.backward(grad)
+    for got, ref in ((y, y_ref), (xg.grad, gx_ref), (Ag.grad, ga_ref), (Bg.grad, gb_ref)):
+        assert torch.isfinite(got).all()
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) < 2e-3
+
+
+# The same overflow in the mixed-adapter op (forward and backward), whose composite C++ path computes the
+# per-adapter u in the input dtype: output inf where lora_linear (and the float64 reference) are finite.
+@pytest.mark.xfail(
+    strict=True,
+    reason="lora_linear_multi (csrc/lora_linear_multi.h, composite forward/backward) forms u = x A^T and "
+    "g B in float16; fix: for kHalf compute them (and the expand/grad_B products) in float32 as lora_linear "
+    "does, then cast",
+)
+def test_lora_linear_multi_float16_keeps_u_in_float32():
+    x, weight, lora_A, lora_B, grad = _overflowing_fp16_case(5)
+    y_ref = _f64_grads(x, weight, lora_A, lora_B, grad, 0.5)[0]
+    ids = torch.zeros(5, dtype=torch.long)
+    y = lowrank.lora_linear_multi(x, weight, lora_A[None], lora_B[None], ids, torch.tensor([0.5]))
+    assert torch.isfinite(y).all()
+    assert float((y.double() - y_ref).abs().max() / y_ref.abs().max()) < 2e-3
