@@ -270,3 +270,47 @@ def test_lora_linear_multi_float16_keeps_u_in_float32():
     y = lowrank.lora_linear_multi(x, weight, lora_A[None], lora_B[None], ids, torch.tensor([0.5]))
     assert torch.isfinite(y).all()
     assert float((y.double() - y_ref).abs().max() / y_ref.abs().max()) < 2e-3
+
+
+# huggingface/peft#1001 / #3710 (safe_merge: a NaN/Inf adapter merged into the base weight destroys it for
+# good, unmerge cannot restore it): lowrank merged silently (weight all-NaN/Inf after merge AND unmerge).
+# Now a merge whose result is not finite in the weight's dtype raises ValueError and changes nothing, and
+# merge_lora / remove_lora(merge=True) are all-or-none across layers.
+@pytest.mark.parametrize("kind", ["inf", "fp16_overflow", "dora", "embedding", "int8"])
+def test_merge_refuses_a_non_finite_result_and_changes_nothing(kind):
+    torch.manual_seed(0)
+    dtype = torch.float16 if kind == "fp16_overflow" else torch.float32
+    first = nn.Embedding(10, 6) if kind == "embedding" else nn.Linear(6, 6)
+    model = nn.Sequential(nn.Linear(6, 6), first, nn.Linear(6, 4)).to(dtype)
+    if kind == "embedding":
+        model = nn.Sequential(first, nn.Linear(6, 6), nn.Linear(6, 4))
+    bad = "0" if kind == "embedding" else "1"
+    lowrank.inject_lora(model, ["0", "1", "2"], r=2, use_dora=kind == "dora")
+    _randomize_lora(model)
+    if kind == "int8":
+        lowrank.quantize_base(model, "int8")
+    layer = model.get_submodule(bad)
+    factor_b = layer.lora_embedding_B if kind == "embedding" else layer.lora_B
+    with torch.no_grad():
+        factor_b["default"][0, 0] = 1e4 if kind == "fp16_overflow" else float("inf")
+        if kind == "fp16_overflow":
+            layer.lora_A["default"].fill_(10.0)  # delta 2e5 * scale > 65504, finite in float32
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model]
+    message = "NaN or infinite|not finite"
+    with pytest.raises(ValueError, match=message):
+        layer.merge()
+    assert not layer.merged
+    with pytest.raises(ValueError, match=message):
+        lowrank.merge_lora(model)
+    with pytest.raises(ValueError, match=message):
+        lowrank.remove_lora(model, merge=True)
+    assert [type(m) for m in model] == modules
+    assert not any(m.merged for _, m in lowrank.lora.lora_layers(model))
+    after = model.state_dict()
+    # the layers merged before the bad one were unmerged again: back to the documented round trip (float16:
+    # one ulp; int8: merge/unmerge re-quantize, a few codes of the row)
+    tol = {"fp16_overflow": 1e-3, "int8": 3.0}.get(kind, 1e-6)
+    for key, value in before.items():
+        assert "lora_" in key or torch.isfinite(after[key]).all()
+        torch.testing.assert_close(after[key].float(), value.float(), atol=tol, rtol=min(tol, 1e-3))

@@ -640,9 +640,22 @@ def merge_lora(model: nn.Module) -> nn.Module:
     check_weights_unshared(
         model, [n for n, layer in lora_layers(model) if layer.active_adapter is not None], "merge_lora"
     )
-    for layer in layers:
-        layer.merge()
+    _merge_all(layers)
     return model
+
+
+def _merge_all(layers: Sequence[LoRALayer]) -> None:
+    """Merge every layer, or none: a layer that refuses (e.g. a non-finite merged weight) unmerges the
+    layers merged before it, so the model is left as it was."""
+    done: list[LoRALayer] = []
+    try:
+        for layer in layers:
+            layer.merge()
+            done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
@@ -709,6 +722,7 @@ def remove_lora(model: nn.Module, *, merge: bool = False) -> nn.Module:
             n for n, layer in layers if not layer.merged_adapters and layer.active_adapter is not None
         ]
         check_weights_unshared(model, to_merge, "remove_lora(merge=True)", "remove it with merge=False")
+        _merge_all([layer for n, layer in layers if n in set(to_merge)])  # all or none, before any change
     for name, wrapper in list(_wrappers(model)):
         if not merge:
             wrapper.set_adapter(None)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank._ops import lora_linear_quantized
-from lowrank.lora.init import WEIGHT_INITS
+from lowrank.lora.init import WEIGHT_INITS, all_finite
 from lowrank.lora.layers import LoRALayer, LoRALinear
 from lowrank.quantize import QUANT_DTYPES, _resolve_dtype, dequantize, quantize_weight
 
@@ -153,6 +153,11 @@ class QuantizedLoRALinear(LoRALinear):
         )
         work = torch.float64 if self._base_dtype == torch.float64 else torch.float32
         updated = dequantize(self.qweight, self.weight_scale, work).add_(delta.to(work), alpha=sign)
+        if sign > 0 and not all_finite(updated):
+            raise ValueError(
+                "merge: the merged weight would hold NaN or infinite values (a non-finite adapter); the "
+                "weight is left unchanged and the adapter unmerged"
+            )
         self._store(*quantize_weight(updated, self.quant_dtype))
 
     def _base_only(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
