@@ -314,3 +314,47 @@ def test_merge_refuses_a_non_finite_result_and_changes_nothing(kind):
     for key, value in before.items():
         assert "lora_" in key or torch.isfinite(after[key]).all()
         torch.testing.assert_close(after[key].float(), value.float(), atol=tol, rtol=min(tol, 1e-3))
+
+
+class _FixedMaskDropout(nn.Dropout):
+    """A dropout whose mask is fixed (every other input feature), so a float64 reference can replay it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (torch.arange(x.shape[-1]) % 2 == 0).to(x.dtype) / (1 - self.p)
+        return x * mask
+
+
+# The same float16 overflow in the layers' training path with dropout (the adapter's term computed apart
+# from the base product, as PEFT does): u = dropout(x) A^T overflowed float16 and the output was inf.
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_layer_float16_dropout_path_keeps_u_in_float32(use_dora):
+    x, weight, lora_A, lora_B, grad = _overflowing_fp16_case(6)
+    layer = lowrank.LoRALinear(64, 24, 4, alpha=2.0, dropout=0.5, use_dora=use_dora, dtype=torch.float16)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.zero_()
+        layer.lora_A["default"].copy_(lora_A)
+        layer.lora_B["default"].copy_(lora_B)
+    layer.lora_dropout["default"] = _FixedMaskDropout(0.5)
+    layer.train()
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.backward(grad)
+    # float64 reference
+    xd = x.double().requires_grad_()
+    Ad, Bd = lora_A.double().requires_grad_(), lora_B.double().requires_grad_()
+    Wd, s = weight.double(), 0.5
+    dropped = _FixedMaskDropout(0.5)(xd)
+    if use_dora:
+        V = Wd + s * Bd @ Ad
+        factor = layer.lora_magnitude_vector["default"].double() / V.norm(dim=1).detach()
+        ref = xd @ Wd.T + factor * (dropped @ Wd.T + s * (dropped @ Ad.T) @ Bd.T) - dropped @ Wd.T
+    else:
+        ref = xd @ Wd.T + s * (dropped @ Ad.T) @ Bd.T
+    ref.backward(grad.double())
+    for got, want in ((y, ref), (xg.grad, xd.grad), (layer.lora_A["default"].grad, Ad.grad)):
+        assert torch.isfinite(got).all()
+        assert float((got.double() - want.detach()).abs().max() / want.detach().abs().max()) < 5e-3
+    got_b = layer.lora_B["default"].grad
+    assert torch.isfinite(got_b).all()
+    assert float((got_b.double() - Bd.grad).abs().max() / Bd.grad.abs().max()) < 5e-3

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank._linop import python_number
-from lowrank._ops import lora_linear, lora_linear_inference, lora_linear_multi
+from lowrank._ops import lora_linear, lora_linear_inference, lora_linear_multi, lora_term
 from lowrank.lora.dora import dora_row_norms, weight_row_sq_norms
 from lowrank.lora.init import WEIGHT_INITS, all_finite, check_init, pissa_budget, reset_lora_factors_
 from lowrank.lora.init import weight_init_factors as _weight_init_factors
@@ -836,9 +836,7 @@ class LoRALinear(LoRALayer):
             return self._forward_dora(x, name, A, B, scale, dropout)
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             # The adapter sees dropout(x), the base sees x: two separate products (see class docstring).
-            return (
-                F.linear(x, self._linear_weight(), self.bias) + F.linear(F.linear(dropout(x), A), B) * scale
-            )
+            return F.linear(x, self._linear_weight(), self.bias) + lora_term(dropout(x), A, B, scale)
         dtype = _compute_dtype(x, self.weight)
         weight, bias = self._linear_weight(), self.bias
         cacheable = x.dtype == dtype and weight.dtype == dtype and A.dtype == dtype and B.dtype == dtype
@@ -876,7 +874,7 @@ class LoRALinear(LoRALayer):
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             dropped = dropout(x)
             base_dropped = F.linear(dropped, weight)
-            lora = F.linear(F.linear(dropped, A), B) * scale
+            lora = lora_term(dropped, A, B, scale)
             return torch.addcmul(F.linear(x, weight, bias) - base_dropped, factor, base_dropped + lora)
         out = lora_linear(x, weight, A, B, scale, None)
         return out * factor if bias is None else torch.addcmul(bias, out, factor)

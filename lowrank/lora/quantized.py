@@ -10,10 +10,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lowrank._ops import lora_linear_quantized
+from lowrank._ops import lora_linear_quantized, lora_term
 from lowrank.lora.init import WEIGHT_INITS, all_finite
 from lowrank.lora.layers import LoRALayer, LoRALinear
 from lowrank.quantize import QUANT_DTYPES, _resolve_dtype, dequantize, quantize_weight
@@ -181,7 +180,7 @@ class QuantizedLoRALinear(LoRALinear):
         scale = self.scaling[name]
         dropout = self.lora_dropout[name]
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            return self._base_only(x, bias) + F.linear(F.linear(dropout(x), A), B) * scale
+            return self._base_only(x, bias) + lora_term(dropout(x), A, B, scale)
         return lora_linear_quantized(x, self.qweight, self.weight_scale, A, B, scale, bias)
 
     def extra_repr(self) -> str:
