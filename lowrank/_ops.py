@@ -10,6 +10,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 _REBUILD_HINT = (
     "Rebuild it against the installed torch from the repository root with\n"
@@ -179,6 +180,82 @@ def _lora_linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B)
 
 
+# Rows per block of the float16 backward's float32 r-wide products (bounds its float32 copies of x and
+# grad_out to this many rows).
+_FP16_BACKWARD_ROWS = 2048
+
+
+class _LoRATermFP16(torch.autograd.Function):
+    """``scale (x A^T) B^T`` for float16 with the r-wide ``u`` in float32 (see :func:`lora_term`)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(x, lora_A, lora_B)
+        x2 = x.reshape(-1, x.shape[-1])
+        A32, B32 = lora_A.float(), lora_B.float()
+        out = torch.empty(x2.shape[0], lora_B.shape[0], dtype=x.dtype, device=x.device)
+        for start in range(0, x2.shape[0], _FP16_BACKWARD_ROWS):
+            u = torch.mm(x2[start : start + _FP16_BACKWARD_ROWS].float(), A32.t()).mul_(scale)
+            out[start : start + _FP16_BACKWARD_ROWS] = torch.mm(u, B32.t())
+        return out.reshape(*x.shape[:-1], lora_B.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_a, need_b, _ = ctx.needs_input_grad
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = grad_out.reshape(x2.shape[0], lora_B.shape[0])
+        grad_x, grad_a, grad_b = _lora_backward_fp16(
+            x2, g2, None, lora_A, lora_B, ctx.scale, need_x, need_a, need_b
+        )
+        return None if grad_x is None else grad_x.reshape(x.shape), grad_a, grad_b, None
+
+
+def lora_term(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (x @ lora_A.T) @ lora_B.T`` alone (the adapter's term where it sees another input than the
+    base layer, e.g. ``dropout(x)``), differentiable. float16 keeps the r-wide ``u = x A^T`` in float32, as
+    :func:`lora_linear` does (a float16 ``u`` overflows beyond 65504 where the result is finite); other
+    dtypes are two ``F.linear`` calls."""
+    if x.dtype == torch.float16 and not torch.compiler.is_compiling():
+        return _LoRATermFP16.apply(x, lora_A, lora_B, float(scale))
+    return F.linear(F.linear(x, lora_A), lora_B) * scale
+
+
+def _lora_backward_fp16(x2, g2, weight, lora_A, lora_B, scale, need_x, need_a, need_b):
+    """The LoRA part of the backward for float16, with the r-wide ``u = x A^T`` and ``g B`` in float32.
+
+    float16 tops out at 65504: ``u`` (a sum over in_features) can overflow where the forward (which keeps
+    ``u`` in float32) and the gradients themselves are finite, and then ``grad_B = s g^T u`` came back inf or
+    NaN for every step (a loss scaler cannot help: ``u`` does not depend on the loss scale). bfloat16 has
+    float32's range and takes the plain path. Blocks of rows bound the float32 copies of x and grad_out.
+    """
+    f32 = torch.float32
+    A32, B32 = lora_A.to(f32), lora_B.to(f32)
+    grad_x = None
+    if need_x:  # weight None: the LoRA term alone (lora_term)
+        grad_x = torch.mm(g2, weight) if weight is not None else x2.new_zeros(x2.shape)
+    grad_a = torch.zeros(A32.shape, dtype=f32, device=A32.device) if need_a else None
+    grad_b = torch.zeros(B32.shape, dtype=f32, device=B32.device) if need_b else None
+    for start in range(0, x2.shape[0], _FP16_BACKWARD_ROWS):
+        x32 = x2[start : start + _FP16_BACKWARD_ROWS].to(f32)
+        g32 = g2[start : start + _FP16_BACKWARD_ROWS].to(f32)
+        if need_x or need_a:
+            gu = torch.mm(g32, B32).mul_(scale)
+            if need_x:
+                block = grad_x[start : start + _FP16_BACKWARD_ROWS]
+                block.copy_(torch.mm(gu, A32).add_(block))
+            if need_a:
+                grad_a.addmm_(gu.t(), x32)
+        if need_b:
+            grad_b.addmm_(g32.t(), torch.mm(x32, A32.t()), alpha=scale)
+    return (
+        grad_x,
+        None if grad_a is None else grad_a.to(lora_A.dtype),
+        None if grad_b is None else grad_b.to(lora_B.dtype),
+    )
+
+
 def _lora_linear_backward(ctx, grad_out):
     x, weight, lora_A, lora_B = ctx.saved_tensors
     need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad
@@ -186,6 +263,13 @@ def _lora_linear_backward(ctx, grad_out):
     x2 = x.reshape(rows, x.shape[-1])
     g2 = grad_out.reshape(rows, weight.shape[0])
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
+    if x.dtype == torch.float16 and (need_x or need_a or need_b):
+        grad_x, grad_a, grad_b = _lora_backward_fp16(
+            x2, g2, weight, lora_A, lora_B, ctx.scale, need_x, need_a, need_b
+        )
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape)
+        need_x = need_a = need_b = False
     grad_u = None
     if need_x or need_a:
         grad_u = torch.mm(g2, lora_B)  # (M, r): d/du of scale * u B^T, without the scale

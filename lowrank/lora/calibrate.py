@@ -20,7 +20,7 @@ from torch import nn
 from lowrank._linop import python_number
 from lowrank.lora.init import CALIBRATED_INITS, CORDA_MODES, corda_factors, eva_components
 from lowrank.lora.layers import LoRAConv1D, LoRALinear, is_conv1d
-from lowrank.lora.model import _as_patterns, _matches, _replace, inject_lora
+from lowrank.lora.model import _as_patterns, _matches, _replace, check_weights_unshared, inject_lora
 
 __all__ = ["calibrate_lora"]
 
@@ -287,6 +287,8 @@ def calibrate_lora(
     missing = [p for p, count in hits.items() if count == 0]
     if missing:
         raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
+    if init == "corda":  # CorDA writes its residual into the base weights
+        check_weights_unshared(model, list(targets), "calibrate_lora(init='corda')")
 
     # -- statistics ------------------------------------------------------------------------------
     stats = {

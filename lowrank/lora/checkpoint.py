@@ -50,7 +50,13 @@ from lowrank.io import (
     write_temporary,
 )
 from lowrank.lora.layers import is_conv1d
-from lowrank.lora.model import TRAINED_BIAS_ATTR, check_not_reserved
+from lowrank.lora.model import (
+    TRAINED_BIAS_ATTR,
+    active_adapter_names,
+    check_not_reserved,
+    check_weights_unshared,
+    keep_running_adapter,
+)
 from lowrank.lora.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -1090,6 +1096,9 @@ def _apply(
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_rslora = bool(config.get("use_rslora", False))
     undo: list[Callable[[], None]] = []
+    if rewrite is not None:  # PEFT's load-time PiSSA/OLoRA rewrites the base weights
+        rewritten = [plan.module_path for plan in plans if not plan.embedding]
+        check_weights_unshared(model, rewritten, f"load_adapter (init_lora_weights={rewrite!r})")
     try:
         for plan in plans:
             module = model.get_submodule(plan.module_path)
@@ -1444,10 +1453,12 @@ def load_adapter(
     biases = _plan_bias(model, tensors, config, strict, source)
     plans = _plan(model, tensors, config, adapter_name, inject, strict, source)
     rewrite = _base_rewrite(model, plans, config, adapter_name, strict, source)
+    running = active_adapter_names(model)
     undo_saved = _apply_saved(model, saved, adapter_name)
     try:
         _apply(model, plans, config, adapter_name, rewrite)
         _apply_bias(model, biases)
+        keep_running_adapter(model, adapter_name, running)
     except BaseException:
         for step in reversed(undo_saved):
             step()

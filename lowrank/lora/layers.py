@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank._linop import python_number
-from lowrank._ops import lora_linear, lora_linear_inference, lora_linear_multi
+from lowrank._ops import lora_linear, lora_linear_inference, lora_linear_multi, lora_term
 from lowrank.lora.dora import dora_row_norms, weight_row_sq_norms
-from lowrank.lora.init import WEIGHT_INITS, check_init, pissa_budget, reset_lora_factors_
+from lowrank.lora.init import WEIGHT_INITS, all_finite, check_init, pissa_budget, reset_lora_factors_
 from lowrank.lora.init import weight_init_factors as _weight_init_factors
 
 __all__ = [
@@ -341,8 +341,9 @@ class LoRALayer(nn.Module):
     def _add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
         weight = self.weight
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        updated = weight.to(work).add_(delta.to(work), alpha=sign)
-        weight.copy_(updated)
+        # out of place: weight.to(work) IS weight when it is already in the work dtype
+        updated = torch.add(weight.to(work), delta.to(work), alpha=sign)
+        write_merged(weight, updated, sign)
 
     def lora_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
         """``(local state-dict key, parameter)`` of every LoRA factor (of adapter ``name`` if given)."""
@@ -402,6 +403,24 @@ class LoRALayer(nn.Module):
         )
         merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
         return f"{self._shape_text()}, adapters={{{adapters}}}, active={self.active_adapter!r}{merged}"
+
+
+def write_merged(weight: torch.Tensor, updated: torch.Tensor, sign: float) -> None:
+    """Write a merged (``sign > 0``) or unmerged weight computed in a wider dtype into ``weight``.
+
+    A merge whose result is not finite in ``weight.dtype`` (a NaN/Inf adapter, or a float16 entry beyond
+    65504) would destroy the base weight for good -- unmerging NaN or Inf cannot give it back -- so it
+    raises ValueError and leaves ``weight`` unchanged (PEFT's ``safe_merge`` check, on by default here:
+    one pass over the weight, as the merge itself; huggingface/peft#1001, #3710).
+    """
+    rounded = updated.to(weight.dtype)
+    if sign > 0 and not all_finite(rounded) and all_finite(weight.detach()):
+        raise ValueError(
+            f"merge: the merged weight would hold NaN or infinite values in {weight.dtype} (a non-finite "
+            "adapter, or entries beyond the dtype's range); the weight is left unchanged and the adapter "
+            "unmerged"
+        )
+    weight.copy_(rounded)
 
 
 def _tensor_state(*tensors: torch.Tensor) -> list[tuple]:
@@ -656,7 +675,7 @@ class LoRALinear(LoRALayer):
                     f"cannot merge DoRA adapter {name!r}: lora_magnitude_vector / row norm is zero or not "
                     "finite in some row, so unmerge could not restore the weight"
                 )
-            weight.copy_(weight.to(work).add_(delta).mul_(factor[:, None]))
+            write_merged(weight, torch.add(weight.to(work), delta).mul_(factor[:, None]), sign)
             self.__dict__.setdefault("_dora_merge_factor", {})[name] = factor
         else:
             factor = self.__dict__.get("_dora_merge_factor", {}).pop(name, None)
@@ -817,9 +836,7 @@ class LoRALinear(LoRALayer):
             return self._forward_dora(x, name, A, B, scale, dropout)
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             # The adapter sees dropout(x), the base sees x: two separate products (see class docstring).
-            return (
-                F.linear(x, self._linear_weight(), self.bias) + F.linear(F.linear(dropout(x), A), B) * scale
-            )
+            return F.linear(x, self._linear_weight(), self.bias) + lora_term(dropout(x), A, B, scale)
         dtype = _compute_dtype(x, self.weight)
         weight, bias = self._linear_weight(), self.bias
         cacheable = x.dtype == dtype and weight.dtype == dtype and A.dtype == dtype and B.dtype == dtype
@@ -857,7 +874,7 @@ class LoRALinear(LoRALayer):
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             dropped = dropout(x)
             base_dropped = F.linear(dropped, weight)
-            lora = F.linear(F.linear(dropped, A), B) * scale
+            lora = lora_term(dropped, A, B, scale)
             return torch.addcmul(F.linear(x, weight, bias) - base_dropped, factor, base_dropped + lora)
         out = lora_linear(x, weight, A, B, scale, None)
         return out * factor if bias is None else torch.addcmul(bias, out, factor)
@@ -1307,15 +1324,22 @@ class LoRAEmbedding(LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.weight, floating=False)
-        out = F.embedding(
-            x,
-            self.weight,
-            self.padding_idx,
-            self.max_norm,
-            self.norm_type,
-            self.scale_grad_by_freq,
-            self.sparse,
-        )
+        try:
+            out = F.embedding(
+                x,
+                self.weight,
+                self.padding_idx,
+                self.max_norm,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
+            )
+        except IndexError as error:  # torch's "index out of range in self" (CPU), named for the caller
+            low, high = int(x.min()), int(x.max())
+            raise ValueError(
+                f"x holds token ids in [{low}, {high}], outside [0, num_embeddings) = "
+                f"[0, {self.num_embeddings})"
+            ) from error
         if self._row_adapters is not None:
             used, ids = self._row_adapter_ids(x, min_dim=1)
             for j, name in enumerate(used):  # a loop over the adapters present (few), not over rows

@@ -48,6 +48,65 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
             yield name, module
 
 
+def _memory_key(tensor: torch.Tensor) -> tuple:
+    """Identity of the memory a weight occupies (same Parameter, or the same region of one storage)."""
+    if tensor.device.type == "meta":
+        return ("id", id(tensor))
+    return ("mem", tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def check_weights_unshared(model: nn.Module, names: Sequence[str], action: str, hint: str = "") -> None:
+    """ValueError when the weight of a module in ``names`` is shared (tied) with another module of ``model``.
+
+    ``action`` (e.g. ``"merge_lora"``, ``"init='pissa'"``) writes into those weights in place; with a tied
+    weight (a causal LM's ``lm_head`` and ``embed_tokens`` under ``tie_word_embeddings``) the write would
+    change every module holding it: merging ``lm_head``'s adapter would also shift the input embeddings, and
+    two adapted modules on one weight would add both updates to both. PEFT warns and writes anyway
+    (huggingface/peft#2025, #2972); here nothing is changed and the message says how to untie.
+    """
+    owners: dict[tuple, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module._parameters.items():
+            if isinstance(param, torch.Tensor) and param_name == "weight":
+                owners.setdefault(_memory_key(param), []).append(module_name)
+    for name in names:
+        weight = model.get_submodule(name).weight if name else getattr(model, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        others = sorted({n for n in owners.get(_memory_key(weight), []) if n != name})
+        if others:
+            target = f"model.{name}" if name else "model"
+            raise ValueError(
+                f"{action}: the weight of module {name!r} is shared (tied) with {others}; writing into it "
+                "would change those modules too. Untie it first, e.g. "
+                f"`{target}.weight = nn.Parameter({target}.weight.detach().clone())` (and set the config's "
+                "tie_word_embeddings=False)" + (f", or {hint}" if hint else "")
+            )
+
+
+def active_adapter_names(model: nn.Module) -> set[str]:
+    """The adapters that LoRA layers and ``modules_to_save`` wrappers of ``model`` run now (None left out)."""
+    names = {layer.active_adapter for _, layer in lora_layers(model)}
+    names |= {m.active_adapter for m in model.modules() if isinstance(m, ModulesToSaveWrapper)}
+    names.discard(None)
+    return names  # type: ignore[return-value]
+
+
+def keep_running_adapter(model: nn.Module, adapter_name: str, before: set[str]) -> None:
+    """After ``adapter_name`` was added to ``model``: if the model ran other adapters (``before``), the
+    modules created for it (where it became active as their first adapter) run their base module, so that
+    the model keeps running what it ran, as in PEFT (``set_adapter`` switches). Without this, a model
+    running ``"default"`` ran the new adapter in its new layers and ``"default"`` in the old ones."""
+    if not before or adapter_name in before:
+        return
+    for _, layer in lora_layers(model):
+        if layer.active_adapter == adapter_name:
+            layer.set_adapter(None)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and module.active_adapter == adapter_name:
+            module.set_adapter(None)
+
+
 def _as_patterns(arg: str, value: str | Sequence[str]) -> list[str]:
     if not isinstance(value, (str, Sequence)) and not isinstance(value, (set, frozenset)):
         raise TypeError(
@@ -112,6 +171,9 @@ def inject_lora(
         and ``Conv1D`` targets. Targets that cannot take DoRA (``nn.Embedding``, ``merged_modules``) raise
         ValueError naming ``use_dora`` before anything changes.
     adapter_name : str, default "default"
+        The new adapter becomes active only in a model that runs no adapter yet; a model that runs another
+        one keeps running it, in its new LoRA layers and ``modules_to_save`` copies too (as PEFT's
+        ``add_adapter``); :func:`set_adapter` switches.
     merged_modules : mapping of pattern -> sequence of bool, optional
         Fused projections (e.g. ``{"qkv": [True, False, True]}``): matching ``nn.Linear`` modules become
         :class:`LoRAMergedLinear` with equal output slices and adapters on the flagged slices. Patterns
@@ -260,6 +322,7 @@ def inject_lora(
                 f"{tuple(module.weight.shape)}), got {r!r}"
             )
     if init in WEIGHT_INITS:
+        check_weights_unshared(model, [name for name, _, _ in plan], f"init={init!r}", "use init='default'")
         for name, module, _ in plan:
             if module.weight.device.type != "meta" and not all_finite(module.weight.detach()):
                 raise ValueError(
@@ -275,8 +338,10 @@ def inject_lora(
         views = [(name, view) for name, module, flags in plan for view in _pissa_views(module, flags)]
         for (name, _), entry in zip(views, pissa_triplets([view for _, view in views], r, n_iter=n_iter)):
             triplets.setdefault(name, []).append(entry)
+    running = active_adapter_names(model)
     try:
         _build(model, plan, saved_plan, r, options, adapter_name, undo, triplets)
+        keep_running_adapter(model, adapter_name, running)
         if freeze_base:
             grads = [(p, p.requires_grad) for p in model.parameters()]
             undo.append(lambda g=grads: [p.requires_grad_(flag) for p, flag in g])
@@ -572,9 +637,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
     already = [name for name, layer in lora_layers(model) if layer.merged_adapters]
     if already:
         raise RuntimeError(f"adapters are already merged in {already[:5]}; call unmerge_lora first")
-    for layer in layers:
-        layer.merge()
+    check_weights_unshared(
+        model, [n for n, layer in lora_layers(model) if layer.active_adapter is not None], "merge_lora"
+    )
+    _merge_all(layers)
     return model
+
+
+def _merge_all(layers: Sequence[LoRALayer]) -> None:
+    """Merge every layer, or none: a layer that refuses (e.g. a non-finite merged weight) unmerges the
+    layers merged before it, so the model is left as it was."""
+    done: list[LoRALayer] = []
+    try:
+        for layer in layers:
+            layer.merge()
+            done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
@@ -636,6 +717,12 @@ def remove_lora(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers to remove")
+    if merge:
+        to_merge = [
+            n for n, layer in layers if not layer.merged_adapters and layer.active_adapter is not None
+        ]
+        check_weights_unshared(model, to_merge, "remove_lora(merge=True)", "remove it with merge=False")
+        _merge_all([layer for n, layer in layers if n in set(to_merge)])  # all or none, before any change
     for name, wrapper in list(_wrappers(model)):
         if not merge:
             wrapper.set_adapter(None)
@@ -709,9 +796,11 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> nn.Module:
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Delete adapter ``adapter_name`` from every LoRA layer and ``modules_to_save`` wrapper (its copies).
 
-    Where it was active, the first remaining adapter of that layer becomes active (as
-    :meth:`LoRALayer.delete_adapter`). Returns ``model``. Raises TypeError for a name that is not a str,
-    ValueError for an unknown name and RuntimeError (changing nothing) if it is merged somewhere.
+    If the model ran it, the model then runs one remaining adapter, the first in module order (layers and
+    wrappers without it run their base module, as after :func:`set_adapter`); PEFT likewise keeps the new
+    active adapter consistent across layers (huggingface/peft#1105). Returns ``model``. Raises TypeError
+    for a name that is not a str, ValueError for an unknown name and RuntimeError (changing nothing) if it
+    is merged somewhere.
     """
     _check_adapter_arg(adapter_name)
     if adapter_name not in _adapter_names(model):
@@ -720,11 +809,23 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     merged = [layer for layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapter {adapter_name!r} is merged; call unmerge_lora before deleting it")
+    running = active_adapter_names(model)
     for layer in layers:
         layer.delete_adapter(adapter_name)
     for _, wrapper in _wrappers(model):
         if adapter_name in wrapper.adapters:
             wrapper.delete_adapter(adapter_name)
+    if running == {adapter_name}:
+        # The model ran the deleted adapter: every layer and wrapper now runs ONE replacement (the first
+        # remaining adapter, in module order), not each its own first remaining adapter (a mixture).
+        remaining = [n for _, layer in lora_layers(model) for n in layer.r]
+        remaining += [n for _, wrapper in _wrappers(model) for n in wrapper.adapters]
+        new = remaining[0] if remaining else None
+        for _, layer in lora_layers(model):
+            if not layer.merged_adapters:
+                layer.set_adapter(new if new in layer.r else None)
+        for _, wrapper in _wrappers(model):
+            wrapper.set_adapter(new if new in wrapper.adapters else None)
     return model
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lowrank._ops import lora_linear_quantized
-from lowrank.lora.init import WEIGHT_INITS
+from lowrank._ops import lora_linear_quantized, lora_term
+from lowrank.lora.init import WEIGHT_INITS, all_finite
 from lowrank.lora.layers import LoRALayer, LoRALinear
 from lowrank.quantize import QUANT_DTYPES, _resolve_dtype, dequantize, quantize_weight
 
@@ -153,6 +152,11 @@ class QuantizedLoRALinear(LoRALinear):
         )
         work = torch.float64 if self._base_dtype == torch.float64 else torch.float32
         updated = dequantize(self.qweight, self.weight_scale, work).add_(delta.to(work), alpha=sign)
+        if sign > 0 and not all_finite(updated):
+            raise ValueError(
+                "merge: the merged weight would hold NaN or infinite values (a non-finite adapter); the "
+                "weight is left unchanged and the adapter unmerged"
+            )
         self._store(*quantize_weight(updated, self.quant_dtype))
 
     def _base_only(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -176,7 +180,7 @@ class QuantizedLoRALinear(LoRALinear):
         scale = self.scaling[name]
         dropout = self.lora_dropout[name]
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            return self._base_only(x, bias) + F.linear(F.linear(dropout(x), A), B) * scale
+            return self._base_only(x, bias) + lora_term(dropout(x), A, B, scale)
         return lora_linear_quantized(x, self.qweight, self.weight_scale, A, B, scale, bias)
 
     def extra_repr(self) -> str:
