@@ -35,6 +35,8 @@ from lowrank._linop import (
     check_tensor,
     no_autocast,
     python_number,
+    rescale_extreme,
+    times_power_of_two,
 )
 from lowrank.qr import cholqr_pass, matmul_like, matmul_rows_inplace, orthonormalize
 
@@ -136,7 +138,19 @@ def _norm64(X: torch.Tensor, dim: Any = None, keepdim: bool = False) -> torch.Te
     """Euclidean norm accumulated in fp64 (complex128), returned as fp64: an fp32 sum of squares under- or
     overflows for entries below ~1e-19 or above ~1e19, which made results depend on the scale of A."""
     wide = torch.complex128 if X.is_complex() else torch.float64
-    return torch.linalg.vector_norm(X, dim=dim, keepdim=keepdim, dtype=wide)
+    norm = torch.linalg.vector_norm(X, dim=dim, keepdim=keepdim, dtype=wide)
+    if X.numel() == 0 or bool(((norm > 2.0**-450) & (norm < 2.0**450)).all()):
+        return norm
+    # fp64 squares under- or overflow too (norms below ~1e-154 or above ~1e154: a vector of norm 1e-300 had
+    # norm 0): redo the norms out of that range on the entries divided by a power of two near their largest
+    big = torch.linalg.vector_norm(X, ord=float("inf"), dim=dim, keepdim=True, dtype=wide)
+    scale = torch.ldexp(
+        torch.ones_like(big), -torch.frexp(torch.where(big > 0, big, torch.ones_like(big)))[1]
+    )
+    scaled = torch.linalg.vector_norm(X * scale, dim=dim, keepdim=True, dtype=wide) / scale
+    if not keepdim:
+        scaled = scaled.reshape(norm.shape)
+    return torch.where(torch.isfinite(scaled), scaled, norm)
 
 
 def _gaussian(op: LinOp, rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -650,6 +664,11 @@ def rsvd(
             )
         method = "krylov"
     gen = _generator(seed, op.device)
+    exponent = 0
+    if tol is not None:
+        # the tolerance is tested on fp64 sums of squares, out of range for float64 data beyond ~1e154 or
+        # below ~1e-154: factor A / 2^e (exact), the singular values multiplied back below
+        op, exponent = rescale_extreme(op)
     transpose = _short_side_first(op)
     if center:
         op = CenteredOp(op)
@@ -680,6 +699,8 @@ def rsvd(
         # the SVD of A^H is V S U^H: swap the factors, then A's sign convention (on U) again
         U, Vh = _flip_signs(_adjoint(result.Vh), _adjoint(result.U), inplace=True)
         result = SVDResult(U, result.S, Vh)
+    if exponent:
+        result = SVDResult(result.U, times_power_of_two(result.S, exponent), result.Vh)
     if grad:
         result = _differentiable_ritz(A, result.U, center)
     return result
