@@ -427,7 +427,16 @@ def _exact(op: LinOp, k: int) -> SVDResult:
     dense = op.to_dense()
     if not dense.is_contiguous():
         dense = dense.contiguous()
-    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    if dense.requires_grad and torch.is_grad_enabled():
+        # finite gradients on degenerate spectra (rank-deficient A, repeated singular values): _RitzSVD
+        # factors wide matrices, so a tall one is factored as A^H = V S U^H
+        if dense.shape[-2] <= dense.shape[-1]:
+            U, S, Vh = _RitzSVD.apply(dense)
+        else:
+            V, S, Uh = _RitzSVD.apply(_adjoint(dense))
+            U, Vh = _adjoint(Uh), _adjoint(V)
+    else:
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
     U, Vh = _flip_signs(U[..., :, :k], Vh[..., :k, :], inplace=True)
     return SVDResult(U, S[..., :k], Vh)
 
@@ -555,7 +564,11 @@ def rsvd(
         ``A.detach()`` and the factors come from one differentiable Rayleigh-Ritz step on the computed
         ``U`` (``B = U^H A``, ``torch.linalg.svd(B)``; one more pass of ``k`` columns): gradients of the
         singular values and of ``U U^H A`` are exact to the accuracy of the triplets, those of ``U`` and
-        ``Vh`` hold the part within the computed subspace.
+        ``Vh`` hold the part within the computed subspace. Degenerate spectra (``k`` above the rank of A,
+        repeated singular values) keep these gradients finite: the parts that depend on the choice of
+        vectors within a degenerate subspace, undefined there, are dropped (``torch.linalg.svd`` returns
+        NaN), so those of ``S`` and ``U U^H A`` stay exact while those of ``U S Vh`` lose their share
+        inside a degenerate block.
 
     Raises
     ------
@@ -730,9 +743,64 @@ def _differentiable_ritz(A: torch.Tensor, Q: torch.Tensor, center: bool) -> SVDR
     X = A.to(Q.dtype)
     if center:
         X = X - X.mean(dim=-2, keepdim=True)
-    Ub, S, Vh = torch.linalg.svd(_adjoint(Q) @ X, full_matrices=False)
+    Ub, S, Vh = _RitzSVD.apply(_adjoint(Q) @ X)
     U, Vh = _flip_signs(Q @ Ub, Vh)
     return SVDResult(U, S, Vh)
+
+
+class _RitzSVD(torch.autograd.Function):
+    """``torch.linalg.svd(B, full_matrices=False)`` of the small ``(..., k, n)`` Rayleigh-Ritz matrix
+    (``k <= n``), with a backward that stays finite on degenerate spectra.
+
+    torch's backward divides by ``s_j^2 - s_i^2`` and by ``s_i``: for a rank-deficient A (``k`` above its
+    rank, so that ``B`` has repeated zero singular values) or repeated singular values it returned NaN, or
+    finite garbage of order 1e17, even for the gradient of ``U U^H A`` (which does not depend on how the
+    degenerate vectors are chosen). Here pairs closer than ``max(k, n) eps s_1`` (numerically equal) get
+    a zero coupling and singular values below it a zero inverse (pseudo-inverse): the gradient of any loss
+    that does not depend on the choice of vectors within a degenerate subspace (``U U^H``, ``S``, and
+    ``U S Vh`` where the singular values are nonzero) is then what the limit gives, and the ill-defined
+    parts are dropped instead of poisoning the whole gradient. Otherwise the formula is the usual one
+    (Townsend 2016, "Differentiating the singular value decomposition"; the imaginary diagonal term for
+    complex inputs from Wan & Zhang 2019), the same as torch's to rounding.
+    """
+
+    @staticmethod
+    def forward(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.linalg.svd(B, full_matrices=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def backward(ctx, gU, gS, gVh):
+        U, S, Vh = ctx.saved_tensors
+        k, n = U.shape[-1], Vh.shape[-1]
+        tol = max(k, n) * torch.finfo(S.dtype).eps * S[..., :1]  # (..., 1): numerically zero or equal
+        inv = torch.where(S > tol, 1.0 / torch.where(S > tol, S, torch.ones_like(S)), torch.zeros_like(S))
+        si, sj = S[..., :, None], S[..., None, :]
+        gap = (sj - si) * (sj + si)  # s_j^2 - s_i^2
+        coupled = (sj - si).abs() > tol[..., None]
+        F = torch.where(coupled, 1.0 / torch.where(coupled, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+        inner = torch.zeros(U.shape[:-2] + (k, k), dtype=U.dtype, device=U.device)
+        if gU is not None:
+            J = _adjoint(U) @ gU
+            J = J - _adjoint(J)
+            inner = inner + (F * J) * sj
+            if U.is_complex():
+                inner = inner + torch.diag_embed(J.diagonal(dim1=-2, dim2=-1) * inv / 2)
+        if gS is not None:
+            inner = inner + torch.diag_embed(gS.to(U.dtype))
+        gB = U @ inner @ Vh
+        if gVh is not None:
+            V = _adjoint(Vh)
+            K = Vh @ _adjoint(gVh)  # V^H gV with gV = gVh^H
+            K = K - _adjoint(K)
+            gB = gB + U @ ((si * (F * K)) @ Vh)
+            # the component of gV outside span(V): U S^+ gV^H (I - V V^H)
+            outside = gVh - (gVh @ V) @ Vh
+            gB = gB + U @ (inv[..., :, None] * outside)
+        return gB
 
 
 def _short_side_first(op: LinOp) -> bool:
