@@ -521,7 +521,9 @@ def rsvd(
     tol : float, optional
         Fixed-precision mode: the smallest rank ``r`` with ``||A - U S Vh||_F <= tol ||A||_F`` (relative
         Frobenius error, estimated exactly from the computed factorization), grown block by block by
-        randQB_EI (Yu, Gu & Li 2018). In fp32, ``tol`` below about ``1e-3`` is at the mercy of rounding.
+        randQB_EI (Yu, Gu & Li 2018). The error is tracked as ``||A||_F^2 - ||B||_F^2``, known to about
+        ``eps ||A||_F^2`` only: ``tol`` below ``sqrt(16 eps)`` (``1.4e-3`` in fp32, ``6e-8`` in fp64) acts as
+        ``sqrt(16 eps)`` (the growth stops at that floor; the rank returned is the smallest reaching it).
         Only for 2-D inputs.
     oversample : int, optional
         Extra random vectors (giving it selects the wide block of ``"auto"``, see Notes).
@@ -1552,7 +1554,13 @@ def _fixed_precision(
     b = min(64, max(8, cap // 8)) if block is None else max(1, block)
     p = 1 if n_iter is None else n_iter
     total = op.fro_norm_sq().to(torch.float64)
+    # ||A - Q B||^2 = ||A||^2 - ||B||^2 is known to about eps ||A||^2 only (the subtraction cancels): below
+    # that floor the test cannot decide, and blocks drawn past it are rounding noise that cost passes and
+    # spoil the basis (an exactly rank-40 float64 matrix with tol=1e-10 came back with error 7.7e-6 and a
+    # basis orthonormal to 5e-10 only): tol acts as at least sqrt(16 eps) (6e-8 fp64, 1.4e-3 fp32)
+    floor = 16 * torch.finfo(op.dtype.to_real()).eps * total
     threshold = tol * tol * total
+    stop = torch.maximum(threshold, floor)
     remaining = total.clone()
     bases: list[torch.Tensor] = []
     images: list[torch.Tensor] = []
@@ -1582,13 +1590,16 @@ def _fixed_precision(
         rank += bb
         # in fp64: an fp32 sum of squares under- or overflows for ||A|| below ~1e-19 or above ~1e19
         remaining = remaining - _norm64(Wi).square()
-        if bool(remaining <= threshold):
+        if bool(remaining <= stop):
             break
     Q_all = torch.cat(bases, dim=-1)
     W_all = torch.cat(images, dim=-1)
     Uw, S, Vwh = torch.linalg.svd(W_all, full_matrices=False)
-    captured = torch.cumsum(S.to(torch.float64).square(), dim=0)
-    ok = (total - captured) <= threshold
+    # error of the rank-r truncation: what the blocks missed plus the tail of S, the tail summed directly
+    # (total - cumsum(S^2) cancels as above and picked ranks far above the smallest one for small tol)
+    tail = torch.flip(torch.cumsum(torch.flip(S.to(torch.float64).square(), (0,)), dim=0), (0,))
+    tail = torch.cat([tail[1:], tail.new_zeros(1)])  # tail[r - 1] = sum of S_i^2 for i >= r
+    ok = (remaining.clamp_min(0) + tail) <= stop
     r = min(cap, int(ok.nonzero()[0, 0]) + 1 if bool(ok.any()) else S.shape[0])
     U = Q_all @ _adjoint(Vwh[:r, :])
     Vh = _adjoint(Uw[:, :r])

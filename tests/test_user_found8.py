@@ -157,3 +157,28 @@ def test_exact_svd_gradient_matches_torch_where_the_spectrum_is_simple(shape, dt
     u, s, vh = torch.linalg.svd(Y, full_matrices=False)
     loss(u[..., :2], s[..., :2], vh[..., :2, :]).backward()
     torch.testing.assert_close(X.grad, Y.grad, rtol=1e-9, atol=1e-12)
+
+
+# scipy #14784 / #10974 (svds with LOBPCG silently wrong on a matrix with many zero singular values): the
+# fixed-precision mode on an exactly low-rank float64 matrix, tol below what ||A||^2 - ||B||^2 resolves.
+# It drew blocks of rounding noise past the rank: error 7.7e-6 (not 1e-15) and U orthonormal to 5e-10.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("tol", [1e-8, 1e-12])
+def test_fixed_precision_on_an_exactly_low_rank_matrix(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(300, 40, dtype=dtype, generator=g) @ torch.randn(40, 300, dtype=dtype, generator=g)
+    r = lowrank.rsvd(L, 300, tol=tol, seed=0)
+    assert len(r.S) == 40
+    assert torch.linalg.norm(r.U * r.S @ r.Vh - L) <= 1e-13 * torch.linalg.norm(L)
+    eye = torch.eye(40, dtype=dtype)
+    torch.testing.assert_close(r.U.mH @ r.U, eye, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(r.S.numpy(), np.linalg.svd(L.numpy(), compute_uv=False)[:40], rtol=1e-12)
+
+
+def test_fixed_precision_below_the_rounding_floor_returns_the_smallest_rank_reaching_it():
+    A, S = _decaying(300, 200)
+    floor = (16 * np.finfo(np.float64).eps) ** 0.5
+    smallest = int(np.argmax(S <= floor * np.linalg.norm(S)))  # ||A - A_r||_F = S_r ||A||_F here (geometric)
+    r = lowrank.rsvd(A, 200, tol=1e-12, seed=0)  # was the cap (here: a full SVD's worth of blocks)
+    assert len(r.S) <= smallest + 2
+    assert torch.linalg.norm(r.U * r.S @ r.Vh - A) <= 2 * floor * torch.linalg.norm(A)
