@@ -139,7 +139,9 @@ def _norm64(X: torch.Tensor, dim: Any = None, keepdim: bool = False) -> torch.Te
     overflows for entries below ~1e-19 or above ~1e19, which made results depend on the scale of A."""
     wide = torch.complex128 if X.is_complex() else torch.float64
     norm = torch.linalg.vector_norm(X, dim=dim, keepdim=keepdim, dtype=wide)
-    if X.numel() == 0 or bool(((norm > 2.0**-450) & (norm < 2.0**450)).all()):
+    if X.dtype not in (torch.float64, torch.complex128) or X.numel() == 0:
+        return norm  # narrower entries square within fp64's range
+    if bool(((norm > 2.0**-450) & (norm < 2.0**450)).all()):
         return norm
     # fp64 squares under- or overflow too (norms below ~1e-154 or above ~1e154: a vector of norm 1e-300 had
     # norm 0): redo the norms out of that range on the entries divided by a power of two near their largest
