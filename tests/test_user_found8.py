@@ -182,3 +182,23 @@ def test_fixed_precision_below_the_rounding_floor_returns_the_smallest_rank_reac
     r = lowrank.rsvd(A, 200, tol=1e-12, seed=0)  # was the cap (here: a full SVD's worth of blocks)
     assert len(r.S) <= smallest + 2
     assert torch.linalg.norm(r.U * r.S @ r.Vh - A) <= 2 * floor * torch.linalg.norm(A)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e300])
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_distributed_pca_variance_ratio_is_scale_free_in_float64(scale, method):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed without a process group in this process")
+    import lowrank.distributed as ld
+
+    X = torch.randn(50, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = lowrank.pca(X, 3, method="exact").explained_variance_ratio
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for data in (X * scale, (X * scale).to_sparse()):
+            m = method if data.layout == torch.strided else "randomized"
+            got = ld.pca(data, 3, method=m, seed=0)
+            torch.testing.assert_close(got.explained_variance_ratio, want, rtol=1e-10, atol=0)
+    finally:
+        dist.destroy_process_group()
