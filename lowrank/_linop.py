@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -535,6 +536,44 @@ class TransposedOp(LinOp):
 
     def to_dense(self) -> torch.Tensor:
         return _adjoint(self.base.to_dense())
+
+
+def rescale_extreme(op: LinOp) -> tuple[LinOp, int]:
+    """``(op / 2^e, e)`` for a stored (dense or sparse) float64/complex128 matrix whose largest entry
+    lies outside ``[2^-400, 2^400]``; ``(op, 0)`` otherwise.
+
+    Frobenius norms and variances are sums of squares, formed in float64: for entries beyond ``~1e154``
+    they overflow to inf and below ``~1e-154`` they underflow towards 0 (a float64 matrix of norm 1e-300
+    had a squared norm of exactly 0), so that tolerances and ratios computed from them are garbage.
+    Dividing by a power of two near the largest entry is exact (up to entries that were already negligible
+    next to it) and brings every square into range; callers multiply their singular values back by ``2^e``.
+    Float32 (and narrower) data never need it (their squares are taken in float64). Implicit operators are
+    returned as given. Costs one pass over the stored values, plus a scaled copy when it applies.
+    """
+    if op.dtype not in (torch.float64, torch.complex128):
+        return op, 0
+    if isinstance(op, DenseOp):
+        values = op.A
+    elif isinstance(op, SparseOp):
+        values = op.A.values()
+    else:
+        return op, 0
+    if values.numel() == 0:
+        return op, 0
+    big = float(values.abs().amax())
+    if big == 0.0 or not math.isfinite(big) or 2.0**-400 <= big <= 2.0**400:
+        return op, 0
+    exponent = math.frexp(big)[1]
+    if isinstance(op, DenseOp):
+        return DenseOp(times_power_of_two(op.A, -exponent)), exponent
+    return SparseOp(times_power_of_two(op._input, -exponent)), exponent
+
+
+def times_power_of_two(X: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``X * 2^exponent`` (exact unless entries leave the normal range), in two factors so that neither
+    overflows when ``|exponent|`` exceeds 1023."""
+    half = exponent // 2
+    return X * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
 
 
 def _coo_without_dense_dims(A: torch.Tensor) -> torch.Tensor:

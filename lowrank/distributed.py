@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import secrets
 from collections.abc import Iterator
@@ -42,12 +43,14 @@ from torch import nn
 from lowrank._linop import (
     DenseOp,
     LinOp,
+    SparseOp,
     as_linop,
     check_not_meta,
     check_seed,
     compute_dtype,
     no_autocast,
     python_number,
+    times_power_of_two,
 )
 from lowrank.pca import PCAResult, _variance_ratio
 from lowrank.qr import cholesky_qr, orthonormalize
@@ -774,10 +777,34 @@ def pca(
     components = Vh * torch.where(signs == 0, torch.ones_like(signs), signs)
     mean_vec = mean[:, 0] if center else torch.zeros(n, dtype=op.dtype, device=op.device)
     denom = max(m - 1, 1)
-    total = sums[n] - (m * mean_vec.double().square().sum() if center else 0.0)
+    data_ss = sums[n]
     variance = S.square() / denom
-    ratio = _variance_ratio(variance, total, sums[n], m, center)  # as lowrank.pca: 0/0 defined, sum <= 1
+    scaled_variance, scaled_mean = variance, mean_vec
+    if op.dtype == torch.float64 and not 2.0**-900 < float(data_ss) < 2.0**900:
+        # float64 data beyond ~1e154 or below ~1e-154 (as lowrank.pca): their sums of squares left fp64's
+        # range (ratios of 0); redo them on X / 2^e, e common to all ranks (one more collective, only here)
+        data_ss, exponent = _scaled_fro_norm_sq(op, group)
+        scaled_variance = times_power_of_two(S.double(), -exponent).square() / denom
+        scaled_mean = times_power_of_two(mean_vec.double(), -exponent)
+    total = data_ss - (m * scaled_mean.double().square().sum() if center else 0.0)
+    ratio = _variance_ratio(
+        scaled_variance, total, data_ss, m, center
+    )  # as lowrank.pca: 0/0 defined, sum <= 1
     return PCAResult(components.contiguous(), variance, ratio, mean_vec.contiguous(), S)
+
+
+def _scaled_fro_norm_sq(op, group) -> tuple[torch.Tensor, int]:
+    """``(||X / 2^e||_F^2, e)`` over all ranks, ``2^e`` near the largest entry of any rank (one all-reduce
+    of the local maxima, one of the local sums); ``e = 0`` (plain sums) for implicit operators."""
+    values = op.A if isinstance(op, DenseOp) else op.A.values() if isinstance(op, SparseOp) else None
+    if values is None:
+        return _all_reduce(op.fro_norm_sq().double().reshape(1), group, "mean")[0], 0
+    big = values.abs().amax().double().reshape(1) if values.numel() else torch.zeros(1, dtype=torch.float64)
+    dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
+    _record("mean", big.numel() * big.element_size())
+    exponent = math.frexp(float(big))[1] if float(big) > 0 else 0
+    local = torch.linalg.vector_norm(times_power_of_two(values, -exponent), dtype=torch.float64).square()
+    return _all_reduce(local.reshape(1), group, "mean")[0], exponent
 
 
 # --------------------------------------------------------------------------------------------- LoRA

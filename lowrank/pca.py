@@ -15,6 +15,8 @@ from lowrank._linop import (
     check_tensor,
     no_autocast,
     python_number,
+    rescale_extreme,
+    times_power_of_two,
 )
 from lowrank.factor import _check_rank
 from lowrank.svd import rsvd, svd
@@ -284,6 +286,13 @@ def pca(
     # (0), and the ratios must not (the variances themselves are returned in the data's dtype).
     variance64 = S.double().square() / denom
     explained_variance = variance64.to(S.dtype)
-    total_ss = _centred_ss(op) if center else op.fro_norm_sq()
-    ratio = _variance_ratio(variance64, total_ss, op.fro_norm_sq(), m, center, dtype=S.dtype)
+    # float64 data beyond ~1e154 or below ~1e-154: their sums of squares leave float64's range (ratios of 0
+    # from inf or 0 totals); the ratios are scale-free, so take them on X / 2^e
+    data_ss = op.fro_norm_sq()
+    scaled, exponent = (op, 0) if 2.0**-900 < float(data_ss) < 2.0**900 else rescale_extreme(op)
+    if exponent:
+        data_ss = scaled.fro_norm_sq()
+    total_ss = _centred_ss(scaled) if center else data_ss
+    variance_scaled = times_power_of_two(S.double(), -exponent).square() / denom if exponent else variance64
+    ratio = _variance_ratio(variance_scaled, total_ss, data_ss, m, center, dtype=S.dtype)
     return PCAResult(components.contiguous(), explained_variance, ratio, mean.contiguous(), S)

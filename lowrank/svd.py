@@ -35,6 +35,8 @@ from lowrank._linop import (
     check_tensor,
     no_autocast,
     python_number,
+    rescale_extreme,
+    times_power_of_two,
 )
 from lowrank.qr import cholqr_pass, matmul_like, matmul_rows_inplace, orthonormalize
 
@@ -136,7 +138,21 @@ def _norm64(X: torch.Tensor, dim: Any = None, keepdim: bool = False) -> torch.Te
     """Euclidean norm accumulated in fp64 (complex128), returned as fp64: an fp32 sum of squares under- or
     overflows for entries below ~1e-19 or above ~1e19, which made results depend on the scale of A."""
     wide = torch.complex128 if X.is_complex() else torch.float64
-    return torch.linalg.vector_norm(X, dim=dim, keepdim=keepdim, dtype=wide)
+    norm = torch.linalg.vector_norm(X, dim=dim, keepdim=keepdim, dtype=wide)
+    if X.dtype not in (torch.float64, torch.complex128) or X.numel() == 0:
+        return norm  # narrower entries square within fp64's range
+    if bool(((norm > 2.0**-450) & (norm < 2.0**450)).all()):
+        return norm
+    # fp64 squares under- or overflow too (norms below ~1e-154 or above ~1e154: a vector of norm 1e-300 had
+    # norm 0): redo the norms out of that range on the entries divided by a power of two near their largest
+    big = torch.linalg.vector_norm(X, ord=float("inf"), dim=dim, keepdim=True, dtype=wide)
+    scale = torch.ldexp(
+        torch.ones_like(big), -torch.frexp(torch.where(big > 0, big, torch.ones_like(big)))[1]
+    )
+    scaled = torch.linalg.vector_norm(X * scale, dim=dim, keepdim=True, dtype=wide) / scale
+    if not keepdim:
+        scaled = scaled.reshape(norm.shape)
+    return torch.where(torch.isfinite(scaled), scaled, norm)
 
 
 def _gaussian(op: LinOp, rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -413,7 +429,16 @@ def _exact(op: LinOp, k: int) -> SVDResult:
     dense = op.to_dense()
     if not dense.is_contiguous():
         dense = dense.contiguous()
-    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    if dense.requires_grad and torch.is_grad_enabled():
+        # finite gradients on degenerate spectra (rank-deficient A, repeated singular values): _RitzSVD
+        # factors wide matrices, so a tall one is factored as A^H = V S U^H
+        if dense.shape[-2] <= dense.shape[-1]:
+            U, S, Vh = _RitzSVD.apply(dense)
+        else:
+            V, S, Uh = _RitzSVD.apply(_adjoint(dense))
+            U, Vh = _adjoint(Uh), _adjoint(V)
+    else:
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
     U, Vh = _flip_signs(U[..., :, :k], Vh[..., :k, :], inplace=True)
     return SVDResult(U, S[..., :k], Vh)
 
@@ -498,7 +523,9 @@ def rsvd(
     tol : float, optional
         Fixed-precision mode: the smallest rank ``r`` with ``||A - U S Vh||_F <= tol ||A||_F`` (relative
         Frobenius error, estimated exactly from the computed factorization), grown block by block by
-        randQB_EI (Yu, Gu & Li 2018). In fp32, ``tol`` below about ``1e-3`` is at the mercy of rounding.
+        randQB_EI (Yu, Gu & Li 2018). The error is tracked as ``||A||_F^2 - ||B||_F^2``, known to about
+        ``eps ||A||_F^2`` only: ``tol`` below ``sqrt(16 eps)`` (``1.4e-3`` in fp32, ``6e-8`` in fp64) acts as
+        ``sqrt(16 eps)`` (the growth stops at that floor; the rank returned is the smallest reaching it).
         Only for 2-D inputs.
     oversample : int, optional
         Extra random vectors (giving it selects the wide block of ``"auto"``, see Notes).
@@ -541,7 +568,11 @@ def rsvd(
         ``A.detach()`` and the factors come from one differentiable Rayleigh-Ritz step on the computed
         ``U`` (``B = U^H A``, ``torch.linalg.svd(B)``; one more pass of ``k`` columns): gradients of the
         singular values and of ``U U^H A`` are exact to the accuracy of the triplets, those of ``U`` and
-        ``Vh`` hold the part within the computed subspace.
+        ``Vh`` hold the part within the computed subspace. Degenerate spectra (``k`` above the rank of A,
+        repeated singular values) keep these gradients finite: the parts that depend on the choice of
+        vectors within a degenerate subspace, undefined there, are dropped (``torch.linalg.svd`` returns
+        NaN), so those of ``S`` and ``U U^H A`` stay exact while those of ``U S Vh`` lose their share
+        inside a degenerate block.
 
     Raises
     ------
@@ -650,6 +681,11 @@ def rsvd(
             )
         method = "krylov"
     gen = _generator(seed, op.device)
+    exponent = 0
+    if tol is not None:
+        # the tolerance is tested on fp64 sums of squares, out of range for float64 data beyond ~1e154 or
+        # below ~1e-154: factor A / 2^e (exact), the singular values multiplied back below
+        op, exponent = rescale_extreme(op)
     transpose = _short_side_first(op)
     if center:
         op = CenteredOp(op)
@@ -680,6 +716,8 @@ def rsvd(
         # the SVD of A^H is V S U^H: swap the factors, then A's sign convention (on U) again
         U, Vh = _flip_signs(_adjoint(result.Vh), _adjoint(result.U), inplace=True)
         result = SVDResult(U, result.S, Vh)
+    if exponent:
+        result = SVDResult(result.U, times_power_of_two(result.S, exponent), result.Vh)
     if grad:
         result = _differentiable_ritz(A, result.U, center)
     return result
@@ -709,9 +747,64 @@ def _differentiable_ritz(A: torch.Tensor, Q: torch.Tensor, center: bool) -> SVDR
     X = A.to(Q.dtype)
     if center:
         X = X - X.mean(dim=-2, keepdim=True)
-    Ub, S, Vh = torch.linalg.svd(_adjoint(Q) @ X, full_matrices=False)
+    Ub, S, Vh = _RitzSVD.apply(_adjoint(Q) @ X)
     U, Vh = _flip_signs(Q @ Ub, Vh)
     return SVDResult(U, S, Vh)
+
+
+class _RitzSVD(torch.autograd.Function):
+    """``torch.linalg.svd(B, full_matrices=False)`` of the small ``(..., k, n)`` Rayleigh-Ritz matrix
+    (``k <= n``), with a backward that stays finite on degenerate spectra.
+
+    torch's backward divides by ``s_j^2 - s_i^2`` and by ``s_i``: for a rank-deficient A (``k`` above its
+    rank, so that ``B`` has repeated zero singular values) or repeated singular values it returned NaN, or
+    finite garbage of order 1e17, even for the gradient of ``U U^H A`` (which does not depend on how the
+    degenerate vectors are chosen). Here pairs closer than ``max(k, n) eps s_1`` (numerically equal) get
+    a zero coupling and singular values below it a zero inverse (pseudo-inverse): the gradient of any loss
+    that does not depend on the choice of vectors within a degenerate subspace (``U U^H``, ``S``, and
+    ``U S Vh`` where the singular values are nonzero) is then what the limit gives, and the ill-defined
+    parts are dropped instead of poisoning the whole gradient. Otherwise the formula is the usual one
+    (Townsend 2016, "Differentiating the singular value decomposition"; the imaginary diagonal term for
+    complex inputs from Wan & Zhang 2019), the same as torch's to rounding.
+    """
+
+    @staticmethod
+    def forward(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.linalg.svd(B, full_matrices=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def backward(ctx, gU, gS, gVh):
+        U, S, Vh = ctx.saved_tensors
+        k, n = U.shape[-1], Vh.shape[-1]
+        tol = max(k, n) * torch.finfo(S.dtype).eps * S[..., :1]  # (..., 1): numerically zero or equal
+        inv = torch.where(S > tol, 1.0 / torch.where(S > tol, S, torch.ones_like(S)), torch.zeros_like(S))
+        si, sj = S[..., :, None], S[..., None, :]
+        gap = (sj - si) * (sj + si)  # s_j^2 - s_i^2
+        coupled = (sj - si).abs() > tol[..., None]
+        F = torch.where(coupled, 1.0 / torch.where(coupled, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+        inner = torch.zeros(U.shape[:-2] + (k, k), dtype=U.dtype, device=U.device)
+        if gU is not None:
+            J = _adjoint(U) @ gU
+            J = J - _adjoint(J)
+            inner = inner + (F * J) * sj
+            if U.is_complex():
+                inner = inner + torch.diag_embed(J.diagonal(dim1=-2, dim2=-1) * inv / 2)
+        if gS is not None:
+            inner = inner + torch.diag_embed(gS.to(U.dtype))
+        gB = U @ inner @ Vh
+        if gVh is not None:
+            V = _adjoint(Vh)
+            K = Vh @ _adjoint(gVh)  # V^H gV with gV = gVh^H
+            K = K - _adjoint(K)
+            gB = gB + U @ ((si * (F * K)) @ Vh)
+            # the component of gV outside span(V): U S^+ gV^H (I - V V^H)
+            outside = gVh - (gVh @ V) @ Vh
+            gB = gB + U @ (inv[..., :, None] * outside)
+        return gB
 
 
 def _short_side_first(op: LinOp) -> bool:
@@ -1463,7 +1556,13 @@ def _fixed_precision(
     b = min(64, max(8, cap // 8)) if block is None else max(1, block)
     p = 1 if n_iter is None else n_iter
     total = op.fro_norm_sq().to(torch.float64)
+    # ||A - Q B||^2 = ||A||^2 - ||B||^2 is known to about eps ||A||^2 only (the subtraction cancels): below
+    # that floor the test cannot decide, and blocks drawn past it are rounding noise that cost passes and
+    # spoil the basis (an exactly rank-40 float64 matrix with tol=1e-10 came back with error 7.7e-6 and a
+    # basis orthonormal to 5e-10 only): tol acts as at least sqrt(16 eps) (6e-8 fp64, 1.4e-3 fp32)
+    floor = 16 * torch.finfo(op.dtype.to_real()).eps * total
     threshold = tol * tol * total
+    stop = torch.maximum(threshold, floor)
     remaining = total.clone()
     bases: list[torch.Tensor] = []
     images: list[torch.Tensor] = []
@@ -1493,13 +1592,16 @@ def _fixed_precision(
         rank += bb
         # in fp64: an fp32 sum of squares under- or overflows for ||A|| below ~1e-19 or above ~1e19
         remaining = remaining - _norm64(Wi).square()
-        if bool(remaining <= threshold):
+        if bool(remaining <= stop):
             break
     Q_all = torch.cat(bases, dim=-1)
     W_all = torch.cat(images, dim=-1)
     Uw, S, Vwh = torch.linalg.svd(W_all, full_matrices=False)
-    captured = torch.cumsum(S.to(torch.float64).square(), dim=0)
-    ok = (total - captured) <= threshold
+    # error of the rank-r truncation: what the blocks missed plus the tail of S, the tail summed directly
+    # (total - cumsum(S^2) cancels as above and picked ranks far above the smallest one for small tol)
+    tail = torch.flip(torch.cumsum(torch.flip(S.to(torch.float64).square(), (0,)), dim=0), (0,))
+    tail = torch.cat([tail[1:], tail.new_zeros(1)])  # tail[r - 1] = sum of S_i^2 for i >= r
+    ok = (remaining.clamp_min(0) + tail) <= stop
     r = min(cap, int(ok.nonzero()[0, 0]) + 1 if bool(ok.any()) else S.shape[0])
     U = Q_all @ _adjoint(Vwh[:r, :])
     Vh = _adjoint(Uw[:, :r])
