@@ -227,6 +227,29 @@ inline at::Tensor with_output_shape(at::Tensor y, c10::IntArrayRef sizes) {
   return y;
 }
 
+// float16 on the CPU: the r-wide u = x A^T (and g B in the backward) can pass float16's 65504 where the output is
+// finite (a sum over in_features of large activations), so there they are formed in float32 from float32 copies of
+// the segment's rows, in blocks of kWideRows rows (bounded copies), and rounded once into the result, as
+// lora_linear's CPU kernel keeps u in float32. CUDA keeps the BLAS path in float16 (the float32 copies of x would
+// cost more than the shrink GEMM itself there; documented).
+constexpr int64_t kWideRows = 2048;
+
+inline bool widen_lora_products(const at::Tensor& x2) { return x2.scalar_type() == at::kHalf && x2.device().is_cpu(); }
+
+// y_k (+)= s (x_k A^T) B^T for one segment in float32, rounded once into y_k (accumulate: added to y_k's values).
+inline void expand_segment_widened(const at::Tensor& xk, const at::Tensor& A, const at::Tensor& B, double s,
+                                   at::Tensor& yk, bool accumulate) {
+  const at::Tensor A32 = A.to(at::kFloat);
+  const at::Tensor B32 = B.to(at::kFloat);
+  for (int64_t r0 = 0; r0 < xk.size(0); r0 += kWideRows) {
+    const int64_t rows = std::min(kWideRows, xk.size(0) - r0);
+    at::Tensor yb = yk.narrow(0, r0, rows);
+    at::Tensor t = at::mm(at::mm(xk.narrow(0, r0, rows).to(at::kFloat), A32.t()), B32.t()).mul_(s);
+    if (accumulate) t.add_(yb);
+    yb.copy_(t);
+  }
+}
+
 // Forward through BLAS: one base GEMM for all rows (with the bias), then for every adapter segment a
 // shrink GEMM (M_a x r) and an expand GEMM accumulated into the segment's rows of y (alpha = scales[a]).
 // Contiguous layout: the expand accumulates in place into y's row slice. Sorted layout: the rows are
@@ -241,25 +264,35 @@ inline at::Tensor lora_linear_multi_composite(const at::Tensor& x2, const at::Te
   if (groups.grouped_rows == 0) return y;
   const int64_t r = lora_A.size(1);
   const bool on_cpu = x2.device().is_cpu();
+  const bool widen = widen_lora_products(x2);
   if (groups.contiguous) {
     for_each_segment(groups, on_cpu, [&](size_t k) {
       const int64_t a = groups.adapter[k];
       if (scale_values[a] == 0.0) return;  // base layer only: the factors are not read (no 0 * inf)
       const at::Tensor xs = x2.narrow(0, groups.start[k], groups.length[k]);
-      const at::Tensor u = at::mm(xs, lora_A[a].t());
       at::Tensor ys = y.narrow(0, groups.start[k], groups.length[k]);
+      if (widen) {
+        expand_segment_widened(xs, lora_A[a], lora_B[a], scale_values[a], ys, /*accumulate=*/true);
+        return;
+      }
+      const at::Tensor u = at::mm(xs, lora_A[a].t());
       ys.addmm_(u, lora_B[a].t(), /*beta=*/1, /*alpha=*/scale_values[a]);
     });
     return y;
   }
   const at::Tensor xs = x2.index_select(0, groups.perm);
-  at::Tensor us = at::empty({groups.grouped_rows, r}, x2.options());
+  at::Tensor us = widen ? at::Tensor() : at::empty({groups.grouped_rows, r}, x2.options());
   at::Tensor ys = at::empty({groups.grouped_rows, y.size(1)}, x2.options());
   for_each_segment(groups, on_cpu, [&](size_t k) {
     const int64_t a = groups.adapter[k];
     at::Tensor yk = ys.narrow(0, groups.start[k], groups.length[k]);
     if (scale_values[a] == 0.0) {  // base layer only: the factors are not read (no 0 * inf)
       yk.zero_();
+      return;
+    }
+    if (widen) {
+      expand_segment_widened(xs.narrow(0, groups.start[k], groups.length[k]), lora_A[a], lora_B[a], scale_values[a], yk,
+                             /*accumulate=*/false);
       return;
     }
     at::Tensor u = us.narrow(0, groups.start[k], groups.length[k]);
@@ -298,6 +331,7 @@ inline std::vector<at::Tensor> lora_linear_multi_backward_composite(const at::Te
   const at::Tensor gs = sorted ? g2.index_select(0, groups.perm) : g2;
   at::Tensor gxs;
   if (sorted && mask[0]) gxs = at::empty({groups.grouped_rows, x2.size(1)}, x2.options());
+  const bool widen = widen_lora_products(x2);
   for_each_segment(groups, x2.device().is_cpu(), [&](size_t k) {
     const int64_t a = groups.adapter[k];
     const double s = scale_values[a];
@@ -305,6 +339,39 @@ inline std::vector<at::Tensor> lora_linear_multi_backward_composite(const at::Te
     const at::Tensor gk = gs.narrow(0, groups.start[k], groups.length[k]);
     const at::Tensor A = lora_A[a];
     const at::Tensor B = lora_B[a];
+    if (widen) {  // float16 on the CPU: gu, u and their products in float32, per block of rows, rounded once
+      const at::Tensor A32 = A.to(at::kFloat);
+      const at::Tensor B32 = B.to(at::kFloat);
+      at::Tensor ga = mask[1] ? at::zeros(A32.sizes(), A32.options()) : at::Tensor();
+      at::Tensor gb = mask[2] ? at::zeros(B32.sizes(), B32.options()) : at::Tensor();
+      at::Tensor gsum = mask[3] ? at::zeros({}, A32.options()) : at::Tensor();
+      at::Tensor gx_seg;
+      if (mask[0])
+        gx_seg = sorted ? gxs.narrow(0, groups.start[k], groups.length[k])
+                        : grad_x.narrow(0, groups.start[k], groups.length[k]);
+      for (int64_t r0 = 0; r0 < xk.size(0); r0 += kWideRows) {
+        const int64_t rows = std::min(kWideRows, xk.size(0) - r0);
+        const at::Tensor xb = xk.narrow(0, r0, rows).to(at::kFloat);
+        const at::Tensor gbk = gk.narrow(0, r0, rows).to(at::kFloat);
+        at::Tensor gu;
+        if (mask[0] || mask[1] || mask[3]) gu = at::mm(gbk, B32);
+        at::Tensor u;
+        if (mask[2] || mask[3]) u = at::mm(xb, A32.t());
+        if (mask[0]) {
+          at::Tensor gxb = gx_seg.narrow(0, r0, rows);
+          at::Tensor t = at::mm(gu, A32).mul_(s);
+          if (!sorted) t.add_(gxb);
+          gxb.copy_(t);
+        }
+        if (mask[1]) ga.addmm_(gu.t(), xb, /*beta=*/1, /*alpha=*/s);
+        if (mask[2]) gb.addmm_(gbk.t(), u, /*beta=*/1, /*alpha=*/s);
+        if (mask[3]) gsum.add_(gu.mul(u).sum());
+      }
+      if (mask[1]) grad_A[a].copy_(ga);
+      if (mask[2]) grad_B[a].copy_(gb);
+      if (mask[3]) grad_s[a].copy_(gsum);
+      return;
+    }
     at::Tensor gu;  // (M_a, r)
     if (mask[0] || mask[1] || mask[3]) gu = at::mm(gk, B);
     at::Tensor u;  // (M_a, r)

@@ -255,21 +255,37 @@ def test_lora_linear_float16_backward_keeps_u_in_float32(rows, block, monkeypatc
         assert float((got.double() - ref).abs().max() / ref.abs().max()) < 2e-3
 
 
-# The same overflow in the mixed-adapter op (forward and backward), whose composite C++ path computes the
-# per-adapter u in the input dtype: output inf where lora_linear (and the float64 reference) are finite.
-@pytest.mark.xfail(
-    strict=True,
-    reason="lora_linear_multi (csrc/lora_linear_multi.h, composite forward/backward) forms u = x A^T and "
-    "g B in float16; fix: for kHalf compute them (and the expand/grad_B products) in float32 as lora_linear "
-    "does, then cast",
-)
-def test_lora_linear_multi_float16_keeps_u_in_float32():
-    x, weight, lora_A, lora_B, grad = _overflowing_fp16_case(5)
-    y_ref = _f64_grads(x, weight, lora_A, lora_B, grad, 0.5)[0]
-    ids = torch.zeros(5, dtype=torch.long)
-    y = lowrank.lora_linear_multi(x, weight, lora_A[None], lora_B[None], ids, torch.tensor([0.5]))
-    assert torch.isfinite(y).all()
-    assert float((y.double() - y_ref).abs().max() / y_ref.abs().max()) < 2e-3
+# The same overflow in the mixed-adapter op (forward and backward), whose composite C++ path computed the
+# per-adapter u in the input dtype: output inf where lora_linear (and the float64 reference) are finite. Now
+# float16 on the CPU forms u, g B and their products in float32 (blocks of 2048 rows: 2100 rows take two).
+@pytest.mark.parametrize("rows", [5, 2100])
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+def test_lora_linear_multi_float16_keeps_u_in_float32(rows, layout):
+    x, weight, A0, B0, grad = _overflowing_fp16_case(rows)
+    gen = torch.Generator().manual_seed(1)
+    if rows > 5:  # grad_B sums g u^T over rows: signs that cancel keep it inside float16's range
+        grad = ((torch.rand(rows, 24, generator=gen) - 0.5) * 0.01).half()
+    A1 = (torch.randn(4, 64, generator=gen) * 5).half()
+    B1 = (torch.rand(24, 4, generator=gen) * 1e-3).half()
+    lora_A, lora_B = torch.stack([A0, A1]), torch.stack([B0, B1])
+    if layout == "contiguous":
+        ids = torch.cat([torch.zeros(rows - rows // 2), torch.ones(rows // 2)]).long()
+    else:
+        ids = torch.arange(rows) % 2
+    scales = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    # float64 reference, per row with its adapter
+    xd, Ad, Bd, sd = (t.detach().double().clone().requires_grad_() for t in (x, lora_A, lora_B, scales))
+    u = torch.einsum("mi,mri->mr", xd, Ad[ids])
+    y_ref = xd @ weight.double().T + sd[ids, None] * torch.einsum("mr,mor->mo", u, Bd[ids])
+    y_ref.backward(grad.double())
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, lora_A, lora_B))
+    sg = scales.clone().requires_grad_()
+    y = lowrank.lora_linear_multi(xg, weight, Ag, Bg, ids, sg)
+    y.backward(grad)
+    pairs = ((y, y_ref), (xg.grad, xd.grad), (Ag.grad, Ad.grad), (Bg.grad, Bd.grad), (sg.grad, sd.grad))
+    for got, ref in pairs:
+        assert torch.isfinite(got).all()
+        assert float((got.double() - ref.detach()).abs().max() / ref.detach().abs().max()) < 2e-3
 
 
 # huggingface/peft#1001 / #3710 (safe_merge: a NaN/Inf adapter merged into the base weight destroys it for
