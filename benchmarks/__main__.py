@@ -183,13 +183,22 @@ def select(modules: list[BenchModule], only: str | None) -> list[BenchModule]:
 
 def archive_folder(results: Path, label: str, mode: str) -> Path:
     """A new folder ``<date>[b, c, ...]_<label>_<mode>`` under ``results``: a committed archive of the same
-    day is never overwritten (a second run that day gets the suffix ``b``, then ``c``, ...)."""
+    day is never overwritten (a second run that day gets the suffix ``b``, then ``c``, ...). The suffix
+    follows the last one that day on this machine in any mode, so the day's folders sort in the order they
+    were made (a quick run after ``2026-12-01c_<label>_full`` is ``2026-12-01d_<label>_quick``, not ``b``)."""
     stamp = _dt.date.today().isoformat()
-    for suffix in ("", *"bcdefghijklmnopqrstuvwxyz"):
+    suffixes = ("", *"bcdefghijklmnopqrstuvwxyz")
+    used = [
+        i
+        for i, suffix in enumerate(suffixes)
+        if results.is_dir() and any(results.glob(f"{stamp}{suffix}_{label}_*"))
+    ]
+    first = max(used) + 1 if used else 0
+    for suffix in suffixes[first:]:
         out = results / f"{stamp}{suffix}_{label}_{mode}"
         if not out.exists():
             return out
-    raise ValueError(f"--archive: every folder {results}/{stamp}[a-z]_{label}_{mode} exists; use --out")
+    raise ValueError(f"--archive: the folders {results}/{stamp}[b-z]_{label}_* are used up; use --out")
 
 
 def check_out_dir(out: Path) -> None:

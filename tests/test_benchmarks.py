@@ -342,3 +342,21 @@ def test_ctrl_c_while_measuring_the_ceilings_is_a_clean_interrupt(
     assert "interrupted" in capsys.readouterr().err
     data = json.loads((out / "results.json").read_text())
     assert data["modules"] == [] and "fake" not in (out / "report.md").read_text().split("## Machine")[1]
+
+
+def test_archive_folders_of_a_day_sort_in_the_order_they_were_made(tmp_path: Path) -> None:
+    # seen this session: a quick archive after 2026-12-01g_<machine>_quick and 2026-12-01c_<machine>_full-init
+    # went to the free 2026-12-01c_<machine>_quick, sorting before folders made hours earlier
+    import datetime
+
+    from benchmarks.__main__ import archive_folder
+
+    stamp = datetime.date.today().isoformat()
+    assert archive_folder(tmp_path, "m", "quick").name == f"{stamp}_m_quick"  # no results folder yet
+    for name in (f"{stamp}_m_quick", f"{stamp}c_m_full", f"{stamp}b_other_quick", "2020-01-01f_m_quick"):
+        (tmp_path / name).mkdir()
+    assert archive_folder(tmp_path, "m", "quick").name == f"{stamp}d_m_quick"
+    assert archive_folder(tmp_path, "other", "full").name == f"{stamp}c_other_full"
+    (tmp_path / f"{stamp}z_m_full").mkdir()
+    with pytest.raises(ValueError, match="used up"):
+        archive_folder(tmp_path, "m", "quick")
