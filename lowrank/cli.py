@@ -159,9 +159,9 @@ def _select(source: TensorSource, target: re.Pattern[str] | None, *, embeddings:
     """Names of the ``<module>.weight`` tensors to factor.
 
     With ``--target``, every ``.weight`` whose module path the regex matches (``re.search``) and that is a
-    2-D floating tensor; matching tensors that cannot be factored (1-D norms, integer buffers) are skipped
-    and counted on stderr. Without it, all 2-D floating weights are taken except embeddings
-    (``EMBEDDING_NAME``). Raises CLIError when nothing 2-D is selected.
+    non-empty 2-D floating tensor; matching tensors that cannot be factored (1-D norms, integer buffers,
+    zero-size weights) are skipped and counted on stderr. Without it, all non-empty 2-D floating weights are
+    taken except embeddings (``EMBEDDING_NAME``). Raises CLIError when nothing 2-D is selected.
     """
     chosen = []
     skipped: list[str] = []
@@ -173,10 +173,14 @@ def _select(source: TensorSource, target: re.Pattern[str] | None, *, embeddings:
             if not target.search(module):
                 continue
             shape, dtype = source.shape(name), source.dtype(name)
-            if len(shape) != 2 or not dtype.is_floating_point:
+            if len(shape) != 2 or not dtype.is_floating_point or 0 in shape:
                 skipped.append(f"{name!r} ({'x'.join(map(str, shape)) or 'scalar'} {dtype})")
                 continue
-        elif len(source.shape(name)) != 2 or not source.dtype(name).is_floating_point:
+        elif (
+            len(source.shape(name)) != 2
+            or not source.dtype(name).is_floating_point
+            or 0 in source.shape(name)  # zero-size: nothing to factor, copied as it is
+        ):
             continue
         elif not embeddings and EMBEDDING_NAME.search(module):
             continue
@@ -191,8 +195,8 @@ def _select(source: TensorSource, target: re.Pattern[str] | None, *, embeddings:
         raise CLIError(f"{source.label} {source.path!r}: no 2-D weight tensors match {what}{also}")
     if skipped:
         print(
-            f"lowrank: note: skipped {len(skipped)} tensor(s) matching --target that are not 2-D float "
-            f"weights and cannot be factored (e.g. {skipped[0]})",
+            f"lowrank: note: skipped {len(skipped)} tensor(s) matching --target that are not non-empty 2-D "
+            f"float weights and cannot be factored (e.g. {skipped[0]})",
             file=sys.stderr,
         )
     return chosen
@@ -684,6 +688,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             f"extract: --rank {args.rank} is not below min(rows, columns) of any changed layer: nothing was "
             "factored to a lower rank; choose a smaller --rank (nothing written)"
         )
+    _tie_output_embedding(tuned, base, tensors, ranks, records)
     # lora_alpha = r: scaling 1, B @ A is the delta itself
     config = build_peft_config(ranks, dict(ranks), universe=_module_paths(tuned.names()))
     config["fan_in_fan_out"] = any(_is_conv1d_name(conv1d, m) for m in ranks)
@@ -702,6 +707,77 @@ def cmd_extract(args: argparse.Namespace) -> int:
             "on BASE does not reproduce TUNED there; select them with --target, or ship those tensors."
         )
     return 0
+
+
+def _read_config(sources: Sequence[TensorSource]) -> tuple[str, dict[str, Any]] | None:
+    """``(path, dict)`` of the first ``config.json`` beside one of ``sources``, or None."""
+    for source in sources:
+        folder = source.path if os.path.isdir(source.path) else os.path.dirname(os.path.abspath(source.path))
+        config_file = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_file):
+            continue
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"{config_file}: unreadable config ({exc})") from None
+        if not isinstance(config, dict):
+            raise CLIError(f"{config_file}: unreadable config (not a JSON object)")
+        return config_file, config
+    return None
+
+
+# The output layer that transformers ties to the input embedding of a causal LM (not stored in the file).
+TIED_OUTPUT = "lm_head"
+
+
+def _tie_output_embedding(
+    tuned: TensorSource,
+    base: TensorSource,
+    tensors: dict[str, torch.Tensor],
+    ranks: dict[str, int],
+    records: dict[str, dict[str, Any]],
+) -> None:
+    """Give the tied output layer the embedding's update, so the adapter on BASE reproduces TUNED there.
+
+    A model with ``tie_word_embeddings`` (config.json; transformers' default when the key is absent) stores
+    one matrix ``E`` (vocab, dim) for the input embedding and ``lm_head``; a fine-tune changes both. PEFT
+    adapts modules, not parameters: an adapter on the embedding alone leaves ``lm_head`` at ``E_base`` and
+    the logits wrong. The ``lm_head`` LoRA gets the same factors transposed: the embedding's update is
+    ``(B A)^T = A^T B^T`` with ``lora_embedding_B`` = B (dim, r), ``lora_embedding_A`` = A (r, vocab), so
+    ``lora_B`` = A^T (vocab, r) and ``lora_A`` = B^T (r, dim).
+    """
+    found = _read_config((tuned, base))
+    if found is None or TIED_OUTPUT + ".weight" in tuned or TIED_OUTPUT in ranks:
+        return
+    config_file, config = found
+    if not config.get("tie_word_embeddings", True):
+        return
+    key = "base_model.model."
+    embeddings = [m for m in ranks if key + m + ".lora_embedding_A" in tensors]
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and not isinstance(vocab, bool):
+        embeddings = [m for m in embeddings if tensors[key + m + ".lora_embedding_A"].shape[1] == vocab]
+    if not embeddings:
+        return
+    if len(embeddings) > 1:
+        raise CLIError(
+            f"{config_file}: tie_word_embeddings is set but {len(embeddings)} adapted embeddings could be "
+            f"the tied one ({', '.join(embeddings)}); narrow --target to the input embedding"
+        )
+    module = embeddings[0]
+    A = tensors[key + module + ".lora_embedding_A"]
+    B = tensors[key + module + ".lora_embedding_B"]
+    tensors[key + TIED_OUTPUT + ".lora_A.weight"] = B.T.contiguous()
+    tensors[key + TIED_OUTPUT + ".lora_B.weight"] = A.T.contiguous()
+    ranks[TIED_OUTPUT] = ranks[module]
+    record = dict(records[module])
+    record["shape"] = list(reversed(record["shape"]))
+    records[TIED_OUTPUT] = record
+    _note(
+        f"{config_file}: tie_word_embeddings: {TIED_OUTPUT} shares {module}.weight, so the adapter also "
+        f"targets {TIED_OUTPUT} with the same update (an adapter on {module} alone leaves the logits at BASE)"
+    )
 
 
 def _changed_elsewhere(base: TensorSource, tuned: TensorSource, selected: set[str]) -> list[str]:
