@@ -81,13 +81,15 @@ class TensorSource:
         self.path, self.label = path, label
         if not os.path.exists(path):
             raise CLIError(f"{label} {path!r}: no such file or directory")
+        listed: dict[str, str] | None = None  # tensor -> shard file, from an index
+        index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isdir(path):
-            index = os.path.join(path, "model.safetensors.index.json")
             if os.path.isfile(index):
                 try:
                     with open(index, encoding="utf-8") as f:
                         weight_map = json.load(f)["weight_map"]
                     files = sorted({os.path.join(path, v) for v in weight_map.values()})
+                    listed = {name: os.path.join(path, v) for name, v in weight_map.items()}
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise CLIError(f"{label} {index!r}: unreadable shard index ({exc})") from None
             elif os.path.isfile(os.path.join(path, "model.safetensors")):
@@ -119,6 +121,22 @@ class TensorSource:
                 if name in self._where:
                     raise CLIError(f"{label}: tensor {name!r} appears in two shards")
                 self._where[name] = file
+        # an index naming a tensor its shard does not hold: a shard from another download or revision, or an
+        # interrupted one; transformers then fails on the missing key, and a compressed copy would lack it
+        for name, file in (listed or {}).items():
+            if self._where.get(name) != file:
+                raise CLIError(
+                    f"{label} {index!r}: the index maps {name!r} to {os.path.basename(file)!r}, which does "
+                    "not hold it (shards from another revision, or an incomplete download?)"
+                )
+
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the checkpoint's files (the first file's value where shards differ)."""
+        merged: dict[str, str] = {}
+        for handle in self._handles.values():
+            for key, value in (handle.metadata() or {}).items():
+                merged.setdefault(key, value)
+        return merged
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -1007,7 +1025,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if name not in names:
                 other_bytes += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-    metadata = {"lowrank.factorized": json.dumps(sorted(factors)), "lowrank.layout": "W = B @ A"}
+    # the checkpoint's own metadata (training tool, license, model card fields) travels with its tensors;
+    # the lowrank.* keys describe this file's factors and replace any a previous run left
+    metadata = {k: v for k, v in source.metadata().items() if k != "format" and not k.startswith("lowrank.")}
+    metadata.update({"lowrank.factorized": json.dumps(sorted(factors)), "lowrank.layout": "W = B @ A"})
     metadata.update(_metadata(records))
     write_safetensors(out_file, entries, metadata)
     before, after = bytes_before + other_bytes, bytes_after + other_bytes

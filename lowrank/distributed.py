@@ -429,15 +429,20 @@ def _prepare(A_local, group, what: str, extra: list[int], error: Exception | Non
     m_loc, n = op.shape if op is not None else (0, 0)
     dtype_id = _DTYPE_IDS.get(op.dtype, 0) if op is not None else 0
     table = _agree(rank, world, group, device, [m_loc, n, dtype_id, *extra], error)
+    names = {v: str(k).removeprefix("torch.") for k, v in _DTYPE_IDS.items()}
     for col, label in ((2, "number of columns"), (3, "dtype")):
         if (table[:, col] != table[0, col]).any():
-            raise ValueError(f"{name}: the {label} differs between ranks ({table[:, col].tolist()})")
+            values = table[:, col].tolist()
+            shown = [names.get(v, "invalid") for v in values] if col == 3 else values
+            raise ValueError(f"{name}: the {label} differs between ranks (by rank: {shown})")
     last = _HEADER if int(table[0, -2]) != 0 else _HEADER - 1  # a seed drawn by each rank: rank 0's wins
-    for col in range(4, last):
-        if (table[:, col] != table[0, col]).any():
-            raise ValueError(
-                f"{what}: the arguments (k, oversample, n_iter, method, seed) differ between ranks"
-            )
+    labels = ("k", "oversample", "n_iter", "method" if what == "rsvd" else "method or center", "seed", "seed")
+    differ = [labels[col - 4] for col in range(4, last) if (table[:, col] != table[0, col]).any()]
+    if differ:
+        raise ValueError(
+            f"{what}: the arguments (k, oversample, n_iter, method, seed) differ between ranks: "
+            f"{', '.join(dict.fromkeys(differ))} (pass the same values on every rank)"
+        )
     m_total = int(table[:, 1].sum())
     if m_total == 0:
         raise ValueError(f"{name}: every rank holds zero rows")

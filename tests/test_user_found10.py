@@ -5,6 +5,7 @@ loader, float64 SVD, the single-process result)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -109,3 +110,132 @@ def test_zero_size_weights_are_copied_not_factored(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "e.weight" in err and "no 2-D weight" in err and not out.exists()
+
+
+def test_an_index_naming_a_tensor_its_shard_lacks_is_refused(tmp_path, capsys):
+    # replay of sharded-checkpoint reports (mergekit/transformers: index.json out of step with the shards,
+    # e.g. a shard from another revision). found: lowrank ignored the index's mapping; a tensor the index
+    # lists but no shard holds vanished from `compress`'s output without a word (the model then fails to
+    # load, or loads with a freshly initialised layer).
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    save_file({"a.weight": torch.randn(6, 5, generator=g)}, str(folder / "m-1.safetensors"))
+    save_file({"b.weight": torch.randn(6, 5, generator=g)}, str(folder / "m-2.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    for weight_map in (
+        {"a.weight": "m-1.safetensors", "b.weight": "m-2.safetensors", "c.weight": "m-2.safetensors"},
+        {"a.weight": "m-2.safetensors", "b.weight": "m-1.safetensors"},
+    ):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        out = tmp_path / "c.safetensors"
+        assert main(["compress", str(folder), "--rank", "2", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "index" in err and "does not hold it" in err, err
+        assert not out.exists()
+    # a consistent index works; its tensors are all in the output
+    index.write_text(
+        json.dumps({"weight_map": {"a.weight": "m-1.safetensors", "b.weight": "m-2.safetensors"}})
+    )
+    assert main(["compress", str(folder), "--rank", "2", "--out", str(out)]) == 0
+    assert sorted(load_file(str(out))) == ["a.weight.A", "a.weight.B", "b.weight.A", "b.weight.B"]
+
+
+def test_compress_keeps_the_checkpoints_metadata(tmp_path):
+    # replay of safetensors metadata round-trip reports (safetensors#... metadata lost on re-save; kohya /
+    # diffusers keep training and model-card fields there). found: `compress` wrote only its own keys and
+    # dropped the source file's __metadata__ (here a license field and a training-tool field).
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "ck.safetensors"
+    save_file(
+        {"l.weight": torch.randn(8, 6, generator=g), "n.weight": torch.randn(6, generator=g)},
+        str(src),
+        metadata={"license": "apache-2.0", "ss_network_dim": "16", "lowrank.layers": "stale"},
+    )
+    out = tmp_path / "c.safetensors"
+    assert main(["compress", str(src), "--rank", "2", "--out", str(out)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["license"] == "apache-2.0" and meta["ss_network_dim"] == "16" and meta["format"] == "pt"
+    layers = json.loads(meta["lowrank.layers"])  # this run's record, not the stale one
+    assert list(layers) == ["l"] and layers["l"]["rank"] == 2
+
+
+# ------------------------------------------------------------------------ distributed (2 gloo ranks)
+
+
+def _dist_entry(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    results: dict = {}
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=2,
+            timeout=datetime.timedelta(seconds=20),
+        )
+        import lowrank.distributed as ld
+
+        A = torch.randn(9, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        for key, call in (
+            ("dtype", lambda: ld.rsvd(A[:4].float() if rank == 0 else A[4:], 2, seed=1)),
+            ("k", lambda: ld.rsvd(A[:4] if rank == 0 else A[4:], 2 + rank, seed=1)),
+            ("oversample", lambda: ld.pca(A[:4] if rank == 0 else A[4:], 2, oversample=3 + rank, seed=1)),
+        ):
+            try:
+                call()
+                results[key] = "no error"
+            except (TypeError, ValueError) as exc:
+                results[key] = str(exc)
+    except BaseException:
+        results["crash"] = traceback.format_exc()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_distributed_mismatch_errors_name_the_argument_and_the_dtypes(tmp_path):
+    # replay of pytorch/pytorch#56112 / #156627 (collectives on mismatched inputs across ranks hang or
+    # abort). lowrank raises on every rank (no hang); found: the messages said "the dtype differs between
+    # ranks ([1, 2])" (internal codes) and "the arguments (k, oversample, n_iter, method, seed) differ",
+    # without saying which.
+    import socket
+    import time
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_dist_entry, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 90
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    assert not hung, f"ranks {hung} hung"
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        assert "crash" not in res, res.get("crash")
+        assert "float32" in res["dtype"] and "float64" in res["dtype"], res["dtype"]
+        assert res["k"].endswith("differ between ranks: k (pass the same values on every rank)"), res["k"]
+        assert "differ between ranks: oversample" in res["oversample"], res["oversample"]
