@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "DTYPE_FROM_CODE",
+    "MAX_HEADER_BYTES",
     "TensorEntry",
     "atomic_write",
     "entries_from_dict",
@@ -51,6 +52,10 @@ for _name, _code in (
     if hasattr(torch, _name):
         _DTYPE_CODES[getattr(torch, _name)] = _code
 DTYPE_FROM_CODE: dict[str, torch.dtype] = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+# The largest JSON header safetensors readers accept (MAX_HEADER_SIZE in the Rust crate, safetensors/src/
+# tensor.rs; a guard against hostile headers): a longer one is written fine but never read back.
+MAX_HEADER_BYTES = 100_000_000
 
 
 def fsync_directory(directory: str) -> None:
@@ -130,8 +135,9 @@ def write_safetensors(
         Metadata keys or values that are not ``str``, tensor names that are not ``str``, a dtype safetensors
         has no code for, a produced value that is not a dense (strided) tensor.
     ValueError
-        A duplicate tensor name or the name ``"__metadata__"``, a produced tensor on the meta device or of
-        another dtype or shape than declared. The destination is then left as it was.
+        A duplicate tensor name or the name ``"__metadata__"``, a header (names, shapes, metadata) longer
+        than the ``MAX_HEADER_BYTES`` (100 MB) safetensors readers accept, a produced tensor on the meta
+        device or of another dtype or shape than declared. The destination is then left as it was.
 
     Notes
     -----
@@ -181,6 +187,14 @@ def write_safetensors_to(
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        meta_bytes = len(json.dumps(header["__metadata__"], separators=(",", ":")).encode())
+        raise ValueError(
+            f"the safetensors header would take {len(header_bytes):,} bytes ({meta_bytes:,} of metadata, "
+            f"{len(header) - 1:,} tensor entries), over the {MAX_HEADER_BYTES:,} that safetensors readers "
+            "accept (they refuse the file: 'header too large'); shorten the metadata or split the tensors "
+            "over several files"
+        )
 
     f.write(len(header_bytes).to_bytes(8, "little"))
     f.write(header_bytes)

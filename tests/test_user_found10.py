@@ -239,3 +239,20 @@ def test_distributed_mismatch_errors_name_the_argument_and_the_dtypes(tmp_path):
         assert "float32" in res["dtype"] and "float64" in res["dtype"], res["dtype"]
         assert res["k"].endswith("differ between ranks: k (pass the same values on every rank)"), res["k"]
         assert "differ between ranks: oversample" in res["oversample"], res["oversample"]
+
+
+def test_a_header_safetensors_cannot_read_is_never_written(tmp_path):
+    # replay of safetensors#668 / #414 ("Error while deserializing header: header too large"): the Rust
+    # reader refuses headers over 100,000,000 bytes. found: lowrank.io.write_safetensors wrote such a file
+    # (here through a 100 MB metadata value), which safetensors' own loader then refused.
+    from safetensors import safe_open
+
+    from lowrank.io import MAX_HEADER_BYTES, entries_from_dict, write_safetensors
+
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, entries_from_dict({"a": torch.arange(3.0)}), {"note": "old"})
+    with pytest.raises(ValueError, match="header"):
+        write_safetensors(path, entries_from_dict({"a": torch.ones(2)}), {"x": "a" * MAX_HEADER_BYTES})
+    with safe_open(str(path), "pt") as f:  # the previous file is intact
+        assert f.metadata()["note"] == "old" and torch.equal(f.get_tensor("a"), torch.arange(3.0))
+    assert os.listdir(tmp_path) == ["x.safetensors"]
