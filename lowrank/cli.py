@@ -643,6 +643,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 "the rounding between the two formats"
             )
 
+    tied = _tied_embedding(tuned, base, names)
     left_out = _changed_elsewhere(base, tuned, set(names))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -651,7 +652,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     low_rank = 0
     if budget is not None:
         tensors, ranks, records, total_captured, total_energy = _extract_budget(
-            base, tuned, names, *budget, args.seed, conv1d
+            base, tuned, names, *budget, args.seed, conv1d, tied[1] if tied else None
         )
     bar = _Bar(0 if budget is not None else len(names), "extract")
     groups = (
@@ -706,7 +707,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             f"extract: --rank {args.rank} is not below min(rows, columns) of any changed layer: nothing was "
             "factored to a lower rank; choose a smaller --rank (nothing written)"
         )
-    _tie_output_embedding(tuned, base, tensors, ranks, records)
+    if tied is not None:
+        _tie_output_embedding(*tied, tensors, ranks, records)
     # lora_alpha = r: scaling 1, B @ A is the delta itself
     config = build_peft_config(ranks, dict(ranks), universe=_module_paths(tuned.names()))
     config["fan_in_fan_out"] = any(_is_conv1d_name(conv1d, m) for m in ranks)
@@ -749,41 +751,53 @@ def _read_config(sources: Sequence[TensorSource]) -> tuple[str, dict[str, Any]] 
 TIED_OUTPUT = "lm_head"
 
 
+def _tied_embedding(tuned: TensorSource, base: TensorSource, names: list[str]) -> tuple[str, str] | None:
+    """``(config file, weight name)`` of the selected input embedding that the output layer shares, or None.
+
+    A model with ``tie_word_embeddings`` (config.json; transformers' default when the key is absent) stores
+    one matrix ``E`` (vocab, dim) for the input embedding and ``lm_head`` (``TIED_OUTPUT``), which is then
+    absent from the file; a fine-tune changes both. The candidate is the selected embedding with
+    ``vocab_size`` rows (when the config gives it).
+    """
+    found = _read_config((tuned, base))
+    if found is None or TIED_OUTPUT + ".weight" in tuned:
+        return None
+    config_file, config = found
+    if not config.get("tie_word_embeddings", True):
+        return None
+    vocab = config.get("vocab_size")
+    known = isinstance(vocab, int) and not isinstance(vocab, bool)
+    candidates = [
+        name
+        for name in names
+        if EMBEDDING_NAME.search(name[: -len(".weight")]) and (not known or tuned.shape(name)[0] == vocab)
+    ]
+    if len(candidates) > 1:
+        raise CLIError(
+            f"{config_file}: tie_word_embeddings is set but {len(candidates)} selected embeddings could be "
+            f"the tied one ({', '.join(candidates)}); narrow --target to the input embedding"
+        )
+    return (config_file, candidates[0]) if candidates else None
+
+
 def _tie_output_embedding(
-    tuned: TensorSource,
-    base: TensorSource,
+    config_file: str,
+    name: str,
     tensors: dict[str, torch.Tensor],
     ranks: dict[str, int],
     records: dict[str, dict[str, Any]],
 ) -> None:
     """Give the tied output layer the embedding's update, so the adapter on BASE reproduces TUNED there.
 
-    A model with ``tie_word_embeddings`` (config.json; transformers' default when the key is absent) stores
-    one matrix ``E`` (vocab, dim) for the input embedding and ``lm_head``; a fine-tune changes both. PEFT
-    adapts modules, not parameters: an adapter on the embedding alone leaves ``lm_head`` at ``E_base`` and
-    the logits wrong. The ``lm_head`` LoRA gets the same factors transposed: the embedding's update is
+    PEFT adapts modules, not parameters: an adapter on the embedding alone leaves ``lm_head`` at ``E_base``
+    and the logits wrong. The ``lm_head`` LoRA gets the same factors transposed: the embedding's update is
     ``(B A)^T = A^T B^T`` with ``lora_embedding_B`` = B (dim, r), ``lora_embedding_A`` = A (r, vocab), so
-    ``lora_B`` = A^T (vocab, r) and ``lora_A`` = B^T (r, dim).
+    ``lora_B`` = A^T (vocab, r) and ``lora_A`` = B^T (r, dim). (``--budget`` counts these twice.)
     """
-    found = _read_config((tuned, base))
-    if found is None or TIED_OUTPUT + ".weight" in tuned or TIED_OUTPUT in ranks:
-        return
-    config_file, config = found
-    if not config.get("tie_word_embeddings", True):
-        return
+    module = name[: -len(".weight")]
     key = "base_model.model."
-    embeddings = [m for m in ranks if key + m + ".lora_embedding_A" in tensors]
-    vocab = config.get("vocab_size")
-    if isinstance(vocab, int) and not isinstance(vocab, bool):
-        embeddings = [m for m in embeddings if tensors[key + m + ".lora_embedding_A"].shape[1] == vocab]
-    if not embeddings:
-        return
-    if len(embeddings) > 1:
-        raise CLIError(
-            f"{config_file}: tie_word_embeddings is set but {len(embeddings)} adapted embeddings could be "
-            f"the tied one ({', '.join(embeddings)}); narrow --target to the input embedding"
-        )
-    module = embeddings[0]
+    if module not in ranks or TIED_OUTPUT in ranks or key + module + ".lora_embedding_A" not in tensors:
+        return  # unchanged, or left out by the budget
     A = tensors[key + module + ".lora_embedding_A"]
     B = tensors[key + module + ".lora_embedding_B"]
     tensors[key + TIED_OUTPUT + ".lora_A.weight"] = B.T.contiguous()
@@ -793,8 +807,8 @@ def _tie_output_embedding(
     record["shape"] = list(reversed(record["shape"]))
     records[TIED_OUTPUT] = record
     _note(
-        f"{config_file}: tie_word_embeddings: {TIED_OUTPUT} shares {module}.weight, so the adapter also "
-        f"targets {TIED_OUTPUT} with the same update (an adapter on {module} alone leaves the logits at BASE)"
+        f"{config_file}: tie_word_embeddings: {TIED_OUTPUT} shares {name}, so the adapter also targets "
+        f"{TIED_OUTPUT} with the same update (an adapter on {module} alone leaves the logits at BASE)"
     )
 
 
@@ -833,6 +847,7 @@ def _extract_budget(
     unit: str,
     seed: int,
     conv1d: re.Pattern[str] | None = None,
+    tied: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, dict[str, Any]], float, float]:
     """``extract --budget``: each delta's leading triplets in one pass, then the ranks within the budget.
 
@@ -877,7 +892,8 @@ def _extract_budget(
         del group, live, triplets
     bar.close()
     spectra = [kept[name][7] for name in names]
-    costs = [_rank_cost(kept[name][1], kept[name][2], unit) for name in names]
+    # the tied embedding's factors are stored twice (for lm_head too): each of its ranks costs double
+    costs = [_rank_cost(kept[name][1], kept[name][2], unit) * (2 if name == tied else 1) for name in names]
     allocation = _budget_ranks(spectra, costs, budget, unit, min_rank=0)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

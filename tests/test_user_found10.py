@@ -256,3 +256,20 @@ def test_a_header_safetensors_cannot_read_is_never_written(tmp_path):
     with safe_open(str(path), "pt") as f:  # the previous file is intact
         assert f.metadata()["note"] == "old" and torch.equal(f.get_tensor("a"), torch.arange(3.0))
     assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_extract_budget_counts_the_tied_lm_head_copy(tmp_path):
+    # the tied lm_head's factors (added by the fix above) are stored beside the embedding's: a --budget
+    # must count them, else the adapter is larger than asked (found with the first version of the fix).
+    from lowrank.cli import _parse_size
+
+    _tiny_llama_pair(tmp_path, True)
+    out = tmp_path / "ad"
+    argv = ["extract", str(tmp_path / "base"), str(tmp_path / "tuned"), "--out", str(out)]
+    for budget in ("1500", "2K"):
+        assert main([*argv, "--target", "proj|embed", "--budget-params", budget]) == 0
+        got = load_file(str(out / "adapter_model.safetensors"))
+        assert sum(t.numel() for t in got.values()) <= _parse_size(budget)
+        emb = "base_model.model.model.embed_tokens.lora_embedding_A"
+        if emb in got:  # the embedding kept a rank: lm_head carries the same factors
+            assert torch.equal(got["base_model.model.lm_head.lora_B.weight"], got[emb].T)
