@@ -916,7 +916,7 @@ def load_adapter(
     bare model and ``False`` for wrapped or sharded ones (the module tree of a wrapped model must not change;
     inject before wrapping). If any rank fails, every rank raises.
     """
-    from lowrank.lora.checkpoint import load_adapter as load_local
+    from lowrank.lora.checkpoint import prepare_load
 
     _group_info(group)
     base = _unwrap(model)
@@ -930,11 +930,25 @@ def load_adapter(
             "inject: a DDP-wrapped or FSDP-sharded model cannot take new modules; use inject=False"
         )
     with _full_adapters(base, adapter_name) as swapped:
+        # every rank checks and reads first; the models change only when all could (a rank that cannot
+        # read the folder, or whose model differs, leaves every rank's model as it was)
+        apply = None
         if error is None:
             try:
-                load_local(base, path, adapter_name=adapter_name, inject=inject, strict=strict)
+                apply = prepare_load(base, path, adapter_name=adapter_name, inject=inject, strict=strict)
             except Exception as bad:
                 error = bad
+        if _consensus(error is not None, group):
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"loading the adapter from {os.fspath(path)!r} failed on another rank; no rank's model "
+                "changed"
+            )
+        try:
+            apply()
+        except Exception as bad:
+            error = bad
         if error is None and swapped:
             from torch.distributed.tensor import distribute_tensor
 

@@ -166,7 +166,56 @@ def test_compress_keeps_the_checkpoints_metadata(tmp_path):
 # ------------------------------------------------------------------------ distributed (2 gloo ranks)
 
 
-def _dist_entry(rank: int, port: int, out_dir: str) -> None:
+def _session_mismatch(rank: int, out_dir: str, results: dict) -> None:
+    import lowrank.distributed as ld
+
+    A = torch.randn(9, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for key, call in (
+        ("dtype", lambda: ld.rsvd(A[:4].float() if rank == 0 else A[4:], 2, seed=1)),
+        ("k", lambda: ld.rsvd(A[:4] if rank == 0 else A[4:], 2 + rank, seed=1)),
+        ("oversample", lambda: ld.pca(A[:4] if rank == 0 else A[4:], 2, oversample=3 + rank, seed=1)),
+    ):
+        try:
+            call()
+            results[key] = "no error"
+        except (TypeError, ValueError) as exc:
+            results[key] = str(exc)
+
+
+def _session_load(rank: int, out_dir: str, results: dict) -> None:
+    from torch import nn
+
+    import lowrank
+    import lowrank.distributed as ld
+
+    # rank 1 cannot read the folder (not on its file system, a truncated copy, ...)
+    path = os.path.join(out_dir, "adapter" if rank == 0 else "missing")
+    fresh = nn.Sequential(nn.Linear(4, 4))
+    try:
+        ld.load_adapter(fresh, path)
+        results["inject"] = "no error"
+    except (RuntimeError, OSError, ValueError) as exc:
+        results["inject"] = type(exc).__name__
+    results["inject_type"] = type(fresh[0]).__name__
+    model = nn.Sequential(nn.Linear(4, 4))
+    lowrank.inject_lora(model, ["0"], r=2)
+    before = {k: v.detach().clone() for k, v in lowrank.lora_state_dict(model).items()}
+    try:
+        ld.load_adapter(model, path, inject=False)
+        results["into"] = "no error"
+    except (RuntimeError, OSError, ValueError) as exc:
+        results["into"] = type(exc).__name__
+    after = lowrank.lora_state_dict(model)
+    results["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+    # every rank can read it: loaded everywhere, equal to the saved factors
+    ld.load_adapter(model, os.path.join(out_dir, "adapter"), inject=False)
+    results["loaded"] = {k: v.detach().clone() for k, v in lowrank.lora_state_dict(model).items()}
+
+
+_SESSIONS = {"mismatch": _session_mismatch, "load": _session_load}
+
+
+def _dist_entry(rank: int, port: int, out_dir: str, session: str) -> None:
     import datetime
     import traceback
 
@@ -183,19 +232,7 @@ def _dist_entry(rank: int, port: int, out_dir: str) -> None:
             world_size=2,
             timeout=datetime.timedelta(seconds=20),
         )
-        import lowrank.distributed as ld
-
-        A = torch.randn(9, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        for key, call in (
-            ("dtype", lambda: ld.rsvd(A[:4].float() if rank == 0 else A[4:], 2, seed=1)),
-            ("k", lambda: ld.rsvd(A[:4] if rank == 0 else A[4:], 2 + rank, seed=1)),
-            ("oversample", lambda: ld.pca(A[:4] if rank == 0 else A[4:], 2, oversample=3 + rank, seed=1)),
-        ):
-            try:
-                call()
-                results[key] = "no error"
-            except (TypeError, ValueError) as exc:
-                results[key] = str(exc)
+        _SESSIONS[session](rank, out_dir, results)
     except BaseException:
         results["crash"] = traceback.format_exc()
     finally:
@@ -204,11 +241,8 @@ def _dist_entry(rank: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def test_distributed_mismatch_errors_name_the_argument_and_the_dtypes(tmp_path):
-    # replay of pytorch/pytorch#56112 / #156627 (collectives on mismatched inputs across ranks hang or
-    # abort). lowrank raises on every rank (no hang); found: the messages said "the dtype differs between
-    # ranks ([1, 2])" (internal codes) and "the arguments (k, oversample, n_iter, method, seed) differ",
-    # without saying which.
+def _two_ranks(session: str, tmp_path) -> list[dict]:
+    """Run ``_SESSIONS[session]`` on 2 spawned gloo ranks; never waits past 90 s (a hang fails the test)."""
     import socket
     import time
 
@@ -221,7 +255,7 @@ def test_distributed_mismatch_errors_name_the_argument_and_the_dtypes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_dist_entry, args=(r, port, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=_dist_entry, args=(r, port, str(tmp_path), session)) for r in range(2)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 90
@@ -233,9 +267,19 @@ def test_distributed_mismatch_errors_name_the_argument_and_the_dtypes(tmp_path):
             p.kill()
             p.join(5)
     assert not hung, f"ranks {hung} hung"
-    for rank in range(2):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for res in results:
         assert "crash" not in res, res.get("crash")
+    return results
+
+
+def test_distributed_mismatch_errors_name_the_argument_and_the_dtypes(tmp_path):
+    # replay of pytorch/pytorch#56112 / #156627 (collectives on mismatched inputs across ranks hang or
+    # abort). lowrank raises on every rank (no hang); found: the messages said "the dtype differs between
+    # ranks ([1, 2])" (internal codes) and "the arguments (k, oversample, n_iter, method, seed) differ",
+    # without saying which.
+    results = _two_ranks("mismatch", tmp_path)
+    for res in results:
         assert "float32" in res["dtype"] and "float64" in res["dtype"], res["dtype"]
         assert res["k"].endswith("differ between ranks: k (pass the same values on every rank)"), res["k"]
         assert "differ between ranks: oversample" in res["oversample"], res["oversample"]
@@ -273,3 +317,27 @@ def test_extract_budget_counts_the_tied_lm_head_copy(tmp_path):
         emb = "base_model.model.model.embed_tokens.lora_embedding_A"
         if emb in got:  # the embedding kept a rank: lm_head carries the same factors
             assert torch.equal(got["base_model.model.lm_head.lora_B.weight"], got[emb].T)
+
+
+def test_distributed_load_that_fails_on_one_rank_changes_no_rank(tmp_path):
+    # replay of torch.distributed reports of ranks left in different states after an error on one rank
+    # (pytorch/pytorch#56112-style divergence). found: lowrank.distributed.load_adapter with rank 1 unable
+    # to read the folder raised on both ranks, but rank 0 had already injected / overwritten its adapter,
+    # so the ranks' models differed afterwards.
+    from torch import nn
+
+    import lowrank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    lowrank.inject_lora(model, ["0"], r=2)
+    with torch.no_grad():
+        model[0].lora_B["default"].normal_()
+    saved = {k: v.detach().clone() for k, v in lowrank.lora_state_dict(model).items()}
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    results = _two_ranks("load", tmp_path)
+    for res in results:
+        assert res["inject"] != "no error" and res["inject_type"] == "Linear"
+        assert res["into"] != "no error" and res["unchanged"]
+        assert res["loaded"].keys() == saved.keys()
+        assert all(torch.equal(res["loaded"][k], saved[k]) for k in saved)

@@ -1434,6 +1434,21 @@ def load_adapter(
     the file's tensors, as in PEFT; unlike PEFT (which then keeps its own scaling), its ``lora_alpha`` and
     ``use_rslora`` must equal the file's, so that the loaded update is the saved one.
     """
+    return prepare_load(model, path, adapter_name=adapter_name, inject=inject, strict=strict)()
+
+
+def prepare_load(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    inject: bool = True,
+    strict: bool = True,
+) -> Callable[[], nn.Module]:
+    """Every check and read of :func:`load_adapter`, without touching ``model``; returns the step that
+    changes it (and returns ``model``). Raises what :func:`load_adapter` raises for a bad folder or a
+    mismatch. :func:`lowrank.distributed.load_adapter` prepares on every rank and applies only when every
+    rank could prepare, so that a failure on one rank leaves all models as they were."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -1453,18 +1468,22 @@ def load_adapter(
     biases = _plan_bias(model, tensors, config, strict, source)
     plans = _plan(model, tensors, config, adapter_name, inject, strict, source)
     rewrite = _base_rewrite(model, plans, config, adapter_name, strict, source)
-    running = active_adapter_names(model)
-    undo_saved = _apply_saved(model, saved, adapter_name)
-    try:
-        _apply(model, plans, config, adapter_name, rewrite)
-        _apply_bias(model, biases)
-        keep_running_adapter(model, adapter_name, running)
-    except BaseException:
-        for step in reversed(undo_saved):
-            step()
-        raise
-    _remember_config(model, adapter_name, config)
-    return model
+
+    def apply() -> nn.Module:
+        running = active_adapter_names(model)
+        undo_saved = _apply_saved(model, saved, adapter_name)
+        try:
+            _apply(model, plans, config, adapter_name, rewrite)
+            _apply_bias(model, biases)
+            keep_running_adapter(model, adapter_name, running)
+        except BaseException:
+            for step in reversed(undo_saved):
+                step()
+            raise
+        _remember_config(model, adapter_name, config)
+        return model
+
+    return apply
 
 
 # ----------------------------------------------------------------------------------------------------
