@@ -109,6 +109,7 @@ class TensorSource:
             files = [path]
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
+        self._alias: dict[str, str] = {}  # a name this checkpoint does not store -> the tensor it shares
         for file in files:
             if not os.path.isfile(file):
                 raise CLIError(f"{label} {file!r}: shard listed in the index is missing")
@@ -141,15 +142,21 @@ class TensorSource:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def alias(self, name: str, stored: str) -> None:
+        """Read ``name`` (not stored: a tied weight) as the stored tensor ``stored``."""
+        self._alias[name] = stored
+
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self._alias
 
     def shape(self, name: str) -> tuple[int, ...]:
+        name = self._alias.get(name, name)
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
         from lowrank.io import DTYPE_FROM_CODE
 
+        name = self._alias.get(name, name)
         code = self._handles[self._where[name]].get_slice(name).get_dtype()
         if code not in DTYPE_FROM_CODE:
             raise CLIError(f"{self.label}: tensor {name!r} has unsupported dtype {code}")
@@ -158,6 +165,7 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError
 
+        name = self._alias.get(name, name)
         try:
             return self._handles[self._where[name]].get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -628,6 +636,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     _check_out_path(args.out)
     _check_out_dir(args.out)  # before any reading or arithmetic
     base, tuned = TensorSource(args.base, "BASE"), TensorSource(args.tuned, "TUNED")
+    _alias_tied_output(base, tuned)
     conv1d = _conv1d_pattern(args.fan_in_fan_out, (tuned, base))
     names = _select(tuned, _compile_target(args.target), embeddings=args.target is not None)
     for name in names:  # check everything that headers can tell before any arithmetic
@@ -778,6 +787,34 @@ def _tied_embedding(tuned: TensorSource, base: TensorSource, names: list[str]) -
             f"the tied one ({', '.join(candidates)}); narrow --target to the input embedding"
         )
     return (config_file, candidates[0]) if candidates else None
+
+
+def _alias_tied_output(base: TensorSource, tuned: TensorSource) -> None:
+    """A fine-tune that untied ``lm_head`` from a tied BASE: BASE's ``lm_head`` is its input embedding.
+
+    BASE (``tie_word_embeddings``, no ``lm_head.weight`` stored) then reads ``lm_head.weight`` as its
+    embedding of TUNED's ``lm_head`` shape, so the delta is ``lm_head_TUNED - E_BASE``: the adapter's
+    ``lm_head`` update on the tied BASE model gives TUNED's output layer.
+    """
+    name = TIED_OUTPUT + ".weight"
+    if name not in tuned or name in base:
+        return
+    found = _read_config((base,))
+    if found is None or not found[1].get("tie_word_embeddings", True):
+        return
+    candidates = [
+        n
+        for n in base.names()
+        if n.endswith(".weight")
+        and EMBEDDING_NAME.search(n[: -len(".weight")])
+        and base.shape(n) == tuned.shape(name)
+    ]
+    if len(candidates) == 1:
+        base.alias(name, candidates[0])
+        _note(
+            f"{found[0]}: BASE ties {name} to {candidates[0]} (not stored); the {TIED_OUTPUT} delta is "
+            f"TUNED's {name} minus BASE's {candidates[0]}"
+        )
 
 
 def _tie_output_embedding(

@@ -341,3 +341,38 @@ def test_distributed_load_that_fails_on_one_rank_changes_no_rank(tmp_path):
         assert res["into"] != "no error" and res["unchanged"]
         assert res["loaded"].keys() == saved.keys()
         assert all(torch.equal(res["loaded"][k], saved[k]) for k in saved)
+
+
+def test_extract_from_a_tied_base_to_an_untied_fine_tune(tmp_path, capsys):
+    # replay of arcee-ai/mergekit#496 ("handle optional/tied weights"): BASE ties lm_head to the input
+    # embedding (no lm_head.weight stored), the fine-tune untied and trained it. found: every extract
+    # stopped with "tensor 'lm_head.weight' is in TUNED but not in BASE (different models?)"; BASE's
+    # lm_head is its embedding, and the adapter on the tied BASE must give TUNED's logits.
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    _, _ = _tiny_llama_pair(tmp_path, True)  # BASE tied (only its folder is used)
+    base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+    cfg = transformers.LlamaConfig(**{**base.config.to_dict(), "tie_word_embeddings": False})
+    tuned = transformers.LlamaForCausalLM(cfg).eval()
+    state = base.state_dict()
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    tuned.load_state_dict(state)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.ndim == 2:
+                p.add_(
+                    0.1 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+                )
+    tuned.save_pretrained(tmp_path / "untied")
+    out = tmp_path / "ad"
+    argv = ["extract", str(tmp_path / "base"), str(tmp_path / "untied"), "--rank", "2", "--out", str(out)]
+    assert main([*argv, "--target", r"proj|embed|lm_head"]) == 0
+    assert "ties lm_head.weight to model.embed_tokens.weight" in capsys.readouterr().err
+    model = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), str(out)
+    ).eval()
+    x = torch.arange(2, 12).reshape(1, 10)
+    with torch.no_grad():
+        want, got = tuned(x).logits.double(), model(x).logits.double()
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
