@@ -113,7 +113,7 @@ def test_zero_size_weights_are_copied_not_factored(tmp_path, capsys):
 
 
 def test_an_index_naming_a_tensor_its_shard_lacks_is_refused(tmp_path, capsys):
-    # replay of sharded-checkpoint reports (mergekit/transformers: index.json out of step with the shards,
+    # replay of huggingface_hub#4728 / #4740 (an index.json entry whose tensor is not in the mapped shard,
     # e.g. a shard from another revision). found: lowrank ignored the index's mapping; a tensor the index
     # lists but no shard holds vanished from `compress`'s output without a word (the model then fails to
     # load, or loads with a freshly initialised layer).
@@ -142,8 +142,8 @@ def test_an_index_naming_a_tensor_its_shard_lacks_is_refused(tmp_path, capsys):
 
 
 def test_compress_keeps_the_checkpoints_metadata(tmp_path):
-    # replay of safetensors metadata round-trip reports (safetensors#... metadata lost on re-save; kohya /
-    # diffusers keep training and model-card fields there). found: `compress` wrote only its own keys and
+    # replay of safetensors#549 (metadata lost when a checkpoint is re-saved; kohya / diffusers keep
+    # training and model-card fields there). found: `compress` wrote only its own keys and
     # dropped the source file's __metadata__ (here a license field and a training-tool field).
     g = torch.Generator().manual_seed(0)
     src = tmp_path / "ck.safetensors"
@@ -320,10 +320,10 @@ def test_extract_budget_counts_the_tied_lm_head_copy(tmp_path):
 
 
 def test_distributed_load_that_fails_on_one_rank_changes_no_rank(tmp_path):
-    # replay of torch.distributed reports of ranks left in different states after an error on one rank
-    # (pytorch/pytorch#56112-style divergence). found: lowrank.distributed.load_adapter with rank 1 unable
-    # to read the folder raised on both ranks, but rank 0 had already injected / overwritten its adapter,
-    # so the ranks' models differed afterwards.
+    # replay of pytorch/pytorch#77091 / #76395 (synchronise checkpoint load errors across ranks) and
+    # Lightning-AI/pytorch-lightning#19932 (state restored inconsistently across ranks). found:
+    # lowrank.distributed.load_adapter with rank 1 unable to read the folder raised on both ranks, but
+    # rank 0 had already injected / overwritten its adapter, so the ranks' models differed afterwards.
     from torch import nn
 
     import lowrank
