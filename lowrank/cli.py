@@ -140,7 +140,7 @@ class TensorSource:
         return merged
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._where) + [name for name in self._alias if name not in self._where]
 
     def alias(self, name: str, stored: str) -> None:
         """Read ``name`` (not stored: a tied weight) as the stored tensor ``stored``."""
@@ -790,31 +790,33 @@ def _tied_embedding(tuned: TensorSource, base: TensorSource, names: list[str]) -
 
 
 def _alias_tied_output(base: TensorSource, tuned: TensorSource) -> None:
-    """A fine-tune that untied ``lm_head`` from a tied BASE: BASE's ``lm_head`` is its input embedding.
+    """One checkpoint ties ``lm_head`` to its input embedding (not stored), the other stores its own.
 
-    BASE (``tie_word_embeddings``, no ``lm_head.weight`` stored) then reads ``lm_head.weight`` as its
-    embedding of TUNED's ``lm_head`` shape, so the delta is ``lm_head_TUNED - E_BASE``: the adapter's
-    ``lm_head`` update on the tied BASE model gives TUNED's output layer.
+    The tied one (``tie_word_embeddings`` in the config.json beside it, no ``lm_head.weight`` stored) then
+    reads ``lm_head.weight`` as its embedding of the other's ``lm_head`` shape, so the ``lm_head`` delta is
+    TUNED's output layer minus BASE's, whichever of the two is tied: the adapter's ``lm_head`` update on the
+    BASE model gives TUNED's output layer.
     """
     name = TIED_OUTPUT + ".weight"
-    if name not in tuned or name in base:
-        return
-    found = _read_config((base,))
-    if found is None or not found[1].get("tie_word_embeddings", True):
-        return
-    candidates = [
-        n
-        for n in base.names()
-        if n.endswith(".weight")
-        and EMBEDDING_NAME.search(n[: -len(".weight")])
-        and base.shape(n) == tuned.shape(name)
-    ]
-    if len(candidates) == 1:
-        base.alias(name, candidates[0])
-        _note(
-            f"{found[0]}: BASE ties {name} to {candidates[0]} (not stored); the {TIED_OUTPUT} delta is "
-            f"TUNED's {name} minus BASE's {candidates[0]}"
-        )
+    for tied, other, label in ((base, tuned, "BASE"), (tuned, base, "TUNED")):
+        if name not in other or name in tied:
+            continue
+        found = _read_config((tied,))
+        if found is None or not found[1].get("tie_word_embeddings", True):
+            continue
+        candidates = [
+            n
+            for n in tied.names()
+            if n.endswith(".weight")
+            and EMBEDDING_NAME.search(n[: -len(".weight")])
+            and tied.shape(n) == other.shape(name)
+        ]
+        if len(candidates) == 1:
+            tied.alias(name, candidates[0])
+            _note(
+                f"{found[0]}: {label} ties {name} to {candidates[0]} (not stored); the {TIED_OUTPUT} delta "
+                "is TUNED's minus BASE's output layer"
+            )
 
 
 def _tie_output_embedding(

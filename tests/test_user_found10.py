@@ -368,7 +368,48 @@ def test_extract_from_a_tied_base_to_an_untied_fine_tune(tmp_path, capsys):
     out = tmp_path / "ad"
     argv = ["extract", str(tmp_path / "base"), str(tmp_path / "untied"), "--rank", "2", "--out", str(out)]
     assert main([*argv, "--target", r"proj|embed|lm_head"]) == 0
-    assert "ties lm_head.weight to model.embed_tokens.weight" in capsys.readouterr().err
+    assert "BASE ties lm_head.weight to model.embed_tokens.weight" in capsys.readouterr().err
+    model = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), str(out)
+    ).eval()
+    x = torch.arange(2, 12).reshape(1, 10)
+    with torch.no_grad():
+        want, got = tuned(x).logits.double(), model(x).logits.double()
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+
+
+def test_extract_from_an_untied_base_to_a_tied_fine_tune(tmp_path, capsys):
+    # the other direction of mergekit#496: BASE stores its own lm_head, TUNED ties it to its embedding
+    # (no lm_head.weight stored). found: the adapter gave lm_head nothing (BASE + adapter kept BASE's
+    # lm_head, off from TUNED's logits) -- and the first version of the tied fix gave it the embedding's
+    # delta, which is TUNED's lm_head minus BASE's *embedding*, not minus BASE's lm_head.
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    _tiny_llama_pair(tmp_path, False)  # BASE untied (only its folder is used)
+    base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # BASE's own lm_head: its embedding plus a rank-1 change (a low-rank delta)
+        base.lm_head.weight.copy_(
+            base.model.embed_tokens.weight + torch.randn(40, 1, generator=g) @ torch.randn(1, 16, generator=g)
+        )
+    base.save_pretrained(tmp_path / "base")
+    cfg = transformers.LlamaConfig(**{**base.config.to_dict(), "tie_word_embeddings": True})
+    tuned = transformers.LlamaForCausalLM(cfg).eval()
+    state = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}
+    tuned.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.ndim == 2:
+                p.add_(
+                    0.1 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+                )
+    tuned.save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "tied" / "model.safetensors"))
+    out = tmp_path / "ad"
+    # lm_head's delta E_tuned - L_base has rank 3 (the tuning's 2 plus BASE's own rank-1 change)
+    argv = ["extract", str(tmp_path / "base"), str(tmp_path / "tied"), "--rank", "3", "--out", str(out)]
+    assert main([*argv, "--target", r"proj|embed|lm_head"]) == 0
+    assert "TUNED ties lm_head.weight to model.embed_tokens.weight" in capsys.readouterr().err
     model = peft.PeftModel.from_pretrained(
         transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), str(out)
     ).eval()
