@@ -417,3 +417,26 @@ def test_extract_from_an_untied_base_to_a_tied_fine_tune(tmp_path, capsys):
     with torch.no_grad():
         want, got = tuned(x).logits.double(), model(x).logits.double()
     assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+
+
+def test_failed_adapter_write_removes_the_folders_it_created(tmp_path, monkeypatch):
+    # seen in user test 10: when writing an adapter failed after its folder was created, an empty folder
+    # (and its new parents) stayed behind; an existing folder and what it holds must be kept
+    import lowrank.lora.checkpoint as ckpt
+
+    def failing(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_temporary", failing)
+    tensors = {"base_model.model.x.lora_A.weight": torch.zeros(2, 3)}
+    with pytest.raises(OSError, match="No space"):
+        ckpt.write_adapter_dir(tmp_path / "new" / "deeper" / "adapter", tensors, {"r": 2})
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(OSError, match="No space"):
+        ckpt.write_adapter_dir(tmp_path / "kept" / "adapter", tensors, {"r": 2})
+    assert os.listdir(tmp_path / "kept") == ["notes.txt"]
+    with pytest.raises(OSError, match="No space"):
+        ckpt.write_adapter_dir(tmp_path / "kept", tensors, {"r": 2})
+    assert os.listdir(tmp_path / "kept") == ["notes.txt"]

@@ -603,16 +603,22 @@ def write_adapter_dir(
     reader sees the old pair or the new pair, never a mix. Temporary files left by a killed save are
     removed by the next save into ``path``. ``metadata`` (str to str) is added to the weights file's
     metadata (the CLI records each layer's achieved error there). Raises ``ValueError`` if ``path`` is an
-    existing regular file.
+    existing regular file. Folders the save created are removed again when it fails (an existing folder
+    and its files are kept).
     """
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path: {path!r} is a file, not a directory; pass the adapter folder to write")
+    created = []  # the folders this save creates, deepest first: removed again (if empty) when it fails
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
     os.makedirs(path, exist_ok=True)
-    _remove_stale_temporaries(path)
     text = json.dumps(dict(sorted(config.items())), indent=2) + "\n"
     staged: list[tuple[str, str]] = []
     try:
+        _remove_stale_temporaries(path)
         for name, write in (
             (
                 WEIGHTS_NAME,
@@ -629,6 +635,9 @@ def write_adapter_dir(
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        for folder in created:
+            with contextlib.suppress(OSError):  # left in place if anything else is in it
+                os.rmdir(folder)
         raise
     fsync_directory(path)
 
