@@ -989,7 +989,7 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from lowrank.io import TensorEntry, write_safetensors
+    from lowrank.io import TensorEntry, folder_for_write, write_safetensors
 
     budget = _budget_of(args)
     if (args.rank is not None) + (args.tol is not None) + (budget is not None) != 1:
@@ -1079,13 +1079,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
             entries.append(TensorEntry(name, dtype, shape, lambda name=name: source.get(name)))
             if name not in names:
                 other_bytes += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
     # the checkpoint's own metadata (training tool, license, model card fields) travels with its tensors;
     # the lowrank.* keys describe this file's factors and replace any a previous run left
     metadata = {k: v for k, v in source.metadata().items() if k != "format" and not k.startswith("lowrank.")}
     metadata.update({"lowrank.factorized": json.dumps(sorted(factors)), "lowrank.layout": "W = B @ A"})
     metadata.update(_metadata(records))
-    write_safetensors(out_file, entries, metadata)
+    with folder_for_write(os.path.dirname(os.path.abspath(out_file))):  # no empty folders left on failure
+        write_safetensors(out_file, entries, metadata)
     before, after = bytes_before + other_bytes, bytes_after + other_bytes
     _write_line(
         f"wrote {out_file}: {len(factors)} of {len(names)} layers factored; "

@@ -23,6 +23,7 @@ __all__ = [
     "TensorEntry",
     "atomic_write",
     "entries_from_dict",
+    "folder_for_write",
     "fsync_directory",
     "write_safetensors",
     "write_safetensors_to",
@@ -65,6 +66,26 @@ def fsync_directory(directory: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_for_write(folder: str | os.PathLike):
+    """Create ``folder`` (and its missing parents) for a write in the ``with`` block; if the block raises,
+    the folders created here are removed again (each only if empty), so a failed write leaves no empty
+    folder tree behind. An existing folder and its files are never touched."""
+    created = []  # deepest first
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:

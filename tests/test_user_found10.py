@@ -440,3 +440,21 @@ def test_failed_adapter_write_removes_the_folders_it_created(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space"):
         ckpt.write_adapter_dir(tmp_path / "kept", tensors, {"r": 2})
     assert os.listdir(tmp_path / "kept") == ["notes.txt"]
+
+
+def test_failed_compress_write_removes_the_folders_it_created(tmp_path, monkeypatch, capsys):
+    # the same kind in the CLI: compress --out new/deeper/c.safetensors created the folders, then the write
+    # failed (disk full) and left them behind
+    import lowrank.io
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"l.weight": torch.randn(12, 10, generator=g)}, str(tmp_path / "ckpt.safetensors"))
+
+    def failing(path, entries, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lowrank.io, "write_safetensors", failing)
+    out = tmp_path / "new" / "deeper" / "c.safetensors"
+    assert main(["compress", str(tmp_path / "ckpt.safetensors"), "--rank", "2", "--out", str(out)]) == 2
+    assert "No space" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.safetensors"]

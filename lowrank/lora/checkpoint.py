@@ -45,6 +45,7 @@ from torch import nn
 
 from lowrank.io import entries_from_dict as _entries_from_dict
 from lowrank.io import (
+    folder_for_write,
     fsync_directory,
     write_safetensors_to,
     write_temporary,
@@ -609,16 +610,20 @@ def write_adapter_dir(
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path: {path!r} is a file, not a directory; pass the adapter folder to write")
-    created = []  # the folders this save creates, deepest first: removed again (if empty) when it fails
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        created.append(probe)
-        probe = os.path.dirname(probe)
-    os.makedirs(path, exist_ok=True)
+    with folder_for_write(path):  # folders this save creates are removed again if it fails
+        _write_adapter_files(path, tensors, config, metadata)
+    fsync_directory(path)
+
+
+def _write_adapter_files(
+    path: str, tensors: dict[str, torch.Tensor], config: dict[str, Any], metadata: dict[str, str] | None
+) -> None:
+    """The two staged files of :func:`write_adapter_dir`, renamed into place (temporaries removed on
+    error)."""
+    _remove_stale_temporaries(path)
     text = json.dumps(dict(sorted(config.items())), indent=2) + "\n"
     staged: list[tuple[str, str]] = []
     try:
-        _remove_stale_temporaries(path)
         for name, write in (
             (
                 WEIGHTS_NAME,
@@ -635,11 +640,7 @@ def write_adapter_dir(
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        for folder in created:
-            with contextlib.suppress(OSError):  # left in place if anything else is in it
-                os.rmdir(folder)
         raise
-    fsync_directory(path)
 
 
 # ----------------------------------------------------------------------------------------------------
