@@ -582,23 +582,17 @@ def _conv1d_pattern(mode: str, sources: Sequence[TensorSource]) -> re.Pattern[st
             return re.compile(mode)
         except re.error as exc:
             raise CLIError(f"--fan-in-fan-out {mode!r}: invalid regular expression ({exc})") from None
-    for source in sources:
-        folder = source.path if os.path.isdir(source.path) else os.path.dirname(os.path.abspath(source.path))
-        config_file = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_file):
-            continue
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CLIError(f"{config_file}: unreadable config ({exc}); pass --fan-in-fan-out") from None
-        if model_type in CONV1D_MODEL_TYPES:
-            _note(
-                f"{config_file}: model_type {model_type!r} stores Conv1D weights as (in, out); factoring the "
-                "transpose of those layers (--fan-in-fan-out none to turn this off)"
-            )
-            return re.compile(CONV1D_NAME)
+    found = _read_config(sources)
+    if found is None:
         return None
+    config_file, config = found
+    model_type = config.get("model_type")
+    if model_type in CONV1D_MODEL_TYPES:
+        _note(
+            f"{config_file}: model_type {model_type!r} stores Conv1D weights as (in, out); factoring the "
+            "transpose of those layers (--fan-in-fan-out none to turn this off)"
+        )
+        return re.compile(CONV1D_NAME)
     return None
 
 
