@@ -9,82 +9,25 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
-import traceback
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_harness import GROUP_TIMEOUT_S, run_gloo
 from torch import nn
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
-SESSION_DEADLINE_S = 90.0
-GROUP_TIMEOUT_S = 20.0
-
-
 # ------------------------------------------------------------------------------------------- harness
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, out_dir: str, session: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    results: dict = {}
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
-        )
-        SESSIONS[session](rank, world, out_dir, results)
-    except BaseException:  # recorded for the parent, which fails the test with it
-        results["crash"] = traceback.format_exc()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _spawn(session: str, world: int, tmp_path) -> list[dict]:
-    """Run ``SESSIONS[session]`` on ``world`` spawned ranks; never waits past the deadline."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, str(tmp_path), session)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SESSION_DEADLINE_S
-    try:
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    if hung:
-        pytest.fail(f"ranks {hung} of session {session!r} did not finish within {SESSION_DEADLINE_S} s")
-    results = []
-    for r in range(world):
-        path = tmp_path / f"rank{r}.pt"
-        assert path.exists(), f"rank {r} of {session!r} wrote no results (exit code {procs[r].exitcode})"
-        res = torch.load(path, weights_only=False)
-        assert "crash" not in res, f"rank {r} of {session!r} crashed:\n{res['crash']}"
-        results.append(res)
-    return results
+    """Run ``SESSIONS[session]`` on ``world`` spawned ranks (tests/gloo_harness.py)."""
+    return run_gloo(SESSIONS[session], world, tmp_path)
 
 
 def _blocks(m: int, world: int, sizes: list[int] | None) -> list[tuple[int, int]]:

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from gloo_harness import run_gloo
 from safetensors.torch import load_file, save_file
 
 from lowrank.cli import main
@@ -166,7 +167,7 @@ def test_compress_keeps_the_checkpoints_metadata(tmp_path):
 # ------------------------------------------------------------------------ distributed (2 gloo ranks)
 
 
-def _session_mismatch(rank: int, out_dir: str, results: dict) -> None:
+def _session_mismatch(rank: int, world: int, out_dir: str, results: dict) -> None:
     import lowrank.distributed as ld
 
     A = torch.randn(9, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -182,7 +183,7 @@ def _session_mismatch(rank: int, out_dir: str, results: dict) -> None:
             results[key] = str(exc)
 
 
-def _session_load(rank: int, out_dir: str, results: dict) -> None:
+def _session_load(rank: int, world: int, out_dir: str, results: dict) -> None:
     from torch import nn
 
     import lowrank
@@ -215,62 +216,9 @@ def _session_load(rank: int, out_dir: str, results: dict) -> None:
 _SESSIONS = {"mismatch": _session_mismatch, "load": _session_load}
 
 
-def _dist_entry(rank: int, port: int, out_dir: str, session: str) -> None:
-    import datetime
-    import traceback
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    results: dict = {}
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=2,
-            timeout=datetime.timedelta(seconds=20),
-        )
-        _SESSIONS[session](rank, out_dir, results)
-    except BaseException:
-        results["crash"] = traceback.format_exc()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _two_ranks(session: str, tmp_path) -> list[dict]:
-    """Run ``_SESSIONS[session]`` on 2 spawned gloo ranks; never waits past 90 s (a hang fails the test)."""
-    import socket
-    import time
-
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with gloo")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_dist_entry, args=(r, port, str(tmp_path), session)) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 90
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    assert not hung, f"ranks {hung} hung"
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    for res in results:
-        assert "crash" not in res, res.get("crash")
-    return results
+    """Run ``_SESSIONS[session]`` on 2 spawned gloo ranks (tests/gloo_harness.py: a hang fails the test)."""
+    return run_gloo(_SESSIONS[session], 2, tmp_path)
 
 
 def test_distributed_mismatch_errors_name_the_argument_and_the_dtypes(tmp_path):
