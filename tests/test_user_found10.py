@@ -15,6 +15,30 @@ from safetensors.torch import load_file, save_file
 from lowrank.cli import main
 
 
+def _tune(model, gen: torch.Generator) -> None:
+    """A rank-2 update of every matrix of ``model`` in place (the tied embedding included)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(
+                    0.1
+                    * torch.randn(p.shape[0], 2, generator=gen)
+                    @ torch.randn(2, p.shape[1], generator=gen)
+                )
+
+
+def _assert_peft_on_base_gives_tuned_logits(base_dir, adapter_dir, tuned) -> None:
+    """PEFT loading the extracted adapter onto BASE reproduces TUNED's logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = transformers.LlamaForCausalLM.from_pretrained(str(base_dir))
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    x = torch.arange(2, 12).reshape(1, 10)
+    with torch.no_grad():
+        want, got = tuned(x).logits.double(), model(x).logits.double()
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+
+
 def _tiny_llama_pair(tmp_path, tied: bool):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -30,13 +54,7 @@ def _tiny_llama_pair(tmp_path, tied: bool):
     base = transformers.LlamaForCausalLM(cfg).eval()
     tuned = transformers.LlamaForCausalLM(cfg).eval()
     tuned.load_state_dict(base.state_dict())
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            if p.ndim == 2:  # a rank-2 update of every matrix, the tied embedding included
-                p.add_(
-                    0.1 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
-                )
+    _tune(tuned, torch.Generator().manual_seed(1))
     base.save_pretrained(tmp_path / "base")
     tuned.save_pretrained(tmp_path / "tuned")
     return transformers, tuned
@@ -48,8 +66,8 @@ def test_extract_with_tied_embeddings_reproduces_the_tuned_logits(tmp_path, tied
     # tie_word_embeddings the checkpoint stores only model.embed_tokens.weight, which is also lm_head's
     # weight. found: the adapter targeted model.embed_tokens alone; PEFT adapts modules, so lm_head kept the
     # BASE matrix and the logits of BASE + adapter were off by 2.9 (max abs) from TUNED.
-    peft = pytest.importorskip("peft")
-    transformers, tuned = _tiny_llama_pair(tmp_path, tied)
+    pytest.importorskip("peft")
+    _, tuned = _tiny_llama_pair(tmp_path, tied)
     keys = load_file(str(tmp_path / "tuned" / "model.safetensors")).keys()
     assert ("lm_head.weight" in keys) != tied
     out = tmp_path / "ad"
@@ -59,13 +77,7 @@ def test_extract_with_tied_embeddings_reproduces_the_tuned_logits(tmp_path, tied
     assert "lm_head" in config["target_modules"] and "model.embed_tokens" in config["target_modules"]
     if tied:
         assert "tie_word_embeddings" in capsys.readouterr().err
-    model = peft.PeftModel.from_pretrained(
-        transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), str(out)
-    ).eval()
-    x = torch.arange(2, 12).reshape(1, 10)
-    with torch.no_grad():
-        want, got = tuned(x).logits.double(), model(x).logits.double()
-    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+    _assert_peft_on_base_gives_tuned_logits(tmp_path / "base", out, tuned)
 
 
 def test_zero_size_weights_are_copied_not_factored(tmp_path, capsys):
@@ -297,7 +309,7 @@ def test_extract_from_a_tied_base_to_an_untied_fine_tune(tmp_path, capsys):
     # stopped with "tensor 'lm_head.weight' is in TUNED but not in BASE (different models?)"; BASE's
     # lm_head is its embedding, and the adapter on the tied BASE must give TUNED's logits.
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     _, _ = _tiny_llama_pair(tmp_path, True)  # BASE tied (only its folder is used)
     base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
     cfg = transformers.LlamaConfig(**{**base.config.to_dict(), "tie_word_embeddings": False})
@@ -306,24 +318,13 @@ def test_extract_from_a_tied_base_to_an_untied_fine_tune(tmp_path, capsys):
     state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     tuned.load_state_dict(state)
     g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            if p.ndim == 2:
-                p.add_(
-                    0.1 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
-                )
+    _tune(tuned, g)
     tuned.save_pretrained(tmp_path / "untied")
     out = tmp_path / "ad"
     argv = ["extract", str(tmp_path / "base"), str(tmp_path / "untied"), "--rank", "2", "--out", str(out)]
     assert main([*argv, "--target", r"proj|embed|lm_head"]) == 0
     assert "BASE ties lm_head.weight to model.embed_tokens.weight" in capsys.readouterr().err
-    model = peft.PeftModel.from_pretrained(
-        transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), str(out)
-    ).eval()
-    x = torch.arange(2, 12).reshape(1, 10)
-    with torch.no_grad():
-        want, got = tuned(x).logits.double(), model(x).logits.double()
-    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+    _assert_peft_on_base_gives_tuned_logits(tmp_path / "base", out, tuned)
 
 
 def test_extract_from_an_untied_base_to_a_tied_fine_tune(tmp_path, capsys):
@@ -332,7 +333,7 @@ def test_extract_from_an_untied_base_to_a_tied_fine_tune(tmp_path, capsys):
     # lm_head, off from TUNED's logits) -- and the first version of the tied fix gave it the embedding's
     # delta, which is TUNED's lm_head minus BASE's *embedding*, not minus BASE's lm_head.
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     _tiny_llama_pair(tmp_path, False)  # BASE untied (only its folder is used)
     base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
     g = torch.Generator().manual_seed(3)
@@ -345,12 +346,7 @@ def test_extract_from_an_untied_base_to_a_tied_fine_tune(tmp_path, capsys):
     tuned = transformers.LlamaForCausalLM(cfg).eval()
     state = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}
     tuned.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            if p.ndim == 2:
-                p.add_(
-                    0.1 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
-                )
+    _tune(tuned, g)
     tuned.save_pretrained(tmp_path / "tied")
     assert "lm_head.weight" not in load_file(str(tmp_path / "tied" / "model.safetensors"))
     out = tmp_path / "ad"
@@ -358,13 +354,7 @@ def test_extract_from_an_untied_base_to_a_tied_fine_tune(tmp_path, capsys):
     argv = ["extract", str(tmp_path / "base"), str(tmp_path / "tied"), "--rank", "3", "--out", str(out)]
     assert main([*argv, "--target", r"proj|embed|lm_head"]) == 0
     assert "TUNED ties lm_head.weight to model.embed_tokens.weight" in capsys.readouterr().err
-    model = peft.PeftModel.from_pretrained(
-        transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), str(out)
-    ).eval()
-    x = torch.arange(2, 12).reshape(1, 10)
-    with torch.no_grad():
-        want, got = tuned(x).logits.double(), model(x).logits.double()
-    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+    _assert_peft_on_base_gives_tuned_logits(tmp_path / "base", out, tuned)
 
 
 def test_failed_adapter_write_removes_the_folders_it_created(tmp_path, monkeypatch):
