@@ -230,8 +230,9 @@ inline at::Tensor with_output_shape(at::Tensor y, c10::IntArrayRef sizes) {
 // float16 on the CPU: the r-wide u = x A^T (and g B in the backward) can pass float16's 65504 where the output is
 // finite (a sum over in_features of large activations), so there they are formed in float32 from float32 copies of
 // the segment's rows, in blocks of kWideRows rows (bounded copies), and rounded once into the result, as
-// lora_linear's CPU kernel keeps u in float32. CUDA keeps the BLAS path in float16 (the float32 copies of x would
-// cost more than the shrink GEMM itself there; documented).
+// lora_linear's CPU kernel keeps u in float32. CUDA keeps the BLAS path in float16: the copies would move 5x the
+// bytes of the memory-bound shrink (2 read, 4 written, 4 read again per element of x against 2; an estimate from
+// bytes moved, not measured: no GPU at hand), documented in the README.
 constexpr int64_t kWideRows = 2048;
 
 inline bool widen_lora_products(const at::Tensor& x2) { return x2.scalar_type() == at::kHalf && x2.device().is_cpu(); }
