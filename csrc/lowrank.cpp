@@ -94,8 +94,8 @@ at::Tensor& sparse_sign_add_meta(at::Tensor& out, const at::Tensor& block, const
 }
 
 at::Tensor range_gram_meta(const at::Tensor& block, const at::Tensor& omega, int64_t chunk_rows, bool gram,
-                           at::Tensor& out) {
-  check_range_gram_args(block, omega, chunk_rows, out);
+                           at::Tensor& out, const c10::optional<at::Tensor>& colsum) {
+  check_range_gram_args(block, omega, chunk_rows, gram, out, colsum);
   const int64_t s = gram ? omega.size(1) : 0;
   return at::empty({s, s}, block.options().dtype(at::kDouble));
 }
@@ -169,8 +169,12 @@ TORCH_LIBRARY(lowrank, m) {
       "lora_linear_quantized(Tensor x, Tensor qweight, Tensor weight_scale, Tensor lora_A, Tensor lora_B, float scale, "
       "Tensor? bias) -> Tensor");
   m.def("sparse_sign_add_(Tensor(a!) out, Tensor block, Tensor rows, Tensor signs, Tensor? dense=None) -> Tensor(a!)");
-  m.def("floyd_distinct(Tensor u, int[] sizes) -> Tensor");
-  m.def("range_gram(Tensor block, Tensor omega, int chunk_rows, bool gram=True, *, Tensor(a!) out) -> Tensor");
+  m.def(
+      "sketch_row_draws_(int key, int start, int[] sizes, int[] zetas, Tensor(a!) rows, Tensor(b!) signs, "
+      "Tensor(c!) gauss) -> ()");
+  m.def(
+      "range_gram(Tensor block, Tensor omega, int chunk_rows, bool gram=True, *, Tensor(a!) out, Tensor(b!)? "
+      "colsum=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowrank, Meta, m) {

@@ -17,12 +17,12 @@ so a row is added, with a sign, to ``zeta`` rows of ``Psi A`` and of ``Phi A`` (
 :func:`lowrank._ops.sparse_sign_add_`) instead of entering a GEMM of width ``s + c``. Their scale is
 irrelevant (``W`` only gives a basis, and ``Phi``'s scale cancels in the core solve).
 
-The column-side test matrices (``Omega``, ``Xi``) are drawn once from the seed. The row-side ones (``Psi``,
-``Phi``, ``Theta``) act on rows that are not known in advance: their columns are generated per fixed chunk of
-:data:`ROW_CHUNK` rows, keyed by ``(seed, chunk index)``, so that the column for global row ``i`` does not
-depend on how the stream is cut into blocks. All test matrices are drawn on the CPU (Gaussians in float32,
-4x faster than float64 draws; then cast and moved), so a stream gives the same sketches, up to rounding,
-on every device and in both dtypes.
+The column-side test matrices (``Omega``, ``Xi``) are drawn once from the seed (torch's generator). The
+row-side ones (``Psi``, ``Phi``, ``Theta``) act on rows that are not known in advance: the column for global
+row ``i`` comes from a counter-based generator keyed by ``(seed, i)`` (:func:`lowrank._ops.sketch_row_draws`),
+so it does not depend on how the stream is cut into blocks, and exactly the rows of each block are drawn. All
+test matrices are drawn on the CPU (Gaussians as float32 values; then cast and moved), so a stream gives the
+same sketches, up to rounding, on every device and in both dtypes.
 
 Memory: ``O((s + c + q) n)`` for the sketches (kept in float64), plus ``Y`` (``m x s`` in the
 compute dtype) when ``keep_u=True`` so that ``U``'s rows can be returned in arrival order. With
@@ -56,14 +56,13 @@ from lowrank._linop import (
     no_autocast,
     python_number,
 )
-from lowrank._ops import floyd_distinct, range_gram, sparse_sign_add_
+from lowrank._ops import range_gram, sketch_row_draws, sparse_sign_add_
 from lowrank.svd import SVDResult
 
-__all__ = ["ROW_CHUNK", "StreamingSVD", "is_row_stream", "iter_row_blocks", "stream_rsvd"]
+__all__ = ["StreamingSVD", "is_row_stream", "iter_row_blocks", "stream_rsvd"]
 
-#: Rows per chunk of the row-side test matrices: the random columns for row ``i`` are drawn from the
-#: generator of chunk ``i // ROW_CHUNK`` (a constant: changing it changes every result).
-ROW_CHUNK = 4096
+#: Rows per product when :meth:`StreamingSVD.result` applies its final ``k x k`` step to ``U``.
+_U_CHUNK = 4096
 
 #: np.memmap inputs of :func:`lowrank.rsvd` at least this large (bytes) are streamed in row blocks.
 MEMMAP_STREAM_BYTES = 1 << 28
@@ -75,35 +74,33 @@ READ_BLOCK_BYTES = 1 << 26
 #: count): ``zeta = min(8, d)``, the value Tropp et al. (2019, §3.3.1) recommend.
 SPARSITY = 8
 
-_STATE_VERSION = 3
+_STATE_VERSION = 4  # 4: row-side test matrices from sketch_row_draws (3: torch generators per chunk)
 
 #: Bytes of a block's rows per GEMM call of :meth:`StreamingSVD.update` on the CPU (see :func:`gemm_rows`).
 GEMM_BYTES = 1 << 23
 
 
 def gemm_rows(n: int, itemsize: int, rows: int | None = None) -> int:
-    """Rows per chunk of the range GEMM ``A_b Omega`` on the CPU (:func:`lowrank._ops.range_gram`):
-    :data:`GEMM_BYTES` of the block, at least 256 rows; for a block of ``rows`` rows with fewer such chunks
-    than torch threads, ``ceil(rows / threads)`` (at least 16) so that every thread gets one. Threads take
-    runs of whole chunks, each chunk's GEMM on one thread (no barrier per chunk), so the result depends on
-    the chunks alone: on the thread count only through that small-block rule. On ``5000 x 3000``
-    float32 blocks (``s = 161``, 2 cores, quiet, 30 interleaved rounds) GEMM + Gram took 0.85x (1 thread)
-    / 0.98x (2 threads) the time of one GEMM call per block in chunks of 700 rows (8 MiB), 0.87x / 1.02x
-    in chunks of 349, against 0.89x / 1.16x for the former path (chunked GEMM with one thread, one call
-    with two, then one Gram call); 0.83x / 0.88x once each chunk's Gram came by halves."""
+    """Rows per chunk of the range GEMM ``A_b Omega`` on the CPU (:func:`lowrank._ops.range_gram`): about
+    :data:`GEMM_BYTES` of the block, at least 256 rows; for a block of ``rows`` rows the chunks are made
+    equal (``ceil(rows / chunks)`` rows for the ``chunks`` that target gives), and for a block with fewer
+    such chunks than torch threads, ``ceil(rows / threads)`` (at least 16) so that every thread gets one.
+    Threads take runs of whole chunks, each chunk's GEMM on one thread (no barrier per chunk), so the result
+    depends on the chunks alone: on the thread count only through that small-block rule. On ``5000 x 3000``
+    float32 blocks (``s = 161``, 2 cores, quiet, 30 interleaved rounds) GEMM + Gram took 0.85x (1 thread) /
+    0.98x (2 threads) the time of one GEMM call per block in chunks of 700 rows (8 MiB), 0.87x / 1.02x in
+    chunks of 349, against 0.89x / 1.16x for the former path (chunked GEMM with one thread, one call with
+    two, then one Gram call); 0.83x / 0.88x once each chunk's Gram came by halves. Equal chunks: 8 of 699
+    rows (the last 107) left one thread 2796 rows and the other 2204; 8 of 625 took 0.89x against 0.97x (2
+    threads, 30 interleaved rounds, the column sums included)."""
     step = max(256, GEMM_BYTES // max(1, n * itemsize))
+    if rows is None or rows <= 0:
+        return step
+    chunks = -(-rows // step)
     threads = torch.get_num_threads()
-    if rows is not None and threads > 1 and -(-rows // step) < threads:
-        step = max(16, -(-rows // threads))
-    return step
-
-
-def _distinct_rows(count: int, sizes: tuple[int, ...], zeta: int, gen: torch.Generator) -> torch.Tensor:
-    """``count x (len(sizes) zeta)`` int64: for each row and each ``d`` in ``sizes``, ``zeta`` distinct
-    uniform picks of ``[0, d)`` (Floyd's algorithm on one ``count x groups x zeta`` uniform draw,
-    :func:`lowrank._ops.floyd_distinct`)."""
-    u = torch.rand(count, len(sizes), zeta, generator=gen, dtype=torch.float64)
-    return floyd_distinct(u, sizes).reshape(count, len(sizes) * zeta)
+    if threads > 1 and chunks < threads:
+        return max(16, -(-rows // threads))
+    return -(-rows // chunks)
 
 
 def _mix(*keys: int) -> int:
@@ -334,7 +331,6 @@ class StreamingSVD:
         self.device: torch.device | None = None if device is None else torch.device(device)
         self.n_rows = 0  # rows seen by this instance (the rows of U)
         self._reduced_rows: int | None = None  # rows of the summed sketch after a distributed reduce
-        self._chunk_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._cols: torch.Tensor | None = None  # Omega, compute dtype, on the device
         self._xi32: torch.Tensor | None = None  # Xi as drawn (float32), on the device
         self._buffers: dict[str, torch.Tensor] = {}  # per-block scratch reused across blocks (CPU)
@@ -374,48 +370,27 @@ class StreamingSVD:
 
     def _forget_derived(self) -> None:
         """Drop everything derived from the seed, dtype or device (after they change in load_state_dict)."""
-        self._cols, self._xi32, self._chunk_cache, self._buffers = None, None, {}, {}
+        self._cols, self._xi32, self._buffers = None, None, {}
         self._factor_cache = None
 
-    def _row_chunk(self, chunk: int) -> dict[str, torch.Tensor]:
-        """Chunk ``chunk`` (``ROW_CHUNK`` global rows) of the row-side test matrices:
-
-        - ``"rows"``/``"signs"``: ``ROW_CHUNK x (zeta_s + zeta_c)``, the nonzeros of ``[Psi; Phi]^T``:
-          each row goes, with a random sign, to ``zeta_s`` distinct rows of ``Psi`` (``[0, s)``) and to
-          ``zeta_c`` distinct rows of ``Phi`` (stored offset by ``s``: the rows of ``[Psi A; Phi A]``);
-        - ``"dense"``: ``ROW_CHUNK x (q + 1)`` float64, ``[Theta^T, 1]`` (standard Gaussian drawn in
-          float32, then ones: ``Theta A`` and ``1^T A`` come out of the same pass as ``Psi A``, ``Phi A``).
-        """
-        cached = self._chunk_cache.get(chunk)
-        if cached is None:
-            gen = torch.Generator().manual_seed(_mix(self.seed, chunk))
-            s, q, c = self.sketch, self.n_test, self.core
-            zs, zc = min(SPARSITY, s), min(SPARSITY, c)
-            if zs == zc:
-                rows = _distinct_rows(ROW_CHUNK, (s, c), zs, gen)
-            else:
-                psi = _distinct_rows(ROW_CHUNK, (s,), zs, gen)
-                rows = torch.cat([psi, _distinct_rows(ROW_CHUNK, (c,), zc, gen)], dim=1)
-            rows[:, zs:] += s
-            bits = torch.randint(0, 1 << (zs + zc), (ROW_CHUNK, 1), generator=gen)
-            signs = (bits >> torch.arange(zs + zc)).bitwise_and_(1).to(torch.float64).mul_(2).sub_(1)
-            dense = torch.ones(ROW_CHUNK, q + 1, dtype=torch.float64)
-            dense[:, :q] = torch.randn(ROW_CHUNK, q, generator=gen)
-            dev = {"device": self.device}
-            cached = {"rows": rows.to(**dev), "signs": signs.to(**dev), "dense": dense.to(**dev)}
-            self._chunk_cache = {key: v for key, v in self._chunk_cache.items() if key > chunk - 2}
-            self._chunk_cache[chunk] = cached
-        return cached
-
     def _row_test(self, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Global rows ``start:stop`` of each entry of :meth:`_row_chunk`."""
-        pieces: dict[str, list[torch.Tensor]] = {}
-        for chunk in range(start // ROW_CHUNK, (stop - 1) // ROW_CHUNK + 1):
-            base = chunk * ROW_CHUNK
-            lo, hi = max(start, base) - base, min(stop, base + ROW_CHUNK) - base
-            for key, value in self._row_chunk(chunk).items():
-                pieces.setdefault(key, []).append(value[lo:hi])
-        return {key: p[0] if len(p) == 1 else torch.cat(p) for key, p in pieces.items()}
+        """Global rows ``start:stop`` of the row-side test matrices (on the stream's device):
+
+        - ``"rows"``/``"signs"``: ``(stop - start) x (zeta_s + zeta_c)``, the nonzeros of ``[Psi; Phi]^T``:
+          each row goes, with a random sign, to ``zeta_s`` distinct rows of ``Psi`` (``[0, s)``) and to
+          ``zeta_c`` distinct rows of ``Phi`` (``[s, s + c)``: the rows of ``[Psi A; Phi A]``);
+        - ``"dense"``: ``(stop - start) x (q + 1)`` float64, ``[Theta^T, 1]`` (standard Gaussian as float32
+          values, then ones: ``Theta A`` and ``1^T A`` come out of the same pass as ``Psi A``, ``Phi A``).
+        """
+        s, q, c = self.sketch, self.n_test, self.core
+        rows, signs, gauss = sketch_row_draws(
+            _mix(self.seed, -2), start, stop - start, (s, c), (min(SPARSITY, s), min(SPARSITY, c)), q
+        )
+        dense = torch.ones(stop - start, q + 1, dtype=torch.float64)
+        dense[:, :q] = gauss
+        if self.device is not None and self.device.type != "cpu":
+            rows, signs, dense = (t.to(self.device) for t in (rows, signs, dense))
+        return {"rows": rows, "signs": signs, "dense": dense}
 
     # ------------------------------------------------------------------------------------------ update
 
@@ -494,15 +469,16 @@ class StreamingSVD:
         R = self._row_test(start, start + b)
         strided = isinstance(A, torch.Tensor)
         acc = self._acc
-        if strided:  # Y = A Omega (the one GEMM) and its float64 Gram matrix, per row chunk
+        if strided:  # Y = A Omega (the one GEMM), its float64 Gram matrix and column sums, per row chunk
             Y = self._y_buffer(b)
             step = gemm_rows(A.shape[1], A.element_size(), b)
-            G = acc["G"] + range_gram(A, self._omega(), step, out=Y)
+            ysum = torch.empty(s, dtype=torch.float64, device=self.device)
+            G = acc["G"] + range_gram(A, self._omega(), step, out=Y, colsum=ysum)
         else:
             Y = A.matmul(self._omega())
             Yd = Y.double()
             G = torch.addmm(acc["G"], Yd.mT, Yd)  # Y^T Y, float64 (products of float32 entries are exact)
-        ysum = Y.sum(dim=0, dtype=torch.float64)
+            ysum = Yd.sum(dim=0)
         # one check (one sync) before anything is added: NaN/Inf in A reach A Omega (a Gaussian has no
         # zero entry); Y^T Y squares the entries, so a float64 block can overflow it, and a stream of tiny
         # float64 data (below ~1e-120) can underflow it (to 0 below ~1e-160: S = 0 without a word)
@@ -652,8 +628,8 @@ class StreamingSVD:
             U2, S, V2h = torch.linalg.svd(R * S, full_matrices=False)  # R diag(S) = U2 diag(S) V2h
             PV, sign = _sign_fix(PV @ V2h.mT)
             step = torch.linalg.solve_triangular(R, U2 * sign, upper=True).to(self.dtype)
-            for start in range(0, self.n_rows, ROW_CHUNK):
-                U[start : start + ROW_CHUNK] = U[start : start + ROW_CHUNK] @ step
+            for start in range(0, self.n_rows, _U_CHUNK):
+                U[start : start + _U_CHUNK] = U[start : start + _U_CHUNK] @ step
         Vh = PV.mT.to(self.dtype).contiguous()
         return SVDResult(U, S.to(self.dtype), Vh)
 

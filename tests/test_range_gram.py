@@ -32,13 +32,17 @@ def _case(b, n, s, dtype, seed=0):
 def test_range_and_gram_match_float64(b, n, s, chunk, dtype):
     block, omega = _case(b, n, s, dtype)
     out = torch.full((b, s), float("nan"), dtype=dtype)
-    gram = range_gram(block, omega, chunk, out=out)
+    colsum = torch.full((s,), float("nan"), dtype=torch.float64)
+    gram = range_gram(block, omega, chunk, out=out, colsum=colsum)
     want = block.double() @ omega.double()
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
     assert gram.dtype == torch.float64 and gram.shape == (s, s)
     yd = out.double()  # the Gram matrix of the rounded result, exact products in float64
     torch.testing.assert_close(gram, yd.mT @ yd, rtol=1e-12, atol=1e-12 * float(gram.abs().max()))
+    # the float64 column sums of the rounded result (float64 sums of float32 values: exact to ~b eps64)
+    torch.testing.assert_close(colsum, yd.sum(0), rtol=1e-12, atol=1e-12 * float(yd.abs().sum(0).max()))
+    torch.testing.assert_close(range_gram(block, omega, chunk, out=out.clone()), gram, rtol=0, atol=0)
     if s >= 32:  # the lower left block is the mirrored upper right one
         h = s // 2
         assert torch.equal(gram[h:, :h], gram[:h, h:].mT)
@@ -65,8 +69,28 @@ def test_strided_inputs_and_thread_count(request):
 
 def test_empty_block():
     block, omega = _case(0, 8, 4, torch.float32)
-    gram = range_gram(block, omega, 16, out=torch.empty(0, 4))
+    colsum = torch.full((4,), float("nan"), dtype=torch.float64)
+    gram = range_gram(block, omega, 16, out=torch.empty(0, 4), colsum=colsum)
     assert torch.equal(gram, torch.zeros(4, 4, dtype=torch.float64))
+    assert torch.equal(colsum, torch.zeros(4, dtype=torch.float64))
+
+
+def test_colsum_bad_arguments():
+    block, omega = _case(10, 6, 3, torch.float32)
+    out = torch.empty(10, 3)
+    cases = [
+        ({"colsum": torch.zeros(3, dtype=torch.float64), "gram": False}, ValueError, "needs gram=True"),
+        ({"colsum": torch.zeros(4, dtype=torch.float64)}, ValueError, r"colsum must have shape \(3,\)"),
+        ({"colsum": torch.zeros(3)}, TypeError, "colsum must be float64"),
+        ({"colsum": torch.zeros(6, dtype=torch.float64)[::2]}, ValueError, "colsum must be contiguous"),
+        ({"colsum": [0.0, 0.0, 0.0]}, TypeError, "colsum must be a torch.Tensor"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            range_gram(block, omega, 4, out=out, **kwargs)
+    shared = torch.zeros(10, 3, dtype=torch.float64)  # colsum inside out
+    with pytest.raises(ValueError, match="colsum must not overlap"):
+        range_gram(block.double(), omega.double(), 4, out=shared, colsum=shared[0])
 
 
 @pytest.mark.parametrize(
@@ -114,11 +138,13 @@ def test_meta():
 def test_cuda_matches_float64():
     block, omega = _case(700, 90, 13, torch.float32, seed=2)
     out = torch.empty(700, 13, device="cuda")
-    gram = range_gram(block.cuda(), omega.cuda(), 256, out=out)
+    colsum = torch.empty(13, dtype=torch.float64, device="cuda")
+    gram = range_gram(block.cuda(), omega.cuda(), 256, out=out, colsum=colsum)
     want = block.double() @ omega.double()
     torch.testing.assert_close(out.double().cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     yd = out.double().cpu()
     torch.testing.assert_close(gram.cpu(), yd.mT @ yd, rtol=1e-10, atol=1e-10 * float(gram.abs().max()))
+    torch.testing.assert_close(colsum.cpu(), yd.sum(0), rtol=1e-12, atol=1e-12 * float(yd.abs().sum(0).max()))
     with pytest.raises(ValueError, match="one device"):
         range_gram(block.cuda(), omega, 256, out=out)
 

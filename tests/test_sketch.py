@@ -11,7 +11,7 @@ from gloo_harness import run_gloo
 
 import lowrank
 from lowrank import sketch as sketch_mod
-from lowrank.sketch import ROW_CHUNK, StreamingSVD
+from lowrank.sketch import StreamingSVD
 
 
 def _decaying(m: int, n: int, decay: float, seed: int = 0, offset: float = 0.0, dtype=torch.float64):
@@ -105,11 +105,11 @@ def test_error_estimate_centred_and_float32():
 # ------------------------------------------------------------------------------------------- invariances
 
 
-def test_stream_cut_invariance_across_row_chunks():
-    m, n = ROW_CHUNK + 900, 24
+def test_stream_cut_invariance():
+    m, n = 4096 + 900, 24
     A = _decaying(m, n, 0.7, seed=5)
     one = _stream(A, [], k=4, seed=9).result()
-    for cuts in ([1, 2, 3], [ROW_CHUNK - 1, ROW_CHUNK + 1], [1000, 2000, 3000, 4095, 4096, 4097, 5000]):
+    for cuts in ([1, 2, 3], [4096 - 1, 4096 + 1], [1000, 2000, 3000, 4095, 4096, 4097, 5000]):
         res = _stream(A, cuts, k=4, seed=9).result()
         torch.testing.assert_close(res.S, one.S, rtol=1e-11, atol=0)
         torch.testing.assert_close(res.U, one.U, rtol=0, atol=1e-10)
@@ -132,6 +132,7 @@ def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, request, keep_
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     assert sketch_mod.gemm_rows(n, 4) >= m
+    assert sketch_mod.gemm_rows(3000, 4, 5000) == 625  # 8 equal chunks of the 8 MiB target, not 7 x 699 + 107
     plain = _stream(A, cuts, k=5, seed=3, center=True, keep_u=keep_u)  # one GEMM call per block
     one = _stream(A, [], k=5, seed=3, center=True, keep_u=keep_u)  # one update
     monkeypatch.setattr(sketch_mod, "GEMM_BYTES", 1)
@@ -144,10 +145,10 @@ def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, request, keep_
     ) == (
         100,
         16,
-        256,
+        200,  # 3 chunks of the 256-row target, made equal
     )
     torch.set_num_threads(1)
-    assert sketch_mod.gemm_rows(n, 4, 200) == 256
+    assert sketch_mod.gemm_rows(n, 4, 200) == 200 and sketch_mod.gemm_rows(n, 4, 1000) == 250
     chunked = _stream(A, cuts, k=5, seed=3, center=True, keep_u=keep_u)
     torch.set_num_threads(2)
     two = _stream(A, cuts, k=5, seed=3, center=True, keep_u=keep_u)
@@ -205,9 +206,9 @@ def test_reconstruction_kept_until_the_state_changes():
 
 def test_sketches_equal_dense_products_of_the_sparse_sign_maps():
     """[Psi A; Phi A], Phi Y, Theta A, 1^T A as dense float64 products of the maps the stream drew."""
-    m, n = ROW_CHUNK + 300, 37
+    m, n = 4096 + 300, 37
     A = _decaying(m, n, 0.8, seed=4, dtype=torch.float32)
-    sk = _stream(A, [1000, ROW_CHUNK + 5], k=3, sketch=13, core=27, seed=6)
+    sk = _stream(A, [1000, 4096 + 5], k=3, sketch=13, core=27, seed=6)
     s, c, q = 13, 27, sk.n_test
     R = sk._row_test(0, m)
     maps = torch.zeros(m, s + c, dtype=torch.float64)
@@ -230,7 +231,7 @@ def test_sketches_equal_dense_products_of_the_sparse_sign_maps():
     torch.testing.assert_close(formed["PhiY"], maps[:, s:].mT @ Y, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(formed["ThetaY"], theta.mT @ Y, rtol=1e-5, atol=1e-3)
     # the row sums [Psi 1; Phi 1; Theta 1] of the centring corrections (kept only when centring)
-    centred = _stream(A, [1000, ROW_CHUNK + 5], k=3, sketch=13, core=27, seed=6, center=True)
+    centred = _stream(A, [1000, 4096 + 5], k=3, sketch=13, core=27, seed=6, center=True)
     rowsum = torch.cat([maps.sum(0), theta.sum(0)])
     torch.testing.assert_close(centred._acc["rowsum"], rowsum, rtol=1e-12, atol=1e-9)
     assert not bool(sk._acc["rowsum"].any())
@@ -289,9 +290,13 @@ def test_state_dict_resume(tmp_path):
         StreamingSVD(50, 5, seed=12, center=True).load_state_dict(old)
     # version 2: separate [Psi A; Phi A], Theta A, 1^T A buffers and torch-drawn signs
     v2 = {**first.state_dict(), "version": 2}
-    with pytest.raises(ValueError, match="version 2, this is version 3.*cannot resume"):
+    with pytest.raises(ValueError, match="version 2, this is version 4.*cannot resume"):
         StreamingSVD(50, 5, seed=12, center=True).load_state_dict(v2)
-    assert first.state_dict()["version"] == 3
+    # version 3: the row-side test matrices from torch's generator per chunk of 4096 rows
+    v3 = {**first.state_dict(), "version": 3}
+    with pytest.raises(ValueError, match="version 3, this is version 4.*cannot resume"):
+        StreamingSVD(50, 5, seed=12, center=True).load_state_dict(v3)
+    assert first.state_dict()["version"] == 4
 
 
 # ------------------------------------------------------------------------------------------- input kinds

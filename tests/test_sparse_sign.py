@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank._ops import floyd_distinct, sparse_sign_add_
+from lowrank._ops import sparse_sign_add_
 
 
 def _case(d, b, n, zeta, dtype, seed=0, distinct=True):
@@ -158,61 +158,6 @@ def test_bad_arguments_name_them():
         with pytest.raises(error, match=match):
             sparse_sign_add_(*args)
         assert torch.equal(out, before)
-
-
-def _floyd_reference(u, sizes):
-    rows, groups, zeta = u.shape
-    out = torch.empty(rows, groups, zeta, dtype=torch.int64)
-    for i in range(rows):
-        for g, d in enumerate(sizes):
-            chosen = []
-            for t in range(zeta):
-                j = d - zeta + t
-                pick = min(int(float(u[i, g, t]) * (j + 1)), j)
-                chosen.append(j if pick in chosen else pick)
-            out[i, g] = torch.tensor(chosen)
-    return out
-
-
-def test_floyd_distinct_matches_reference_and_is_uniform():
-    gen = torch.Generator().manual_seed(11)
-    u = torch.rand(300, 3, 4, generator=gen, dtype=torch.float64)
-    u[0, 0] = torch.tensor([0.0, 1 - 2**-53, 0.5, 0.999999], dtype=torch.float64)  # the ends of [0, 1)
-    sizes = (4, 9, 100)
-    got = floyd_distinct(u, sizes)
-    assert got.dtype == torch.int64 and got.shape == (300, 3, 4)
-    assert torch.equal(got, _floyd_reference(u, sizes))
-    for g, d in enumerate(sizes):  # distinct, in range
-        picks = got[:, g]
-        assert bool((picks >= 0).all()) and bool((picks < d).all())
-        assert bool((picks.sort(dim=1).values.diff(dim=1) > 0).all())
-    # every 2-subset of [0, 5) equally likely: 20000 draws, 10 subsets, chi^2 (9 dof) below 40 (p < 1e-5)
-    u = torch.rand(20000, 1, 2, generator=gen, dtype=torch.float64)
-    pairs = floyd_distinct(u, [5])[:, 0].sort(dim=1).values
-    counts = torch.bincount(pairs[:, 0] * 5 + pairs[:, 1], minlength=25).double()
-    counts = counts[counts > 0]
-    assert counts.numel() == 10
-    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
-    assert chi2 < 40, chi2
-
-
-def test_floyd_distinct_bad_arguments():
-    u = torch.rand(5, 2, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match="u must be 3-D"):
-        floyd_distinct(u[0], [4, 4])
-    with pytest.raises(TypeError, match="u must be float64"):
-        floyd_distinct(u.float(), [4, 4])
-    with pytest.raises(ValueError, match="sizes has 1 entries but u has 2 groups"):
-        floyd_distinct(u, [4])
-    with pytest.raises(ValueError, match="every size must be >= zeta = 3, got 2"):
-        floyd_distinct(u, [4, 2])
-    with pytest.raises(TypeError, match="u must be a torch.Tensor"):
-        floyd_distinct(u.numpy(), [4, 4])
-    for bad in (float("nan"), -0.1, 1.0):
-        v = u.clone()
-        v[2, 1, 0] = bad
-        with pytest.raises(ValueError, match=r"every entry of u must lie in \[0, 1\).*flat index 15"):
-            floyd_distinct(v, [4, 4])
 
 
 @pytest.mark.parametrize(

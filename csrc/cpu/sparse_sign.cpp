@@ -272,50 +272,6 @@ at::Tensor& sparse_sign_add_cpu(at::Tensor& out, const at::Tensor& block, const 
   return out;
 }
 
-// Floyd's algorithm per row: out[i, g, t] for t < zeta are distinct picks of [0, sizes[g]), step t choosing
-// min(floor(u[i, g, t] (j + 1)), j) with j = sizes[g] - zeta + t, or j itself when that pick was taken already
-// (a uniform random zeta-subset of [0, sizes[g]) for uniform u). The row-side draws of lowrank.StreamingSVD:
-// torch ops over rows took ~1.5 ms per 4096 rows, as much as the sketch's own work per row for n ~ 400.
-at::Tensor floyd_distinct_cpu(const at::Tensor& u, at::IntArrayRef sizes) {
-  constexpr const char* op = "floyd_distinct";
-  TORCH_CHECK_VALUE(u.dim() == 3, op, ": u must be 3-D (rows, groups, zeta), got shape ", u.sizes());
-  TORCH_CHECK_TYPE(u.scalar_type() == at::kDouble, op, ": u must be float64, got ", u.scalar_type());
-  const int64_t count = u.size(0);
-  const int64_t groups = u.size(1);
-  const int64_t zeta = u.size(2);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(sizes.size()) == groups, op, ": sizes has ", sizes.size(),
-                    " entries but u has ", groups, " groups");
-  for (const int64_t d : sizes) {
-    TORCH_CHECK_VALUE(d >= zeta, op, ": every size must be >= zeta = ", zeta, ", got ", d);
-  }
-  const at::Tensor uc = u.contiguous();
-  at::Tensor out = at::empty({count, groups, zeta}, u.options().dtype(at::kLong));
-  const double* x = uc.data_ptr<double>();
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t r = 0; r < count * groups; ++r) {
-    const int64_t d = sizes[r % groups];
-    const double* xr = x + r * zeta;
-    int64_t* orow = o + r * zeta;
-    for (int64_t t = 0; t < zeta; ++t) {
-      TORCH_CHECK_VALUE(xr[t] >= 0.0 && xr[t] < 1.0, op, ": every entry of u must lie in [0, 1), got ", xr[t],
-                        " at flat index ", r * zeta + t);
-      const int64_t j = d - zeta + t;
-      int64_t pick = std::min(static_cast<int64_t>(std::floor(xr[t] * static_cast<double>(j + 1))), j);
-      for (int64_t k = 0; k < t; ++k) {
-        if (orow[k] == pick) {
-          pick = j;
-          break;
-        }
-      }
-      orow[t] = pick;
-    }
-  }
-  return out;
-}
-
-TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("sparse_sign_add_", &sparse_sign_add_cpu);
-  m.impl("floyd_distinct", &floyd_distinct_cpu);
-}
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) { m.impl("sparse_sign_add_", &sparse_sign_add_cpu); }
 
 }  // namespace lowrank
