@@ -236,12 +236,12 @@ class StreamingSVD:
     ``Z`` and ``Phi Y`` (kept, with ``Xi``, until the next update: :meth:`error_estimate` reuses it). Sparse
     blocks stay sparse (the test rows then enter as a dense ``b x (s + c + q + 1)`` matrix, cost proportional
     to the block's nonzeros). Measured on 2 CPU cores, quiet, ``5000 x 3000`` float32 blocks, ``k = 40``, in
-    units of one GEMM ``A_b G`` per block (``F``, the issue's floor): GEMM + Gram 0.83 (1 thread) / 0.88
-    (2 threads), sign maps with ``Theta``/ones 0.29 / 0.35-0.42, draws 0.05-0.07, :meth:`result` +
-    :meth:`error_estimate` 0.05-0.09 per block. The 100000-row stream (in-call time, generation excluded;
-    ``benchmarks/bench_sketch.py --full``): 1.25-1.30x ``F`` with ``keep_u=False``, 1.25-1.35x with ``U``
-    kept at 1 thread; at 2 threads 1.44-1.9x pass against pass, 1.53x (U kept) / 1.55x (lean) paired per
-    block with the floor (the sign-map pass scales less than the GEMM).
+    units of one GEMM ``A_b G`` per block (``F``, the issue's floor), 2 threads, paired per block: GEMM + Gram
+    + column sums 0.92-0.98, sign maps with ``Theta``/ones 0.29-0.33, row draws
+    (:func:`lowrank._ops.sketch_row_draws`) 0.03-0.04, :meth:`result` + :meth:`error_estimate` 0.05-0.09
+    (0.10-0.14 with ``U``). The 100000-row stream (in-call time, generation excluded;
+    ``benchmarks/bench_sketch.py --full``, each block paired with the floor): 1.41x ``F`` with ``U`` kept,
+    1.40x lean at 2 threads (other runs 1.38-1.58x), 1.17-1.28x at 1 thread.
 
     Reconstruction (:meth:`result`, the paper's three-sketch formula, with ``Z = (Phi A) Xi`` and
     ``Phi Y = (Phi A) Omega`` formed there): ``P = orth(W^T)``; with ``Y = Q R`` the approximation is
