@@ -56,7 +56,7 @@ from lowrank._linop import (
     no_autocast,
     python_number,
 )
-from lowrank._ops import range_gram, sketch_row_draws, sparse_sign_add_
+from lowrank._ops import range_gram, sketch_row_draws, sketch_row_draws_limit, sparse_sign_add_
 from lowrank.svd import SVDResult
 
 __all__ = ["StreamingSVD", "is_row_stream", "iter_row_blocks", "stream_rsvd"]
@@ -141,6 +141,11 @@ def _check_state(sk: StreamingSVD, state: Any) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"state has {name}={state[name]!r}, expected an int >= 0")
+    if counts["row_offset"] + counts["n_rows"] > sk._row_limit():
+        raise ValueError(
+            f"state has row_offset + n_rows = {counts['row_offset'] + counts['n_rows']}, beyond the last "
+            f"global row + 1 = {sk._row_limit()} that the row-side test matrices reach"
+        )
     reduced = python_number(state.get("reduced_rows"))  # absent in states saved before it was kept
     if reduced is not None and (isinstance(reduced, bool) or not isinstance(reduced, int) or reduced < 0):
         raise ValueError(f"state has reduced_rows={state['reduced_rows']!r}, expected None or an int >= 0")
@@ -216,7 +221,10 @@ class StreamingSVD:
     row_offset : int
         Global index of the first row this instance will see (default 0). Ranks of a distributed stream
         pass where their rows start, so that the sum of their sketches equals the sketch of the whole
-        matrix (see :func:`lowrank.distributed.reduce_sketch`).
+        matrix (see :func:`lowrank.distributed.reduce_sketch`). Global rows must stay below
+        ``(2**62 - 1) // W`` (``W = zeta_s + zeta_c + 1 + ceil(n_test / 2)`` generator words per row: about
+        ``2.1e17`` by default, so ``rank * 2**40`` offsets suit up to ~190000 ranks); ``ValueError``
+        otherwise (here, or in :meth:`update` for the rows that would pass it).
 
     Notes
     -----
@@ -326,6 +334,11 @@ class StreamingSVD:
         self.n_features, self.k, self.sketch, self.core, self.n_test = n, k, s, c, q
         self.center, self.keep_u, self.seed = center, keep_u, seed
         self.row_offset = _check_int(row_offset, "row_offset", 0)
+        if self.row_offset >= self._row_limit():
+            raise ValueError(
+                f"row_offset must be < {self._row_limit()} (the global rows the row-side test matrices "
+                f"reach for these sketch sizes), got {self.row_offset}"
+            )
         self.dtype: torch.dtype | None = dtype
         self._dtype_fixed = dtype is not None
         self.device: torch.device | None = None if device is None else torch.device(device)
@@ -372,6 +385,12 @@ class StreamingSVD:
         """Drop everything derived from the seed, dtype or device (after they change in load_state_dict)."""
         self._cols, self._xi32, self._buffers = None, None, {}
         self._factor_cache = None
+
+    def _row_limit(self) -> int:
+        """One past the last global row index the row-side test matrices reach
+        (:func:`lowrank._ops.sketch_row_draws_limit`: ~2.1e17 for ``n_test = 10``)."""
+        zetas = (min(SPARSITY, self.sketch), min(SPARSITY, self.core))
+        return sketch_row_draws_limit(zetas, self.n_test)
 
     def _row_test(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Global rows ``start:stop`` of the row-side test matrices (on the stream's device):
@@ -452,7 +471,8 @@ class StreamingSVD:
         Raises
         ------
         ValueError
-            Wrong number of columns, empty block, NaN/Inf entries.
+            Wrong number of columns, empty block, NaN/Inf entries, rows past the last global row the
+            row-side test matrices reach (see ``row_offset``).
         TypeError
             Unsupported type, non-real-float dtype, or a dtype other than the stream's (``dtype=None``).
         """
@@ -466,6 +486,12 @@ class StreamingSVD:
         b = A.shape[0]
         s, c = self.sketch, self.core
         start = self.row_offset + self.n_rows
+        if start + b > self._row_limit():
+            raise ValueError(
+                f"this block's rows reach global row {start + b - 1} (row_offset={self.row_offset} plus "
+                f"{self.n_rows + b} rows), beyond the last row the row-side test matrices reach, "
+                f"{self._row_limit() - 1}: give the ranks smaller row offsets"
+            )
         R = self._row_test(start, start + b)
         strided = isinstance(A, torch.Tensor)
         acc = self._acc
