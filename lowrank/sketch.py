@@ -20,7 +20,8 @@ irrelevant (``W`` only gives a basis, and ``Phi``'s scale cancels in the core so
 The column-side test matrices (``Omega``, ``Xi``) are drawn once from the seed (torch's generator). The
 row-side ones (``Psi``, ``Phi``, ``Theta``) act on rows that are not known in advance: the column for global
 row ``i`` comes from a counter-based generator keyed by ``(seed, i)`` (:func:`lowrank._ops.sketch_row_draws`),
-so it does not depend on how the stream is cut into blocks, and exactly the rows of each block are drawn. All
+so it does not depend on how the stream is cut into blocks, and exactly the rows of each block are drawn
+(``Psi``/``Phi`` and ``Theta`` from separate keys: ``n_test`` does not change the factorisation). All
 test matrices are drawn on the CPU (Gaussians as float32 values; then cast and moved), so a stream gives the
 same sketches, up to rounding, on every device and in both dtypes.
 
@@ -74,7 +75,9 @@ READ_BLOCK_BYTES = 1 << 26
 #: count): ``zeta = min(8, d)``, the value Tropp et al. (2019, §3.3.1) recommend.
 SPARSITY = 8
 
-_STATE_VERSION = 4  # 4: row-side test matrices from sketch_row_draws (3: torch generators per chunk)
+# 5: the sign maps and Theta from separate sketch_row_draws keys (4: one key, n_test moved Psi and Phi);
+# 4: row-side test matrices from sketch_row_draws (3: torch generators per chunk)
+_STATE_VERSION = 5
 
 #: Bytes of a block's rows per GEMM call of :meth:`StreamingSVD.update` on the CPU (see :func:`gemm_rows`).
 GEMM_BYTES = 1 << 23
@@ -222,8 +225,8 @@ class StreamingSVD:
         Global index of the first row this instance will see (default 0). Ranks of a distributed stream
         pass where their rows start, so that the sum of their sketches equals the sketch of the whole
         matrix (see :func:`lowrank.distributed.reduce_sketch`). Global rows must stay below
-        ``(2**62 - 1) // W`` (``W = zeta_s + zeta_c + 1 + ceil(n_test / 2)`` generator words per row: about
-        ``2.1e17`` by default, so ``rank * 2**40`` offsets suit up to ~190000 ranks); ``ValueError``
+        ``(2**62 - 1) // W`` (``W = max(zeta_s + zeta_c + 1, ceil(n_test / 2))`` generator words per row:
+        about ``2.7e17`` by default, so ``rank * 2**40`` offsets suit up to ~240000 ranks); ``ValueError``
         otherwise (here, or in :meth:`update` for the rows that would pass it).
 
     Notes
@@ -388,9 +391,10 @@ class StreamingSVD:
 
     def _row_limit(self) -> int:
         """One past the last global row index the row-side test matrices reach
-        (:func:`lowrank._ops.sketch_row_draws_limit`: ~2.1e17 for ``n_test = 10``)."""
+        (:func:`lowrank._ops.sketch_row_draws_limit` of the sign maps' and ``Theta``'s draws: ~2.7e17 for
+        ``n_test <= 34``)."""
         zetas = (min(SPARSITY, self.sketch), min(SPARSITY, self.core))
-        return sketch_row_draws_limit(zetas, self.n_test)
+        return min(sketch_row_draws_limit(zetas, 0), sketch_row_draws_limit((), self.n_test))
 
     def _row_test(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Global rows ``start:stop`` of the row-side test matrices (on the stream's device):
@@ -402,9 +406,11 @@ class StreamingSVD:
           values, then ones: ``Theta A`` and ``1^T A`` come out of the same pass as ``Psi A``, ``Phi A``).
         """
         s, q, c = self.sketch, self.n_test, self.core
-        rows, signs, gauss = sketch_row_draws(
-            _mix(self.seed, -2), start, stop - start, (s, c), (min(SPARSITY, s), min(SPARSITY, c)), q
-        )
+        # the sign maps and Theta from keys of their own: a row's words are laid out per call, so one call
+        # for both made n_test move Psi's and Phi's draws (a stream's U, S, V changed with n_test)
+        zetas = (min(SPARSITY, s), min(SPARSITY, c))
+        rows, signs, _ = sketch_row_draws(_mix(self.seed, -2), start, stop - start, (s, c), zetas, 0)
+        gauss = sketch_row_draws(_mix(self.seed, -3), start, stop - start, (), (), q)[2]
         dense = torch.ones(stop - start, q + 1, dtype=torch.float64)
         dense[:, :q] = gauss
         if self.device is not None and self.device.type != "cpu":

@@ -21,7 +21,7 @@ def test_row_offset_beyond_the_generators_rows_is_a_value_error_naming_it():
     op's ``start`` (or pybind's RuntimeError): the generator reads word ``i W + j`` of a 2**62 counter.
     Now the constructor names row_offset, the last rows work, and a block past them changes nothing."""
     n, k = 30, 3
-    limit = (2**62 - 1) // (8 + 8 + 1 + 5)  # zeta_s + zeta_c sign picks, 1 sign word, 5 Gaussian pairs
+    limit = (2**62 - 1) // (8 + 8 + 1)  # zeta_s + zeta_c sign picks and 1 sign word per row (Theta: 5)
     for offset in (limit, 2**60, 2**63, 2**64):
         with pytest.raises(ValueError, match=f"row_offset must be < {limit}.*got {offset}"):
             StreamingSVD(n, k, seed=1, row_offset=offset)
@@ -39,7 +39,26 @@ def test_row_offset_beyond_the_generators_rows_is_a_value_error_naming_it():
     bad["row_offset"] = limit - 100
     with pytest.raises(ValueError, match="row_offset \\+ n_rows = .* beyond the last global row"):
         StreamingSVD(n, k, seed=1).load_state_dict(bad)
-    # more Gaussian test rows mean more words per row, and fewer rows
-    small = (2**62 - 1) // (8 + 8 + 1 + 50)
+    # more than 34 Gaussian test rows mean more words per row for Theta, and fewer rows
+    small = (2**62 - 1) // 50
     with pytest.raises(ValueError, match=f"row_offset must be < {small}"):
         StreamingSVD(n, k, seed=1, n_test=100, row_offset=small)
+
+
+def test_n_test_does_not_change_the_factorisation():
+    """With one generator call per row for Psi, Phi and Theta, n_test set the words per row, so Psi's and
+    Phi's draws (and U, S, V) changed with n_test: turning the error estimate off changed the SVD. Now the
+    sign maps come from a key of their own; the estimate stays within a factor 2 of the exact residual."""
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(900, 8, dtype=torch.float64, generator=gen) @ torch.randn(
+        8, 60, dtype=torch.float64, generator=gen
+    )
+    A += 1e-2 * torch.randn(900, 60, dtype=torch.float64, generator=gen)
+    ref = StreamingSVD(60, 3, seed=5, n_test=0, row_offset=7).update(A[:400]).update(A[400:]).result()
+    for q in (1, 10, 11, 40):
+        sk = StreamingSVD(60, 3, seed=5, n_test=q, row_offset=7).update(A[:400]).update(A[400:])
+        got = sk.result()
+        for name in ("U", "S", "Vh"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), (q, name)
+        truth = float(torch.linalg.norm(A - (got.U * got.S) @ got.Vh))
+        assert 0.5 < sk.error_estimate() / truth < 2.0
