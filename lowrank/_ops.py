@@ -825,9 +825,10 @@ def sketch_row_draws(
             f"sketch_row_draws: start + count = {start + count} exceeds the generator's last row + 1 = "
             f"{limit} (for sum(zetas) = {sum(zetas)}, n_gauss = {n_gauss})"
         )
-    rows = torch.empty(count, sum(zetas), dtype=torch.int64)
-    signs = torch.empty(count, sum(zetas), dtype=torch.float64)
-    gauss = torch.empty(count, n_gauss, dtype=torch.float64)
+    cpu = torch.device("cpu")  # the op is CPU-only: not torch's default device (`with torch.device("cuda")`)
+    rows = torch.empty(count, sum(zetas), dtype=torch.int64, device=cpu)
+    signs = torch.empty(count, sum(zetas), dtype=torch.float64, device=cpu)
+    gauss = torch.empty(count, n_gauss, dtype=torch.float64, device=cpu)
     torch.ops.lowrank.sketch_row_draws_.default(int(key), int(start), sizes, zetas, rows, signs, gauss)
     return rows, signs, gauss
 

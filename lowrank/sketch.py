@@ -364,7 +364,9 @@ class StreamingSVD:
     def _col_draw(self) -> torch.Tensor:
         """``[Omega, Xi]``: ``n x (s + c)`` standard Gaussian, float32 on the CPU (one draw from the seed)."""
         gen = torch.Generator().manual_seed(_mix(self.seed, -1))
-        return torch.randn(self.n_features, self.sketch + self.core, generator=gen)
+        # float32 on the CPU whatever torch's default dtype and device (a float64 default drew other values)
+        size = (self.n_features, self.sketch + self.core)
+        return torch.randn(size, generator=gen, dtype=torch.float32, device="cpu")
 
     def _draw_cols(self) -> None:
         """Draw ``[Omega, Xi]`` once: ``Omega`` kept in the compute dtype, ``Xi`` as drawn (float32)."""
@@ -411,7 +413,7 @@ class StreamingSVD:
         zetas = (min(SPARSITY, s), min(SPARSITY, c))
         rows, signs, _ = sketch_row_draws(_mix(self.seed, -2), start, stop - start, (s, c), zetas, 0)
         gauss = sketch_row_draws(_mix(self.seed, -3), start, stop - start, (), (), q)[2]
-        dense = torch.ones(stop - start, q + 1, dtype=torch.float64)
+        dense = torch.ones(stop - start, q + 1, dtype=torch.float64, device="cpu")
         dense[:, :q] = gauss
         if self.device is not None and self.device.type != "cpu":
             rows, signs, dense = (t.to(self.device) for t in (rows, signs, dense))

@@ -62,3 +62,47 @@ def test_n_test_does_not_change_the_factorisation():
             assert torch.equal(getattr(got, name), getattr(ref, name)), (q, name)
         truth = float(torch.linalg.norm(A - (got.U * got.S) @ got.Vh))
         assert 0.5 < sk.error_estimate() / truth < 2.0
+
+
+def test_torchs_default_dtype_and_device_do_not_change_the_stream():
+    """Under torch.set_default_dtype(torch.float64), Omega and Xi were drawn in float64 (other values: S
+    changed by 3 on a flat spectrum); under ``with torch.device(...)`` (meta here, cuda for a user
+    building a model) the row draws and scipy/torch.sparse block conversions went to that device and
+    failed (NotImplementedError from the CPU-only op, ValueError 'block is on the meta device')."""
+    import scipy.sparse as sp
+
+    import lowrank
+
+    A = _decaying(300, 20, seed=4)
+    ref = StreamingSVD(20, 3, seed=0, center=True).update(A[:100]).update(A[100:])
+    want = ref.result()
+    centred = torch.linalg.svdvals(A - A.mean(0))[:3]
+    torch.testing.assert_close(want.S, centred, rtol=2e-3, atol=0)  # the reference stream is right
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = StreamingSVD(20, 3, seed=0, center=True).update(A[:100]).update(A[100:]).result()
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(got.S, want.S) and torch.equal(got.Vh, want.Vh)
+    blocks = {
+        "dense": lambda X: X,
+        "numpy": lambda X: X.numpy(),
+        "scipy csr": lambda X: sp.csr_matrix(X.numpy()),
+        "scipy coo": lambda X: sp.coo_matrix(X.numpy()),
+        "torch coo": lambda X: X.to_sparse(),
+        "torch csr": lambda X: X.to_sparse_csr(),
+        "torch hybrid coo": lambda X: X.to_sparse(sparse_dim=1),
+    }
+    rsvd_ref = lowrank.rsvd(sp.csr_matrix(A.numpy()), 3, seed=0)
+    for name, make in blocks.items():
+        with torch.device("meta"):
+            sk = StreamingSVD(20, 3, seed=0, center=True).update(make(A[:100])).update(make(A[100:]))
+            got = sk.result()
+            estimate = sk.error_estimate()
+            rsvd = lowrank.rsvd(make(A), 3, seed=0)
+        assert got.S.device.type == "cpu", name
+        torch.testing.assert_close(got.S, want.S, rtol=1e-12, atol=0, msg=name)
+        torch.testing.assert_close(got.Vh, want.Vh, rtol=0, atol=1e-12, msg=name)
+        assert abs(estimate / ref.error_estimate() - 1) < 1e-9, name
+        torch.testing.assert_close(rsvd.S, rsvd_ref.S, rtol=1e-12, atol=0, msg=name)
