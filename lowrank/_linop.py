@@ -676,6 +676,8 @@ def _from_numpy_or_scipy(A: Any, name: str) -> torch.Tensor:
     if isinstance(A, np.ndarray):
         if not (np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.complexfloating)):
             raise TypeError(f"{name} must have a floating dtype, got NumPy dtype {A.dtype}")
+        if not A.dtype.isnative:  # torch views native byte order only (big-endian '>f8' files): one copy
+            A = A.astype(A.dtype.newbyteorder("="))
         return torch.from_numpy(np.ascontiguousarray(A))
     import scipy.sparse as sp
 

@@ -106,3 +106,22 @@ def test_torchs_default_dtype_and_device_do_not_change_the_stream():
         torch.testing.assert_close(got.Vh, want.Vh, rtol=0, atol=1e-12, msg=name)
         assert abs(estimate / ref.error_estimate() - 1) < 1e-9, name
         torch.testing.assert_close(rsvd.S, rsvd_ref.S, rtol=1e-12, atol=0, msg=name)
+
+
+def test_big_endian_numpy_blocks_are_read():
+    """A big-endian array (np.load of a '>f8' file, FITS data) raised torch's 'byte order different from
+    the native byte order' ValueError in StreamingSVD.update and lowrank.rsvd: it is now read (one copy)."""
+    import numpy as np
+
+    import lowrank
+
+    A = _decaying(120, 25, seed=6).numpy()
+    for dtype in ("f8", "f4"):
+        native = A.astype("<" + dtype)
+        big = A.astype(">" + dtype)
+        assert not big.dtype.isnative and np.array_equal(big, native)
+        want = StreamingSVD(25, 3, seed=0).update(native[:50]).update(native[50:]).result()
+        got = StreamingSVD(25, 3, seed=0).update(big[:50]).update(big[50:]).result()
+        assert torch.equal(got.S, want.S) and torch.equal(got.Vh, want.Vh)
+        exact = torch.linalg.svdvals(torch.from_numpy(native).double())[:3]
+        torch.testing.assert_close(lowrank.rsvd(big, 3, seed=0).S.double(), exact, rtol=1e-4, atol=0)
