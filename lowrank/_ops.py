@@ -799,6 +799,8 @@ def sketch_row_draws(
             raise TypeError(f"sketch_row_draws: {name} must be an int, got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"sketch_row_draws: {name} must be >= 0, got {value}")
+    # Python ints from here: NumPy int64 sums such as start + count wrap around silently
+    key, start, count, n_gauss = int(key), int(start), int(count), int(n_gauss)
     if key >= 1 << 63:
         raise ValueError(f"sketch_row_draws: key must be < 2**63, got {key}")
     groups = {}

@@ -187,6 +187,9 @@ def test_the_last_rows_of_the_counter_and_the_limit_is_the_kernels():
     for start in (limit - count + 1, 2**63 - 1, 2**63, 2**70):
         with pytest.raises(ValueError, match="start \\+ count = .* exceeds the generator's last row"):
             sketch_row_draws(key, start, count, sizes, zetas, q)
+    # NumPy int64 arguments whose sum wraps around (2**62 + 2**62): the limit still applies
+    with pytest.raises(ValueError, match="start \\+ count = 9223372036854775808 exceeds"):
+        sketch_row_draws(key, np.int64(2**62), np.int64(2**62), sizes, zetas, q)
 
 
 def test_bad_group_arguments_raise_value_or_type_errors():
