@@ -397,7 +397,9 @@ def _csr_adjoint(csr: torch.Tensor) -> torch.Tensor:
         csc = (converted.ccol_indices(), converted.row_indices(), converted.values())
     pointers, indices, values = csc
     values = values.conj() if values.is_complex() else values
-    return torch.sparse_csr_tensor(pointers, indices, values, size=(n, m), check_invariants=False)
+    return torch.sparse_csr_tensor(
+        pointers, indices, values, size=(n, m), check_invariants=False, device=pointers.device
+    )
 
 
 class CallbackOp(LinOp):
@@ -583,7 +585,8 @@ def _coo_without_dense_dims(A: torch.Tensor) -> torch.Tensor:
     rows, n = A.indices()[0], A.shape[1]
     cols = torch.arange(n, device=A.device).repeat(rows.numel())
     indices = torch.stack([rows.repeat_interleave(n), cols])
-    return torch.sparse_coo_tensor(indices, A.values().reshape(-1), tuple(A.shape), is_coalesced=True)
+    values = A.values().reshape(-1)
+    return torch.sparse_coo_tensor(indices, values, tuple(A.shape), is_coalesced=True, device=A.device)
 
 
 def _check_finite(values: torch.Tensor, name: str) -> None:
@@ -673,6 +676,8 @@ def _from_numpy_or_scipy(A: Any, name: str) -> torch.Tensor:
     if isinstance(A, np.ndarray):
         if not (np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.complexfloating)):
             raise TypeError(f"{name} must have a floating dtype, got NumPy dtype {A.dtype}")
+        if not A.dtype.isnative:  # torch views native byte order only (big-endian '>f8' files): one copy
+            A = A.astype(A.dtype.newbyteorder("="))
         return torch.from_numpy(np.ascontiguousarray(A))
     import scipy.sparse as sp
 
@@ -690,4 +695,5 @@ def _from_numpy_or_scipy(A: Any, name: str) -> torch.Tensor:
         torch.from_numpy(csr.data),
         size=csr.shape,
         check_invariants=False,
+        device="cpu",  # where the arrays are, not torch's default device (`with torch.device("cuda")`)
     )

@@ -736,6 +736,15 @@ def sparse_sign_add_(
     return out
 
 
+def sketch_row_draws_limit(zetas: Sequence[int], n_gauss: int) -> int:
+    """One past the last global row :func:`sketch_row_draws` can draw with these ``zetas`` and ``n_gauss``:
+    ``(2**62 - 1) // W`` with ``W = sum(zetas) + ceil(sum(zetas) / 64) + ceil(n_gauss / 2)`` words per row
+    (the kernel's counter ``i W + j`` stays below ``2**62``, so no two rows share a word). About ``2.1e17``
+    rows for :class:`lowrank.StreamingSVD`'s defaults (``W = 22``)."""
+    nz = sum(zetas)
+    return (2**62 - 1) // max(1, nz + -(-nz // 64) + -(-n_gauss // 2))
+
+
 def sketch_row_draws(
     key: int, start: int, count: int, sizes: Sequence[int], zetas: Sequence[int], n_gauss: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -757,7 +766,8 @@ def sketch_row_draws(
         ``[o_g, o_g + sizes[g])`` (``o_g`` the sum of the earlier sizes; Floyd's algorithm, J. Bentley,
         "Programming pearls: a sample of brilliance", CACM 30(9), 1987), ``0 <= zetas[g] <= sizes[g]``.
     n_gauss : int
-        Standard Gaussians per row (Box-Muller), rounded to float32.
+        Standard Gaussians per row (Marsaglia's polar method, one generator word per pair), rounded to
+        float32.
 
     Returns
     -------
@@ -771,10 +781,11 @@ def sketch_row_draws(
     Raises
     ------
     ValueError
-        Negative arguments, ``len(sizes) != len(zetas)``, a ``zetas[g]`` outside ``[0, sizes[g]]``, or a
-        ``key`` outside ``[0, 2**63)``.
+        Negative arguments, ``len(sizes) != len(zetas)``, a ``zetas[g]`` outside ``[0, sizes[g]]``, a
+        ``key`` outside ``[0, 2**63)``, ``sum(sizes) >= 2**63``, or ``start + count`` beyond
+        :func:`sketch_row_draws_limit`.
     TypeError
-        A non-integer argument.
+        A non-integer argument (``sizes`` and ``zetas`` included).
 
     Notes
     -----
@@ -788,12 +799,38 @@ def sketch_row_draws(
             raise TypeError(f"sketch_row_draws: {name} must be an int, got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"sketch_row_draws: {name} must be >= 0, got {value}")
+    # Python ints from here: NumPy int64 sums such as start + count wrap around silently
+    key, start, count, n_gauss = int(key), int(start), int(count), int(n_gauss)
     if key >= 1 << 63:
         raise ValueError(f"sketch_row_draws: key must be < 2**63, got {key}")
-    sizes, zetas = [int(d) for d in sizes], [int(z) for z in zetas]
-    rows = torch.empty(count, sum(zetas), dtype=torch.int64)
-    signs = torch.empty(count, sum(zetas), dtype=torch.float64)
-    gauss = torch.empty(count, n_gauss, dtype=torch.float64)
+    groups = {}
+    for name, seq in (("sizes", sizes), ("zetas", zetas)):
+        entries = seq.tolist() if hasattr(seq, "tolist") else seq  # ndarray / tensor: their entries
+        if isinstance(entries, str | bytes) or not hasattr(entries, "__iter__"):
+            raise TypeError(f"sketch_row_draws: {name} must be a sequence of ints, got {type(seq).__name__}")
+        entries = list(entries)
+        for g, value in enumerate(entries):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"sketch_row_draws: {name}[{g}] must be an int, got {type(value).__name__}")
+        groups[name] = [int(v) for v in entries]
+    sizes, zetas = groups["sizes"], groups["zetas"]
+    if len(sizes) != len(zetas):
+        raise ValueError(f"sketch_row_draws: sizes has {len(sizes)} entries but zetas has {len(zetas)}")
+    for g, (d, z) in enumerate(zip(sizes, zetas)):
+        if not 0 <= z <= d:
+            raise ValueError(f"sketch_row_draws: zetas[{g}] = {z} must lie in [0, sizes[{g}] = {d}]")
+    if sum(sizes) >= 1 << 63:  # the targets are int64 offsets into the concatenated groups
+        raise ValueError(f"sketch_row_draws: sum(sizes) must be < 2**63, got {sum(sizes)}")
+    limit = sketch_row_draws_limit(zetas, n_gauss)
+    if start + count > limit:
+        raise ValueError(
+            f"sketch_row_draws: start + count = {start + count} exceeds the generator's last row + 1 = "
+            f"{limit} (for sum(zetas) = {sum(zetas)}, n_gauss = {n_gauss})"
+        )
+    cpu = torch.device("cpu")  # the op is CPU-only: not torch's default device (`with torch.device("cuda")`)
+    rows = torch.empty(count, sum(zetas), dtype=torch.int64, device=cpu)
+    signs = torch.empty(count, sum(zetas), dtype=torch.float64, device=cpu)
+    gauss = torch.empty(count, n_gauss, dtype=torch.float64, device=cpu)
     torch.ops.lowrank.sketch_row_draws_.default(int(key), int(start), sizes, zetas, rows, signs, gauss)
     return rows, signs, gauss
 

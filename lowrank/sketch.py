@@ -20,7 +20,8 @@ irrelevant (``W`` only gives a basis, and ``Phi``'s scale cancels in the core so
 The column-side test matrices (``Omega``, ``Xi``) are drawn once from the seed (torch's generator). The
 row-side ones (``Psi``, ``Phi``, ``Theta``) act on rows that are not known in advance: the column for global
 row ``i`` comes from a counter-based generator keyed by ``(seed, i)`` (:func:`lowrank._ops.sketch_row_draws`),
-so it does not depend on how the stream is cut into blocks, and exactly the rows of each block are drawn. All
+so it does not depend on how the stream is cut into blocks, and exactly the rows of each block are drawn
+(``Psi``/``Phi`` and ``Theta`` from separate keys: ``n_test`` does not change the factorisation). All
 test matrices are drawn on the CPU (Gaussians as float32 values; then cast and moved), so a stream gives the
 same sketches, up to rounding, on every device and in both dtypes.
 
@@ -56,7 +57,7 @@ from lowrank._linop import (
     no_autocast,
     python_number,
 )
-from lowrank._ops import range_gram, sketch_row_draws, sparse_sign_add_
+from lowrank._ops import range_gram, sketch_row_draws, sketch_row_draws_limit, sparse_sign_add_
 from lowrank.svd import SVDResult
 
 __all__ = ["StreamingSVD", "is_row_stream", "iter_row_blocks", "stream_rsvd"]
@@ -74,7 +75,9 @@ READ_BLOCK_BYTES = 1 << 26
 #: count): ``zeta = min(8, d)``, the value Tropp et al. (2019, §3.3.1) recommend.
 SPARSITY = 8
 
-_STATE_VERSION = 4  # 4: row-side test matrices from sketch_row_draws (3: torch generators per chunk)
+# 5: the sign maps and Theta from separate sketch_row_draws keys (4: one key, n_test moved Psi and Phi);
+# 4: row-side test matrices from sketch_row_draws (3: torch generators per chunk)
+_STATE_VERSION = 5
 
 #: Bytes of a block's rows per GEMM call of :meth:`StreamingSVD.update` on the CPU (see :func:`gemm_rows`).
 GEMM_BYTES = 1 << 23
@@ -141,6 +144,11 @@ def _check_state(sk: StreamingSVD, state: Any) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"state has {name}={state[name]!r}, expected an int >= 0")
+    if counts["row_offset"] + counts["n_rows"] > sk._row_limit():
+        raise ValueError(
+            f"state has row_offset + n_rows = {counts['row_offset'] + counts['n_rows']}, beyond the last "
+            f"global row + 1 = {sk._row_limit()} that the row-side test matrices reach"
+        )
     reduced = python_number(state.get("reduced_rows"))  # absent in states saved before it was kept
     if reduced is not None and (isinstance(reduced, bool) or not isinstance(reduced, int) or reduced < 0):
         raise ValueError(f"state has reduced_rows={state['reduced_rows']!r}, expected None or an int >= 0")
@@ -216,7 +224,10 @@ class StreamingSVD:
     row_offset : int
         Global index of the first row this instance will see (default 0). Ranks of a distributed stream
         pass where their rows start, so that the sum of their sketches equals the sketch of the whole
-        matrix (see :func:`lowrank.distributed.reduce_sketch`).
+        matrix (see :func:`lowrank.distributed.reduce_sketch`). Global rows must stay below
+        ``(2**62 - 1) // W`` (``W = max(zeta_s + zeta_c + 1, ceil(n_test / 2))`` generator words per row:
+        about ``2.7e17`` by default, so ``rank * 2**40`` offsets suit up to ~240000 ranks); ``ValueError``
+        otherwise (here, or in :meth:`update` for the rows that would pass it).
 
     Notes
     -----
@@ -326,6 +337,11 @@ class StreamingSVD:
         self.n_features, self.k, self.sketch, self.core, self.n_test = n, k, s, c, q
         self.center, self.keep_u, self.seed = center, keep_u, seed
         self.row_offset = _check_int(row_offset, "row_offset", 0)
+        if self.row_offset >= self._row_limit():
+            raise ValueError(
+                f"row_offset must be < {self._row_limit()} (the global rows the row-side test matrices "
+                f"reach for these sketch sizes), got {self.row_offset}"
+            )
         self.dtype: torch.dtype | None = dtype
         self._dtype_fixed = dtype is not None
         self.device: torch.device | None = None if device is None else torch.device(device)
@@ -348,7 +364,9 @@ class StreamingSVD:
     def _col_draw(self) -> torch.Tensor:
         """``[Omega, Xi]``: ``n x (s + c)`` standard Gaussian, float32 on the CPU (one draw from the seed)."""
         gen = torch.Generator().manual_seed(_mix(self.seed, -1))
-        return torch.randn(self.n_features, self.sketch + self.core, generator=gen)
+        # float32 on the CPU whatever torch's default dtype and device (a float64 default drew other values)
+        size = (self.n_features, self.sketch + self.core)
+        return torch.randn(size, generator=gen, dtype=torch.float32, device="cpu")
 
     def _draw_cols(self) -> None:
         """Draw ``[Omega, Xi]`` once: ``Omega`` kept in the compute dtype, ``Xi`` as drawn (float32)."""
@@ -373,6 +391,13 @@ class StreamingSVD:
         self._cols, self._xi32, self._buffers = None, None, {}
         self._factor_cache = None
 
+    def _row_limit(self) -> int:
+        """One past the last global row index the row-side test matrices reach
+        (:func:`lowrank._ops.sketch_row_draws_limit` of the sign maps' and ``Theta``'s draws: ~2.7e17 for
+        ``n_test <= 34``)."""
+        zetas = (min(SPARSITY, self.sketch), min(SPARSITY, self.core))
+        return min(sketch_row_draws_limit(zetas, 0), sketch_row_draws_limit((), self.n_test))
+
     def _row_test(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Global rows ``start:stop`` of the row-side test matrices (on the stream's device):
 
@@ -383,10 +408,12 @@ class StreamingSVD:
           values, then ones: ``Theta A`` and ``1^T A`` come out of the same pass as ``Psi A``, ``Phi A``).
         """
         s, q, c = self.sketch, self.n_test, self.core
-        rows, signs, gauss = sketch_row_draws(
-            _mix(self.seed, -2), start, stop - start, (s, c), (min(SPARSITY, s), min(SPARSITY, c)), q
-        )
-        dense = torch.ones(stop - start, q + 1, dtype=torch.float64)
+        # the sign maps and Theta from keys of their own: a row's words are laid out per call, so one call
+        # for both made n_test move Psi's and Phi's draws (a stream's U, S, V changed with n_test)
+        zetas = (min(SPARSITY, s), min(SPARSITY, c))
+        rows, signs, _ = sketch_row_draws(_mix(self.seed, -2), start, stop - start, (s, c), zetas, 0)
+        gauss = sketch_row_draws(_mix(self.seed, -3), start, stop - start, (), (), q)[2]
+        dense = torch.ones(stop - start, q + 1, dtype=torch.float64, device="cpu")
         dense[:, :q] = gauss
         if self.device is not None and self.device.type != "cpu":
             rows, signs, dense = (t.to(self.device) for t in (rows, signs, dense))
@@ -452,7 +479,8 @@ class StreamingSVD:
         Raises
         ------
         ValueError
-            Wrong number of columns, empty block, NaN/Inf entries.
+            Wrong number of columns, empty block, NaN/Inf entries, rows past the last global row the
+            row-side test matrices reach (see ``row_offset``).
         TypeError
             Unsupported type, non-real-float dtype, or a dtype other than the stream's (``dtype=None``).
         """
@@ -466,6 +494,12 @@ class StreamingSVD:
         b = A.shape[0]
         s, c = self.sketch, self.core
         start = self.row_offset + self.n_rows
+        if start + b > self._row_limit():
+            raise ValueError(
+                f"this block's rows reach global row {start + b - 1} (row_offset={self.row_offset} plus "
+                f"{self.n_rows + b} rows), beyond the last row the row-side test matrices reach, "
+                f"{self._row_limit() - 1}: give the ranks smaller row offsets"
+            )
         R = self._row_test(start, start + b)
         strided = isinstance(A, torch.Tensor)
         acc = self._acc

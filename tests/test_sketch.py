@@ -290,13 +290,17 @@ def test_state_dict_resume(tmp_path):
         StreamingSVD(50, 5, seed=12, center=True).load_state_dict(old)
     # version 2: separate [Psi A; Phi A], Theta A, 1^T A buffers and torch-drawn signs
     v2 = {**first.state_dict(), "version": 2}
-    with pytest.raises(ValueError, match="version 2, this is version 4.*cannot resume"):
+    with pytest.raises(ValueError, match="version 2, this is version 5.*cannot resume"):
         StreamingSVD(50, 5, seed=12, center=True).load_state_dict(v2)
     # version 3: the row-side test matrices from torch's generator per chunk of 4096 rows
     v3 = {**first.state_dict(), "version": 3}
-    with pytest.raises(ValueError, match="version 3, this is version 4.*cannot resume"):
+    with pytest.raises(ValueError, match="version 3, this is version 5.*cannot resume"):
         StreamingSVD(50, 5, seed=12, center=True).load_state_dict(v3)
-    assert first.state_dict()["version"] == 4
+    # version 4: one sketch_row_draws key for Psi, Phi and Theta (n_test moved the sign maps' draws)
+    v4 = {**first.state_dict(), "version": 4}
+    with pytest.raises(ValueError, match="version 4, this is version 5.*cannot resume"):
+        StreamingSVD(50, 5, seed=12, center=True).load_state_dict(v4)
+    assert first.state_dict()["version"] == 5
 
 
 # ------------------------------------------------------------------------------------------- input kinds

@@ -13,7 +13,7 @@ import pytest
 import scipy.stats
 import torch
 
-from lowrank._ops import sketch_row_draws
+from lowrank._ops import sketch_row_draws, sketch_row_draws_limit
 
 MASK = (1 << 64) - 1
 GAMMA = 0x9E3779B97F4A7C15
@@ -151,7 +151,7 @@ def test_bad_arguments():
         sketch_row_draws(1, 0, 3, (5, 6), (2,), 0)
     with pytest.raises(ValueError, match=r"zetas\[0\] = 6 must lie in \[0, sizes\[0\] = 5\]"):
         sketch_row_draws(1, 0, 3, (5,), (6,), 0)
-    with pytest.raises(ValueError, match="start = .* is too large"):
+    with pytest.raises(ValueError, match="start \\+ count = .* exceeds the generator's last row"):
         sketch_row_draws(1, 2**62, 3, (5,), (2,), 0)
     op = torch.ops.lowrank.sketch_row_draws_.default
     rows, signs = torch.empty(3, 2, dtype=torch.long), torch.empty(3, 2, dtype=torch.double)
@@ -160,3 +160,55 @@ def test_bad_arguments():
         op(1, 0, [5], [2], rows, signs, gauss)
     with pytest.raises(ValueError, match="rows must be 2-D"):
         op(1, 0, [5], [3], rows, signs, gauss.double())
+
+
+def test_the_last_rows_of_the_counter_and_the_limit_is_the_kernels():
+    """Found by user test 11: a start past 2**63 reached the op as a pybind RuntimeError, and the
+    wrapper's limit must be the kernel's own (rows up to it drawn exactly as documented)."""
+    sizes, zetas, q = (161, 323), (8, 8), 10
+    limit = sketch_row_draws_limit(zetas, q)
+    assert limit == (2**62 - 1) // (16 + 1 + 5)
+    key, count = 0x1234567890ABCDEF, 4
+    rows, signs, gauss = sketch_row_draws(key, limit - count, count, sizes, zetas, q)
+    for i in range(count):
+        ref_rows, ref_signs, ref_gauss = _reference_row(key, limit - count + i, sizes, zetas, q)
+        assert rows[i].tolist() == ref_rows
+        assert signs[i].tolist() == ref_signs
+        assert gauss[i].tolist() == ref_gauss
+    op = torch.ops.lowrank.sketch_row_draws_.default
+    buffers = (
+        torch.empty(count, 16, dtype=torch.long),
+        torch.empty(count, 16, dtype=torch.double),
+        torch.empty(count, q, dtype=torch.double),
+    )
+    op(key, limit - count, list(sizes), list(zetas), *buffers)  # the kernel accepts the wrapper's last rows
+    with pytest.raises(ValueError, match="too large"):
+        op(key, limit - count + 1, list(sizes), list(zetas), *buffers)
+    for start in (limit - count + 1, 2**63 - 1, 2**63, 2**70):
+        with pytest.raises(ValueError, match="start \\+ count = .* exceeds the generator's last row"):
+            sketch_row_draws(key, start, count, sizes, zetas, q)
+    # NumPy int64 arguments whose sum wraps around (2**62 + 2**62): the limit still applies
+    with pytest.raises(ValueError, match="start \\+ count = 9223372036854775808 exceeds"):
+        sketch_row_draws(key, np.int64(2**62), np.int64(2**62), sizes, zetas, q)
+
+
+def test_bad_group_arguments_raise_value_or_type_errors():
+    """Found by user test 11: sizes/zetas entries were passed through int() (5.7 and "5" accepted), a
+    negative zeta surfaced as torch's RuntimeError, and sizes summing past 2**63 gave negative targets."""
+    with pytest.raises(TypeError, match=r"sizes\[0\] must be an int, got float"):
+        sketch_row_draws(1, 0, 3, (5.7,), (2,), 0)
+    with pytest.raises(TypeError, match=r"zetas\[1\] must be an int, got str"):
+        sketch_row_draws(1, 0, 3, (5, 6), (2, "2"), 0)
+    with pytest.raises(TypeError, match="sizes must be a sequence of ints, got int"):
+        sketch_row_draws(1, 0, 3, 5, (2,), 0)
+    with pytest.raises(TypeError, match="zetas must be a sequence of ints, got str"):
+        sketch_row_draws(1, 0, 3, (5,), "2", 0)
+    with pytest.raises(ValueError, match=r"zetas\[0\] = -1 must lie in \[0, sizes\[0\] = 5\]"):
+        sketch_row_draws(1, 0, 3, (5,), (-1,), 0)
+    with pytest.raises(ValueError, match=r"sum\(sizes\) must be < 2\*\*63"):
+        sketch_row_draws(1, 0, 3, (2**62, 2**62), (2, 2), 0)
+    # NumPy and torch integer sequences are ints
+    ref = sketch_row_draws(1, 0, 3, (5, 6), (2, 3), 1)
+    for sizes, zetas in ((np.array([5, 6]), np.array([2, 3])), (torch.tensor([5, 6]), torch.tensor([2, 3]))):
+        for got, want in zip(sketch_row_draws(1, 0, 3, sizes, zetas, 1), ref):
+            assert torch.equal(got, want)
