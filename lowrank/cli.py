@@ -88,6 +88,16 @@ class TensorSource:
                 try:
                     with open(index, encoding="utf-8") as f:
                         weight_map = json.load(f)["weight_map"]
+                    root = os.path.normpath(os.path.abspath(path))
+                    for v in set(weight_map.values()):
+                        # a shard named outside the folder ('../x', '/abs'): checked by name, so that a
+                        # Hugging Face cache snapshot's symlinks (into ../../blobs) still read
+                        target = os.path.normpath(os.path.join(root, v))
+                        if os.path.isabs(v) or os.path.commonpath([root, target]) != root:
+                            raise CLIError(
+                                f"{label} {index!r}: the index names shard {v!r}, outside the checkpoint "
+                                "folder; refusing to read it"
+                            )
                     files = sorted({os.path.join(path, v) for v in weight_map.values()})
                     listed = {name: os.path.join(path, v) for name, v in weight_map.items()}
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
