@@ -87,7 +87,7 @@ def gemm_rows(n: int, itemsize: int, rows: int | None = None) -> int:
     """Rows per chunk of the range GEMM ``A_b Omega`` on the CPU (:func:`lowrank._ops.range_gram`): about
     :data:`GEMM_BYTES` of the block, at least 256 rows; for a block of ``rows`` rows the chunks are made
     equal (``ceil(rows / chunks)`` rows for the ``chunks`` that target gives), and for a block with fewer
-    such chunks than torch threads, ``ceil(rows / threads)`` (at least 16) so that every thread gets one.
+    such chunks than torch threads, one chunk per thread (at most ``rows // 16`` chunks, made equal too).
     Threads take runs of whole chunks, each chunk's GEMM on one thread (no barrier per chunk), so the result
     depends on the chunks alone: on the thread count only through that small-block rule. On ``5000 x 3000``
     float32 blocks (``s = 161``, 2 cores, quiet, 30 interleaved rounds) GEMM + Gram took 0.85x (1 thread) /
@@ -101,8 +101,8 @@ def gemm_rows(n: int, itemsize: int, rows: int | None = None) -> int:
         return step
     chunks = -(-rows // step)
     threads = torch.get_num_threads()
-    if threads > 1 and chunks < threads:
-        return max(16, -(-rows // threads))
+    if threads > 1 and chunks < threads:  # one chunk per thread, at least 16 rows each, made equal
+        chunks = max(1, min(threads, rows // 16))
     return -(-rows // chunks)
 
 

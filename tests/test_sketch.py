@@ -141,10 +141,12 @@ def test_range_gemm_in_row_chunks_equals_one_product(monkeypatch, request, keep_
     assert (
         sketch_mod.gemm_rows(n, 4, 200),
         sketch_mod.gemm_rows(n, 4, 20),
+        sketch_mod.gemm_rows(n, 4, 33),
         sketch_mod.gemm_rows(n, 4, 600),
     ) == (
         100,
-        16,
+        20,  # two chunks would hold fewer than 16 rows each (was 16 + 4)
+        17,  # 17 + 16, equal (was 16 + 16 + 1)
         200,  # 3 chunks of the 256-row target, made equal
     )
     torch.set_num_threads(1)

@@ -160,6 +160,8 @@ def test_bad_arguments():
         op(1, 0, [5], [2], rows, signs, gauss)
     with pytest.raises(ValueError, match="rows must be 2-D"):
         op(1, 0, [5], [3], rows, signs, gauss.double())
+    with pytest.raises(ValueError, match=r"sum\(sizes\) must be < 2\*\*63"):  # the op's own check
+        op(1, 0, [2**62, 2**62], [1, 1], rows, signs, gauss.double()[:, :0])
 
 
 def test_the_last_rows_of_the_counter_and_the_limit_is_the_kernels():

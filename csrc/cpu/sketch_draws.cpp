@@ -52,9 +52,12 @@ void sketch_row_draws_cpu(int64_t key, int64_t start, at::IntArrayRef sizes, at:
   TORCH_CHECK_VALUE(sizes.size() == zetas.size(), op, ": sizes has ", sizes.size(), " entries but zetas has ",
                     zetas.size());
   int64_t nz = 0;
+  int64_t total = 0;  // the targets are offsets into the concatenated groups: their sum must fit int64
   for (size_t g = 0; g < sizes.size(); ++g) {
     TORCH_CHECK_VALUE(zetas[g] >= 0 && zetas[g] <= sizes[g], op, ": zetas[", g, "] = ", zetas[g],
                       " must lie in [0, sizes[", g, "] = ", sizes[g], "]");
+    TORCH_CHECK_VALUE(sizes[g] <= INT64_MAX - total, op, ": sum(sizes) must be < 2**63");
+    total += sizes[g];
     nz += zetas[g];
   }
   TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(1) == nz, op, ": rows must be 2-D (count, ", nz,
