@@ -672,13 +672,23 @@ def _check_nonempty(shape, name: str) -> None:
         raise ValueError(f"{name} has an empty dimension (shape {tuple(shape)})")
 
 
+def _view_numpy(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without torch's "not writable" UserWarning for read-only arrays (``np.load(...,
+    mmap_mode="r")``, a streamed memmap): lowrank reads its inputs and never writes them, as for tensors."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def _from_numpy_or_scipy(A: Any, name: str) -> torch.Tensor:
     if isinstance(A, np.ndarray):
         if not (np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.complexfloating)):
             raise TypeError(f"{name} must have a floating dtype, got NumPy dtype {A.dtype}")
         if not A.dtype.isnative:  # torch views native byte order only (big-endian '>f8' files): one copy
             A = A.astype(A.dtype.newbyteorder("="))
-        return torch.from_numpy(np.ascontiguousarray(A))
+        return _view_numpy(np.ascontiguousarray(A))
     import scipy.sparse as sp
 
     if not sp.issparse(A):

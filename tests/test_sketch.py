@@ -497,3 +497,32 @@ def test_distributed_reduce_equals_single_process(tmp_path):
         assert res["bad_type"].startswith(expected)
         U_parts.append(U)
     torch.testing.assert_close(torch.cat(U_parts), ref.U, rtol=0, atol=1e-9)
+
+
+def test_read_only_arrays_are_read_without_a_warning(tmp_path):
+    # np.load(..., mmap_mode="r") gives read-only arrays: torch.from_numpy warned "not writable" (an error
+    # under -W error); the library only reads its inputs. A fresh interpreter: torch warns once per process.
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    path = tmp_path / "a.npy"
+    rng = np.random.default_rng(0)
+    np.save(path, rng.standard_normal((300, 40)) @ np.diag(0.8 ** np.arange(40)))
+    code = f"""
+import numpy as np, torch, lowrank
+A = np.load({str(path)!r}, mmap_mode="r")
+sk = lowrank.StreamingSVD(40, 5, seed=0)
+for i in range(0, 300, 70):
+    sk.update(A[i:i + 70])
+S = lowrank.rsvd(A, 5, seed=0).S
+exact = np.linalg.svd(np.asarray(A), compute_uv=False)[:5]
+assert np.allclose(S.numpy(), exact, rtol=1e-6), (S, exact)
+assert np.allclose(sk.result().S.numpy(), exact, rtol=0.05), (sk.result().S, exact)
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
