@@ -725,6 +725,13 @@ class StreamingSVD:
                 continue
             if name != "row_offset" and state[name] != getattr(self, name):
                 raise ValueError(f"state has {name}={state[name]!r}, this instance {getattr(self, name)!r}")
+        if (
+            state["sketches"] is not None
+            and self._dtype_fixed
+            and state["dtype"] != str(self.dtype).removeprefix("torch.")
+        ):
+            # refused before anything changes (the seed below): the instance keeps its own sketches
+            raise ValueError(f"state has dtype torch.{state['dtype']}, this instance {self.dtype}")
         self._factor_cache = None
         if self._seed_drawn and state["seed"] != self.seed:
             self.seed = check_seed(state["seed"], allow_generator=False)
@@ -735,8 +742,6 @@ class StreamingSVD:
             self._acc, self._Y, self.n_rows = None, [], 0
             return self
         dtype = getattr(torch, state["dtype"])
-        if self._dtype_fixed and dtype != self.dtype:
-            raise ValueError(f"state has dtype {dtype}, this instance {self.dtype}")
         device = self.device if self.device is not None else state["sketches"]["G"].device
         self.dtype, self.device = dtype, device
         self._forget_derived()
