@@ -876,7 +876,13 @@ def stream_rsvd(
     sk = None
     for block in blocks:
         if sk is None:
-            n = block.shape[1] if getattr(block, "ndim", 2) == 2 else -1
+            if not (isinstance(block, (torch.Tensor, np.ndarray)) or _is_sparse(block)):
+                # a list of lists, numbers: no shape to read (was an AttributeError here)
+                raise TypeError(
+                    "A: row blocks must be torch tensors, ndarrays or scipy.sparse matrices, got "
+                    + type(block).__name__
+                )
+            n = block.shape[1] if block.ndim == 2 else -1
             if n < 1:
                 raise ValueError(f"row blocks must be 2-D, got shape {tuple(block.shape)}")
             sketch = None if oversample is None else min(n, k + _check_int(oversample, "oversample", 0))

@@ -26,3 +26,10 @@ def test_failed_load_state_dict_leaves_instance_unchanged():
     assert sk.seed == seed0
     S_ref = np.linalg.svd(A, compute_uv=False)[:3]
     np.testing.assert_allclose(sk.result().S.numpy(), S_ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("first", [[[1.0, 2.0], [3.0, 4.0]], 3, None])
+def test_stream_of_non_arrays_is_a_type_error(first):
+    # the first block fixes the width: a block without a shape was an AttributeError
+    with pytest.raises(TypeError, match="row blocks"):
+        lowrank.rsvd(iter([first, np.ones((4, 2))]), 1, seed=0)
