@@ -140,6 +140,11 @@ def _check_state(sk: StreamingSVD, state: Any) -> None:
     for name in (*sk._CONFIG, "n_rows", "dtype", "sketches", "Y"):
         if name not in state:
             raise ValueError(f"state lacks {name!r}")
+    for name in sk._CONFIG:  # a state of another configuration says which setting differs, not a shape
+        if name == "row_offset" or (name == "seed" and sk._seed_drawn):
+            continue
+        if state[name] != getattr(sk, name):
+            raise ValueError(f"state has {name}={state[name]!r}, this instance {getattr(sk, name)!r}")
     counts = {name: python_number(state[name]) for name in ("n_rows", "row_offset")}
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -33,3 +33,13 @@ def test_stream_of_non_arrays_is_a_type_error(first):
     # the first block fixes the width: a block without a shape was an AttributeError
     with pytest.raises(TypeError, match="row blocks"):
         lowrank.rsvd(iter([first, np.ones((4, 2))]), 1, seed=0)
+
+
+@pytest.mark.parametrize(("name", "value"), [("k", 4), ("sketch", 20), ("core", 50), ("n_test", 3)])
+def test_load_state_dict_of_another_configuration_names_the_setting(name, value):
+    src = lowrank.StreamingSVD(30, 3, seed=5)
+    src.update(_data())
+    sk = lowrank.StreamingSVD(**{"n_features": 30, "k": 3, "seed": 5, name: value})
+    with pytest.raises(ValueError, match=f"state has {name}="):
+        sk.load_state_dict(src.state_dict())
+    assert sk.n_rows == 0 and sk._acc is None
