@@ -810,6 +810,54 @@ def _array_blocks(array: Any) -> Iterator[Any]:
         yield np.asarray(array[start : start + step])
 
 
+def _shard_shape(path: str) -> tuple[int, ...]:
+    """The shape of a shard's array, from its header only (``ValueError`` naming the shard otherwise)."""
+    if not path.endswith((".npy", ".safetensors")):
+        raise ValueError(f"shard paths must end in .npy or .safetensors, got {path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"A: shard {path!r} does not exist (or is not a file)")
+    if path.endswith(".npy"):
+        try:
+            return tuple(np.load(path, mmap_mode="r").shape)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"A: shard {path!r} is not a readable .npy array ({error})") from None
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as error:  # pragma: no cover - safetensors is optional
+        raise ImportError("reading .safetensors shards needs the safetensors package") from error
+    try:
+        with safe_open(path, framework="pt") as handle:
+            keys = list(handle.keys())
+            if len(keys) != 1:
+                raise ValueError(f"shard {path!r} must hold exactly one tensor, got {len(keys)}")
+            return tuple(handle.get_slice(keys[0]).get_shape())
+    except (OSError, RuntimeError, SafetensorError) as error:  # a truncated or foreign file
+        raise ValueError(f"A: shard {path!r} is not a readable .safetensors file ({error})") from None
+
+
+def _check_shards(items: Any) -> None:
+    """Before anything is read: every shard path of a list exists and holds a 2-D array as wide as the
+    first shard (or block) of the list, so that a missing or foreign shard fails at once, named, rather
+    than after the shards before it were read."""
+    if not isinstance(items, (list, tuple)):
+        return
+    first: tuple[str, int] | None = None
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)):
+            shape = _shard_shape(os.fspath(item))
+            name = f"shard {os.fspath(item)!r}"
+            if len(shape) != 2:
+                raise ValueError(f"A: {name} must hold a 2-D array, got shape {shape}")
+        elif getattr(item, "ndim", None) == 2:
+            name, shape = f"item {i} (a {type(item).__name__})", tuple(item.shape)
+        else:
+            continue  # sketched as given (update says what is wrong with it)
+        if first is None:
+            first = (name, shape[1])
+        elif shape[1] != first[1]:
+            raise ValueError(f"A: {name} has {shape[1]} columns, {first[0]} has {first[1]}")
+
+
 def _shard_blocks(path: str | os.PathLike) -> Iterator[Any]:
     path = os.fspath(path)
     if path.endswith(".npy"):
@@ -866,6 +914,8 @@ def stream_rsvd(
 
     ``oversample`` sets the sketch size ``k + oversample`` (default: StreamingSVD's ``min(4k + 1, n)``);
     ``tol``, ``n_iter > 0`` and ``method`` other than ``"auto"`` need several passes and raise ``ValueError``.
+    A list of shard paths is checked before anything is read (file headers only): a missing, unreadable,
+    non-2-D shard or one of another width than the first raises ``ValueError`` naming it.
     """
     if tol is not None:
         raise ValueError("tol (fixed precision) needs several passes; a row-block stream allows one")
@@ -877,6 +927,7 @@ def stream_rsvd(
         raise ValueError("k is required")
     if isinstance(seed, torch.Generator):
         seed = int(torch.randint(0, 2**62, (1,), generator=seed))
+    _check_shards(A)
     blocks = iter_row_blocks(A)
     sk = None
     for block in blocks:

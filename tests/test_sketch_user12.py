@@ -43,3 +43,56 @@ def test_load_state_dict_of_another_configuration_names_the_setting(name, value)
     with pytest.raises(ValueError, match=f"state has {name}="):
         sk.load_state_dict(src.state_dict())
     assert sk.n_rows == 0 and sk._acc is None
+
+
+def _shards(tmp_path, A: np.ndarray, parts: int = 3) -> list[str]:
+    paths = []
+    for i, piece in enumerate(np.array_split(A, parts)):
+        path = str(tmp_path / f"part{i}.npy")
+        np.save(path, piece)
+        paths.append(path)
+    return paths
+
+
+def test_shard_list_reads_right(tmp_path):
+    A = _data(300, 30)
+    S = lowrank.rsvd(_shards(tmp_path, A), 3, seed=0).S.numpy()
+    np.testing.assert_allclose(S, np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-10)
+
+
+def test_missing_shard_is_a_value_error_naming_it(tmp_path, monkeypatch):
+    import lowrank.sketch as sketch_mod
+
+    paths = _shards(tmp_path, _data(300, 30))
+    missing = str(tmp_path / "gone.npy")
+    read = []
+    real = sketch_mod._shard_blocks
+    monkeypatch.setattr(sketch_mod, "_shard_blocks", lambda p: read.append(p) or real(p))
+    with pytest.raises(ValueError, match="gone.npy"):
+        lowrank.rsvd([*paths, missing], 3, seed=0)
+    assert read == []  # refused before any shard was read
+
+
+@pytest.mark.parametrize("kind", ["npy", "safetensors"])
+def test_shard_of_another_width_is_named(tmp_path, kind):
+    paths = _shards(tmp_path, _data(300, 30))
+    other = _data(40, 31, seed=1).astype(np.float32)
+    if kind == "npy":
+        odd = str(tmp_path / "odd.npy")
+        np.save(odd, other)
+    else:
+        from safetensors.torch import save_file
+
+        odd = str(tmp_path / "odd.safetensors")
+        save_file({"x": torch.from_numpy(other)}, odd)
+    with pytest.raises(ValueError, match=r"odd\.(npy|safetensors)' has 31 columns"):
+        lowrank.rsvd([paths[0], odd, *paths[1:]], 3, seed=0)
+
+
+def test_truncated_shard_is_a_value_error(tmp_path):
+    paths = _shards(tmp_path, _data(300, 30))
+    for name in ("cut.npy", "cut.safetensors"):
+        bad = tmp_path / name
+        bad.write_bytes(b"\x93NUMPY" if name.endswith(".npy") else b"\x08\x00\x00")
+        with pytest.raises(ValueError, match=name):
+            lowrank.rsvd([*paths, str(bad)], 3, seed=0)
