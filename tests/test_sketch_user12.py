@@ -96,3 +96,20 @@ def test_truncated_shard_is_a_value_error(tmp_path):
         bad.write_bytes(b"\x93NUMPY" if name.endswith(".npy") else b"\x08\x00\x00")
         with pytest.raises(ValueError, match=name):
             lowrank.rsvd([*paths, str(bad)], 3, seed=0)
+
+
+def test_memmap_routing_as_the_readme_says(tmp_path):
+    # README: a memmap of 256 MiB or more is streamed in one pass; a smaller one, or a large one passed
+    # as mm.view(np.ndarray), goes through the multi-pass rsvd
+    from lowrank.sketch import MEMMAP_STREAM_BYTES, is_row_stream
+
+    rows = MEMMAP_STREAM_BYTES // (1024 * 4)
+    big = np.memmap(tmp_path / "big.dat", dtype=np.float32, mode="w+", shape=(rows, 1024))  # sparse file
+    assert is_row_stream(big) and not is_row_stream(big.view(np.ndarray))
+    A = _data(300, 30)
+    small = np.memmap(tmp_path / "small.dat", dtype=np.float64, mode="w+", shape=A.shape)
+    small[:] = A
+    assert not is_row_stream(small)
+    S = lowrank.rsvd(small, 3, seed=0).S.numpy()
+    np.testing.assert_allclose(S, np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-10)
+    del big, small
