@@ -467,7 +467,10 @@ class StreamingSVD:
         if self._acc is None:
             self._init_state(dtype, block.device)
         elif dtype != self.dtype and not self._dtype_fixed:
-            raise TypeError(f"block has dtype {dtype}, but the stream is {self.dtype} (pass dtype= to cast)")
+            raise TypeError(
+                f"block has dtype {dtype}, but the stream is {self.dtype} (StreamingSVD(dtype=...) casts "
+                "every block)"
+            )
         block = block.to(device=self.device, dtype=self.dtype)
         if block.layout == torch.strided:
             return block
@@ -930,7 +933,7 @@ def stream_rsvd(
     _check_shards(A)
     blocks = iter_row_blocks(A)
     sk = None
-    for block in blocks:
+    for i, block in enumerate(blocks):
         if sk is None:
             if not (isinstance(block, (torch.Tensor, np.ndarray)) or _is_sparse(block)):
                 # a list of lists, numbers: no shape to read (was an AttributeError here)
@@ -943,7 +946,14 @@ def stream_rsvd(
                 raise ValueError(f"row blocks must be 2-D, got shape {tuple(block.shape)}")
             sketch = None if oversample is None else min(n, k + _check_int(oversample, "oversample", 0))
             sk = StreamingSVD(n, k, sketch=sketch, seed=seed, center=center)
-        sk.update(block)
+        try:
+            sk.update(block)
+        except (TypeError, ValueError) as error:  # say which block (a stream has no other names)
+            hint = ""
+            if sk.dtype is not None and "but the stream is" in str(error):
+                hint = "; rsvd computes in the first block's dtype: give all blocks one dtype"
+            kind = TypeError if isinstance(error, TypeError) else ValueError
+            raise kind(f"A: row block {i}: {error}{hint}") from None
     if sk is None:
         raise ValueError("the row-block stream is empty")
     return sk.result()

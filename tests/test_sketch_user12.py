@@ -113,3 +113,20 @@ def test_memmap_routing_as_the_readme_says(tmp_path):
     S = lowrank.rsvd(small, 3, seed=0).S.numpy()
     np.testing.assert_allclose(S, np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-10)
     del big, small
+
+
+def test_stream_of_mixed_dtypes_names_the_block_and_no_missing_argument():
+    # NumPy blocks are float64, torch ones float32: rsvd has no dtype= argument to offer
+    A = _data(300, 30)
+    blocks = [torch.from_numpy(A[:100]).float(), torch.from_numpy(A[100:200]).float(), A[200:]]
+    with pytest.raises(TypeError, match="row block 2") as info:
+        lowrank.rsvd(iter(blocks), 3, seed=0)
+    assert "pass dtype=" not in str(info.value)
+    S = lowrank.rsvd(iter([*blocks[:2], A[200:].astype(np.float32)]), 3, seed=0).S.numpy()
+    np.testing.assert_allclose(S, np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-4)
+
+
+def test_stream_block_of_wrong_width_is_named():
+    A = _data(300, 30)
+    with pytest.raises(ValueError, match="row block 3: block has 29 columns"):
+        lowrank.rsvd(iter([A[:50], A[50:100], A[100:200], A[200:, :29]]), 3, seed=0)
