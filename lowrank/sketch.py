@@ -954,6 +954,6 @@ def stream_rsvd(
                 hint = "; rsvd computes in the first block's dtype: give all blocks one dtype"
             kind = TypeError if isinstance(error, TypeError) else ValueError
             raise kind(f"A: row block {i}: {error}{hint}") from None
-    if sk is None:
-        raise ValueError("the row-block stream is empty")
+    if sk is None or sk.n_rows == 0:  # no blocks, or only empty ones
+        raise ValueError("the row-block stream is empty (A gave no rows)")
     return sk.result()

@@ -130,3 +130,10 @@ def test_stream_block_of_wrong_width_is_named():
     A = _data(300, 30)
     with pytest.raises(ValueError, match="row block 3: block has 29 columns"):
         lowrank.rsvd(iter([A[:50], A[50:100], A[100:200], A[200:, :29]]), 3, seed=0)
+
+
+def test_stream_of_empty_blocks_is_an_empty_stream():
+    # was "result() needs at least one update() ...": rsvd's caller called neither
+    for stream in (iter([]), iter([np.zeros((0, 30)), np.zeros((0, 30))])):
+        with pytest.raises(ValueError, match="stream is empty"):
+            lowrank.rsvd(stream, 3, seed=0)
