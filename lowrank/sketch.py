@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -787,7 +787,7 @@ def is_row_stream(A: Any) -> bool:
     paths, or a NumPy memmap of at least :data:`MEMMAP_STREAM_BYTES` bytes."""
     if isinstance(A, np.memmap):
         return A.ndim == 2 and A.nbytes >= MEMMAP_STREAM_BYTES
-    if isinstance(A, (torch.Tensor, np.ndarray, str, bytes)):
+    if isinstance(A, (torch.Tensor, np.ndarray, str, bytes, Mapping)):  # a dict iterates its keys
         return False
     if isinstance(A, (list, tuple)):
         return len(A) > 0 and all(

@@ -137,3 +137,10 @@ def test_stream_of_empty_blocks_is_an_empty_stream():
     for stream in (iter([]), iter([np.zeros((0, 30)), np.zeros((0, 30))])):
         with pytest.raises(ValueError, match="stream is empty"):
             lowrank.rsvd(stream, 3, seed=0)
+
+
+def test_dict_is_no_row_stream():
+    # a dict iterates its keys: {"x": A} was read as a list of shard paths ("shard paths must end in ...")
+    A = _data(100, 30)
+    with pytest.raises(TypeError, match="got dict"):
+        lowrank.rsvd({"x": A}, 3, seed=0)
